@@ -1,0 +1,297 @@
+"""Real services for the integration tests: a database of our own on the local PostgreSQL, Redis
+servers of our own, real Celery worker processes, and a real SMTP server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.servers import RedisServer, free_port, start_redis
+
+PG_HOST = os.environ.get("VQ_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("VQ_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("VQ_TEST_PG_USER", "postgres")
+WORKER_READY_TIMEOUT = 60
+
+
+def pg_connect(dbname: str = "postgres", **kwargs) -> psycopg.Connection:
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname, autocommit=True, **kwargs)
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh, empty database of this test's own, dropped afterwards."""
+    name = f"vq_test_{uuid.uuid4().hex[:10]}"
+    with pg_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with pg_connect() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+VQ_SCHEMA = """
+CREATE TYPE ticket_state AS ENUM ('waiting', 'called', 'served', 'left');
+CREATE TABLE queues (id serial PRIMARY KEY, name text NOT NULL, opened_at timestamptz DEFAULT now());
+CREATE TABLE customers (id bigserial PRIMARY KEY, name text, phone text, profile jsonb);
+CREATE TABLE tickets (
+  id bigserial PRIMARY KEY, queue_id int REFERENCES queues, customer_id bigint REFERENCES customers,
+  state ticket_state NOT NULL, note text, photo bytea, issued_at timestamptz NOT NULL
+);
+CREATE TABLE events (id bigserial PRIMARY KEY, ticket_id bigint, kind text, payload jsonb);
+"""
+
+
+def fill_database(name: str, customers: int = 500) -> dict[str, int]:
+    """Create a Virtual-Queue-like schema with data; return rows per table, as pg_dump names them."""
+    with pg_connect(name) as conn:
+        conn.execute(VQ_SCHEMA)
+        conn.execute("INSERT INTO queues (name) VALUES ('Front desk'), ('Pharmacie – caisse'), ('窓口 3')")
+        conn.execute(
+            "INSERT INTO customers (name, phone, profile) SELECT 'Customer ' || i || E' \\\\ tab\\there', "
+            "'+1-555-' || i, jsonb_build_object('visits', i, 'tags', ARRAY['a', 'b']) "
+            "FROM generate_series(1, %s) i",
+            (customers,),
+        )
+        conn.execute(
+            "INSERT INTO tickets (queue_id, customer_id, state, note, photo, issued_at) "
+            "SELECT 1 + i %% 3, i, (ARRAY['waiting','called','served','left'])[1 + i %% 4]::ticket_state, "
+            "CASE WHEN i %% 7 = 0 THEN NULL ELSE E'line one\\nline two ' || i END, "
+            "decode(md5(i::text), 'hex'), now() - i * interval '1 minute' FROM generate_series(1, %s) i",
+            (customers,),
+        )
+        conn.execute(
+            "INSERT INTO events (ticket_id, kind, payload) SELECT i %% %s + 1, 'called', "
+            "jsonb_build_object('n', i) FROM generate_series(1, %s) i",
+            (customers, customers * 3),
+        )
+    return {
+        "public.queues": 3,
+        "public.customers": customers,
+        "public.tickets": customers,
+        "public.events": customers * 3,
+    }
+
+
+def fill_redis(server: RedisServer) -> None:
+    """Strings, hashes, lists, sets, sorted sets, streams, binary keys and TTLs in databases 0 and 1."""
+    for db in (0, 1):
+        r = server.client(db)
+        r.set(f"queue:{db}:counter", 42)
+        r.set(b"bin:\x00\xff", bytes(range(256)))
+        r.hset(f"ticket:{db}:1", mapping={"state": "waiting", "name": "Zoë"})
+        r.rpush(f"queue:{db}:waiting", *[f"t{i}" for i in range(100)])
+        r.sadd(f"open:{db}", "a", "b", "c")
+        r.zadd(f"eta:{db}", {"t1": 1.5, "t2": 2.5})
+        r.xadd(f"events:{db}", {"kind": "called", "ticket": "t1"})
+        r.set(f"session:{db}", "expiring", ex=3600)
+    server.client(0).xgroup_create("events:0", "displays", id="0")
+
+
+@pytest.fixture
+def broker(tmp_path) -> Iterator[RedisServer]:
+    """Celery's own Redis (broker and result backend), never the one that is backed up."""
+    with start_redis(tmp_path / "broker") as server:
+        yield server
+
+
+@pytest.fixture
+def source_redis(tmp_path) -> Iterator[RedisServer]:
+    """The application's Redis, with a password, filled with every type."""
+    with start_redis(tmp_path / "app-redis", password="redis-secret-pw") as server:
+        fill_redis(server)
+        yield server
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    log: Path
+    env: dict[str, str] = field(repr=False)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def settings_env(**values: object) -> dict[str, str]:
+    """Return environment variables for settings given by field name."""
+    env = {}
+    for name, value in values.items():
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[name.upper()] = str(value)
+    return env
+
+
+@pytest.fixture
+def layout(tmp_path) -> dict[str, Path]:
+    """Folders for storage and staging, and config and log files to back up."""
+    config = tmp_path / "etc" / "virtualqueue"
+    (config / "conf.d").mkdir(parents=True)
+    (config / "app.yaml").write_text("queues: 3\nsecret_ref: vault://x\n")
+    (config / "conf.d" / "tls.conf").write_text("ciphers HIGH\n")
+    (config / "conf.d" / "tls.conf").chmod(0o640)
+    (config / "current.yaml").symlink_to("app.yaml")
+    logs = tmp_path / "log" / "virtualqueue"
+    logs.mkdir(parents=True)
+    (logs / "app.log").write_text("started\n" * 1000)
+    old = logs / "app.log.10"
+    old.write_text("old\n")
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    return {"storage": tmp_path / "backups", "staging": tmp_path / "staging", "config": config, "logs": logs}
+
+
+@pytest.fixture
+def base_env(broker, source_redis, database, layout) -> dict[str, str]:
+    """Settings of a complete, working backup of this test's database and Redis."""
+    return settings_env(
+        celery_broker_url=f"redis://127.0.0.1:{broker.port}/0",
+        db_host=PG_HOST,
+        db_port=PG_PORT,
+        db_user=PG_USER,
+        db_name=database,
+        db_password="db-secret-pw",
+        redis_host="127.0.0.1",
+        redis_port=source_redis.port,
+        redis_password="redis-secret-pw",
+        backup_storage_path=layout["storage"],
+        backup_staging_dir=layout["staging"],
+        backup_config_paths=[layout["config"]],
+        backup_log_paths=[layout["logs"]],
+        backup_retry_backoff=1,
+        backup_retry_max=1,
+        compression_threads=2,
+    )
+
+
+@pytest.fixture
+def start_worker(tmp_path) -> Iterator:
+    """Start real `celery worker` processes with the given environment; all stopped afterwards."""
+    started: list[Worker] = []
+
+    def start(env: dict[str, str], concurrency: int = 2, name: str | None = None) -> Worker:
+        name = name or f"w{len(started)}"
+        log = tmp_path / f"worker-{name}.log"
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "vq_tasks",
+            "worker",
+            "--pool=prefork",
+            f"--concurrency={concurrency}",
+            "--loglevel=INFO",
+            f"--hostname={name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        worker = Worker(process, log, env)
+        started.append(worker)
+        _wait_for_ready(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _wait_for_ready(worker: Worker) -> None:
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if " ready." in worker.log_text():
+            return
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker exited with {worker.process.returncode}:\n{worker.log_text()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"worker not ready in {WORKER_READY_TIMEOUT} s:\n{worker.log_text()}")
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `vq-backup ARGS` with the given settings, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "vq_tasks.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@dataclass
+class Mailbox:
+    messages: list[EmailMessage] = field(default_factory=list)
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        return "250 OK"
+
+    def wait_for(self, count: int = 1, timeout: float = 60) -> list[EmailMessage]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.messages
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[int, Mailbox]]:
+    """A real SMTP server (aiosmtpd) on a free port; messages land in the mailbox."""
+    from aiosmtpd.controller import Controller
+
+    mailbox = Mailbox()
+    port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port, mailbox
+    finally:
+        controller.stop()
+
+
+def redis_value(client, key: bytes) -> object:
+    """Return a key's value in a form that compares equal whatever the server's encoding."""
+    kind = client.type(key).decode()
+    read = {
+        "string": client.get,
+        "hash": client.hgetall,
+        "list": lambda k: client.lrange(k, 0, -1),
+        "set": client.smembers,
+        "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+        "stream": lambda k: client.xrange(k),
+    }[kind]
+    return kind, read(key)

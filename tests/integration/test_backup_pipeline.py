@@ -1,0 +1,246 @@
+"""The whole backup through real worker processes, PostgreSQL, Redis and an SMTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    fill_database,
+    pg_connect,
+    redis_value,
+    run_cli,
+)
+from tests.servers import free_port, start_redis
+
+pytestmark = pytest.mark.integration
+SECRETS = ("db-secret-pw", "redis-secret-pw")
+
+
+def stored_files(storage: Path) -> list[str]:
+    return sorted(p.name for p in storage.iterdir()) if storage.exists() else []
+
+
+def command_digest(tool: str, path: Path) -> str:
+    return subprocess.run([tool, str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def run_backup(env) -> tuple[str, subprocess.CompletedProcess]:
+    result = run_cli(env, "run", "--wait")
+    backup_id = result.stdout.strip().splitlines()[-1] if result.returncode == 0 else ""
+    return backup_id, result
+
+
+def test_full_backup_is_complete_checked_and_restorable(
+    base_env, database, source_redis, layout, start_worker, tmp_path
+):
+    expected_rows = fill_database(database)
+    old_debris = layout["storage"] / "virtualqueue_backup_20000101_000000.tar.gz"
+    layout["storage"].mkdir(parents=True)
+    old_debris.write_bytes(b"left by a crashed run")
+    worker = start_worker(base_env)
+
+    backup_id, result = run_backup(base_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "database staged" in result.stdout  # the progress display
+
+    storage = layout["storage"]
+    bundle, logs, manifest_file = (
+        storage / f"{backup_id}{s}" for s in (".tar.gz", "_logs.tar.gz", "_manifest.json")
+    )
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["status"] == "complete" and manifest["kind"] == "manual"
+
+    # The bundle lists with tar -tzf, and every stored file's checksums match md5sum/sha256sum.
+    listing = subprocess.run(["tar", "-tzf", str(bundle)], capture_output=True, text=True, check=True)
+    assert listing.stdout.split() == ["database.sql", "redis.rdb", "config.tar.gz"]
+    for entry in manifest["files"]:
+        path = storage / entry["name"]
+        assert entry["size"] == path.stat().st_size
+        assert entry["md5"] == command_digest("md5sum", path)
+        assert entry["sha256"] == command_digest("sha256sum", path)
+
+    extracted = tmp_path / "extracted"
+    with tarfile.open(bundle) as tar:
+        tar.extractall(extracted, filter="data")
+    for name, component in manifest["components"].items():
+        member = extracted / component["member"] if name != "logs" else logs
+        content = member.read_bytes() if name != "logs" else _gunzip(member)
+        assert hashlib.sha256(content).hexdigest() == component["content"]["sha256"], name
+        assert len(content) == component["content"]["size"], name
+
+    _check_database_restores(extracted / "database.sql", expected_rows, manifest)
+    _check_rdb_loads(extracted / "redis.rdb", source_redis, tmp_path, manifest)
+    _check_config_archive(extracted / "config.tar.gz", layout)
+    with tarfile.open(logs) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("log/virtualqueue/app.log") for n in names)
+    assert not any(n.endswith("app.log.10") for n in names)  # older than the 7-day window
+
+    assert not (layout["staging"] / backup_id).exists()  # staging cleaned
+    deadline = time.monotonic() + 30
+    while old_debris.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # prune was enqueued by finalize
+    assert not old_debris.exists()
+
+    listed = run_cli(base_env, "list")
+    assert backup_id in listed.stdout and "complete" in listed.stdout
+    shown = run_cli(base_env, "show", backup_id)
+    assert "public.tickets=500" in shown.stdout
+
+    everything = worker.log_text() + result.stdout + result.stderr + manifest_file.read_text() + shown.stdout
+    for secret in SECRETS:
+        assert secret not in everything
+
+
+def _gunzip(path: Path) -> bytes:
+    import gzip
+
+    return gzip.decompress(path.read_bytes())
+
+
+def _check_database_restores(sql: Path, expected_rows: dict[str, int], manifest: dict) -> None:
+    facts = manifest["components"]["database"]["facts"]
+    assert facts["tables"] == expected_rows
+    assert facts["complete"] is True
+    target = f"vq_restore_{int(time.time() * 1000)}"
+    with pg_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{target}"')
+    try:
+        subprocess.run(
+            [
+                "psql",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-h",
+                PG_HOST,
+                "-p",
+                str(PG_PORT),
+                "-U",
+                PG_USER,
+                "-d",
+                target,
+                "-f",
+                str(sql),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        with pg_connect(target) as conn:
+            for table, rows in expected_rows.items():
+                assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == rows, table
+    finally:
+        with pg_connect() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+
+
+def _check_rdb_loads(rdb: Path, source, tmp_path: Path, manifest: dict) -> None:
+    facts = manifest["components"]["redis"]["facts"]
+    assert facts["keys"] == {"0": 8, "1": 8}
+    assert facts["crc64_checked"] is True
+    with start_redis(tmp_path / "loaded", rdb_file=rdb) as loaded:
+        for db in (0, 1):
+            original, copy = source.client(db), loaded.client(db)
+            keys = sorted(original.keys("*"))
+            assert sorted(copy.keys("*")) == keys
+            for key in keys:
+                assert redis_value(copy, key) == redis_value(original, key)
+            assert 3500 < copy.ttl(f"session:{db}") <= 3600
+
+
+def _check_config_archive(archive: Path, layout: dict[str, Path]) -> None:
+    with tarfile.open(archive) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    root = str(layout["config"]).lstrip("/")
+    assert members[f"{root}/current.yaml"].issym()
+    assert members[f"{root}/current.yaml"].linkname == "app.yaml"
+    assert stat.S_IMODE(members[f"{root}/conf.d/tls.conf"].mode) == 0o640
+    assert members[f"{root}/app.yaml"].isfile()
+
+
+def test_unreachable_postgres_fails_cleanly_and_emails(base_env, layout, start_worker, smtp):
+    port, mailbox = smtp
+    env = {
+        **base_env,
+        "DB_PORT": str(free_port()),
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "BACKUP_ALERT_EMAIL": "oncall@example.com",
+        "BACKUP_ALERT_ON_FAILURE": "true",
+    }
+    worker = start_worker(env)
+
+    backup_id, result = run_backup(env)
+    assert result.returncode == 1
+    assert "FAILED database" in result.stderr and "unreachable" in result.stderr
+
+    assert stored_files(layout["storage"]) == []  # no manifest, no bundle, nothing
+    assert not any(layout["staging"].iterdir()) if layout["staging"].exists() else True
+    messages = mailbox.wait_for(1)
+    assert len(messages) == 1
+    mail = messages[0]
+    assert mail["To"] == "oncall@example.com"
+    assert "FAILED" in mail["Subject"] and "database" in mail["Subject"]
+    body = mail.get_content()
+    assert "virtualqueue_backup_" in body and "Failed component: database" in body
+    assert "unreachable" in body
+    assert "will retry" in worker.log_text()  # transient: retried with backoff first
+    for secret in SECRETS:
+        assert secret not in body + worker.log_text() + result.stderr
+
+
+def test_two_backups_at_once_make_exactly_one(base_env, database, layout, start_worker, monkeypatch):
+    fill_database(database, customers=50)
+    start_worker(base_env, concurrency=4)
+    for name, value in base_env.items():
+        monkeypatch.setenv(name, value)
+    from vq_tasks.app import create_app
+    from vq_tasks.settings import load_settings
+
+    client = create_app(load_settings())
+    first = client.send_task("vq_tasks.backup", kwargs={"origin": "cli"})
+    second = client.send_task("vq_tasks.backup", kwargs={"origin": "cli"})
+    outcomes = []
+    for result in (first, second):
+        try:
+            outcomes.append(result.get(timeout=60)["backup_id"])
+        except Exception as exc:  # the refused one
+            outcomes.append(str(exc))
+    del first, second
+    client.close()
+    refused = [o for o in outcomes if "already running" in o]
+    started = [o for o in outcomes if o.startswith("virtualqueue_backup_")]
+    assert len(refused) == 1 and len(started) == 1, outcomes
+    deadline = time.monotonic() + 120
+    manifest = layout["storage"] / f"{started[0]}_manifest.json"
+    while not manifest.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [n for n in stored_files(layout["storage"]) if n.endswith("_manifest.json")] == [manifest.name]
+
+
+def test_uncompressed_backup_stores_plain_tar(base_env, database, layout, start_worker):
+    fill_database(database, customers=20)
+    env = {**base_env, "COMPRESSION_ENABLED": "false"}
+    start_worker(env)
+    backup_id, result = run_backup(env)
+    assert result.returncode == 0, result.stderr
+    names = stored_files(layout["storage"])
+    assert names == sorted([f"{backup_id}.tar", f"{backup_id}_logs.tar", f"{backup_id}_manifest.json"])
+    listing = subprocess.run(
+        ["tar", "-tf", str(layout["storage"] / f"{backup_id}.tar")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert listing.stdout.split() == ["database.sql", "redis.rdb", "config.tar"]

@@ -1,0 +1,227 @@
+"""``vq-backup``: the operators' command line.
+
+vq-backup run [--wait]     enqueue a backup; with --wait follow it and exit non-zero on failure
+vq-backup list             the backups in storage, read from their manifests
+vq-backup show ID          one backup's manifest, readable (--json for the document itself)
+vq-backup prune [--dry-run]  apply the retention policy now
+vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+from datetime import UTC, datetime
+
+from vq_tasks.settings import ConfigError, Settings, get_settings
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+POLL_SECONDS = 1.0
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.app import app
+
+    result = app.send_task("vq_tasks.backup", kwargs={"origin": "cli", "requested_by": getpass.getuser()})
+    try:
+        started = result.get(timeout=args.timeout_start)
+    except Exception as exc:
+        print(f"backup refused or failed to start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    backup_id = started["backup_id"]
+    print(f"backup {backup_id} started ({started['kind']})")
+    if not args.wait:
+        return 0
+    return follow(settings, backup_id, args.timeout)
+
+
+def follow(settings: Settings, backup_id: str, timeout: float) -> int:
+    """Show the run's progress until it succeeds or fails; return the exit code."""
+    from vq_tasks import coordination
+
+    r = coordination.client(settings)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        run = coordination.read_record(r, backup_id)
+        line = progress_line(run)
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if run.get("status") == "succeeded":
+            print(backup_id)
+            return 0
+        if run.get("status") == "failed":
+            for key, message in sorted(run.items()):
+                if key.startswith("failed:"):
+                    print(f"FAILED {key[7:]}: {message}", file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(POLL_SECONDS)
+    print(f"gave up waiting for {backup_id} after {timeout:.0f} s", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def progress_line(run: dict) -> str:
+    """Return one line describing each component's state and bytes so far."""
+    from vq_tasks.manifest import COMPONENTS
+
+    parts = []
+    for component in COMPONENTS:
+        state = run.get(f"state:{component}", "queued")
+        size = run.get(f"bytes:{component}")
+        parts.append(f"{component} {state}" + (f" {human_size(size)}" if size else ""))
+    return "  ".join(parts) + f"  [{run.get('status', 'queued')}]"
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.catalog import backup_sets, load_manifest
+    from vq_tasks.storage import open_storage
+
+    storage = open_storage(settings)
+    objects = storage.list()
+    sizes = {o.name: o.size for o in objects}
+    now = datetime.now(UTC)
+    rows = []
+    for entry in backup_sets(objects, settings.backup_name_prefix):
+        kind = load_manifest(storage, entry.backup_id).kind if entry.complete else "-"
+        status = "complete" if entry.complete else "incomplete"
+        size = sum(sizes[name] for names in entry.roles.values() for name in names)
+        age = human_age((now - entry.started).total_seconds())
+        rows.append((entry.backup_id, kind, human_size(size), age, status))
+    if not rows:
+        print(f"no backups in {storage.describe()}")
+        return 0
+    print_table(("ID", "KIND", "SIZE", "AGE", "STATUS"), rows)
+    return 0
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.catalog import load_manifest
+    from vq_tasks.storage import open_storage
+
+    manifest = load_manifest(open_storage(settings), args.backup_id)
+    if args.json:
+        print(manifest.model_dump_json(indent=2))
+        return 0
+    print(f"{manifest.backup_id}  {manifest.kind}  {manifest.status}  compression={manifest.compression}")
+    print(
+        f"started {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC, took {manifest.duration_seconds:.1f} s, "
+        f"vq-backup {manifest.tool_version}"
+    )
+    print("\nfiles:")
+    print_table(("NAME", "SIZE", "SHA-256"), [(f.name, human_size(f.size), f.sha256) for f in manifest.files])
+    print("\ncomponents:")
+    for name, entry in manifest.components.items():
+        print(
+            f"  {name}: {entry.member} in {entry.stored_in}, {human_size(entry.content.size)}, "
+            f"sha256 {entry.content.sha256[:16]}…"
+        )
+        for line in describe_facts(entry.facts.model_dump()):
+            print(f"      {line}")
+    return 0
+
+
+def describe_facts(facts: dict) -> list[str]:
+    """Return readable lines for a component's facts."""
+    lines = []
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k}={v}" for k, v in list(value.items())[:20])
+            more = f" (+{len(value) - 20} more)" if len(value) > 20 else ""
+            lines.append(f"{key}: {shown or '-'}{more}")
+        elif isinstance(value, list):
+            shown = ", ".join(map(str, value[:10]))
+            more = f" (+{len(value) - 10} more)" if len(value) > 10 else ""
+            lines.append(f"{key}: {len(value)}: {shown}{more}" if value else f"{key}: none")
+        else:
+            lines.append(f"{key}: {value}")
+    return lines
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.catalog import prune
+    from vq_tasks.storage import open_storage
+
+    deletions = prune(open_storage(settings), settings, datetime.now(UTC), dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for deletion in deletions:
+        print(f"{verb} {deletion.name}: {deletion.reason}")
+    if not deletions:
+        print("nothing to delete")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
+    from vq_tasks.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vq-backup", description="VQ Backup operator commands")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="enqueue a backup now")
+    run.add_argument("--wait", action="store_true", help="follow the backup until it ends")
+    run.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait with --wait")
+    run.add_argument(
+        "--timeout-start", type=float, default=60, help="seconds to wait for a worker to start it"
+    )
+    run.set_defaults(handler=cmd_run)
+    commands.add_parser("list", help="list the backups in storage").set_defaults(handler=cmd_list)
+    show = commands.add_parser("show", help="show one backup's manifest")
+    show.add_argument("backup_id")
+    show.add_argument("--json", action="store_true", help="print the manifest document itself")
+    show.set_defaults(handler=cmd_show)
+    prune = commands.add_parser("prune", help="apply the retention policy now")
+    prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    prune.set_defaults(handler=cmd_prune)
+    demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
+    demo.set_defaults(handler=cmd_demo, needs_settings=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings() if getattr(args, "needs_settings", True) else None
+        return args.handler(args, settings)
+    except ConfigError as exc:
+        print(f"vq-backup: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # an operator sees the message, not a traceback
+        from vq_tasks.errors import BackupError
+
+        if not isinstance(exc, BackupError):
+            raise
+        print(f"vq-backup: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

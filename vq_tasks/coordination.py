@@ -1,0 +1,102 @@
+"""State shared by every worker, kept in Celery's Redis (never the Redis that is backed up):
+the run lock, the run record (per-component state and progress), and one-time claims.
+
+The run lock is refreshed by every sign of life of the run (task start, progress), so it can have
+a short time to live: a lock left by a dead worker expires BACKUP_LOCK_TTL seconds after the last
+progress report, while a long healthy run keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+from vq_tasks.settings import Settings
+
+LOCK_KEY = "vq:backup:lock"
+RUN_KEY = "vq:run:{}"
+CLAIM_KEY = "vq:claim:{}"
+RUN_RECORD_TTL = 14 * 86400
+
+_IF_HOLDER = """
+local value = redis.call('get', KEYS[1])
+if value and string.sub(value, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+  if ARGV[2] == 'release' then return redis.call('del', KEYS[1]) end
+  return redis.call('expire', KEYS[1], tonumber(ARGV[2]))
+end
+return 0
+"""
+
+
+@lru_cache(maxsize=4)
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=30, health_check_interval=30)
+
+
+def client(settings: Settings) -> redis.Redis:
+    """Return this process's client of the coordination Redis (the Celery result backend)."""
+    return _client(settings.result_backend_url)
+
+
+def acquire_lock(r: redis.Redis, backup_id: str, task_id: str, ttl: int) -> tuple[str, str | None]:
+    """Take the run lock for a new backup ``backup_id``. Return (id, None) when this task holds
+    the lock, with the id of the run it holds it for (a redelivered task gets its first id back),
+    or (holder id, description) when another run holds it."""
+    value = f"{backup_id} {task_id} {datetime.now(UTC).isoformat(timespec='seconds')}"
+    for _ in range(2):  # a lock that expires between SET and GET is taken on the second try
+        if r.set(LOCK_KEY, value, nx=True, ex=ttl):
+            return backup_id, None
+        holder = r.get(LOCK_KEY)
+        if holder is not None:
+            break
+    else:
+        return "", "another backup is taking the lock"
+    held_id, held_task, since = ([*holder.split(" "), "", ""])[:3]
+    if held_task == task_id:
+        return held_id, None
+    return (
+        held_id,
+        f"{held_id} (started {since}; its lock expires {r.ttl(LOCK_KEY)} s after its last progress)",
+    )
+
+
+def lock_holder(r: redis.Redis) -> str | None:
+    """Return the backup id that holds the run lock, if any."""
+    value = r.get(LOCK_KEY)
+    return value.split(" ")[0] if value else None
+
+
+def refresh_lock(r: redis.Redis, backup_id: str, ttl: int) -> bool:
+    """Extend the lock if ``backup_id`` still holds it; return whether it does."""
+    return bool(r.eval(_IF_HOLDER, 1, LOCK_KEY, backup_id, str(ttl)))
+
+
+def release_lock(r: redis.Redis, backup_id: str) -> bool:
+    """Release the lock if ``backup_id`` holds it (never someone else's)."""
+    return bool(r.eval(_IF_HOLDER, 1, LOCK_KEY, backup_id, "release"))
+
+
+def record(r: redis.Redis, backup_id: str, **fields: Any) -> None:
+    """Set fields of the run record (values stored as JSON)."""
+    key = RUN_KEY.format(backup_id)
+    r.hset(key, mapping={name: json.dumps(value) for name, value in fields.items()})
+    r.expire(key, RUN_RECORD_TTL)
+
+
+def read_record(r: redis.Redis, backup_id: str) -> dict[str, Any]:
+    """Return the run record of ``backup_id`` (empty if unknown or expired)."""
+    return {name: json.loads(value) for name, value in r.hgetall(RUN_KEY.format(backup_id)).items()}
+
+
+def claim_once(r: redis.Redis, name: str, ttl: int = 30 * 86400) -> bool:
+    """Claim a side effect called ``name``; True only for the first caller (compare-and-set)."""
+    return bool(r.set(CLAIM_KEY.format(name), datetime.now(UTC).isoformat(), nx=True, ex=ttl))
+
+
+def release_claim(r: redis.Redis, name: str) -> None:
+    """Give a claim back, when its side effect failed and may be tried again."""
+    r.delete(CLAIM_KEY.format(name))

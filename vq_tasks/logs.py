@@ -1,0 +1,28 @@
+"""Log redaction: every line a process writes passes through, with secret values replaced."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from vq_tasks.errors import redact
+
+
+class RedactingFormatter(logging.Formatter):
+    """Wrap another formatter and redact what it produces (messages and tracebacks alike)."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]):
+        super().__init__()
+        self._inner = inner
+        self._secrets = [s for s in secrets if s]
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._inner.format(record), self._secrets)
+
+
+def redact_handlers(logger: logging.Logger, secrets: Iterable[str]) -> None:
+    """Make every handler of ``logger`` redact ``secrets``."""
+    secrets = list(secrets)
+    for handler in logger.handlers:
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter or logging.Formatter(), secrets))

@@ -1,0 +1,285 @@
+"""The one settings model: every environment variable VQ Backup reads, validated at start-up.
+
+Names are the operators' guide's, unchanged. Every secret can also come from a file named by
+``<NAME>_FILE`` (Docker secrets). Bad configuration raises :class:`ConfigError`, which lists every
+problem at once and never echoes a secret.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from vq_tasks.storage import PROVIDERS
+
+SECRET_FIELDS = (
+    "db_password",
+    "redis_password",
+    "smtp_password",
+    "celery_broker_url",
+    "celery_result_backend",
+)
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+class _Unreadable(str):
+    """Marks a secret whose ``*_FILE`` could not be used; the field validator reports it."""
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """Read ``<NAME>_FILE`` for every secret field; both forms set at once is an error."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in SECRET_FIELDS:
+            env_name = name.upper()
+            path = os.environ.get(f"{env_name}_FILE")
+            if not path:
+                continue
+            if os.environ.get(env_name):
+                values[name] = _Unreadable(f"set {env_name} or {env_name}_FILE, not both")
+                continue
+            try:
+                values[name] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                values[name] = _Unreadable(f"{env_name}_FILE {path}: {exc.strerror}")
+        return values
+
+
+class Settings(BaseSettings):
+    """Every setting of VQ Backup; field ``x_y`` is read from the environment variable ``X_Y``."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    # Schedule and retention
+    backup_schedule: str = "0 2 * * *"
+    backup_timezone: str = "UTC"
+    backup_retention_days: int = Field(30, ge=1)
+    backup_logs_retention_days: int = Field(7, ge=1)
+    backup_logs_window_days: int = Field(7, ge=1)
+    backup_name_prefix: str = Field("virtualqueue_backup", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+    # Storage and staging
+    backup_storage_provider: str = "Local"
+    backup_storage_path: str = "/var/backups/virtualqueue"
+    backup_staging_dir: Path = Path("/var/tmp/vq-backup/staging")
+    compression_enabled: bool = True
+    compression_level: int = Field(6, ge=1, le=9)
+    compression_threads: int = Field(2, ge=1, le=64)
+
+    # What is backed up
+    backup_config_paths: CommaList = ["/etc/virtualqueue"]
+    backup_log_paths: CommaList = ["/var/log/virtualqueue"]
+    db_host: str = "localhost"
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str = "virtualqueue"
+    db_user: str = "postgres"
+    db_password: SecretStr | None = None
+    db_connect_timeout: int = Field(10, ge=1)
+    pg_bin_dir: Path | None = None
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_password: SecretStr | None = None
+    redis_timeout: float = Field(30.0, gt=0)
+
+    # Celery: never the Redis that is backed up
+    celery_broker_url: SecretStr = SecretStr("redis://localhost:6380/0")
+    celery_result_backend: SecretStr | None = None
+    backup_task_time_limit: int = Field(6 * 3600, ge=60)
+    backup_lock_ttl: int = Field(1800, ge=5)
+    backup_retry_max: int = Field(3, ge=0)
+    backup_retry_backoff: float = Field(30.0, gt=0)
+
+    # Alerts
+    notification_email: str | None = None
+    backup_alert_on_failure: bool = True
+    backup_alert_email: str | None = None
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_ssl: bool = False
+    smtp_from: str = "vq-backup@localhost"
+    smtp_timeout: float = Field(30.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, SecretFileSource(settings_cls), env_settings)
+
+    @field_validator(*SECRET_FIELDS, mode="before")
+    @classmethod
+    def _secret_file_usable(cls, value: Any) -> Any:
+        if isinstance(value, _Unreadable):
+            raise ValueError(str(value))
+        return value
+
+    @field_validator("backup_config_paths", "backup_log_paths", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("backup_schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        crontab_from_expression(value)
+        return value
+
+    @field_validator("backup_timezone")
+    @classmethod
+    def _timezone_known(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC)") from None
+        return value
+
+    @field_validator("backup_storage_provider")
+    @classmethod
+    def _provider_known(cls, value: str) -> str:
+        if value in PROVIDERS:
+            return value
+        close = difflib.get_close_matches(value, PROVIDERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown provider {value!r}{hint} (available: {', '.join(PROVIDERS)})")
+
+    @field_validator("celery_broker_url", "celery_result_backend")
+    @classmethod
+    def _celery_url_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in {
+            "redis",
+            "rediss",
+            "amqp",
+            "amqps",
+            "pyamqp",
+            "filesystem",
+        }:
+            raise ValueError("must be a redis://, rediss://, amqp:// or filesystem:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _celery_not_on_backed_up_redis(self) -> Settings:
+        problems = []
+        if self.smtp_ssl and self.smtp_starttls:
+            problems.append("SMTP_SSL and SMTP_STARTTLS exclude each other")
+        if urlsplit(self.result_backend_url).scheme not in {"redis", "rediss"}:
+            problems.append(
+                "CELERY_RESULT_BACKEND must be a redis:// URL (it holds the chord state and the run lock)"
+            )
+        for name, url in (
+            ("CELERY_BROKER_URL", self.celery_broker_url.get_secret_value()),
+            ("CELERY_RESULT_BACKEND", self.result_backend_url),
+        ):
+            if self._is_backed_up_redis(url):
+                problems.append(
+                    f"{name} points at the Redis that is backed up ({self.redis_host}:"
+                    f"{self.redis_port}); restoring it would wipe Celery's state: use another Redis"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _is_backed_up_redis(self, url: str) -> bool:
+        parts = urlsplit(url)
+        if parts.scheme not in {"redis", "rediss"}:
+            return False
+        host = parts.hostname or "localhost"
+        same_host = host == self.redis_host or {host, self.redis_host} <= LOOPBACK_NAMES
+        return same_host and (parts.port or 6379) == self.redis_port
+
+    @property
+    def result_backend_url(self) -> str:
+        """The result backend, which defaults to the broker when it is a Redis."""
+        backend = self.celery_result_backend or self.celery_broker_url
+        return backend.get_secret_value()
+
+    def secret_values(self) -> list[str]:
+        """Return every secret string in these settings (passwords, and those inside URLs)."""
+        found = []
+        for name in SECRET_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            text = value.get_secret_value()
+            if name.startswith("celery_"):
+                password = urlsplit(text).password
+                text = password or ""
+            if text:
+                found.append(text)
+        return found
+
+
+def crontab_from_expression(expression: str) -> Any:
+    """Given a five-field cron expression, return Celery's crontab. Raise ValueError if malformed."""
+    from celery.schedules import crontab
+
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expression!r} needs 5 fields (minute hour day month weekday)")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day_of_month,
+            month_of_year=month_of_year,
+            day_of_week=day_of_week,
+        )
+    except Exception as exc:  # celery raises ValueError or ParseException
+        raise ValueError(f"cron expression {expression!r} is invalid: {exc}") from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """Return one line for a pydantic error: the variable, its value if not secret, the problem."""
+    name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    secret = name.lower() in SECRET_FIELDS or not error["loc"]
+    if secret or isinstance(error.get("input"), dict | list):
+        return f"{name}: {message}"
+    return f"{name}={error.get('input')!r}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Return settings read from the environment (and ``overrides``). Raise ConfigError listing
+    every problem at once."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors(include_url=False)]) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process's settings, read once."""
+    return load_settings()

@@ -1,0 +1,100 @@
+"""The staging area shared by all workers: BACKUP_STAGING_DIR/<backup id>/<component>.part.
+
+A dump task writes its part through a chain of stages (content hash, compression in parallel gzip
+members, staged hash) into a hidden temporary file, renamed only when complete: a task killed
+half way leaves no part that looks finished, and a redelivered task simply writes it again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import Component, Facts, StagedPart
+from vq_tasks.settings import Settings
+from vq_tasks.streams import GzipStage, HashStage, ProgressStage, Stage, Writer
+
+Producer = Callable[[Writer], Facts]
+
+
+class StagingArea:
+    """The folder of one backup's parts."""
+
+    def __init__(self, root: Path, backup_id: str):
+        self.root = root
+        self.folder = root / backup_id
+
+    def part_path(self, component: str) -> Path:
+        return self.folder / f"{component}.part"
+
+    def remove(self) -> None:
+        """Remove this backup's folder and everything in it; harmless if already gone."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def ensure(self) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def stage_part(
+    settings: Settings,
+    area: StagingArea,
+    component: Component,
+    member: str,
+    produce: Producer,
+    progress: Callable[[int], object] | None = None,
+    member_level: int | None = None,
+) -> StagedPart:
+    """Run ``produce`` into the chain for ``component`` and return the record of the staged part.
+
+    ``member_level`` overrides the gzip level of the wrapping members (0 for data that is
+    already compressed, such as config.tar.gz)."""
+    area.ensure()
+    final = area.part_path(component)
+    temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as sink:
+            staged = HashStage(sink, md5=False)
+            compressed = _compression(settings, staged, member_level)
+            content = HashStage(compressed)
+            head: Stage = ProgressStage(content, progress) if progress else content
+            try:
+                facts = produce(head)
+                head.close()
+            except BaseException:
+                if isinstance(compressed, GzipStage):
+                    compressed.abort()
+                raise
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temporary, final)
+    except OSError as exc:
+        raise _staging_error(exc, settings) from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+    return StagedPart(
+        component=component,
+        member=member,
+        path=str(final),
+        worker=socket.gethostname(),
+        staged_size=staged.size,
+        staged_sha256=staged.sha256,
+        content=content.checksums(),
+        facts=facts,
+    )
+
+
+def _compression(settings: Settings, downstream: Writer, level: int | None) -> Writer:
+    if not settings.compression_enabled:
+        return downstream
+    chosen = settings.compression_level if level is None else level
+    return GzipStage(downstream, chosen, settings.compression_threads)
+
+
+def _staging_error(exc: OSError, settings: Settings) -> PermanentError:
+    reason = exc.strerror or str(exc)
+    return PermanentError(f"staging area {settings.backup_staging_dir}: {reason}")

@@ -1,0 +1,189 @@
+"""Composable stream stages: data is pushed through ``write`` from a source to a sink, one chunk at
+a time, so memory stays bounded whatever the size of the data.
+
+A stage passes every chunk on to the next one after looking at it (hashing, counting, reporting
+progress) or transforming it (compressing into independent gzip members, in parallel threads: zlib
+releases the GIL). Members concatenate into a valid gzip stream, which is what lets a bundle be
+assembled later by copying bytes, never compressing twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from pydantic import BaseModel
+
+CHUNK_SIZE = 1 << 20
+GZIP_BLOCK_SIZE = 1 << 20
+GZIP_WBITS = 31  # zlib writes a gzip header and trailer
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+class Checksums(BaseModel):
+    """Size and digests of a byte stream."""
+
+    size: int
+    md5: str
+    sha256: str
+
+
+class Stage:
+    """A writer that passes chunks to ``downstream``; ``close`` flushes and closes the chain."""
+
+    def __init__(self, downstream: Writer):
+        self.downstream = downstream
+
+    def write(self, data: bytes) -> None:
+        self.downstream.write(data)
+
+    def close(self) -> None:
+        if isinstance(self.downstream, Stage):
+            self.downstream.close()
+
+
+class HashStage(Stage):
+    """Count bytes and compute MD5 and SHA-256 of everything that passes."""
+
+    def __init__(self, downstream: Writer, md5: bool = True):
+        super().__init__(downstream)
+        self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+        self._sha256.update(data)
+        self.downstream.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def checksums(self) -> Checksums:
+        md5 = self._md5.hexdigest() if self._md5 is not None else ""
+        return Checksums(size=self.size, md5=md5, sha256=self._sha256.hexdigest())
+
+
+class TapStage(Stage):
+    """Show every chunk to ``observe`` before passing it on (row counting, format checks)."""
+
+    def __init__(self, downstream: Writer, observe: Callable[[bytes], object]):
+        super().__init__(downstream)
+        self._observe = observe
+
+    def write(self, data: bytes) -> None:
+        self._observe(data)
+        self.downstream.write(data)
+
+
+class ProgressStage(Stage):
+    """Call ``report(bytes_so_far)`` at most every ``interval`` seconds, and once at close."""
+
+    def __init__(self, downstream: Writer, report: Callable[[int], object], interval: float = 2.0):
+        super().__init__(downstream)
+        self._report = report
+        self._interval = interval
+        self._next = time.monotonic() + interval
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self.downstream.write(data)
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self._interval
+            self._report(self.size)
+
+    def close(self) -> None:
+        self._report(self.size)
+        super().close()
+
+
+def gzip_member(data: bytes, level: int) -> bytes:
+    """Return ``data`` compressed as one complete gzip member."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, GZIP_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+class GzipStage(Stage):
+    """Compress blocks into independent gzip members on ``threads`` threads, written in order.
+
+    At most ``2 * threads`` blocks are in flight, so memory is bounded by a few block sizes.
+    """
+
+    def __init__(self, downstream: Writer, level: int, threads: int, block_size: int = GZIP_BLOCK_SIZE):
+        super().__init__(downstream)
+        self._level = level
+        self._block_size = block_size
+        self._max_in_flight = 2 * threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
+        self._pending: collections.deque[Future[bytes]] = collections.deque()
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._block_size:
+            block = bytes(self._buffer[: self._block_size])
+            del self._buffer[: self._block_size]
+            self._submit(block)
+
+    def _submit(self, block: bytes) -> None:
+        self._pending.append(self._pool.submit(gzip_member, block, self._level))
+        while len(self._pending) >= self._max_in_flight:
+            self.downstream.write(self._pending.popleft().result())
+
+    def close(self) -> None:
+        try:
+            if self._buffer:
+                self._submit(bytes(self._buffer))
+                self._buffer.clear()
+            while self._pending:
+                self.downstream.write(self._pending.popleft().result())
+        finally:
+            self.abort()
+        super().close()
+
+    def abort(self) -> None:
+        """Stop the threads without writing what is pending (after an error)."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pump(source: BinaryIO, sink: Writer, chunk_size: int = CHUNK_SIZE) -> int:
+    """Copy ``source`` into ``sink`` chunk by chunk; return the number of bytes copied."""
+    total = 0
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    while True:
+        n = source.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            return total
+        sink.write(bytes(view[:n]))
+        total += n
+
+
+def file_checksums(path: Path, md5: bool = True) -> Checksums:
+    """Return size and digests of a file, read in chunks."""
+    hasher = HashStage(_NullWriter(), md5=md5)
+    with open(path, "rb") as stream:
+        pump(stream, hasher)
+    return hasher.checksums()
+
+
+class _NullWriter:
+    def write(self, data: bytes) -> int:
+        return len(data)
