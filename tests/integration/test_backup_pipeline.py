@@ -181,7 +181,7 @@ def test_unreachable_postgres_fails_cleanly_and_emails(base_env, layout, start_w
     }
     worker = start_worker(env)
 
-    backup_id, result = run_backup(env)
+    _, result = run_backup(env)
     assert result.returncode == 1
     assert "FAILED database" in result.stderr and "unreachable" in result.stderr
 

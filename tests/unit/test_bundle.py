@@ -5,6 +5,7 @@ import hashlib
 import io
 import subprocess
 import tarfile
+from pathlib import Path
 from datetime import UTC, datetime
 
 import pytest
@@ -61,13 +62,13 @@ def test_part_records_content_checksums(tmp_path):
     assert part.content.size == len(data)
     assert part.content.sha256 == hashlib.sha256(data).hexdigest()
     assert part.content.md5 == hashlib.md5(data).hexdigest()
-    assert gzip.decompress(open(part.path, "rb").read()) == data
+    assert gzip.decompress(Path(part.path).read_bytes()) == data
 
 
 def test_stored_level_zero_keeps_already_compressed_data(tmp_path):
     inner = gzip.compress(b"config" * 1000)
     part = staged(tmp_path, "config", inner, level=0)
-    assert gzip.decompress(open(part.path, "rb").read()) == inner
+    assert gzip.decompress(Path(part.path).read_bytes()) == inner
 
 
 def test_a_changed_staged_part_is_refused(tmp_path):

@@ -48,11 +48,15 @@ class LocalStorage(Storage):
                 self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 stream = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
-            with stream:
+            try:
                 yield _FileWriter(stream, self._translated)
                 with self._translated():
                     stream.flush()
                     os.fsync(stream.fileno())
+                    stream.close()
+            finally:
+                with contextlib.suppress(OSError):
+                    stream.close()  # after an error: drop the buffer, the partial file goes below
             with self._translated():
                 os.replace(partial, final)
                 _fsync_dir(self.root)

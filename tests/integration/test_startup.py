@@ -1,0 +1,99 @@
+"""Worker and beat processes: bad configuration stops them, beat starts backups on schedule,
+a worker consumes every queue, and the run lock expires when its holder died."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from vq_tasks import coordination
+from vq_tasks.app import QUEUES
+
+pytestmark = pytest.mark.integration
+
+
+def test_bad_configuration_stops_the_worker_with_every_problem(base_env):
+    env = {
+        **os.environ,
+        **base_env,
+        "BACKUP_STORAGE_PROVIDER": "Locall",
+        "BACKUP_SCHEDULE": "0 25 * * *",
+        "BACKUP_RETENTION_DAYS": "-1",
+        "DB_PASSWORD": "pw-never-shown",
+        "DB_PASSWORD_FILE": "/nonexistent",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "vq_tasks", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "4 problem(s)" in result.stderr
+    for fragment in ("did you mean 'Local'", "BACKUP_SCHEDULE", "BACKUP_RETENTION_DAYS", "not both"):
+        assert fragment in result.stderr
+    assert "pw-never-shown" not in result.stdout + result.stderr
+    assert "ready" not in result.stdout + result.stderr
+
+
+def test_worker_consumes_every_routed_queue(base_env, start_worker):
+    worker = start_worker(base_env)
+    banner = worker.log_text()
+    for queue in QUEUES:
+        assert f"{queue}" in banner
+
+
+def test_beat_starts_a_scheduled_backup(base_env, database, layout, start_worker, tmp_path):
+    from tests.integration.conftest import fill_database
+
+    fill_database(database, customers=20)
+    env = {**base_env, "BACKUP_SCHEDULE": "* * * * *"}
+    start_worker(env)
+    beat = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "vq_tasks",
+            "beat",
+            "--loglevel=INFO",
+            f"--schedule={tmp_path / 'beat-schedule'}",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        manifests = []
+        while not manifests and time.monotonic() < deadline:
+            time.sleep(1)
+            manifests = list(layout["storage"].glob("*_manifest.json")) if layout["storage"].exists() else []
+        assert manifests, "beat started no backup within 150 s"
+    finally:
+        beat.terminate()
+        beat.wait(20)
+    manifest = json.loads(manifests[0].read_text())
+    assert manifest["kind"] == "monthly"  # the first scheduled backup of the month
+
+
+def test_run_lock_expires_when_its_holder_died(broker):
+    r = redis.Redis(broker.host, broker.port, decode_responses=True)
+    assert coordination.acquire_lock(r, "b1", "task-1", ttl=1) == ("b1", None)
+    held_by, refusal = coordination.acquire_lock(r, "b2", "task-2", ttl=1)
+    assert held_by == "b1" and "b1" in refusal
+    assert coordination.acquire_lock(r, "b1-again", "task-1", ttl=1) == ("b1", None)  # redelivery
+    time.sleep(1.5)  # the holder made no progress: its lock is gone
+    assert coordination.acquire_lock(r, "b2", "task-2", ttl=5) == ("b2", None)
+    assert not coordination.release_lock(r, "b1")  # never someone else's
+    assert coordination.refresh_lock(r, "b2", 5)
+    assert coordination.release_lock(r, "b2")
