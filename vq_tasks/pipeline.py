@@ -90,6 +90,11 @@ def mark_chord_started(settings: Settings, backup_id: str, finalize_task_id: str
     )
 
 
+def release(settings: Settings, backup_id: str) -> None:
+    """Give up the run lock of ``backup_id`` (when its chord could not be started)."""
+    coordination.release_lock(coordination.client(settings), backup_id)
+
+
 def dump_component(settings: Settings, backup_id: str, component: Component) -> StagedPart:
     """Stage one component of ``backup_id`` and return its record; progress goes to the run record."""
     r = coordination.client(settings)

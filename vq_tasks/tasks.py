@@ -43,7 +43,11 @@ def backup(self, origin: str = "manual", requested_by: str | None = None) -> dic
         body = finalize_backup.s(
             backup_id=start.backup_id, kind=start.kind, started_at=start.started_at.isoformat()
         ).on_error(backup_failed.s(start.backup_id))
-        result = chord(header)(body)
+        try:
+            result = chord(header)(body)
+        except Exception:
+            pipeline.release(settings, start.backup_id)
+            raise
         pipeline.mark_chord_started(settings, start.backup_id, result.id)
         logger.info("backup %s started (%s, by %s)", start.backup_id, origin, requested_by or origin)
     return {"backup_id": start.backup_id, "kind": start.kind, "origin": origin}

@@ -24,6 +24,7 @@ PG_HOST = os.environ.get("VQ_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("VQ_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("VQ_TEST_PG_USER", "postgres")
 WORKER_READY_TIMEOUT = 60
+BROKER_PASSWORD = "broker-secret-pw"
 
 
 def pg_connect(dbname: str = "postgres", **kwargs) -> psycopg.Connection:
@@ -104,7 +105,7 @@ def fill_redis(server: RedisServer) -> None:
 @pytest.fixture
 def broker(tmp_path) -> Iterator[RedisServer]:
     """Celery's own Redis (broker and result backend), never the one that is backed up."""
-    with start_redis(tmp_path / "broker") as server:
+    with start_redis(tmp_path / "broker", password=BROKER_PASSWORD) as server:
         yield server
 
 
@@ -170,7 +171,7 @@ def layout(tmp_path) -> dict[str, Path]:
 def base_env(broker, source_redis, database, layout) -> dict[str, str]:
     """Settings of a complete, working backup of this test's database and Redis."""
     return settings_env(
-        celery_broker_url=f"redis://127.0.0.1:{broker.port}/0",
+        celery_broker_url=f"redis://:{BROKER_PASSWORD}@127.0.0.1:{broker.port}/0",
         db_host=PG_HOST,
         db_port=PG_PORT,
         db_user=PG_USER,

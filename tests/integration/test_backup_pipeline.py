@@ -24,7 +24,7 @@ from tests.integration.conftest import (
 from tests.servers import free_port, start_redis
 
 pytestmark = pytest.mark.integration
-SECRETS = ("db-secret-pw", "redis-secret-pw")
+SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
 
 
 def stored_files(storage: Path) -> list[str]:

@@ -87,7 +87,7 @@ def test_beat_starts_a_scheduled_backup(base_env, database, layout, start_worker
 
 
 def test_run_lock_expires_when_its_holder_died(broker):
-    r = redis.Redis(broker.host, broker.port, decode_responses=True)
+    r = redis.Redis(broker.host, broker.port, password=broker.password, decode_responses=True)
     assert coordination.acquire_lock(r, "b1", "task-1", ttl=1) == ("b1", None)
     held_by, refusal = coordination.acquire_lock(r, "b2", "task-2", ttl=1)
     assert held_by == "b1" and "b1" in refusal

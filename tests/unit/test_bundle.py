@@ -5,8 +5,8 @@ import hashlib
 import io
 import subprocess
 import tarfile
-from pathlib import Path
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 

@@ -16,6 +16,7 @@ from vq_tasks.sources.redis import (
     ReplyReader,
     command,
     read_rdb,
+    request_rdb,
     server_error,
 )
 
@@ -263,3 +264,56 @@ def test_crc64_is_redis_crc64():
 def test_command_is_resp():
     assert command("AUTH", "p w") == b"*2\r\n$4\r\nAUTH\r\n$3\r\np w\r\n"
     assert command("SYNC") == b"*1\r\n$4\r\nSYNC\r\n"
+
+
+def handshake(replies: bytes, password: str | None) -> list[bytes]:
+    """Run request_rdb against canned ``replies``; return the commands it sent."""
+    sent: list[bytes] = []
+    reader = ReplyReader(Feed([replies]), WHERE, secrets=[password] if password else [])
+    request_rdb(sent.append, reader, password)
+    return sent
+
+
+def test_request_rdb_authenticates_then_asks_for_the_rdb_only():
+    sent = handshake(b"+OK\r\n+OK\r\n+OK\r\n", "pw")
+    assert sent == [
+        command("AUTH", "pw"),
+        command("REPLCONF", "capa", "eof"),
+        command("REPLCONF", "rdb-only", "1"),
+        command("SYNC"),
+    ]
+
+
+def test_request_rdb_without_password_sends_no_auth():
+    assert handshake(b"+OK\r\n+OK\r\n", None)[0] == command("REPLCONF", "capa", "eof")
+
+
+def test_server_without_rdb_only_is_still_asked_to_sync():
+    sent = handshake(b"+OK\r\n-ERR Unrecognized REPLCONF option: rdb-only\r\n", None)
+    assert sent[-1] == command("SYNC")
+
+
+@pytest.mark.parametrize(
+    "replies, error, text",
+    [
+        (b"-WRONGPASS invalid username-password pair\r\n", PermanentError, "refused the password"),
+        (b"-ERR AUTH <password> called without any password configured\r\n", PermanentError, "no password"),
+        (b"+OK\r\n-NOPERM no permissions to run the 'replconf' command\r\n", PermanentError, "NOPERM"),
+        (b"+OK\r\n-ERR Unrecognized REPLCONF option: capa\r\n", PermanentError, "Unrecognized"),
+        (b"+OK\r\n+OK\r\n-LOADING Redis is loading\r\n", TransientError, "LOADING"),
+        (b"+OK\r\n:1\r\n", PermanentError, "is it a Redis"),
+    ],
+)
+def test_request_rdb_raises_the_server_error(replies: bytes, error: type[Exception], text: str):
+    with pytest.raises(error, match=text) as caught:
+        handshake(replies, "s3cret")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_an_echoed_password_is_never_shown_even_in_part():
+    """A server that is not Redis may echo the AUTH command; the reply shown is cut after redaction."""
+    password = "p" * 70 + "-long-secret-tail"
+    echoed = command("AUTH", password).replace(b"\r\n", b" ") + b"\r\n"
+    with pytest.raises(PermanentError, match="is it a Redis server") as caught:
+        handshake(echoed, password)
+    assert "ppppp" not in str(caught.value)

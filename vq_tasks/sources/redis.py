@@ -54,11 +54,7 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
     link = _Link(settings)
     try:
         reader = ReplyReader(link.recv_into, link.where, secrets=[password] if password else [])
-        if password:
-            _call(link, reader, "AUTH", password)
-        _call(link, reader, "REPLCONF", "capa", "eof")
-        _call(link, reader, "REPLCONF", "rdb-only", "1", optional=True)
-        link.send(command("SYNC"))
+        request_rdb(link.send, reader, password)
         rdb = read_rdb(reader, out)
     finally:
         link.close()  # without rdb-only, the server would go on streaming its commands
@@ -87,7 +83,7 @@ def server_facts(settings: Settings) -> tuple[str, dict[str, int], dict[str, int
         server = client.info("server")
         keyspace = client.info("keyspace")
     except redis.exceptions.RedisError as exc:
-        raise client_error(exc, where(settings), password) from None
+        raise client_error(exc, _where(settings), password) from None
     finally:
         client.close()
     databases = {name[2:]: stats for name, stats in keyspace.items() if name.startswith("db")}
@@ -96,7 +92,7 @@ def server_facts(settings: Settings) -> tuple[str, dict[str, int], dict[str, int
     return str(server["redis_version"]), keys, expires
 
 
-def where(settings: Settings) -> str:
+def _where(settings: Settings) -> str:
     """Given settings, return how messages name the Redis: "Redis host:port"."""
     host = settings.redis_host
     return f"Redis [{host}]:{settings.redis_port}" if ":" in host else f"Redis {host}:{settings.redis_port}"
@@ -163,7 +159,7 @@ class _Link:
     """A socket to the Redis whose failures become TransientErrors naming the server."""
 
     def __init__(self, settings: Settings):
-        self.where = where(settings)
+        self.where = _where(settings)
         self._timeout = settings.redis_timeout
         try:
             address = (settings.redis_host, settings.redis_port)
@@ -188,15 +184,27 @@ class _Link:
 
     def _error(self, exc: OSError, doing: str) -> TransientError:
         if isinstance(exc, TimeoutError):
-            return TransientError(f"{self.where} sent nothing for {self._timeout:g} s (REDIS_TIMEOUT)")
+            return TransientError(f"{self.where} did not answer within {self._timeout:g} s (REDIS_TIMEOUT)")
         reason = exc.strerror or str(exc) or type(exc).__name__
         return TransientError(f"{doing} {self.where} (check REDIS_HOST, REDIS_PORT): {reason}")
 
 
-def _call(link: _Link, reader: ReplyReader, *args: str, optional: bool = False) -> None:
+def request_rdb(send: Callable[[bytes], object], reader: ReplyReader, password: str | None) -> None:
+    """Given a way to send to a Redis and a reader of its replies, authenticate if ``password``,
+    then ask for a full resync: diskless if the server is set so, and the RDB only, with no
+    command stream after it (older servers refuse that option, which is harmless). Raise the
+    server's error as server_error classifies it."""
+    if password:
+        _call(send, reader, "AUTH", password)
+    _call(send, reader, "REPLCONF", "capa", "eof")
+    _call(send, reader, "REPLCONF", "rdb-only", "1", optional=True)
+    send(command("SYNC"))
+
+
+def _call(send: Callable[[bytes], object], reader: ReplyReader, *args: str, optional: bool = False) -> None:
     """Send one command and read its status reply. Raise the server's error, unless ``optional``
-    and the server only does not know the option (REPLCONF rdb-only before Redis 7)."""
-    link.send(command(*args))
+    and the server only does not know the option."""
+    send(command(*args))
     reply = reader.line()
     if reply.startswith(b"+"):
         return
@@ -267,7 +275,7 @@ class ReplyReader:
 
     def unexpected(self, reply: bytes) -> PermanentError:
         """Given a reply that is not Redis's, return the error to raise."""
-        shown = repr(redact(reply[:80].decode(errors="backslashreplace"), self.secrets))
+        shown = repr(redact(reply.decode(errors="backslashreplace"), self.secrets)[:80])  # redact, then cut
         return PermanentError(
             f"{self.where} sent {shown}, which is no reply to a replica: is it a Redis server"
             " (check REDIS_HOST, REDIS_PORT)?"

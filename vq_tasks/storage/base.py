@@ -5,7 +5,6 @@ has closed without error, so a crash never leaves a complete-looking object behi
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,8 +70,3 @@ class Storage(abc.ABC):
         if len(data) > limit:
             raise StorageError(f"{name} in {self.describe()} is larger than {limit} bytes")
         return data
-
-    def iter_names(self) -> Iterator[str]:
-        """Yield the names of every committed object."""
-        for obj in self.list():
-            yield obj.name
