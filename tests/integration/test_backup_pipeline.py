@@ -244,3 +244,22 @@ def test_uncompressed_backup_stores_plain_tar(base_env, database, layout, start_
         check=True,
     )
     assert listing.stdout.split() == ["database.sql", "redis.rdb", "config.tar"]
+
+
+def test_missing_database_is_permanent_and_not_retried(base_env, layout, start_worker, smtp):
+    port, mailbox = smtp
+    env = {
+        **base_env,
+        "DB_NAME": "vq_no_such_database",
+        "BACKUP_RETRY_MAX": "3",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "BACKUP_ALERT_EMAIL": "oncall@example.com",
+    }
+    worker = start_worker(env)
+    _, result = run_backup(env)
+    assert result.returncode == 1
+    assert 'database "vq_no_such_database" does not exist' in result.stderr
+    assert "will retry" not in worker.log_text()
+    assert "vq_no_such_database" in mailbox.wait_for(1)[0].get_content()
+    assert stored_files(layout["storage"]) == []

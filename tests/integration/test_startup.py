@@ -97,3 +97,21 @@ def test_run_lock_expires_when_its_holder_died(broker):
     assert not coordination.release_lock(r, "b1")  # never someone else's
     assert coordination.refresh_lock(r, "b2", 5)
     assert coordination.release_lock(r, "b2")
+
+
+def test_worker_refuses_pickle(base_env, start_worker, monkeypatch):
+    worker = start_worker(base_env)
+    for name, value in base_env.items():
+        monkeypatch.setenv(name, value)
+    from vq_tasks.app import create_app
+    from vq_tasks.settings import load_settings
+
+    client = create_app(load_settings())
+    client.conf.accept_content = ["json", "pickle"]
+    client.send_task("vq_tasks.prune", kwargs={"dry_run": True}, serializer="pickle")
+    deadline = time.monotonic() + 20
+    while "untrusted content" not in worker.log_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Refusing to deserialize untrusted content of type pickle" in worker.log_text()
+    assert "vq_tasks.prune" not in worker.log_text().split("untrusted content")[-1]
+    client.close()
