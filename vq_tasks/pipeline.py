@@ -98,6 +98,9 @@ def release(settings: Settings, backup_id: str) -> None:
 def dump_component(settings: Settings, backup_id: str, component: Component) -> StagedPart:
     """Stage one component of ``backup_id`` and return its record; progress goes to the run record."""
     r = coordination.client(settings)
+    status = coordination.read_record(r, backup_id).get("status")
+    if status in ("succeeded", "failed"):  # a message redelivered after its run ended
+        raise PermanentError(f"backup {backup_id} has already {status}; {component} is not dumped again")
     area = StagingArea(settings.backup_staging_dir, backup_id)
     coordination.refresh_lock(r, backup_id, settings.backup_lock_ttl)
     coordination.record(r, backup_id, **{f"state:{component}": "running"})

@@ -12,10 +12,11 @@ import shutil
 import socket
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import Component, Facts, StagedPart
+from vq_tasks.manifest import Component, Facts, StagedPart, parse_backup_id
 from vq_tasks.settings import Settings
 from vq_tasks.streams import GzipStage, HashStage, ProgressStage, Stage, Writer
 
@@ -38,6 +39,21 @@ class StagingArea:
 
     def ensure(self) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def remove_stale(root: Path, prefix: str, now: datetime, older_than: timedelta) -> list[str]:
+    """Remove the staging folders of backups started more than ``older_than`` before ``now``
+    (left by runs whose workers died); return their names. Folders not named by a backup id stay."""
+    removed = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        try:
+            started = parse_backup_id(folder.name, prefix)
+        except ValueError:
+            continue
+        if now - started > older_than:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 def stage_part(

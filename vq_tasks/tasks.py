@@ -16,7 +16,9 @@ from vq_tasks.alerts import AlertEvent, compose, recipients, send
 from vq_tasks.app import app
 from vq_tasks.catalog import prune as prune_storage
 from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
+from vq_tasks.retention import IN_PROGRESS_GRACE
 from vq_tasks.settings import get_settings
+from vq_tasks.staging import remove_stale
 from vq_tasks.storage import open_storage
 
 logger = get_task_logger(__name__)
@@ -132,10 +134,22 @@ def backup_failed(self, failed_task_id: str, backup_id: str) -> dict[str, Any]:
 def prune(self, dry_run: bool = False) -> dict[str, Any]:
     """Delete what the retention policy lets go; return what was (or would be) deleted and why."""
     settings = get_settings()
-    deletions = prune_storage(open_storage(settings), settings, datetime.now(UTC), dry_run=dry_run)
+    now = datetime.now(UTC)
+    deletions = prune_storage(open_storage(settings), settings, now, dry_run=dry_run)
     for d in deletions:
         logger.info("%s %s: %s", "would delete" if dry_run else "deleted", d.name, d.reason)
-    return {"dry_run": dry_run, "deleted": [{"name": d.name, "reason": d.reason} for d in deletions]}
+    stale = (
+        []
+        if dry_run
+        else remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, IN_PROGRESS_GRACE)
+    )
+    for name in stale:
+        logger.info("removed the staging folder of %s, left by a run that did not end", name)
+    return {
+        "dry_run": dry_run,
+        "deleted": [{"name": d.name, "reason": d.reason} for d in deletions],
+        "stale_staging": stale,
+    }
 
 
 @app.task(name="vq_tasks.alert", bind=True, max_retries=8)

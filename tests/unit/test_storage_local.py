@@ -84,3 +84,15 @@ def test_prune_on_real_files(tmp_path):
     )
     assert not any(expired in n or debris in n for n in left)
     assert prune(storage, settings, now) == []  # running it again changes nothing
+
+
+def test_stale_staging_folders_go_and_running_ones_stay(tmp_path):
+    from vq_tasks.staging import remove_stale
+
+    now = datetime(2024, 3, 1, 12, tzinfo=UTC)
+    for name in ("virtualqueue_backup_20240227_020000", "virtualqueue_backup_20240301_020000", "lost+found"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "database.part").write_bytes(b"x")
+    removed = remove_stale(tmp_path, "virtualqueue_backup", now, timedelta(days=1))
+    assert removed == ["virtualqueue_backup_20240227_020000"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lost+found", "virtualqueue_backup_20240301_020000"]
