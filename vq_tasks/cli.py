@@ -39,19 +39,42 @@ def human_age(seconds: float) -> str:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from vq_tasks.app import app
-
-    result = app.send_task("vq_tasks.backup", kwargs={"origin": "cli", "requested_by": getpass.getuser()})
-    try:
-        started = result.get(timeout=args.timeout_start)
-    except Exception as exc:
-        print(f"backup refused or failed to start: {exc}", file=sys.stderr)
+    started = start_backup(args.timeout_start)
+    if isinstance(started, str):
+        print(started, file=sys.stderr)
         return EXIT_FAILED
     backup_id = started["backup_id"]
     print(f"backup {backup_id} started ({started['kind']})")
     if not args.wait:
         return 0
     return follow(settings, backup_id, args.timeout)
+
+
+def start_backup(timeout: float) -> dict | str:
+    """Send vq_tasks.backup and wait for a worker to start it; return its result, or why not.
+    The result objects die here, while the interpreter can still unsubscribe them cleanly."""
+    from vq_tasks.app import app
+
+    result = app.send_task("vq_tasks.backup", kwargs={"origin": "cli", "requested_by": getpass.getuser()})
+    deadline = time.monotonic() + timeout
+    while not result.ready():
+        if time.monotonic() > deadline:
+            _unsubscribe(result)
+            return f"no worker started the backup within {timeout:.0f} s"
+        time.sleep(0.2)
+    outcome = result.result
+    _unsubscribe(result)
+    if isinstance(outcome, BaseException):
+        return f"backup refused or failed to start: {outcome}"
+    return dict(outcome)
+
+
+def _unsubscribe(result) -> None:
+    """Drop the result backend's subscriptions of ``result`` and of the tasks it started (the
+    chord's), which otherwise try to unsubscribe during interpreter shutdown, noisily."""
+    for child in result.children or []:
+        _unsubscribe(child)
+    result.backend.remove_pending_result(result)
 
 
 def follow(settings: Settings, backup_id: str, timeout: float) -> int:
