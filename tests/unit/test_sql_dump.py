@@ -18,6 +18,10 @@ BEGIN
   RAISE NOTICE 'COPY public.fake FROM stdin;';
 END $$ LANGUAGE plpgsql;
 
+--
+-- Data for Name: queues; Type: TABLE DATA; Schema: public; Owner: postgres
+--
+
 COPY public.queues (id, name) FROM stdin;
 1\tfront desk
 2\tline with \\\\. and \\n escaped
@@ -25,9 +29,17 @@ COPY public.queues (id, name) FROM stdin;
 \\.
 
 
+--
+-- Data for Name: empty; Type: TABLE DATA; Schema: public; Owner: postgres
+--
+
 COPY public.empty (id) FROM stdin;
 \\.
 
+
+--
+-- Data for Name: T\xc3\xa4ble; Type: TABLE DATA; Schema: Weird Schema; Owner: postgres
+--
 
 COPY "Weird Schema"."T\xc3\xa4ble" (id) FROM stdin;
 1
