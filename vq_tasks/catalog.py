@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from vq_tasks.errors import PermanentError
+from vq_tasks.errors import BackupError, PermanentError
 from vq_tasks.manifest import Manifest, manifest_name, parse_backup_id, split_object_name
-from vq_tasks.retention import BackupSet, Deletion, Policy, decide
+from vq_tasks.retention import IN_PROGRESS_GRACE, BackupSet, Deletion, Policy, decide
 from vq_tasks.settings import Settings
+from vq_tasks.staging import remove_stale
 from vq_tasks.storage.base import Storage, StoredObject
 from vq_tasks.storage.local import PARTIAL_MARKER
 
-ROLES = {
-    "_manifest.json": "manifest",
-    ".tar.gz": "bundle",
-    ".tar": "bundle",
-    "_logs.tar.gz": "logs",
-    "_logs.tar": "logs",
-}
+logger = logging.getLogger(__name__)
 
 
 def backup_sets(objects: list[StoredObject], prefix: str) -> list[BackupSet]:
@@ -37,8 +34,7 @@ def _role_of(name: str, prefix: str) -> tuple[str, str] | None:
     if name.startswith(".") and PARTIAL_MARKER in name:
         inner = split_object_name(name[1 : name.index(PARTIAL_MARKER)], prefix)
         return (inner[0], "partial") if inner else None
-    parsed = split_object_name(name, prefix)
-    return (parsed[0], ROLES[parsed[1]]) if parsed else None
+    return split_object_name(name, prefix)
 
 
 def load_manifest(storage: Storage, backup_id: str) -> Manifest:
@@ -54,20 +50,39 @@ def load_manifest(storage: Storage, backup_id: str) -> Manifest:
         raise PermanentError(f"{name} in {storage.describe()} is not a valid manifest: {exc}") from None
 
 
-def complete_manifests(storage: Storage, prefix: str) -> list[Manifest]:
-    """Return the manifests of every complete backup, oldest first."""
-    return [
-        load_manifest(storage, entry.backup_id)
-        for entry in backup_sets(storage.list(), prefix)
-        if entry.complete
-    ]
+def readable_manifests(storage: Storage, prefix: str) -> list[Manifest]:
+    """Return the manifests of every complete backup, oldest first; one that cannot be read is
+    logged and left out (it must not stop new backups)."""
+    found = []
+    for entry in backup_sets(storage.list(), prefix):
+        if entry.complete:
+            try:
+                found.append(load_manifest(storage, entry.backup_id))
+            except BackupError as exc:
+                logger.warning("%s", exc)
+    return found
 
 
-def prune(storage: Storage, settings: Settings, now: datetime, dry_run: bool = False) -> list[Deletion]:
-    """Delete what the retention policy says may go (nothing with ``dry_run``); return it."""
-    policy = Policy(settings.backup_retention_days, settings.backup_logs_retention_days)
+def in_progress_grace(settings: Settings) -> timedelta:
+    """How long a backup without a manifest may still be running: a day, or two task time limits."""
+    return max(IN_PROGRESS_GRACE, timedelta(seconds=2 * settings.backup_task_time_limit))
+
+
+def prune(storage: Storage, settings: Settings, now: datetime, dry_run: bool = False) -> PruneResult:
+    """Delete what the retention policy lets go, and the staging folders of runs that died
+    (nothing with ``dry_run``); return what was (or would be) deleted and why."""
+    grace = in_progress_grace(settings)
+    policy = Policy(settings.backup_retention_days, settings.backup_logs_retention_days, grace)
     deletions = decide(backup_sets(storage.list(), settings.backup_name_prefix), now, policy)
-    if not dry_run:
-        for deletion in deletions:
-            storage.delete(deletion.name)
-    return deletions
+    if dry_run:
+        return PruneResult(deletions, [])
+    for deletion in deletions:
+        storage.delete(deletion.name)
+    stale = remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, grace)
+    return PruneResult(deletions, stale)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    deletions: list[Deletion]
+    stale_staging: list[str]

@@ -59,22 +59,30 @@ def start_backup(timeout: float) -> dict | str:
     deadline = time.monotonic() + timeout
     while not result.ready():
         if time.monotonic() > deadline:
-            _unsubscribe(result)
+            unsubscribe(result)
             return f"no worker started the backup within {timeout:.0f} s"
         time.sleep(0.2)
     outcome = result.result
-    _unsubscribe(result)
+    unsubscribe(result)
     if isinstance(outcome, BaseException):
         return f"backup refused or failed to start: {outcome}"
     return dict(outcome)
 
 
-def _unsubscribe(result) -> None:
+def unsubscribe(result: object) -> None:
     """Drop the result backend's subscriptions of ``result`` and of the tasks it started (the
-    chord's), which otherwise try to unsubscribe during interpreter shutdown, noisily."""
-    for child in result.children or []:
-        _unsubscribe(child)
-    result.backend.remove_pending_result(result)
+    chord's), which otherwise try to unsubscribe during interpreter shutdown, noisily. Children
+    come as results, result sets, or plain lists of them."""
+    from celery.result import AsyncResult
+
+    if isinstance(result, list | tuple):
+        nested = list(result)
+    else:
+        nested = [*(getattr(result, "children", None) or []), *(getattr(result, "results", None) or [])]
+    for child in nested:
+        unsubscribe(child)
+    if isinstance(result, AsyncResult):
+        result.backend.remove_pending_result(result)
 
 
 def follow(settings: Settings, backup_id: str, timeout: float) -> int:
@@ -190,11 +198,13 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.catalog import prune
     from vq_tasks.storage import open_storage
 
-    deletions = prune(open_storage(settings), settings, datetime.now(UTC), dry_run=args.dry_run)
+    result = prune(open_storage(settings), settings, datetime.now(UTC), dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    for deletion in deletions:
+    for deletion in result.deletions:
         print(f"{verb} {deletion.name}: {deletion.reason}")
-    if not deletions:
+    for name in result.stale_staging:
+        print(f"removed the staging folder of {name}: its run did not end")
+    if not result.deletions and not result.stale_staging:
         print("nothing to delete")
     return 0
 

@@ -8,7 +8,11 @@ progress report, while a long healthy run keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -20,7 +24,9 @@ from vq_tasks.settings import Settings
 LOCK_KEY = "vq:backup:lock"
 RUN_KEY = "vq:run:{}"
 CLAIM_KEY = "vq:claim:{}"
+TASK_KEY = "vq:task:{}"
 RUN_RECORD_TTL = 14 * 86400
+logger = logging.getLogger(__name__)
 
 _IF_HOLDER = """
 local value = redis.call('get', KEYS[1])
@@ -64,12 +70,6 @@ def acquire_lock(r: redis.Redis, backup_id: str, task_id: str, ttl: int) -> tupl
     )
 
 
-def lock_holder(r: redis.Redis) -> str | None:
-    """Return the backup id that holds the run lock, if any."""
-    value = r.get(LOCK_KEY)
-    return value.split(" ")[0] if value else None
-
-
 def refresh_lock(r: redis.Redis, backup_id: str, ttl: int) -> bool:
     """Extend the lock if ``backup_id`` still holds it; return whether it does."""
     return bool(r.eval(_IF_HOLDER, 1, LOCK_KEY, backup_id, str(ttl)))
@@ -100,3 +100,36 @@ def claim_once(r: redis.Redis, name: str, ttl: int = 30 * 86400) -> bool:
 def release_claim(r: redis.Redis, name: str) -> None:
     """Give a claim back, when its side effect failed and may be tried again."""
     r.delete(CLAIM_KEY.format(name))
+
+
+def backup_of_task(r: redis.Redis, task_id: str, backup_id: str, ttl: int) -> tuple[str, bool]:
+    """Bind a backup task's id to ``backup_id`` once; return the id it is bound to and whether it
+    was bound before (a redelivered task gets its first backup id back, however late it comes)."""
+    key = TASK_KEY.format(task_id)
+    if r.set(key, backup_id, nx=True, ex=ttl):
+        return backup_id, False
+    return r.get(key) or backup_id, True
+
+
+@contextlib.contextmanager
+def heartbeat(r: redis.Redis, backup_id: str, ttl: int) -> Iterator[None]:
+    """Keep the run lock of ``backup_id`` alive while the block runs, from a background thread,
+    so that a silent step (pg_dump waiting for a table lock, a long fsync) does not lose it.
+    A failed refresh is logged, not raised: it must not fail the work it watches."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(1.0, ttl / 3)):
+            try:
+                refresh_lock(r, backup_id, ttl)
+            except redis.RedisError as exc:
+                logger.warning("could not refresh the run lock of %s: %s", backup_id, exc)
+
+    refresh_lock(r, backup_id, ttl)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{backup_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -21,7 +21,14 @@ COMPONENTS = ("database", "redis", "config", "logs")
 BUNDLED = ("database", "redis", "config")
 Component = Literal["database", "redis", "config", "logs"]
 Kind = Literal["daily", "weekly", "monthly", "manual"]
-SUFFIXES = ("_manifest.json", "_logs.tar.gz", "_logs.tar", ".tar.gz", ".tar")
+# every name a backup stores, by suffix and role; longest suffixes first so that they match first
+SUFFIX_ROLES = {
+    "_manifest.json": "manifest",
+    "_logs.tar.gz": "logs",
+    "_logs.tar": "logs",
+    ".tar.gz": "bundle",
+    ".tar": "bundle",
+}
 
 
 class DatabaseFacts(BaseModel):
@@ -56,6 +63,7 @@ class StagedPart(BaseModel):
     member: str = Field(description="file name inside the bundle, or the stored logs archive")
     path: str
     worker: str
+    compressed: bool = Field(description="gzip members (COMPRESSION_ENABLED of the worker that dumped)")
     staged_size: int
     staged_sha256: str
     content: Checksums = Field(description="the uncompressed member")
@@ -89,13 +97,6 @@ class Manifest(BaseModel):
     files: list[StoredFile]
     components: dict[str, ComponentEntry]
 
-    def stored(self, name: str) -> StoredFile:
-        """Return the stored file called ``name``. Raise KeyError if the manifest has none."""
-        for entry in self.files:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
-
 
 def new_backup_id(prefix: str, now: datetime) -> str:
     """Return the id of a backup started at ``now``: ``<prefix>_YYYYMMDD_HHMMSS`` in UTC."""
@@ -111,17 +112,22 @@ def parse_backup_id(backup_id: str, prefix: str) -> datetime:
 
 
 def split_object_name(name: str, prefix: str) -> tuple[str, str] | None:
-    """Return (backup id, role) of a stored object's name, role being one of ``SUFFIXES``;
-    None for a name that is not ours."""
-    for suffix in SUFFIXES:
+    """Return (backup id, role) of a stored object's name, the role being ``manifest``,
+    ``bundle`` or ``logs``; None for a name that is not ours."""
+    for suffix, role in SUFFIX_ROLES.items():
         if name.endswith(suffix):
             backup_id = name[: -len(suffix)]
             try:
                 parse_backup_id(backup_id, prefix)
             except ValueError:
                 return None
-            return backup_id, suffix
+            return backup_id, role
     return None
+
+
+def data_names(backup_id: str) -> list[str]:
+    """Return every name a backup's data files may have (not the manifest), in either compression."""
+    return [f"{backup_id}{suffix}" for suffix, role in SUFFIX_ROLES.items() if role != "manifest"]
 
 
 def bundle_name(backup_id: str, compressed: bool) -> str:

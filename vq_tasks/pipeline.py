@@ -7,13 +7,16 @@ Every step can run again after a redelivery without producing a second backup.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
+from redis.exceptions import RedisError
+
 from vq_tasks import coordination
 from vq_tasks.bundle import BundleWriter, copy_staged
-from vq_tasks.catalog import complete_manifests, load_manifest
+from vq_tasks.catalog import load_manifest, readable_manifests
 from vq_tasks.errors import PermanentError, redact
 from vq_tasks.manifest import (
     BUNDLED,
@@ -25,10 +28,12 @@ from vq_tasks.manifest import (
     StagedPart,
     StoredFile,
     bundle_name,
+    data_names,
     kind_for,
     manifest_name,
     member_name,
     new_backup_id,
+    parse_backup_id,
 )
 from vq_tasks.settings import Settings
 from vq_tasks.sources.files import archive_config, archive_logs
@@ -38,6 +43,8 @@ from vq_tasks.staging import Producer, StagingArea, stage_part
 from vq_tasks.storage import open_storage
 from vq_tasks.storage.base import Storage, StorageError
 from vq_tasks.streams import GzipStage, HashStage, Writer
+
+logger = logging.getLogger(__name__)
 
 
 class BackupRefused(Exception):
@@ -62,32 +69,35 @@ def tool_version() -> str:
 def start_backup(
     settings: Settings, task_id: str, scheduled: bool, now: datetime | None = None
 ) -> BackupStart:
-    """Take the run lock and name the backup. Raise BackupRefused while another run holds the lock."""
-    now = now or datetime.now(UTC)
+    """Bind the task to a backup id, take the run lock and work out the kind. Raise BackupRefused
+    while another run holds the lock. A redelivered task gets its own run back, never a second."""
     r = coordination.client(settings)
-    wanted = new_backup_id(settings.backup_name_prefix, now)
-    backup_id, refusal = coordination.acquire_lock(r, wanted, task_id, settings.backup_lock_ttl)
+    fresh_id = new_backup_id(settings.backup_name_prefix, now or datetime.now(UTC))
+    bound_ttl = settings.backup_task_time_limit + 86400
+    backup_id, redelivered = coordination.backup_of_task(r, task_id, fresh_id, bound_ttl)
+    started = parse_backup_id(backup_id, settings.backup_name_prefix)
+    run = coordination.read_record(r, backup_id) if redelivered else {}
+    if run.get("chord_started"):
+        return BackupStart(backup_id, run["kind"], started, True)
+    _, refusal = coordination.acquire_lock(r, backup_id, task_id, settings.backup_lock_ttl)
     if refusal:
         raise BackupRefused(f"a backup is already running: {refusal}")
-    run = coordination.read_record(r, backup_id)
-    if run.get("chord_started"):
-        return BackupStart(backup_id, run["kind"], datetime.fromisoformat(run["started_at"]), True)
-    storage = open_storage(settings)
-    if storage.stat(manifest_name(backup_id)) is not None:
+    try:
+        storage = open_storage(settings)
+        if storage.stat(manifest_name(backup_id)) is not None:
+            raise BackupRefused(f"backup {backup_id} exists already; try again in a second")
+        manifests = readable_manifests(storage, settings.backup_name_prefix)
+        kind = kind_for(started, scheduled, [m.started_at for m in manifests if m.kind != "manual"])
+        coordination.record(r, backup_id, status="running", kind=kind, started_at=started.isoformat())
+    except BaseException:
         coordination.release_lock(r, backup_id)
-        raise BackupRefused(f"backup {backup_id} exists already; try again in a second")
-    earlier = [
-        m.started_at for m in complete_manifests(storage, settings.backup_name_prefix) if m.kind != "manual"
-    ]
-    kind = kind_for(now, scheduled, earlier)
-    coordination.record(r, backup_id, status="running", kind=kind, started_at=now.isoformat())
-    return BackupStart(backup_id, kind, now, False)
+        raise
+    return BackupStart(backup_id, kind, started, False)
 
 
-def mark_chord_started(settings: Settings, backup_id: str, finalize_task_id: str) -> None:
-    coordination.record(
-        coordination.client(settings), backup_id, chord_started=True, finalize_task_id=finalize_task_id
-    )
+def mark_chord_started(settings: Settings, backup_id: str) -> None:
+    """Note, before the chord is sent, that it is: a redelivered task must never send a second."""
+    coordination.record(coordination.client(settings), backup_id, chord_started=True)
 
 
 def release(settings: Settings, backup_id: str) -> None:
@@ -95,25 +105,37 @@ def release(settings: Settings, backup_id: str) -> None:
     coordination.release_lock(coordination.client(settings), backup_id)
 
 
+class RunEnded(Exception):
+    """A message redelivered after its run succeeded or failed: there is nothing left to do."""
+
+
 def dump_component(settings: Settings, backup_id: str, component: Component) -> StagedPart:
-    """Stage one component of ``backup_id`` and return its record; progress goes to the run record."""
+    """Stage one component of ``backup_id`` and return its record; progress goes to the run record.
+    Raise RunEnded if the run is over already."""
     r = coordination.client(settings)
     status = coordination.read_record(r, backup_id).get("status")
-    if status in ("succeeded", "failed"):  # a message redelivered after its run ended
-        raise PermanentError(f"backup {backup_id} has already {status}; {component} is not dumped again")
+    if status in ("succeeded", "failed"):
+        raise RunEnded(f"backup {backup_id} has already {status}; {component} is not dumped again")
     area = StagingArea(settings.backup_staging_dir, backup_id)
-    coordination.refresh_lock(r, backup_id, settings.backup_lock_ttl)
-    coordination.record(r, backup_id, **{f"state:{component}": "running"})
-
-    def progress(size: int) -> None:
-        coordination.record(r, backup_id, **{f"bytes:{component}": size})
-        coordination.refresh_lock(r, backup_id, settings.backup_lock_ttl)
-
+    report(settings, backup_id, **{f"state:{component}": "running"})
     member = member_name(component, backup_id, settings.compression_enabled)
     produce, level = _producer(settings, component)
-    part = stage_part(settings, area, component, member, produce, progress, level)
-    coordination.record(r, backup_id, **{f"state:{component}": "staged"})
+
+    def progress(size: int) -> None:
+        report(settings, backup_id, **{f"bytes:{component}": size})
+
+    with coordination.heartbeat(r, backup_id, settings.backup_lock_ttl):
+        part = stage_part(settings, area, component, member, produce, progress, level)
+    report(settings, backup_id, **{f"state:{component}": "staged"})
     return part
+
+
+def report(settings: Settings, backup_id: str, **fields: object) -> None:
+    """Note progress in the run record; a failure to do so is logged, never fatal to the work."""
+    try:
+        coordination.record(coordination.client(settings), backup_id, **fields)
+    except RedisError as exc:
+        logger.warning("could not update the run record of %s: %s", backup_id, exc)
 
 
 def _producer(settings: Settings, component: Component) -> tuple[Producer, int | None]:
@@ -150,9 +172,7 @@ def _compressed_config(settings: Settings) -> Producer:
 def record_failure(settings: Settings, backup_id: str, step: str, exc: BaseException) -> str:
     """Note in the run record that ``step`` failed; return the redacted message."""
     message = redact(str(exc) or type(exc).__name__, settings.secret_values())
-    coordination.record(
-        coordination.client(settings), backup_id, **{f"failed:{step}": message, f"state:{step}": "failed"}
-    )
+    report(settings, backup_id, **{f"failed:{step}": message, f"state:{step}": "failed"})
     return message
 
 
@@ -164,17 +184,16 @@ def finalize(
     storage = open_storage(settings)
     if storage.stat(manifest_name(backup_id)) is not None:
         return load_manifest(storage, backup_id)
-    parts = _parts_by_component(records)
+    parts = _parts_by_component(records, settings.compression_enabled)
     started = datetime.fromisoformat(started_at)
     compressed = settings.compression_enabled
-    files = [
-        _store(
+    with coordination.heartbeat(coordination.client(settings), backup_id, settings.backup_lock_ttl):
+        bundle = _store(
             storage,
             bundle_name(backup_id, compressed),
             lambda out: _write_bundle(out, parts, compressed, started),
-        ),
-        _store(storage, parts["logs"].member, lambda out: copy_staged(parts["logs"], out)),
-    ]
+        )
+        logs = _store(storage, parts["logs"].member, lambda out: copy_staged(parts["logs"], out))
     finished = datetime.now(UTC)
     manifest = Manifest(
         backup_id=backup_id,
@@ -184,11 +203,11 @@ def finalize(
         duration_seconds=round((finished - started).total_seconds(), 3),
         tool_version=tool_version(),
         compression="gzip" if compressed else "none",
-        files=files,
+        files=[bundle, logs],
         components={
             c: ComponentEntry(
                 member=parts[c].member,
-                stored_in=files[0].name if c in BUNDLED else files[1].name,
+                stored_in=bundle.name if c in BUNDLED else logs.name,
                 content=parts[c].content,
                 facts=parts[c].facts,
             )
@@ -200,11 +219,19 @@ def finalize(
     return manifest
 
 
-def _parts_by_component(records: list[dict]) -> dict[str, StagedPart]:
+def _parts_by_component(records: list[dict], compressed: bool) -> dict[str, StagedPart]:
+    """Return the staged parts by component. Raise PermanentError if one is missing or was
+    staged with another COMPRESSION_ENABLED than this worker's (workers must agree)."""
     parts = {p.component: p for p in (StagedPart.model_validate(r) for r in records)}
     missing = [c for c in COMPONENTS if c not in parts]
     if missing:
         raise PermanentError(f"finalize got no record for {', '.join(missing)}")
+    mixed = [p.component for p in parts.values() if p.compressed != compressed]
+    if mixed:
+        raise PermanentError(
+            f"{', '.join(mixed)} staged with COMPRESSION_ENABLED={not compressed}, unlike this worker: "
+            "every worker must have the same settings"
+        )
     return parts
 
 
@@ -231,26 +258,24 @@ def _store(storage: Storage, name: str, write) -> StoredFile:
 def after_success(settings: Settings, backup_id: str) -> None:
     """Clean the staging area, mark the run done and release the lock."""
     StagingArea(settings.backup_staging_dir, backup_id).remove()
-    r = coordination.client(settings)
-    coordination.record(r, backup_id, status="succeeded")
-    coordination.release_lock(r, backup_id)
+    report(settings, backup_id, status="succeeded")
+    coordination.release_lock(coordination.client(settings), backup_id)
 
 
-def fail(settings: Settings, backup_id: str) -> dict[str, str]:
-    """Clean up after a failed run: staging, stored objects without a manifest, the lock.
-    Return the failures recorded by the run's tasks (component -> message)."""
+def fail(settings: Settings, backup_id: str) -> dict[str, str] | None:
+    """Clean up after a failed run: staging, stored objects without a manifest, the lock. Return
+    the failures recorded by the run's tasks (step -> message), or None when the backup is in
+    fact complete (its manifest exists: only a step after it failed)."""
     r = coordination.client(settings)
     run = coordination.read_record(r, backup_id)
     StagingArea(settings.backup_staging_dir, backup_id).remove()
     storage = open_storage(settings)
-    if storage.stat(manifest_name(backup_id)) is None:
-        for name in (
-            bundle_name(backup_id, True),
-            bundle_name(backup_id, False),
-            member_name("logs", backup_id, True),
-            member_name("logs", backup_id, False),
-        ):
+    complete = storage.stat(manifest_name(backup_id)) is not None
+    if not complete:
+        for name in data_names(backup_id):
             storage.delete(name)
-    coordination.record(r, backup_id, status="failed")
+    coordination.record(r, backup_id, status="succeeded" if complete else "failed")
     coordination.release_lock(r, backup_id)
+    if complete:
+        return None
     return {key.split(":", 1)[1]: value for key, value in run.items() if key.startswith("failed:")}

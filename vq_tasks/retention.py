@@ -17,6 +17,7 @@ IN_PROGRESS_GRACE = timedelta(days=1)
 class Policy:
     retention_days: int
     logs_retention_days: int
+    in_progress_grace: timedelta = IN_PROGRESS_GRACE
 
 
 @dataclass
@@ -47,7 +48,7 @@ ROLE_ORDER = {"manifest": 0, "bundle": 1, "logs": 2, "partial": 3}
 def decide(backups: Iterable[BackupSet], now: datetime, policy: Policy) -> list[Deletion]:
     """Return what to delete, sorted by backup and with each manifest before its other files.
     Never the newest complete backup, never a backup within its retention, never a backup without
-    a manifest that is younger than a day (it may be in progress)."""
+    a manifest that is younger than the policy's grace (it may be in progress)."""
     backups = list(backups)
     complete = [b for b in backups if b.complete]
     newest = max(complete, key=lambda b: b.started).backup_id if complete else None
@@ -60,7 +61,7 @@ def decide(backups: Iterable[BackupSet], now: datetime, policy: Policy) -> list[
 
 def _decide_one(backup: BackupSet, age: timedelta, policy: Policy) -> list[Deletion]:
     if not backup.complete:
-        if age <= IN_PROGRESS_GRACE:
+        if age <= policy.in_progress_grace:
             return []
         return _delete(backup, ROLE_ORDER, "no manifest: debris of a failed or interrupted run")
     if age > timedelta(days=policy.retention_days):
@@ -69,7 +70,7 @@ def _decide_one(backup: BackupSet, age: timedelta, policy: Policy) -> list[Delet
     if age > timedelta(days=policy.logs_retention_days):
         reason = f"logs older than BACKUP_LOGS_RETENTION_DAYS={policy.logs_retention_days}"
         found += _delete(backup, ("logs",), reason)
-    if age > IN_PROGRESS_GRACE:
+    if age > policy.in_progress_grace:
         found += _delete(backup, ("partial",), "unfinished upload")
     return found
 

@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -233,11 +233,11 @@ class Settings(BaseSettings):
                 continue
             text = value.get_secret_value()
             if name.startswith("celery_"):
-                password = urlsplit(text).password
-                text = password or ""
-            if text:
+                password = urlsplit(text).password or ""
+                found += [password, unquote(password)]  # as typed in the URL, and decoded
+            else:
                 found.append(text)
-        return found
+        return sorted({text for text in found if text})
 
 
 def crontab_from_expression(expression: str) -> Any:

@@ -7,13 +7,15 @@ half way leaves no part that looks finished, and a redelivered task simply write
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import Component, Facts, StagedPart, parse_backup_id
@@ -69,12 +71,14 @@ def stage_part(
 
     ``member_level`` overrides the gzip level of the wrapping members (0 for data that is
     already compressed, such as config.tar.gz)."""
-    area.ensure()
     final = area.part_path(component)
     temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as sink:
-            staged = HashStage(sink, md5=False)
+        with _staging_errors(settings):
+            area.ensure()
+            sink = open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")  # noqa: SIM115
+        try:
+            staged = HashStage(_StagingFile(sink, settings), md5=False)
             compressed = _compression(settings, staged, member_level)
             content = HashStage(compressed)
             head: Stage = ProgressStage(content, progress) if progress else content
@@ -85,11 +89,15 @@ def stage_part(
                 if isinstance(compressed, GzipStage):
                     compressed.abort()
                 raise
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(temporary, final)
-    except OSError as exc:
-        raise _staging_error(exc, settings) from exc
+            with _staging_errors(settings):
+                sink.flush()
+                os.fsync(sink.fileno())
+                sink.close()
+        finally:
+            with contextlib.suppress(OSError):
+                sink.close()  # after an error: the buffer is dropped with the temporary file
+        with _staging_errors(settings):
+            os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
     return StagedPart(
@@ -97,6 +105,7 @@ def stage_part(
         member=member,
         path=str(final),
         worker=socket.gethostname(),
+        compressed=settings.compression_enabled,
         staged_size=staged.size,
         staged_sha256=staged.sha256,
         content=content.checksums(),
@@ -104,13 +113,29 @@ def stage_part(
     )
 
 
+class _StagingFile:
+    """The staged file's write, whose OS errors (a full disk) are reported as the staging area's."""
+
+    def __init__(self, stream: BinaryIO, settings: Settings):
+        self._stream = stream
+        self._settings = settings
+
+    def write(self, data: bytes) -> None:
+        with _staging_errors(self._settings):
+            self._stream.write(data)
+
+
+@contextlib.contextmanager
+def _staging_errors(settings: Settings) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PermanentError(f"staging area {settings.backup_staging_dir}: {reason}") from None
+
+
 def _compression(settings: Settings, downstream: Writer, level: int | None) -> Writer:
     if not settings.compression_enabled:
         return downstream
     chosen = settings.compression_level if level is None else level
     return GzipStage(downstream, chosen, settings.compression_threads)
-
-
-def _staging_error(exc: OSError, settings: Settings) -> PermanentError:
-    reason = exc.strerror or str(exc)
-    return PermanentError(f"staging area {settings.backup_staging_dir}: {reason}")

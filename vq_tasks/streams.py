@@ -15,7 +15,6 @@ import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from pydantic import BaseModel
@@ -174,16 +173,3 @@ def pump(source: BinaryIO, sink: Writer, chunk_size: int = CHUNK_SIZE) -> int:
             return total
         sink.write(bytes(view[:n]))
         total += n
-
-
-def file_checksums(path: Path, md5: bool = True) -> Checksums:
-    """Return size and digests of a file, read in chunks."""
-    hasher = HashStage(_NullWriter(), md5=md5)
-    with open(path, "rb") as stream:
-        pump(stream, hasher)
-    return hasher.checksums()
-
-
-class _NullWriter:
-    def write(self, data: bytes) -> int:
-        return len(data)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import chord, group
+from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
 from vq_tasks import coordination, pipeline
@@ -16,9 +17,7 @@ from vq_tasks.alerts import AlertEvent, compose, recipients, send
 from vq_tasks.app import app
 from vq_tasks.catalog import prune as prune_storage
 from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
-from vq_tasks.retention import IN_PROGRESS_GRACE
 from vq_tasks.settings import get_settings
-from vq_tasks.staging import remove_stale
 from vq_tasks.storage import open_storage
 
 logger = get_task_logger(__name__)
@@ -34,97 +33,133 @@ def _countdown(retries: int) -> float:
 def backup(self, origin: str = "manual", requested_by: str | None = None) -> dict[str, Any]:
     """Take the run lock, name the backup and start the chord of dumps and finalize."""
     settings = get_settings()
-    start = pipeline.start_backup(settings, self.request.id, scheduled=origin == "beat")
-    if not start.already_started:
-        header = group(
-            dump_database.si(start.backup_id),
-            dump_redis.si(start.backup_id),
-            archive_config.si(start.backup_id),
-            archive_logs.si(start.backup_id),
+    try:
+        start = pipeline.start_backup(settings, self.request.id, scheduled=origin == "beat")
+        if not start.already_started:
+            _start_chord(settings, start)
+            logger.info("backup %s started (%s, by %s)", start.backup_id, origin, requested_by or origin)
+    except pipeline.BackupRefused:
+        raise
+    except Exception as exc:
+        message = redact(str(exc) or type(exc).__name__, settings.secret_values())
+        event = AlertEvent(
+            event="backup_failed",
+            backup_id=f"(not started: task {self.request.id})",
+            failures={"backup": message},
         )
-        body = finalize_backup.s(
-            backup_id=start.backup_id, kind=start.kind, started_at=start.started_at.isoformat()
-        ).on_error(backup_failed.s(start.backup_id))
-        try:
-            result = chord(header)(body)
-        except Exception:
-            pipeline.release(settings, start.backup_id)
-            raise
-        pipeline.mark_chord_started(settings, start.backup_id, result.id)
-        logger.info("backup %s started (%s, by %s)", start.backup_id, origin, requested_by or origin)
+        alert.delay(event.model_dump())
+        raise PermanentError(message) from None
     return {"backup_id": start.backup_id, "kind": start.kind, "origin": origin}
+
+
+def _start_chord(settings, start: pipeline.BackupStart) -> None:
+    header = group(
+        dump_database.si(start.backup_id),
+        dump_redis.si(start.backup_id),
+        archive_config.si(start.backup_id),
+        archive_logs.si(start.backup_id),
+    )
+    body = finalize_backup.s(
+        backup_id=start.backup_id, kind=start.kind, started_at=start.started_at.isoformat()
+    ).on_error(backup_failed.s(start.backup_id))
+    pipeline.mark_chord_started(settings, start.backup_id)
+    try:
+        chord(header)(body)
+    except Exception:
+        pipeline.release(settings, start.backup_id)
+        raise
 
 
 def _dump(task, backup_id: str, component: str) -> dict[str, Any]:
     settings = get_settings()
     try:
         return pipeline.dump_component(settings, backup_id, component).model_dump(mode="json")
+    except pipeline.RunEnded as exc:
+        logger.warning("%s", exc)
+        raise Ignore() from None
     except Exception as exc:
         message = redact(str(exc) or type(exc).__name__, settings.secret_values())
         if is_transient(exc) and task.request.retries < settings.backup_retry_max:
             logger.warning("%s of %s failed, will retry: %s", component, backup_id, message)
-            raise task.retry(
-                countdown=_countdown(task.request.retries), exc=TransientError(message)
-            ) from None
-        pipeline.record_failure(settings, backup_id, component, exc)
-        error = TransientError(message) if is_transient(exc) else PermanentError(message)
-        raise error from None
+            retry = TransientError(message)
+        else:
+            pipeline.record_failure(settings, backup_id, component, exc)
+            error = TransientError(message) if is_transient(exc) else PermanentError(message)
+            retry = None
+    if retry is not None:  # raised outside the except block: no chained, unredacted original
+        raise task.retry(countdown=_countdown(task.request.retries), exc=retry)
+    raise error
 
 
-@app.task(name="vq_tasks.dump_database", bind=True)
+@app.task(name="vq_tasks.dump_database", bind=True, max_retries=None)
 def dump_database(self, backup_id: str) -> dict[str, Any]:
     """Stage a plain SQL dump of DB_NAME."""
     return _dump(self, backup_id, "database")
 
 
-@app.task(name="vq_tasks.dump_redis", bind=True)
+@app.task(name="vq_tasks.dump_redis", bind=True, max_retries=None)
 def dump_redis(self, backup_id: str) -> dict[str, Any]:
     """Stage the RDB of the application's Redis, taken over the replication protocol."""
     return _dump(self, backup_id, "redis")
 
 
-@app.task(name="vq_tasks.archive_config", bind=True)
+@app.task(name="vq_tasks.archive_config", bind=True, max_retries=None)
 def archive_config(self, backup_id: str) -> dict[str, Any]:
     """Stage config.tar.gz of BACKUP_CONFIG_PATHS."""
     return _dump(self, backup_id, "config")
 
 
-@app.task(name="vq_tasks.archive_logs", bind=True)
+@app.task(name="vq_tasks.archive_logs", bind=True, max_retries=None)
 def archive_logs(self, backup_id: str) -> dict[str, Any]:
     """Stage a tar of the logs under BACKUP_LOG_PATHS changed within BACKUP_LOGS_WINDOW_DAYS."""
     return _dump(self, backup_id, "logs")
 
 
-@app.task(name="vq_tasks.finalize_backup", bind=True)
+@app.task(name="vq_tasks.finalize_backup", bind=True, max_retries=None)
 def finalize_backup(self, records: list[dict], backup_id: str, kind: str, started_at: str) -> dict[str, Any]:
     """Store the bundle and logs archive, then the manifest; enqueue prune and the success alert."""
     settings = get_settings()
     try:
         manifest = pipeline.finalize(settings, backup_id, records, kind, started_at)
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < settings.backup_retry_max:
-            raise self.retry(countdown=_countdown(self.request.retries)) from None
-        message = pipeline.record_failure(settings, backup_id, "finalize", exc)
-        raise PermanentError(message) from None
-    pipeline.after_success(settings, backup_id)
-    prune.delay()
+        failure = exc
+    else:
+        _after_manifest(settings, backup_id, manifest)
+        return {"backup_id": backup_id, "files": [f.model_dump() for f in manifest.files]}
+    if is_transient(failure) and self.request.retries < settings.backup_retry_max:
+        raise self.retry(countdown=_countdown(self.request.retries))
+    raise PermanentError(pipeline.record_failure(settings, backup_id, "finalize", failure))
+
+
+def _after_manifest(settings, backup_id: str, manifest) -> None:
+    """The backup is complete: what follows is logged when it fails, never turned into a failure."""
     size = sum(f.size for f in manifest.files)
+    logger.info("backup %s complete: %d bytes in %.1f s", backup_id, size, manifest.duration_seconds)
     summary = {
         "kind": manifest.kind,
         "size_bytes": str(size),
         "duration_seconds": str(manifest.duration_seconds),
     }
-    alert.delay(AlertEvent(event="backup_succeeded", backup_id=backup_id, summary=summary).model_dump())
-    logger.info("backup %s complete: %d bytes in %.1f s", backup_id, size, manifest.duration_seconds)
-    return {"backup_id": backup_id, "files": [f.model_dump() for f in manifest.files]}
+    try:
+        pipeline.after_success(settings, backup_id)
+        prune.delay()
+        alert.delay(AlertEvent(event="backup_succeeded", backup_id=backup_id, summary=summary).model_dump())
+    except Exception as exc:
+        logger.error("backup %s is complete, but cleaning up after it failed: %s", backup_id, exc)
 
 
 @app.task(name="vq_tasks.backup_failed", bind=True)
-def backup_failed(self, failed_task_id: str, backup_id: str) -> dict[str, Any]:
-    """Error callback of the chord: clean up, and alert with the failed components and errors."""
-    failures = pipeline.fail(get_settings(), backup_id)
+def backup_failed(self, task_id: str, backup_id: str) -> dict[str, Any]:
+    """Error callback of the chord (``task_id`` is finalize's): clean up, and alert with the failed
+    components and their errors. A backup whose manifest exists is complete and is not alerted."""
+    settings = get_settings()
+    failures = pipeline.fail(settings, backup_id)
+    if failures is None:
+        logger.warning("backup %s is complete; a step after its manifest failed", backup_id)
+        return {"backup_id": backup_id, "failures": {}}
     if not failures:
-        failures = {"unknown": f"task {failed_task_id} failed; see it in Flower or the worker log"}
+        cause = self.app.AsyncResult(task_id).result  # a ChordError names the task that failed
+        failures = {"unknown": redact(str(cause), settings.secret_values())}
     logger.error("backup %s failed: %s", backup_id, failures)
     alert.delay(AlertEvent(event="backup_failed", backup_id=backup_id, failures=failures).model_dump())
     return {"backup_id": backup_id, "failures": failures}
@@ -134,21 +169,15 @@ def backup_failed(self, failed_task_id: str, backup_id: str) -> dict[str, Any]:
 def prune(self, dry_run: bool = False) -> dict[str, Any]:
     """Delete what the retention policy lets go; return what was (or would be) deleted and why."""
     settings = get_settings()
-    now = datetime.now(UTC)
-    deletions = prune_storage(open_storage(settings), settings, now, dry_run=dry_run)
-    for d in deletions:
+    result = prune_storage(open_storage(settings), settings, datetime.now(UTC), dry_run=dry_run)
+    for d in result.deletions:
         logger.info("%s %s: %s", "would delete" if dry_run else "deleted", d.name, d.reason)
-    stale = (
-        []
-        if dry_run
-        else remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, IN_PROGRESS_GRACE)
-    )
-    for name in stale:
+    for name in result.stale_staging:
         logger.info("removed the staging folder of %s, left by a run that did not end", name)
     return {
         "dry_run": dry_run,
-        "deleted": [{"name": d.name, "reason": d.reason} for d in deletions],
-        "stale_staging": stale,
+        "deleted": [{"name": d.name, "reason": d.reason} for d in result.deletions],
+        "stale_staging": result.stale_staging,
     }
 
 

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     run_cli,
 )
 from tests.servers import free_port, start_redis
+from vq_tasks.cli import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
@@ -183,6 +184,7 @@ def test_unreachable_postgres_fails_cleanly_and_emails(base_env, layout, start_w
 
     _, result = run_backup(env)
     assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert "FAILED database" in result.stderr and "unreachable" in result.stderr
 
     assert stored_files(layout["storage"]) == []  # no manifest, no bundle, nothing
@@ -213,11 +215,12 @@ def test_two_backups_at_once_make_exactly_one(base_env, database, layout, start_
     second = client.send_task("vq_tasks.backup", kwargs={"origin": "cli"})
     outcomes = []
     for result in (first, second):
-        try:
-            outcomes.append(result.get(timeout=60)["backup_id"])
-        except Exception as exc:  # the refused one
-            outcomes.append(str(exc))
-    del first, second
+        deadline = time.monotonic() + 60
+        while not result.ready() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        outcome = result.result
+        outcomes.append(str(outcome) if isinstance(outcome, BaseException) else outcome["backup_id"])
+        unsubscribe(result)
     client.close()
     refused = [o for o in outcomes if "already running" in o]
     started = [o for o in outcomes if o.startswith("virtualqueue_backup_")]

@@ -14,6 +14,7 @@ import redis
 
 from vq_tasks import coordination
 from vq_tasks.app import QUEUES
+from vq_tasks.cli import unsubscribe
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +109,11 @@ def test_worker_refuses_pickle(base_env, start_worker, monkeypatch):
 
     client = create_app(load_settings())
     client.conf.accept_content = ["json", "pickle"]
-    client.send_task("vq_tasks.prune", kwargs={"dry_run": True}, serializer="pickle")
+    sent = client.send_task("vq_tasks.prune", kwargs={"dry_run": True}, serializer="pickle")
     deadline = time.monotonic() + 20
     while "untrusted content" not in worker.log_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "Refusing to deserialize untrusted content of type pickle" in worker.log_text()
     assert "vq_tasks.prune" not in worker.log_text().split("untrusted content")[-1]
+    unsubscribe(sent)
     client.close()

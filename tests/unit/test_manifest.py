@@ -29,14 +29,14 @@ def test_bad_ids_are_refused(bad):
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("virtualqueue_backup_20240115_020000.tar.gz", ("virtualqueue_backup_20240115_020000", ".tar.gz")),
+        ("virtualqueue_backup_20240115_020000.tar.gz", ("virtualqueue_backup_20240115_020000", "bundle")),
         (
             "virtualqueue_backup_20240115_020000_logs.tar.gz",
-            ("virtualqueue_backup_20240115_020000", "_logs.tar.gz"),
+            ("virtualqueue_backup_20240115_020000", "logs"),
         ),
         (
             "virtualqueue_backup_20240115_020000_manifest.json",
-            ("virtualqueue_backup_20240115_020000", "_manifest.json"),
+            ("virtualqueue_backup_20240115_020000", "manifest"),
         ),
         ("virtualqueue_backup_20240115_020000.zip", None),
         ("other_20240115_020000.tar.gz", None),

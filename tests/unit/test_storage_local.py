@@ -59,6 +59,7 @@ def test_prune_on_real_files(tmp_path):
     now = datetime(2024, 3, 1, 12, tzinfo=UTC)
     settings = load_settings(
         backup_storage_path=str(tmp_path),
+        backup_staging_dir=tmp_path.parent / "staging-of-prune-test",
         celery_broker_url="redis://127.0.0.1:1/0",
         backup_retention_days=30,
         backup_logs_retention_days=7,
@@ -74,7 +75,7 @@ def test_prune_on_real_files(tmp_path):
     newest, week_old, expired, debris, running = make(1), make(10), make(45), make(3, False), make(0.2, False)
     (tmp_path / "README.txt").write_text("not a backup")
     dry = prune(storage, settings, now, dry_run=True)
-    assert len(dry) == 6 and len(list(tmp_path.iterdir())) == 14  # a dry run deletes nothing
+    assert len(dry.deletions) == 6 and len(list(tmp_path.iterdir())) == 14  # a dry run deletes nothing
     prune(storage, settings, now)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(
@@ -83,7 +84,7 @@ def test_prune_on_real_files(tmp_path):
         + [f"{running}.tar.gz", f"{running}_logs.tar.gz", "README.txt"]
     )
     assert not any(expired in n or debris in n for n in left)
-    assert prune(storage, settings, now) == []  # running it again changes nothing
+    assert prune(storage, settings, now).deletions == []  # running it again changes nothing
 
 
 def test_stale_staging_folders_go_and_running_ones_stay(tmp_path):

@@ -40,12 +40,15 @@ def _write_tar(paths, out: Writer, select, strict: bool, regular_only: bool = Fa
     facts = FilesFacts(roots=[str(p) for p in paths], files=[])
     sink = _WriterFile(out)
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for path in _walk(paths, facts, strict):
+        for path, is_root in _walk(paths, facts, strict):
             try:
-                st = os.lstat(path)
-                if (regular_only and not stat.S_ISREG(st.st_mode)) or not select(st):
+                st = os.stat(path) if is_root else os.lstat(path)  # a root may be a link to its folder
+                if stat.S_ISDIR(st.st_mode) and regular_only:
                     continue
-                _add(tar, path, st, facts)
+                if regular_only and not stat.S_ISREG(st.st_mode):
+                    facts.skipped.append(f"{path}: not a regular file")
+                elif select(st):
+                    _add(tar, path, st, facts, follow=is_root)
             except OSError as exc:
                 if strict:
                     raise PermanentError(f"cannot read {path}: {exc.strerror}") from exc
@@ -54,15 +57,16 @@ def _write_tar(paths, out: Writer, select, strict: bool, regular_only: bool = Fa
     return facts
 
 
-def _walk(paths: list[str], facts: FilesFacts, strict: bool) -> Iterator[str]:
-    """Yield every entry under ``paths`` (roots first, folders before their content), sorted."""
+def _walk(paths: list[str], facts: FilesFacts, strict: bool) -> Iterator[tuple[str, bool]]:
+    """Yield (entry, is it a root) for every entry under ``paths``: roots first, folders before
+    their content, sorted. A root that is a link to a folder is walked as that folder."""
     for root in paths:
         if not os.path.lexists(root):
             facts.skipped.append(f"{root}: does not exist")
             continue
-        yield root
-        if os.path.isdir(root) and not os.path.islink(root):
-            yield from _walk_folder(root, facts, strict)
+        yield root, True
+        if os.path.isdir(root):
+            yield from ((path, False) for path in _walk_folder(root, facts, strict))
 
 
 def _walk_folder(folder: str, facts: FilesFacts, strict: bool) -> Iterator[str]:
@@ -77,11 +81,17 @@ def _walk_folder(folder: str, facts: FilesFacts, strict: bool) -> Iterator[str]:
             yield os.path.join(current, name)
 
 
-def _add(tar: tarfile.TarFile, path: str, st: os.stat_result, facts: FilesFacts) -> None:
-    """Add one entry; regular files are opened first and stored with the size of the open file."""
+def _add(tar: tarfile.TarFile, path: str, st: os.stat_result, facts: FilesFacts, follow: bool) -> None:
+    """Add one entry; regular files are opened first and stored with the size of the open file.
+    Sockets and other entries tar cannot hold are noted in ``skipped``."""
     arcname = os.path.abspath(path).lstrip("/")
     if not stat.S_ISREG(st.st_mode):
-        tar.addfile(tar.gettarinfo(path, arcname))
+        tar.dereference = follow
+        info = tar.gettarinfo(path, arcname)
+        if info is None:
+            facts.skipped.append(f"{path}: a socket or other special file, not archived")
+            return
+        tar.addfile(info)
         facts.files.append(arcname)
         return
     with open(path, "rb") as stream:

@@ -22,6 +22,8 @@ from vq_tasks.sources.sql_dump import SqlDumpInspector
 from vq_tasks.streams import TapStage, Writer, pump
 
 PIPE_SIZE = 1 << 20
+STDERR_KEPT = 64 << 10
+INHERITED_ENVIRONMENT = {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PGSSLMODE", "PGSSLROOTCERT"}
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _VERSION_MISMATCH = re.compile(r"server version: ([\d.]+\S*); pg_dump version: ([\d.]+\S*)")
 _PERMANENT = (
@@ -46,6 +48,10 @@ _TRANSIENT = (
     "could not receive data",
     "too many clients",
     "could not translate host name",
+    "conflict with recovery",
+    "deadlock detected",
+    "could not obtain lock",
+    "lock timeout",
 )
 
 
@@ -66,8 +72,9 @@ def pg_tool(settings: Settings, name: str) -> str:
 
 
 def pg_environment(settings: Settings) -> dict[str, str]:
-    """Return the environment for a libpq program: connection settings, password, English messages."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    """Return the environment for a libpq program: connection settings, password, English messages,
+    and nothing else of the worker's (whose environment holds other secrets)."""
+    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENVIRONMENT}
     env.update(
         PGHOST=settings.db_host,
         PGPORT=str(settings.db_port),
@@ -121,8 +128,9 @@ def _pg_dump_process(argv: list[str], env: dict[str, str]) -> Iterator[tuple[sub
             raise
         finally:
             process.stdout.close()
-        errors.seek(0)
-        collected += errors.read(64 << 10)
+        size = errors.seek(0, os.SEEK_END)
+        errors.seek(max(0, size - STDERR_KEPT))  # the end says what went wrong
+        collected += errors.read()
 
 
 def classify_pg_error(stderr: str, settings: Settings) -> Exception:
@@ -147,17 +155,3 @@ def classify_pg_error(stderr: str, settings: Settings) -> Exception:
 
 def _last_lines(text: str, count: int = 4) -> str:
     return " | ".join(line.strip() for line in text.splitlines()[-count:] if line.strip())
-
-
-def connection_kwargs(settings: Settings, dbname: str | None = None) -> dict[str, object]:
-    """Return psycopg connection arguments for the configured server."""
-    kwargs: dict[str, object] = {
-        "host": settings.db_host,
-        "port": settings.db_port,
-        "user": settings.db_user,
-        "dbname": dbname or settings.db_name,
-        "connect_timeout": settings.db_connect_timeout,
-    }
-    if settings.db_password is not None:
-        kwargs["password"] = settings.db_password.get_secret_value()
-    return kwargs

@@ -8,9 +8,10 @@ import abc
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, ClassVar, Protocol
+from typing import BinaryIO, ClassVar
 
 from vq_tasks.errors import BackupError
+from vq_tasks.streams import Writer
 
 
 class StorageError(BackupError):
@@ -28,10 +29,6 @@ class StoredObject:
     name: str
     size: int
     modified: datetime
-
-
-class Writer(Protocol):
-    def write(self, data: bytes, /) -> object: ...
 
 
 class Storage(abc.ABC):
