@@ -197,17 +197,17 @@ class Settings(BaseSettings):
             problems.append(
                 "CELERY_RESULT_BACKEND must be a redis:// URL (it holds the chord state and the run lock)"
             )
-        for name, url in (
-            ("CELERY_BROKER_URL", self.celery_broker_url.get_secret_value()),
-            ("CELERY_RESULT_BACKEND", self.result_backend_url),
-        ):
-            if self._is_backed_up_redis(url):
+        urls = {"CELERY_BROKER_URL": self.celery_broker_url}
+        if self.celery_result_backend is not None:  # otherwise it is the broker, checked already
+            urls["CELERY_RESULT_BACKEND"] = self.celery_result_backend
+        for name, url in urls.items():
+            if self._is_backed_up_redis(url.get_secret_value()):
                 problems.append(
                     f"{name} points at the Redis that is backed up ({self.redis_host}:"
                     f"{self.redis_port}); restoring it would wipe Celery's state: use another Redis"
                 )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
     def _is_backed_up_redis(self, url: str) -> bool:
@@ -262,10 +262,11 @@ def crontab_from_expression(expression: str) -> Any:
 
 def _describe(error: dict[str, Any]) -> str:
     """Return one line for a pydantic error: the variable, its value if not secret, the problem."""
-    name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
     message = re.sub(r"^Value error, ", "", error["msg"])
-    secret = name.lower() in SECRET_FIELDS or not error["loc"]
-    if secret or isinstance(error.get("input"), dict | list):
+    if not error["loc"]:
+        return message  # checks across variables: each line names its variables
+    name = str(error["loc"][0]).upper()
+    if name.lower() in SECRET_FIELDS or isinstance(error.get("input"), dict | list):
         return f"{name}: {message}"
     return f"{name}={error.get('input')!r}: {message}"
 
@@ -276,7 +277,8 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors(include_url=False)]) from None
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise ConfigError([part for line in lines for part in line.split("\n")]) from None
 
 
 @lru_cache(maxsize=1)

@@ -115,3 +115,12 @@ def test_secret_values_include_url_passwords(monkeypatch):
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://:brokerpw@127.0.0.1:6390/0")
     monkeypatch.setenv("SMTP_PASSWORD", "smtppw")
     assert set(load_settings().secret_values()) == {"brokerpw", "smtppw"}
+
+
+def test_problems_across_variables_are_one_line_each(monkeypatch):
+    found = problems(
+        monkeypatch, CELERY_BROKER_URL="redis://localhost:6379/1", SMTP_SSL="true", SMTP_STARTTLS="true"
+    )
+    assert len(found) == 2
+    assert any("SMTP_SSL and SMTP_STARTTLS" in line for line in found)
+    assert any("the Redis that is backed up" in line for line in found)
