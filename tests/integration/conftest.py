@@ -44,41 +44,13 @@ def database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-VQ_SCHEMA = """
-CREATE TYPE ticket_state AS ENUM ('waiting', 'called', 'served', 'left');
-CREATE TABLE queues (id serial PRIMARY KEY, name text NOT NULL, opened_at timestamptz DEFAULT now());
-CREATE TABLE customers (id bigserial PRIMARY KEY, name text, phone text, profile jsonb);
-CREATE TABLE tickets (
-  id bigserial PRIMARY KEY, queue_id int REFERENCES queues, customer_id bigint REFERENCES customers,
-  state ticket_state NOT NULL, note text, photo bytea, issued_at timestamptz NOT NULL
-);
-CREATE TABLE events (id bigserial PRIMARY KEY, ticket_id bigint, kind text, payload jsonb);
-"""
-
-
 def fill_database(name: str, customers: int = 500) -> dict[str, int]:
-    """Create a Virtual-Queue-like schema with data; return rows per table, as pg_dump names them."""
+    """Load the demo's Virtual-Queue-like schema and data (``vq_tasks.demo.SCHEMA``) with
+    ``customers`` customers; return rows per table, as pg_dump names them."""
+    from vq_tasks.demo import SCHEMA
+
     with pg_connect(name) as conn:
-        conn.execute(VQ_SCHEMA)
-        conn.execute("INSERT INTO queues (name) VALUES ('Front desk'), ('Pharmacie – caisse'), ('窓口 3')")
-        conn.execute(
-            "INSERT INTO customers (name, phone, profile) SELECT 'Customer ' || i || E' \\\\ tab\\there', "
-            "'+1-555-' || i, jsonb_build_object('visits', i, 'tags', ARRAY['a', 'b']) "
-            "FROM generate_series(1, %s) i",
-            (customers,),
-        )
-        conn.execute(
-            "INSERT INTO tickets (queue_id, customer_id, state, note, photo, issued_at) "
-            "SELECT 1 + i %% 3, i, (ARRAY['waiting','called','served','left'])[1 + i %% 4]::ticket_state, "
-            "CASE WHEN i %% 7 = 0 THEN NULL ELSE E'line one\\nline two ' || i END, "
-            "decode(md5(i::text), 'hex'), now() - i * interval '1 minute' FROM generate_series(1, %s) i",
-            (customers,),
-        )
-        conn.execute(
-            "INSERT INTO events (ticket_id, kind, payload) SELECT i %% %s + 1, 'called', "
-            "jsonb_build_object('n', i) FROM generate_series(1, %s) i",
-            (customers, customers * 3),
-        )
+        conn.execute(SCHEMA.format(n=customers))
     return {
         "public.queues": 3,
         "public.customers": customers,
