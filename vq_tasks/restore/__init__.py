@@ -1,0 +1,1 @@
+"""Restoring backups: database, Redis, config and logs, each without leaving a half-restored target."""

@@ -1,0 +1,136 @@
+"""Restore config and log archives, refusing any entry that would land outside its target.
+
+Every entry is checked before anything is written: a refused archive writes nothing. An entry
+must lie under one of the roots the backup recorded (so a tampered archive cannot reach, say,
+``etc/passwd`` when restoring to ``/``), must not be absolute or climb with ``..``, and a link
+must point inside the same root. Modes are kept. Logs restore only into a folder of their own,
+never over the live logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tarfile
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from vq_tasks.errors import PermanentError
+from vq_tasks.streams import CHUNK_SIZE
+
+ALLOWED_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
+
+
+class FilesRestoreResult(BaseModel):
+    target: str
+    files: list[str]
+
+
+def refusals(members: list[tarfile.TarInfo], roots: list[str]) -> list[str]:
+    """Return why each unacceptable entry is refused (an empty list: all may be written)."""
+    allowed = [root.strip("/") for root in roots]
+    found = []
+    for member in members:
+        reason = _refusal(member, allowed)
+        if reason:
+            found.append(f"{member.name}: {reason}")
+    return found
+
+
+def _refusal(member: tarfile.TarInfo, roots: list[str]) -> str | None:
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/"):
+        return "absolute or climbing path"
+    if member.type not in ALLOWED_TYPES:
+        return "not a file, folder or symlink"
+    root = _root_of(name, roots)
+    if root is None:
+        return f"outside the backed-up roots {', '.join('/' + r for r in roots)}"
+    if member.issym():
+        if member.linkname.startswith("/"):
+            return f"link to an absolute path {member.linkname}"
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
+        if _root_of(resolved, [root]) is None:
+            return f"link pointing out of {'/' + root}: {member.linkname}"
+    return None
+
+
+def _root_of(name: str, roots: list[str]) -> str | None:
+    normal = posixpath.normpath(name)
+    for root in roots:
+        if normal == root or normal.startswith(root + "/"):
+            return root
+    return None
+
+
+def read_members(archive: Path) -> list[tarfile.TarInfo]:
+    """Return the entries of a (possibly compressed) tar, read as a stream."""
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            return list(tar)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PermanentError(f"{archive.name} cannot be read as a tar archive: {exc}") from None
+
+
+def restore_files(archive: Path, roots: list[str], target: Path) -> FilesRestoreResult:
+    """Extract ``archive`` under ``target`` (entries keep their paths below it, modes kept).
+    Raise PermanentError listing every refused entry, having written nothing."""
+    members = read_members(archive)
+    refused = refusals(members, roots)
+    if refused:
+        raise PermanentError(
+            f"refusing to restore {archive.name}; nothing was written: " + "; ".join(refused)
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, mode="r|*") as tar:
+        for member in tar:  # checked above; the tar filter still guards against what slipped by
+            tar.extract(member, target, filter=_keep_modes)
+    return FilesRestoreResult(target=str(target), files=[m.name for m in members])
+
+
+def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """The ``tar`` filter's checks, but with the entry's own mode (group write included)."""
+    checked = tarfile.tar_filter(member, dest)
+    return checked.replace(mode=member.mode, deep=False)
+
+
+def changed_files(archive: Path, target: Path) -> list[str]:
+    """Return the regular files of ``archive`` whose copy under ``target`` is missing or differs."""
+    changed = []
+    with tarfile.open(archive, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            on_disk = target / member.name
+            if not on_disk.is_file() or _sha256_file(on_disk) != _sha256_member(tar, member):
+                changed.append("/" + member.name if str(target) == "/" else str(on_disk))
+    return changed
+
+
+def _sha256_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    digest = hashlib.sha256()
+    stream = tar.extractfile(member)
+    while stream is not None and (chunk := stream.read(CHUNK_SIZE)):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_logs_target(target: Path, live_log_paths: list[str]) -> None:
+    """Refuse a logs restore target that is, holds or lies inside a live log folder."""
+    resolved = Path(os.path.realpath(target))
+    for live in live_log_paths:
+        live_path = Path(os.path.realpath(live))
+        if resolved == live_path or live_path in resolved.parents or resolved in live_path.parents:
+            raise PermanentError(
+                f"logs restore only into a folder of their own: {target} overlaps the live logs {live}"
+            )
