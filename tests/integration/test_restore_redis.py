@@ -1,0 +1,382 @@
+"""restore_redis against real redis-servers: an RDB taken by dump_redis is restored into another
+Redis with every key, type, value and TTL of every database, the target's other keys gone; the plan
+changes nothing; versions that do not line up, a wrong password, a damaged RDB and a missing
+database are refused with nothing written."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import traceback
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from tests.integration.conftest import fill_redis, redis_value
+from tests.servers import RedisServer, redis_server_binaries, start_redis
+from vq_tasks.errors import PermanentError, TransientError
+from vq_tasks.restore.redis import plan_redis_restore, redis_key_counts, restore_redis
+from vq_tasks.settings import Settings, load_settings
+from vq_tasks.sources.redis import dump_redis
+
+pytestmark = pytest.mark.integration
+
+SOURCE_PASSWORD = "source-Pa$$-word"
+TARGET_PASSWORD = "target-Pa$$-w0rd"
+DATABASES = range(4)
+BINARIES = redis_server_binaries()
+REDIS_62 = next((path for version, path in BINARIES.items() if version.startswith("6.2.")), None)
+REDIS_70 = next((path for version, path in BINARIES.items() if version.startswith("7.0.")), None)
+needs_both = pytest.mark.skipif(not (REDIS_62 and REDIS_70), reason="needs redis-server 6.2 and 7.0")
+
+
+def settings_for(port: int, password: str | None = None) -> Settings:
+    return load_settings(
+        redis_host="127.0.0.1",
+        redis_port=port,
+        redis_password=password,
+        redis_timeout=10,
+        celery_broker_url="redis://127.0.0.1:1/0",
+    )
+
+
+def fill_source(server: RedisServer) -> None:
+    """fill_redis (every type, binary, TTLs, a stream with a group in dbs 0 and 1), and more: a
+    pending entry, a hash table, a millisecond TTL, and enough keys for several SCAN batches."""
+    fill_redis(server)
+    with server.client(0) as client:
+        client.xreadgroup("displays", "screen-1", {"events:0": ">"}, count=1)
+        client.hset("big-hash", mapping={f"field{i}": i for i in range(600)})
+        client.sadd("big-set", *[f"member{i}" for i in range(600)])
+        client.set(b"\x00\xfe binary\r\nkey", os.urandom(1000))
+        client.set("pexpiring", "soon", px=7_200_000)
+        client.mset({f"bulk:{i}": i for i in range(2500)})
+    with server.client(1) as client:
+        client.set("overlap", "from the backup")
+
+
+def fill_target(server: RedisServer) -> None:
+    """Keys the backup has (other values, types and TTLs), keys it lacks, and a database it lacks."""
+    with server.client(0) as client:
+        client.set("queue:0:counter", 7)
+        client.rpush("open:0", "a list where the backup has a set")
+        client.set("session:0", "live", ex=99_999)
+        client.set("bulk:5", "live")
+        client.set("extra:0", "only in the target")
+        client.set(b"extra:\xff", b"\x00", ex=500)
+    with server.client(1) as client:
+        client.set("overlap", "live", ex=500)
+        client.sadd("extra:1", "a", "b")
+    with server.client(3) as client:
+        client.set("db3:only", "x")
+        client.hset("db3:hash", "a", "b")
+
+
+def take_rdb(source: RedisServer, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        dump_redis(settings_for(source.port, source.password), out)
+    return path
+
+
+def state(server: RedisServer) -> dict[int, dict[bytes, tuple[bytes, object, bool]]]:
+    """Return every key of every database with its TYPE, DUMP (value if not deterministic) and
+    whether it expires."""
+    found = {}
+    for db in DATABASES:
+        with server.client(db) as client:
+            found[db] = {
+                key: (client.type(key), dump(client, key), client.pttl(key) > 0) for key in client.scan_iter()
+            }
+    return found
+
+
+def dump(client: redis.Redis, key: bytes) -> object:
+    """Return the DUMP of ``key``; for a hash table, whose order a reload changes, its value."""
+    if client.object("encoding", key) == b"hashtable":
+        return redis_value(client, key)
+    return client.dump(key)
+
+
+def assert_same(source: RedisServer, target: RedisServer, by_dump: bool) -> None:
+    """Assert that both hold the same keys in every database, with the same TYPE, DUMP (or value)
+    and TTL (within 5 s)."""
+    for db in DATABASES:
+        with source.client(db) as want, target.client(db) as got:
+            keys = set(want.scan_iter(count=1000))
+            assert set(got.scan_iter(count=1000)) == keys, f"db {db}"
+            for key in keys:
+                assert got.type(key) == want.type(key), key
+                if by_dump:
+                    assert dump(got, key) == dump(want, key), key
+                assert redis_value(got, key) == redis_value(want, key), key
+                ttl_want, ttl_got = want.pttl(key), got.pttl(key)
+                assert (ttl_got == -1) if ttl_want == -1 else abs(ttl_got - ttl_want) < 5000, key
+
+
+@pytest.mark.parametrize("version", sorted(BINARIES), ids=lambda v: f"redis-{v}")
+def test_round_trip_restores_every_key_and_removes_the_others(tmp_path: Path, version: str):
+    binary = BINARIES[version]
+    with (
+        start_redis(tmp_path / "source", password=SOURCE_PASSWORD, binary=binary) as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=binary) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        settings = settings_for(target.port, TARGET_PASSWORD)
+        source_counts = {str(db): n for db in DATABASES if (n := source.client(db).dbsize())}
+
+        before = state(target)
+        plan = plan_redis_restore(settings, rdb, server_binary=binary)
+        assert state(target) == before, "the plan changed the target"
+        assert plan.backup_keys == source_counts
+        assert plan.target_keys == {"0": 6, "1": 2, "3": 2}
+        assert plan.replaced == {"0": 4, "1": 1, "3": 0}
+        assert plan.removed == {"0": 2, "1": 1, "3": 2}
+        assert plan.server_version == plan.target_version == version
+
+        seen = []
+        result = restore_redis(settings, rdb, server_binary=binary, progress=lambda *a: seen.append(a))
+        assert_same(source, target, by_dump=True)
+        with source.client(0) as want, target.client(0) as got:
+            assert got.xinfo_groups("events:0") == want.xinfo_groups("events:0")
+            assert got.xpending("events:0", "displays") == want.xpending("events:0", "displays")
+            assert got.xpending("events:0", "displays")["pending"] == 1
+            assert got.get(b"bin:\x00\xff") == bytes(range(256))
+
+    assert result.restored == source_counts and result.keys == source_counts
+    assert result.expired == {"0": 0, "1": 0}
+    assert result.removed == {"0": 2, "1": 1, "3": 2}
+    assert result.target == f"Redis 127.0.0.1:{target.port}" and result.rdb_version >= 9
+    assert ("restored", "0", source_counts["0"]) in seen and ("removed", "3", 2) in seen
+
+
+@needs_both
+def test_upgrade_from_a_62_backup_into_a_70_target(tmp_path: Path):
+    with (
+        start_redis(tmp_path / "source", password=SOURCE_PASSWORD, binary=REDIS_62) as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_70) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        restore_redis(settings_for(target.port, TARGET_PASSWORD), rdb, server_binary=REDIS_62)
+        assert_same(source, target, by_dump=False)
+
+
+def test_large_values_are_copied_in_groups_of_bounded_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("vq_tasks.restore.redis.BATCH_BYTES", 1 << 20)
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        with source.client(2) as client:
+            client.mset({f"large:{i}": os.urandom(700_000) for i in range(5)})
+            client.mset({f"small:{i}": i for i in range(300)})
+            client.rpush("large-list", *[os.urandom(1000) for _ in range(3000)])
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        result = restore_redis(settings_for(target.port, TARGET_PASSWORD), rdb, source_binary(source))
+        assert_same(source, target, by_dump=True)
+    assert result.restored == {"2": 306}
+
+
+def test_empty_backup_empties_every_database(tmp_path: Path):
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        result = restore_redis(
+            settings_for(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
+        )
+        assert redis_key_counts(settings_for(target.port, TARGET_PASSWORD)) == {}
+    assert result.restored == {} and result.removed == {"0": 6, "1": 2, "3": 2}
+
+
+def source_binary(server: RedisServer) -> str:
+    return server.process.args[0]
+
+
+def refused(settings: Settings, rdb: Path, binary: str | None, target: RedisServer) -> str:
+    """Return the message of the PermanentError that both the plan and the restore raise, having
+    checked that neither changed the target."""
+    before = state(target)
+    with pytest.raises(PermanentError) as planned:
+        plan_redis_restore(settings, rdb, server_binary=binary)
+    with pytest.raises(PermanentError) as caught:
+        restore_redis(settings, rdb, server_binary=binary)
+    assert state(target) == before, "a refused restore changed the target"
+    assert re.sub(r":\d+", "", str(planned.value)) == re.sub(r":\d+", "", str(caught.value))
+    return str(caught.value)
+
+
+@needs_both
+def test_newer_rdb_is_refused_against_an_older_target(tmp_path: Path):
+    with (
+        start_redis(tmp_path / "source", binary=REDIS_70) as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+    assert f"127.0.0.1:{target.port}" in message
+    assert "RDB is version 10" in message and "Redis 6.2.14" in message and "up to 9" in message
+    assert "nothing was written" in message
+
+
+@needs_both
+def test_throwaway_newer_than_the_target_is_refused(tmp_path: Path):
+    """An RDB 9 loads into 7.0, but 7.0's payloads (RDB 10) would be refused by a 6.2 target."""
+    with (
+        start_redis(tmp_path / "source", binary=REDIS_62) as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+    assert "payloads of RDB version 10" in message and "REDIS_SERVER_BIN" in message and "6.2.14" in message
+
+
+@needs_both
+def test_payload_check_refuses_a_throwaway_the_table_does_not_know(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """With 7.0 unknown to the table, the payload it makes still shows RDB 10, which 6.2 refuses."""
+    monkeypatch.setattr("vq_tasks.restore.redis.RDB_VERSIONS", {(5, 0): 9, (6, 0): 9, (6, 2): 9})
+    with (
+        start_redis(tmp_path / "source", binary=REDIS_62) as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+    assert "payloads of RDB version 10" in message and "nothing was written" in message
+
+
+@needs_both
+def test_throwaway_too_old_for_the_rdb_is_refused(tmp_path: Path):
+    with (
+        start_redis(tmp_path / "source", binary=REDIS_70) as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_70) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_62, target)
+    assert "RDB is version 10" in message and "redis-server 6.2.14" in message and "up to 9" in message
+
+
+def test_wrong_target_password_is_permanent_and_never_shown(tmp_path: Path):
+    wrong = "wr0ng-Pa$$-word"
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        message = refused(settings_for(target.port, wrong), rdb, source_binary(source), target)
+        with pytest.raises(PermanentError) as caught:
+            restore_redis(settings_for(target.port, wrong), rdb, server_binary=source_binary(source))
+    assert f"127.0.0.1:{target.port} refused the password (REDIS_PASSWORD)" in message
+    logged = "".join(traceback.format_exception(caught.value))
+    assert wrong not in logged and TARGET_PASSWORD not in logged
+
+
+def test_damaged_rdb_is_refused_with_the_servers_reason(tmp_path: Path):
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        data = rdb.read_bytes()
+        rdb.write_bytes(data[: len(data) // 2])
+        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, source_binary(source), target)
+    assert "could not load the RDB" in message and "throwaway redis-server" in message, message
+
+
+def test_database_missing_in_the_target_is_refused(tmp_path: Path):
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD, args=["--databases", "1"]) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        with target.client(0) as client:
+            client.set("live", "x")
+        before = target.client(0).dump("live")
+        with pytest.raises(PermanentError, match="refuses database 1") as caught:
+            restore_redis(
+                settings_for(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
+            )
+        assert target.client(0).dbsize() == 1 and target.client(0).dump("live") == before
+    assert "nothing was written" in str(caught.value)
+
+
+def test_throwaway_keeps_its_password_out_of_argv_and_leaves_nothing(tmp_path: Path):
+    """A wrapper records the throwaway's pid and argv (Redis rewrites its own process title)."""
+    record = tmp_path / "argv.txt"
+    wrapper = tmp_path / "redis-server"
+    seen: dict[str, object] = {}
+
+    def inspect(stage: str, db: str, count: int) -> None:
+        if "argv" not in seen:
+            pid, *argv = _last_launch(record)
+            config = Path(argv[-1])
+            seen.update(pid=int(pid), argv=argv, folder=config.parent, config=config.read_text())
+            seen.update(mode=stat.S_IMODE(config.stat().st_mode), running=psutil.pid_exists(int(pid)))
+
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        wrapper.write_text(
+            f'#!/bin/sh\nprintf "%s\\n" "---" "$$" "$@" >> {record}\nexec {source_binary(source)} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        restore_redis(settings_for(target.port, TARGET_PASSWORD), rdb, str(wrapper), progress=inspect)
+    password = next(line.split()[1] for line in seen["config"].splitlines() if line.startswith("requirepass"))
+    assert len(password) >= 32 and seen["mode"] == 0o600 and seen["running"]
+    assert len(seen["argv"]) == 1 and password not in seen["argv"][0]
+    assert not psutil.pid_exists(seen["pid"]) and not seen["folder"].exists()
+    assert rdb.exists(), "the backup's RDB is left in place"
+
+
+def _last_launch(record: Path) -> list[str]:
+    """Return the pid and arguments of the last run the wrapper recorded."""
+    return record.read_text().split("---\n")[-1].splitlines()
+
+
+def test_target_lost_mid_copy_is_transient_and_says_so(tmp_path: Path):
+    def kill_target(stage: str, db: str, count: int) -> None:
+        if stage == "restored":
+            target.kill()
+
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        with pytest.raises(TransientError) as caught:
+            restore_redis(
+                settings_for(target.port, TARGET_PASSWORD),
+                rdb,
+                source_binary(source),
+                progress=kill_target,
+                batch_size=100,
+            )
+    message = str(caught.value)
+    assert f"127.0.0.1:{target.port}" in message and "stopped part way" in message
