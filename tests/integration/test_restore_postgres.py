@@ -1,0 +1,477 @@
+"""Database restore against the real PostgreSQL: a dump loads into a new database, is checked, and is
+swapped in; any failure before the swap leaves the live database exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.integration.conftest import PG_HOST, PG_PORT, PG_USER, pg_connect
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import DatabaseFacts
+from vq_tasks.restore import postgres as restore_pg
+from vq_tasks.restore.postgres import database_row_counts, plan_database_restore, restore_database
+from vq_tasks.settings import Settings, load_settings
+from vq_tasks.sources.postgres import dump_database
+
+pytestmark = pytest.mark.integration
+
+RICH = r"""
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN positive_int AS integer CHECK (VALUE > 0);
+CREATE SCHEMA "Other Schema";
+CREATE SEQUENCE order_numbers START 1000 INCREMENT 7;
+CREATE TABLE people (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  name text NOT NULL,
+  feeling mood,
+  age positive_int,
+  tags text[],
+  scores numeric(12, 4)[],
+  profile jsonb,
+  photo bytea,
+  balance numeric(20, 6),
+  born timestamptz,
+  name_length int GENERATED ALWAYS AS (length(name)) STORED,
+  order_no bigint DEFAULT nextval('order_numbers')
+);
+COMMENT ON TABLE people IS 'Personnes, 人々';
+COMMENT ON COLUMN people.name IS 'full name';
+CREATE INDEX people_profile ON people USING gin (profile);
+CREATE UNIQUE INDEX people_name_lower ON people (lower(name));
+CREATE TABLE measurements (id int, taken date NOT NULL, value double precision) PARTITION BY RANGE (taken);
+CREATE TABLE measurements_2023 PARTITION OF measurements FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE visits (
+  id serial PRIMARY KEY,
+  person_id bigint NOT NULL REFERENCES people ON DELETE CASCADE,
+  at timestamptz NOT NULL DEFAULT now(),
+  note text
+);
+CREATE TABLE "Other Schema"."Weird Name" ("Mixed Case" int, "user" text);
+CREATE TABLE "user" (id int);
+CREATE TABLE empty_one (id int);
+CREATE TABLE audit (id bigserial PRIMARY KEY, tbl text, op text, at timestamptz DEFAULT now());
+CREATE FUNCTION log_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit (tbl, op) VALUES (TG_TABLE_NAME, TG_OP);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER visits_audit AFTER INSERT OR UPDATE ON visits FOR EACH ROW EXECUTE FUNCTION log_change();
+CREATE FUNCTION add(a int, b int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT a + b';
+CREATE VIEW happy_people AS SELECT id, name FROM people WHERE feeling = 'happy';
+CREATE MATERIALIZED VIEW visit_counts AS SELECT person_id, count(*) AS visits FROM visits GROUP BY person_id;
+INSERT INTO people (name, feeling, age, tags, scores, profile, photo, balance, born)
+SELECT 'Person ' || i || CASE WHEN i % 5 = 0 THEN ' Zoë Ångström 東京' ELSE '' END,
+  (ARRAY['sad', 'ok', 'happy', NULL])[1 + i % 4]::mood,
+  CASE WHEN i % 7 = 0 THEN NULL ELSE 1 + i % 90 END,
+  CASE WHEN i % 3 = 0 THEN NULL ELSE ARRAY['a' || i, 'b,"quoted"', NULL] END,
+  ARRAY[i / 3.0, 1e-4]::numeric(12, 4)[],
+  jsonb_build_object('i', i, 'nested', jsonb_build_object('x', ARRAY[1, 2]), 'text', E'tab\there'),
+  CASE WHEN i % 4 = 0 THEN NULL ELSE decode(md5(i::text), 'hex') || '\x00ff'::bytea END,
+  i * 1234.567891,
+  timestamptz '2024-02-29 12:34:56.789+05:30' + i * interval '1 hour 1 second'
+FROM generate_series(1, 300) i;
+INSERT INTO visits (person_id, note) SELECT 1 + i % 300, CASE WHEN i % 2 = 0 THEN E'line\nbreak \\ back' END
+FROM generate_series(1, 600) i;
+INSERT INTO measurements SELECT i, date '2023-06-01' + i, i * 0.5 FROM generate_series(1, 400) i;
+INSERT INTO "Other Schema"."Weird Name" VALUES (1, 'x'), (NULL, NULL);
+INSERT INTO "user" VALUES (1);
+REFRESH MATERIALIZED VIEW visit_counts;
+SELECT setval('order_numbers', 5000);
+"""
+CHANGE = "DROP TABLE visits CASCADE; INSERT INTO people (name) VALUES ('added after the backup')"
+CONTENTS = r"""SELECT format('%I.%I', n.nspname, c.relname), c.relkind FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm', 'S') AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema' ORDER BY 1"""
+
+
+@pytest.fixture
+def roles() -> Iterator[list[str]]:
+    """Roles a test creates (append their names); dropped after the test's databases."""
+    made: list[str] = []
+    yield made
+    with pg_connect() as conn:
+        for name in made:
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def live(roles) -> Iterator[str]:
+    """A unique database name; every database whose name starts with it is dropped afterwards."""
+    base = f"vq_rst_{uuid.uuid4().hex[:8]}"
+    yield base
+    with pg_connect() as conn:
+        made = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [base]
+        ).fetchall()
+        for (name,) in made:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def settings_for(name: str, **overrides) -> Settings:
+    values = dict(db_host=PG_HOST, db_port=PG_PORT, db_user=PG_USER, db_name=name)
+    return load_settings(celery_broker_url="redis://127.0.0.1:1/0", **{**values, **overrides})
+
+
+def create_live(name: str, sql: str = RICH, options: str = "") -> None:
+    with pg_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" {options}')
+    with pg_connect(name) as conn:
+        conn.execute(sql)
+
+
+def dump(settings: Settings, path: Path) -> DatabaseFacts:
+    with path.open("wb") as out:
+        return dump_database(settings, out)
+
+
+def schema(name: str) -> str:
+    """pg_dump --schema-only, without the \\restrict lines (a new random key every run)."""
+    text = subprocess.run(
+        ["pg_dump", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "--schema-only", "-d", name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return "\n".join(
+        line for line in text.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))
+    )
+
+
+def checksums(name: str) -> dict[str, str]:
+    """An md5 of every table's and materialized view's rows (sorted) and every sequence's state."""
+    sums = {}
+    with pg_connect(name) as conn:
+        for table, kind in conn.execute(CONTENTS).fetchall():
+            if kind == "S":
+                query = f"SELECT last_value::text || is_called::text FROM {table}"
+            else:
+                query = f"SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+            sums[table] = conn.execute(query).fetchone()[0]
+    return sums
+
+
+def snapshot(name: str) -> tuple[str, dict[str, str], bool]:
+    with pg_connect() as conn:
+        allowed = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", [name]).fetchone()[
+            0
+        ]
+    return schema(name), checksums(name), allowed
+
+
+def databases(prefix: str) -> list[str]:
+    with pg_connect() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY 1", [prefix]
+        ).fetchall()
+    return [name for (name,) in rows]
+
+
+def broken_copy(path: Path, tail: str) -> Path:
+    bad = path.with_name("broken.sql")
+    shutil.copyfile(path, bad)
+    with bad.open("a") as out:
+        out.write(tail)
+    return bad
+
+
+def test_round_trip_swaps_in_the_backup_and_keeps_the_replaced_database(live, tmp_path):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    assert facts.tables == database_row_counts(settings)  # named as pg_dump names them, partitions too
+    assert '"Other Schema"."Weird Name"' in facts.tables and "public.measurements" not in facts.tables
+    before = snapshot(live)
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    assert checksums(live) != before[1]
+
+    result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+
+    assert snapshot(live) == before
+    assert result.database == live and result.swapped
+    assert result.previous_name is not None and result.previous_name.startswith(f"{live}_before_")
+    assert result.row_counts == facts.tables and result.tables == sorted(facts.tables)
+    assert databases(live) == sorted([live, result.previous_name])  # no _restore_ database left
+    with pg_connect(result.previous_name) as conn:  # the replaced database, as it was just before
+        assert conn.execute("SELECT to_regclass('public.visits')").fetchone()[0] is None
+    json.dumps(result.model_dump(mode="json"))
+
+
+def test_keep_previous_false_drops_the_replaced_database(live, tmp_path):
+    create_live(live, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    result = restore_database(settings, tmp_path / "database.sql", facts.tables, keep_previous=False)
+    assert result.previous_name is None and not result.warnings
+    assert databases(live) == [live]
+
+
+def test_a_dump_failing_half_way_leaves_the_live_database_as_it_was(live, tmp_path):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    before = snapshot(live)
+    bad = broken_copy(tmp_path / "database.sql", "\nSELECT no_such_function(1);\n")
+
+    with pytest.raises(PermanentError) as failure:
+        restore_database(settings, bad, facts.tables)
+
+    message = str(failure.value)
+    assert "no_such_function" in message and "line " in message and f"{PG_HOST}:{PG_PORT}" in message
+    assert snapshot(live) == before
+    assert databases(live) == [live]
+
+
+def test_rows_not_matching_the_backup_fail_and_leave_nothing(live, tmp_path):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    before = snapshot(live)
+    wrong = {**facts.tables, "public.people": 299, "public.ghost": 1}
+
+    with pytest.raises(PermanentError, match=r"does not match the backup") as failure:
+        restore_database(settings, tmp_path / "database.sql", wrong)
+
+    assert "public.people: 300 rows, the backup 299" in str(failure.value)
+    assert "public.ghost: missing" in str(failure.value)
+    assert snapshot(live) == before
+    assert databases(live) == [live]
+
+
+def test_a_failure_inside_the_swap_rolls_both_renames_back(live, tmp_path, monkeypatch):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    before = snapshot(live)
+    real_rename, calls = restore_pg._rename_one, []
+
+    def rename_then_fail(admin, old, new):
+        calls.append((old, new))
+        real_rename(admin, old, new)
+        if len(calls) == 1:  # the live database is renamed: fail before the new one takes its name
+            admin.execute("SELECT 1 / 0")
+
+    monkeypatch.setattr(restore_pg, "_rename_one", rename_then_fail)
+    with pytest.raises(PermanentError, match="division by zero"):
+        restore_database(settings, tmp_path / "database.sql", facts.tables)
+
+    assert calls[0][0] == live
+    assert snapshot(live) == before  # its name back, connections allowed again, contents unchanged
+    assert databases(live) == [live]
+
+
+def test_sessions_on_the_live_database_are_ended_and_the_swap_succeeds(live, tmp_path):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    idle = pg_connect(live)
+    locking = pg_connect(live)
+    locking.execute("BEGIN")
+    locking.execute("LOCK TABLE people IN ACCESS EXCLUSIVE MODE")
+    try:
+        result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+        for session in (idle, locking):
+            with pytest.raises(psycopg.OperationalError):
+                session.execute("SELECT 1")
+    finally:
+        idle.close()
+        locking.close()
+    assert result.row_counts == facts.tables
+    assert database_row_counts(settings) == facts.tables
+
+
+def test_missing_roles_are_all_listed(live, tmp_path, roles):
+    gone, never = f"vq_gone_{live[-8:]}", f"Never Made {live[-8:]}"
+    roles.append(gone)
+    with pg_connect() as conn:
+        conn.execute(f'CREATE ROLE "{gone}"')
+    create_live(live, f'{RICH}; ALTER TABLE people OWNER TO "{gone}"; GRANT SELECT ON visits TO "{gone}";')
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(f'REASSIGN OWNED BY "{gone}" TO {PG_USER}; DROP OWNED BY "{gone}"')
+    with pg_connect() as conn:
+        conn.execute(f'DROP ROLE "{gone}"')
+    before = snapshot(live)
+    bad = broken_copy(tmp_path / "database.sql", f'GRANT SELECT ON TABLE public.people TO "{never}";\n')
+
+    with pytest.raises(PermanentError, match="roles that do not exist") as failure:
+        restore_database(settings, bad, facts.tables)
+
+    message = str(failure.value)
+    assert f'"{gone}"' in message and f'"{never}"' in message and '"postgres"' not in message
+    assert "CREATE ROLE" in message
+    assert snapshot(live) == before
+    assert databases(live) == [live]
+
+
+def test_a_user_without_createdb_is_told_before_anything_changes(live, tmp_path, roles):
+    create_live(live, "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    facts = dump(settings_for(live), tmp_path / "database.sql")
+    weak = f"vq_weak_{live[-8:]}"
+    roles.append(weak)
+    with pg_connect() as conn:
+        conn.execute(f'CREATE ROLE "{weak}" LOGIN')
+    with pytest.raises(PermanentError, match=f"may not create databases: ALTER ROLE {weak} CREATEDB"):
+        restore_database(settings_for(live, db_user=weak), tmp_path / "database.sql", facts.tables)
+    with pg_connect() as conn:
+        conn.execute(f'ALTER ROLE "{weak}" CREATEDB')
+    with pytest.raises(PermanentError, match=f"must own database {live}"):
+        restore_database(settings_for(live, db_user=weak), tmp_path / "database.sql", facts.tables)
+    assert databases(live) == [live]
+
+
+def test_an_owner_without_superuser_restores_and_is_told_what_it_cannot_end(live, tmp_path, roles):
+    owner, other = f"vq_owner_{live[-8:]}", f"vq_other_{live[-8:]}"
+    roles += [owner, other]
+    with pg_connect() as conn:
+        conn.execute(f'CREATE ROLE "{owner}" LOGIN CREATEDB')
+        conn.execute(f'CREATE ROLE "{other}" LOGIN')
+        conn.execute(f'CREATE DATABASE "{live}" OWNER "{owner}"')
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=owner, dbname=live, autocommit=True) as conn:
+        conn.execute(RICH)
+    settings = settings_for(live, db_user=owner)
+    facts = dump(settings, tmp_path / "database.sql")
+    before = snapshot(live)
+
+    with pg_connect(live) as superuser_session:
+        with pytest.raises(PermanentError, match="may not end a superuser's session") as failure:
+            restore_database(settings, tmp_path / "database.sql", facts.tables)
+        assert superuser_session.execute("SELECT 1").fetchone() == (1,)
+    assert owner in str(failure.value)
+    assert snapshot(live) == before and databases(live) == [live]
+
+    with psycopg.connect(
+        host=PG_HOST, port=PG_PORT, user=other, dbname=live, autocommit=True
+    ) as other_session:
+        with pytest.raises(PermanentError, match=f"GRANT pg_signal_backend TO {owner}"):
+            restore_database(settings, tmp_path / "database.sql", facts.tables)
+        assert other_session.execute("SELECT 1").fetchone() == (1,)
+        assert snapshot(live) == before and databases(live) == [live]
+        with pg_connect() as conn:
+            conn.execute(f'GRANT pg_signal_backend TO "{owner}"')
+        result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+        with pytest.raises(psycopg.OperationalError):
+            other_session.execute("SELECT 1")
+
+    assert snapshot(live) == before
+    with pg_connect() as conn:
+        owners = conn.execute(
+            "SELECT datname, datdba::regrole::text FROM pg_database WHERE datname IN (%s, %s)",
+            [live, result.previous_name],
+        ).fetchall()
+    assert dict(owners) == {live: owner, result.previous_name: owner}
+
+
+def test_settings_grants_encoding_and_comment_are_carried_over(live, tmp_path, roles):
+    reader = f"vq_reader_{live[-8:]}"
+    roles.append(reader)
+    with pg_connect() as conn:
+        conn.execute(f'CREATE ROLE "{reader}" LOGIN')
+    options = "TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+    create_live(live, "CREATE TABLE t (name text); INSERT INTO t VALUES ('Zoë'), ('Ångström');", options)
+    with pg_connect() as conn:
+        conn.execute(f"""ALTER DATABASE "{live}" SET work_mem = '8MB';
+            ALTER DATABASE "{live}" SET search_path = "$user", public, "Other Schema";
+            ALTER ROLE "{reader}" IN DATABASE "{live}" SET statement_timeout = '5s';
+            ALTER DATABASE "{live}" CONNECTION LIMIT 40;
+            COMMENT ON DATABASE "{live}" IS 'the queue''s data';
+            REVOKE ALL ON DATABASE "{live}" FROM PUBLIC;
+            GRANT CONNECT ON DATABASE "{live}" TO "{reader}" WITH GRANT OPTION""")
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    properties = database_properties(live)
+    before = checksums(live)
+
+    result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+
+    assert not result.warnings
+    assert database_properties(live) == properties
+    assert properties[0] == "LATIN1" and properties[3] == 40
+    assert checksums(live) == before
+
+
+def database_properties(name: str) -> tuple:
+    with pg_connect() as conn:
+        return conn.execute(
+            """SELECT pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, d.datconnlimit,
+                 shobj_description(d.oid, 'pg_database'), d.datacl::text[],
+                 (SELECT array_agg(s.setrole::regrole::text || ':' || array_to_string(s.setconfig, ';')
+                    ORDER BY s.setrole) FROM pg_db_role_setting s WHERE s.setdatabase = d.oid)
+               FROM pg_database d WHERE d.datname = %s""",
+            [name],
+        ).fetchone()
+
+
+def test_without_a_live_database_the_restored_one_takes_its_name(live, tmp_path):
+    source = f"{live}_source"
+    create_live(source)
+    facts = dump(settings_for(source), tmp_path / "database.sql")
+    result = restore_database(settings_for(live), tmp_path / "database.sql", facts.tables)
+    assert result.previous_name is None and result.database == live
+    assert checksums(live) == checksums(source)
+    assert databases(live) == sorted([live, source])
+
+
+def test_a_drill_loads_into_a_new_scratch_database_and_leaves_the_live_one_alone(live, tmp_path):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    before = snapshot(live)
+    drill = f"{live}_drill"
+
+    result = restore_database(settings, tmp_path / "database.sql", facts.tables, target_db=drill, swap=False)
+
+    assert result.database == drill and result.previous_name is None and not result.swapped
+    assert database_row_counts(settings, drill) == facts.tables
+    assert snapshot(live) == before
+    with pytest.raises(PermanentError, match="already exists"):
+        restore_database(settings, tmp_path / "database.sql", facts.tables, target_db=drill, swap=False)
+    assert databases(live) == sorted([live, drill])  # the existing drill database was not dropped
+    bad = broken_copy(tmp_path / "database.sql", "SELECT 1/0;\n")
+    with pytest.raises(PermanentError, match="division by zero"):
+        restore_database(settings, bad, facts.tables, target_db=f"{live}_drill2", swap=False)
+    assert databases(live) == sorted([live, drill])
+
+
+def test_plan_reports_the_target_and_changes_nothing(live, tmp_path):
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    before = snapshot(live)
+    with pg_connect() as conn:
+        everything = conn.execute("SELECT datname, datallowconn FROM pg_database ORDER BY 1").fetchall()
+
+    plan = plan_database_restore(settings, facts.tables)
+
+    assert plan.exists and plan.database == live
+    assert plan.tables == database_row_counts(settings)
+    assert plan.tables["public.people"] == facts.tables["public.people"] + 1
+    assert plan.only_in_backup == ["public.visits"] and plan.only_in_database == []
+    assert snapshot(live) == before
+    with pg_connect() as conn:
+        assert (
+            conn.execute("SELECT datname, datallowconn FROM pg_database ORDER BY 1").fetchall() == everything
+        )
+    absent = plan_database_restore(settings, facts.tables, target_db=f"{live}_absent")
+    assert not absent.exists and absent.tables == {} and absent.only_in_backup == sorted(facts.tables)
+    json.dumps(plan.model_dump(mode="json"))
