@@ -28,7 +28,9 @@ BATCH_ROWS = {"customers": 10_000, "tickets": 25_000, "events": 50_000, "attachm
 SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 CREATE TYPE ticket_state AS ENUM ('waiting', 'called', 'served', 'left');
-CREATE TABLE queues (id serial PRIMARY KEY, name text NOT NULL, site text, opened_at timestamptz DEFAULT now());
+CREATE TABLE queues (
+  id serial PRIMARY KEY, name text NOT NULL, site text, opened_at timestamptz DEFAULT now()
+);
 CREATE TABLE customers (
   id bigserial PRIMARY KEY, name text, email text, phone text, profile jsonb, created_at timestamptz
 );
@@ -36,8 +38,12 @@ CREATE TABLE tickets (
   id bigserial PRIMARY KEY, queue_id int REFERENCES queues, customer_id bigint, state ticket_state NOT NULL,
   note text, photo bytea, issued_at timestamptz NOT NULL
 );
-CREATE TABLE events (id bigserial PRIMARY KEY, ticket_id bigint, kind text, payload jsonb, created_at timestamptz);
-CREATE TABLE attachments (id bigserial PRIMARY KEY, ticket_id bigint, filename text, mime text, content bytea);
+CREATE TABLE events (
+  id bigserial PRIMARY KEY, ticket_id bigint, kind text, payload jsonb, created_at timestamptz
+);
+CREATE TABLE attachments (
+  id bigserial PRIMARY KEY, ticket_id bigint, filename text, mime text, content bytea
+);
 CREATE FUNCTION bench_words(n int) RETURNS text LANGUAGE sql VOLATILE AS $$
   SELECT string_agg(w[1 + floor(random() * array_length(w, 1))::int], ' ')
   FROM generate_series(1, n), (SELECT ARRAY[
@@ -56,9 +62,9 @@ INSERT INTO queues (name, site) SELECT 'Queue ' || i, bench_words(3) FROM genera
 INSERT_CUSTOMERS = """
 INSERT INTO customers (name, email, phone, profile, created_at)
 SELECT initcap(bench_words(2)),
-  substr(md5(random()::text), 1, 10) || '@example.' || (ARRAY['com', 'org', 'fr', 'de'])[1 + i % 4],
+  substr(md5(random()::text), 1, 10) || '@example.' || (ARRAY['com', 'org', 'fr', 'de'])[1 + i %% 4],
   '+1-555-' || lpad((random() * 9999999)::int::text, 7, '0'),
-  jsonb_build_object('visits', (random() * 200)::int, 'lang', (ARRAY['en', 'fr', 'de', 'ja'])[1 + i % 4],
+  jsonb_build_object('visits', (random() * 200)::int, 'lang', (ARRAY['en', 'fr', 'de', 'ja'])[1 + i %% 4],
     'tags', to_jsonb(string_to_array(bench_words(3), ' ')),
     'notify', jsonb_build_object('sms', random() < 0.5, 'email', random() < 0.7),
     'device', md5(random()::text), 'note', bench_words(8)),
@@ -68,10 +74,10 @@ FROM generate_series(1, %(rows)s) i
 
 INSERT_TICKETS = """
 INSERT INTO tickets (queue_id, customer_id, state, note, photo, issued_at)
-SELECT 1 + i % 50, 1 + (random() * 1e6)::int,
-  (ARRAY['waiting', 'called', 'served', 'left'])[1 + i % 4]::ticket_state,
-  CASE WHEN i % 7 = 0 THEN NULL ELSE bench_words(5 + i % 15) || E'\\n' || md5(i::text) END,
-  CASE WHEN i % 3 = 0 THEN NULL
+SELECT 1 + i %% 50, 1 + (random() * 1e6)::int,
+  (ARRAY['waiting', 'called', 'served', 'left'])[1 + i %% 4]::ticket_state,
+  CASE WHEN i %% 7 = 0 THEN NULL ELSE bench_words(5 + i %% 15) || E'\\n' || md5(i::text) END,
+  CASE WHEN i %% 3 = 0 THEN NULL
     ELSE gen_random_bytes(96) || decode(repeat('ffd8ffe000104a464946', 8), 'hex') || gen_random_bytes(64) END,
   now() - random() * interval '2 years'
 FROM generate_series(1, %(rows)s) i
@@ -79,8 +85,9 @@ FROM generate_series(1, %(rows)s) i
 
 INSERT_EVENTS = """
 INSERT INTO events (ticket_id, kind, payload, created_at)
-SELECT 1 + (random() * 1e6)::int, (ARRAY['issued', 'called', 'recalled', 'served', 'left', 'moved'])[1 + i % 6],
-  jsonb_build_object('seq', i, 'desk', 1 + i % 40, 'agent', substr(md5(random()::text), 1, 12),
+SELECT 1 + (random() * 1e6)::int,
+  (ARRAY['issued', 'called', 'recalled', 'served', 'left', 'moved'])[1 + i %% 6],
+  jsonb_build_object('seq', i, 'desk', 1 + i %% 40, 'agent', substr(md5(random()::text), 1, 12),
     'wait_s', round((random() * 3600)::numeric, 1), 'lat', round((48 + random())::numeric, 6),
     'lon', round((2 + random())::numeric, 6), 'ua', bench_words(4)),
   now() - random() * interval '2 years'
@@ -124,7 +131,7 @@ class DatabaseInfo:
     size_bytes: int
     reused: bool
     generation_seconds: float | None
-    rounds: int
+    rounds: int | None
     rows: dict[str, int]
     server_version: str
 
@@ -143,7 +150,9 @@ def reusable(pg: PgServer, size_gb: float) -> bool:
     if size is None:
         return False
     with pg.connect() as conn:
-        comment = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone()[0]
+        comment = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (DB_NAME,)
+        ).fetchone()[0]
     target = size_gb * (1 << 30)
     return comment == MARKER.format(size_gb=size_gb) and abs(size - target) <= SIZE_TOLERANCE * target
 
@@ -193,7 +202,7 @@ def _current_size(conn: psycopg.Connection) -> int:
     return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
 
 
-def describe_database(pg: PgServer, reused: bool, rounds: int = 0) -> DatabaseInfo:
+def describe_database(pg: PgServer, reused: bool, rounds: int | None = None) -> DatabaseInfo:
     """Return the size, rows per table and server version of vq_bench."""
     with pg.connect(DB_NAME) as conn:
         rows = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("queues", *INSERTS)}
@@ -272,7 +281,10 @@ def _write_log(path: Path, size: int, rng: random.Random) -> None:
         second += rng.randrange(3)
         template = rng.choice(LOG_LINES)
         text = template.format(
-            q=rng.randrange(50), t=rng.randrange(10**6), d=rng.randrange(40), ms=rng.randrange(2000),
+            q=rng.randrange(50),
+            t=rng.randrange(10**6),
+            d=rng.randrange(40),
+            ms=rng.randrange(2000),
             token=rng.randbytes(8).hex(),
         )
         line = f"{(start + timedelta(seconds=second)).isoformat(timespec='milliseconds')} {text}\n"

@@ -4,6 +4,7 @@ vq-backup run [--wait]     enqueue a backup; with --wait follow it and exit non-
 vq-backup list             the backups in storage, read from their manifests
 vq-backup show ID          one backup's manifest, readable (--json for the document itself)
 vq-backup prune [--dry-run]  apply the retention policy now
+vq-backup verify ID|latest  read every file of a backup once and check it against the manifest
 vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
 """
 
@@ -209,6 +210,21 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.storage import open_storage
+    from vq_tasks.verify import report_rows, verify_backup
+
+    report = verify_backup(open_storage(settings), settings, args.backup_id)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0 if report.ok else EXIT_FAILED
+    rows = report_rows(report)
+    print_table(("FILE / COMPONENT", "CHECK", "EXPECTED", "ACTUAL", "RESULT"), rows)
+    failed = sum(row[-1] == "MISMATCH" for row in rows)
+    print(f"\n{report.backup_id}: " + (f"{failed} of {len(rows)} checks MISMATCH" if failed else "all OK"))
+    return EXIT_FAILED if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
     from vq_tasks.demo import run_demo
 
@@ -233,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="apply the retention policy now")
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     prune.set_defaults(handler=cmd_prune)
+    verify = commands.add_parser("verify", help="check a backup's files against its manifest")
+    verify.add_argument("backup_id", help="a backup id, or 'latest'")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(handler=cmd_verify)
     demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
     demo.set_defaults(handler=cmd_demo, needs_settings=False)

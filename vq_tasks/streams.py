@@ -10,11 +10,14 @@ assembled later by copying bytes, never compressing twice.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import tarfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from pydantic import BaseModel
@@ -173,3 +176,117 @@ def pump(source: BinaryIO, sink: Writer, chunk_size: int = CHUNK_SIZE) -> int:
             return total
         sink.write(bytes(view[:n]))
         total += n
+
+
+class DamagedStream(Exception):
+    """A compressed or tar stream that cannot be read to its end; the message says why."""
+
+
+class Nowhere:
+    """A writer that drops what it gets: the end of a chain that only hashes."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+class HashingReader:
+    """Read from ``source``, hashing every byte read (unless not ``hashed``) and keeping the last
+    ``keep`` bytes or more."""
+
+    def __init__(self, source: BinaryIO | GunzipReader, keep: int = 0, hashed: bool = True):
+        self._source = source
+        self._keep = keep
+        self.hash = HashStage(Nowhere()) if hashed else None
+        self.position = 0
+        self._recent = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self.position += len(data)
+        if self.hash is not None:
+            self.hash.write(data)
+        if self._keep:
+            self._recent += data
+            if len(self._recent) > 2 * self._keep:
+                del self._recent[: -self._keep]
+        return data
+
+    def since(self, offset: int) -> bytes | None:
+        """Return what was read from ``offset`` on, or None if that is no longer kept."""
+        back = self.position - offset
+        if back < 0 or back > len(self._recent):
+            return None
+        return bytes(self._recent[len(self._recent) - back :])
+
+    def checksums(self) -> Checksums | None:
+        return self.hash.checksums() if self.hash is not None else None
+
+
+class GunzipReader:
+    """Read the data of concatenated gzip members from ``source``, inflating at most CHUNK_SIZE
+    at a time. Raise DamagedStream for data that is not gzip or ends inside a member."""
+
+    def __init__(self, source: HashingReader):
+        self._source = source
+        self._inflate = zlib.decompressobj(GZIP_WBITS)
+        self._input = b""
+        self._in_member = False
+        self._buffer = bytearray()
+        self._failure = ""
+
+    def read(self, size: int = -1) -> bytes:
+        while (size < 0 or len(self._buffer) < size) and self._inflate_some():
+            pass
+        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _inflate_some(self) -> bool:
+        """Inflate more into the buffer; return False at the end of the last member."""
+        if self._failure:
+            raise DamagedStream(self._failure)
+        if not self._input:
+            self._input = self._source.read(CHUNK_SIZE)
+            if not self._input:
+                return self._end_of_input()
+        try:
+            self._buffer += self._inflate.decompress(self._input, CHUNK_SIZE)
+        except zlib.error as exc:
+            self._fail(f"damaged gzip data at byte {self._source.position} or before ({exc})")
+        self._in_member = not self._inflate.eof
+        if self._inflate.eof:
+            self._input = self._inflate.unused_data
+            self._inflate = zlib.decompressobj(GZIP_WBITS)
+        else:
+            self._input = self._inflate.unconsumed_tail
+        return True
+
+    def _end_of_input(self) -> bool:
+        if not self._in_member:
+            return False
+        self._buffer += self._inflate.flush()
+        if not self._inflate.eof:
+            self._fail(f"the gzip data ends inside a member at byte {self._source.position}: truncated")
+        self._in_member = False
+        self._inflate = zlib.decompressobj(GZIP_WBITS)
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        raise DamagedStream(reason)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@contextlib.contextmanager
+def open_tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
+    """Open a plain or gzip-compressed tar file for reading as a stream. Python's own ``r|gz``
+    stops after the first gzip member; our archives are many members, read by GunzipReader."""
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        source = GunzipReader(HashingReader(raw, hashed=False)) if compressed else raw
+        with tarfile.open(fileobj=source, mode="r|") as tar:
+            yield tar

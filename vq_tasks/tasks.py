@@ -198,3 +198,19 @@ def alert(self, event: dict[str, Any]) -> dict[str, Any]:
         coordination.release_claim(r, parsed.claim_name)
         raise self.retry(countdown=_countdown(self.request.retries), exc=exc) from None
     return {"sent": True, "to": to}
+
+
+@app.task(name="vq_tasks.verify", bind=True, throws=(PermanentError,))
+def verify(self, backup_id: str = "latest") -> dict[str, Any]:
+    """Read every stored file of ``backup_id`` (or ``latest``) once and check it against the
+    manifest; return the report. A mismatch is in the report (``ok`` false), not a task failure."""
+    from vq_tasks.verify import report_rows, verify_backup
+
+    settings = get_settings()
+    report = verify_backup(open_storage(settings), settings, backup_id)
+    failed = [f"{row[0]} {row[1]}" for row in report_rows(report) if row[-1] == "MISMATCH"]
+    if failed:
+        logger.error("backup %s failed verification: %s", report.backup_id, ", ".join(failed))
+    else:
+        logger.info("backup %s verified: every check OK", report.backup_id)
+    return report.model_dump(mode="json")

@@ -87,3 +87,23 @@ def test_logs_never_restore_over_live_logs(tmp_path):
         with pytest.raises(PermanentError, match="overlaps the live logs"):
             check_logs_target(bad, [str(live)])
     check_logs_target(tmp_path / "restored-logs", [str(live)])
+
+
+def test_a_multi_member_gzip_archive_restores_whole(tmp_path):
+    """Our .tar.gz files are many gzip members; Python's own r|gz would stop after the first."""
+    import os
+
+    from vq_tasks.streams import GzipStage
+
+    config = tmp_path / "etc" / "big"
+    config.mkdir(parents=True)
+    payload = os.urandom(1 << 20) * 3
+    (config / "blob.bin").write_bytes(payload)
+    archive = tmp_path / "config.tar.gz"
+    with open(archive, "wb") as out:
+        stage = GzipStage(out, level=1, threads=2)
+        archive_config([str(config)], stage)
+        stage.close()
+    result = restore_files(archive, [str(config)], tmp_path / "restored")
+    assert (tmp_path / "restored" / str(config).lstrip("/") / "blob.bin").read_bytes() == payload
+    assert len(result.files) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.streams import CHUNK_SIZE
+from vq_tasks.streams import CHUNK_SIZE, DamagedStream, open_tar_stream
 
 ALLOWED_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
 
@@ -68,9 +68,9 @@ def _root_of(name: str, roots: list[str]) -> str | None:
 def read_members(archive: Path) -> list[tarfile.TarInfo]:
     """Return the entries of a (possibly compressed) tar, read as a stream."""
     try:
-        with tarfile.open(archive, mode="r|*") as tar:
+        with open_tar_stream(archive) as tar:
             return list(tar)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, DamagedStream) as exc:
         raise PermanentError(f"{archive.name} cannot be read as a tar archive: {exc}") from None
 
 
@@ -84,7 +84,7 @@ def restore_files(archive: Path, roots: list[str], target: Path) -> FilesRestore
             f"refusing to restore {archive.name}; nothing was written: " + "; ".join(refused)
         )
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, mode="r|*") as tar:
+    with open_tar_stream(archive) as tar:
         for member in tar:  # checked above; the tar filter still guards against what slipped by
             tar.extract(member, target, filter=_keep_modes)
     return FilesRestoreResult(target=str(target), files=[m.name for m in members])
@@ -99,7 +99,7 @@ def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
 def changed_files(archive: Path, target: Path) -> list[str]:
     """Return the regular files of ``archive`` whose copy under ``target`` is missing or differs."""
     changed = []
-    with tarfile.open(archive, mode="r|*") as tar:
+    with open_tar_stream(archive) as tar:
         for member in tar:
             if not member.isfile():
                 continue

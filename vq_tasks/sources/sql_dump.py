@@ -38,7 +38,7 @@ class SqlDumpInspector:
     def feed(self, chunk: bytes) -> None:
         if len(self._header) < HEADER_LIMIT:
             self._header += chunk[: HEADER_LIMIT - len(self._header)]
-        self._tail = (self._tail + chunk)[-TAIL_LIMIT:]
+        self._tail = (self._tail + chunk[-TAIL_LIMIT:])[-TAIL_LIMIT:]
         data = self._pending + chunk
         position = 0
         step = {"outside": self._find_table_data, "statement": self._read_statement, "rows": self._count_rows}
