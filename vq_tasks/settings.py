@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_timeout: float = Field(30.0, gt=0)
 
+    # Restore
+    redis_server_bin: Path | None = None
+    db_maintenance_db: str = "postgres"
+    backup_restore_config_dir: Path | None = None
+    backup_restore_logs_dir: Path = Path("/var/tmp/vq-backup/restored-logs")
+    app_healthcheck_url: str | None = None
+
     # Celery: never the Redis that is backed up
     celery_broker_url: SecretStr = SecretStr("redis://localhost:6380/0")
     celery_result_backend: SecretStr | None = None
