@@ -16,7 +16,7 @@ import pytest
 from tests.integration.conftest import PG_HOST, PG_PORT, PG_USER, pg_connect
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import DatabaseFacts
-from vq_tasks.restore import postgres as restore_pg
+from vq_tasks.restore import postgres_swap
 from vq_tasks.restore.postgres import database_row_counts, plan_database_restore, restore_database
 from vq_tasks.settings import Settings, load_settings
 from vq_tasks.sources.postgres import dump_database
@@ -256,7 +256,7 @@ def test_a_failure_inside_the_swap_rolls_both_renames_back(live, tmp_path, monke
     with pg_connect(live) as conn:
         conn.execute(CHANGE)
     before = snapshot(live)
-    real_rename, calls = restore_pg._rename_one, []
+    real_rename, calls = postgres_swap._rename_one, []
 
     def rename_then_fail(admin, old, new):
         calls.append((old, new))
@@ -264,7 +264,7 @@ def test_a_failure_inside_the_swap_rolls_both_renames_back(live, tmp_path, monke
         if len(calls) == 1:  # the live database is renamed: fail before the new one takes its name
             admin.execute("SELECT 1 / 0")
 
-    monkeypatch.setattr(restore_pg, "_rename_one", rename_then_fail)
+    monkeypatch.setattr(postgres_swap, "_rename_one", rename_then_fail)
     with pytest.raises(PermanentError, match="division by zero"):
         restore_database(settings, tmp_path / "database.sql", facts.tables)
 

@@ -249,7 +249,7 @@ def test_payload_check_refuses_a_throwaway_the_table_does_not_know(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """With 7.0 unknown to the table, the payload it makes still shows RDB 10, which 6.2 refuses."""
-    monkeypatch.setattr("vq_tasks.restore.redis.RDB_VERSIONS", {(5, 0): 9, (6, 0): 9, (6, 2): 9})
+    monkeypatch.setattr("vq_tasks.restore.redis_server.RDB_VERSIONS", {(5, 0): 9, (6, 0): 9, (6, 2): 9})
     with (
         start_redis(tmp_path / "source", binary=REDIS_62) as source,
         start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,

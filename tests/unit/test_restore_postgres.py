@@ -10,14 +10,12 @@ from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.restore.postgres import (
     DatabaseRestorePlan,
     DatabaseRestoreResult,
-    derived_name,
     locale_options,
-    psql_failure,
-    referenced_roles,
     restore_database,
-    roles_in_statement,
-    setting_statement,
 )
+from vq_tasks.restore.postgres_connect import psql_failure
+from vq_tasks.restore.postgres_roles import referenced_roles, roles_in_statement
+from vq_tasks.restore.postgres_swap import derived_name, setting_statement
 from vq_tasks.settings import load_settings
 
 SETTINGS = load_settings(

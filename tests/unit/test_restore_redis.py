@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.restore.redis import (
+from vq_tasks.restore.redis import groups_by_size
+from vq_tasks.restore.redis_server import (
     check_versions,
     config_text,
-    groups_by_size,
     oldest_redis_reading,
     payload_rdb_version,
     rdb_file_version,

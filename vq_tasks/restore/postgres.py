@@ -8,18 +8,20 @@ transaction renames the live one to ``<DB_NAME>_before_<stamp>``, the new one to
 lets both take connections again. Whatever fails before that transaction commits drops the new
 database and leaves the live one as it was. What a dump of a database's contents does not hold (its
 settings, grants, connection limit and comment) is carried over from the live database.
+
+Here: the public functions, creating the new database, loading and checking it. The swap and the
+carry-over are in postgres_swap.py, the role scan of a dump in postgres_roles.py, connections and
+errors in postgres_connect.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,63 +30,21 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, Field
 
-from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
+from vq_tasks.errors import PermanentError
+from vq_tasks.restore.postgres_connect import connect, database_row, db_where, psql_failure
+from vq_tasks.restore.postgres_roles import missing_roles_error
+from vq_tasks.restore.postgres_swap import carry_over, derived_name, drop_previous, drop_quietly, swap_in
 from vq_tasks.settings import Settings
-from vq_tasks.sources.postgres import STDERR_KEPT, classify_pg_error, pg_environment, pg_tool
+from vq_tasks.sources.postgres import STDERR_KEPT, pg_environment, pg_tool
 
 logger = logging.getLogger(__name__)
 
 MAINTENANCE_DB = "postgres"
-NAME_LIMIT = 63  # bytes (NAMEDATALEN - 1): PostgreSQL cuts longer names silently
-SESSION_END_TIMEOUT = 30.0
-RENAME_ATTEMPTS = 3
-LINE_LIMIT = 64 << 10  # the role scan reads at most this much of a line at once
-APPLICATION_NAME = "vq-backup restore"
-LIST_SETTINGS = {"search_path", "temp_tablespaces", "local_preload_libraries", "session_preload_libraries"}
-TRANSIENT_STATES = {"55006", "55P03", "40P01", "40001", "57P01", "57P03"}
-_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
-_OWNER = re.compile(rf"^ALTER .* OWNER TO ({_IDENT});$")
-_GRANTEES = re.compile(
-    rf"^(?:GRANT|REVOKE|ALTER DEFAULT PRIVILEGES) .*\s(?:TO|FROM)\s+({_IDENT}(?:\s*,\s*{_IDENT})*)"
-    rf"(?:\s+WITH (?:GRANT|ADMIN) OPTION)?(?:\s+GRANTED BY\s+{_IDENT})?;$"
-)
-_FOR_ROLE = re.compile(rf"^ALTER DEFAULT PRIVILEGES FOR ROLE ({_IDENT})")
-_SESSION = re.compile(r"^SET SESSION AUTHORIZATION '((?:[^']|'')+)';$")
-_NOT_ROLES = {"public", "current_user", "session_user", "current_role"}
-_MISSING_ROLE = re.compile(r'role "((?:[^"]|"")+)" does not exist')
-_PSQL_ERROR = re.compile(r"^psql:.*:(\d+): (?:ERROR|FATAL):\s+(.*)((?:\n(?:DETAIL|HINT):.*)*)", re.M)
-_HINTS = (
-    (r"permission denied to create database", "may not create databases: ALTER ROLE {user} CREATEDB"),
-    (r"must be owner of (\w+(?: \w+)? \S+)", "must own {0}"),
-    (r'must be (?:a )?member of role "(.+?)"', 'may not act as role "{0}": GRANT "{0}" TO {user}'),
-    (r'must be able to SET ROLE "(.+?)"', 'may not act as role "{0}": GRANT "{0}" TO {user}'),
-    (
-        r"must be a superuser to terminate|SUPERUSER attribute may terminate",
-        "may not end a superuser's session: end it by hand first",
-    ),
-    (
-        r"role whose process is being terminated|permission denied to terminate",
-        "may not end other roles' sessions: GRANT pg_signal_backend TO {user}",
-    ),
-    (r"(?i:must be (?:a )?superuser)", "is not a superuser, which this needs: restore as a superuser"),
-    (r"permission denied for (\w+(?: \w+)? \S+)", "lacks a privilege on {0}: grant it"),
-    (r"permission denied to (\w+(?: \w+)?)", "may not {0}"),
-)
-DATABASE_QUERY = """SELECT to_jsonb(d) || jsonb_build_object('encoding_name', pg_encoding_to_char(d.encoding))
-FROM pg_database d WHERE d.datname = %s"""
 TABLES_QUERY = r"""SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname),
   EXISTS (SELECT FROM pg_depend e
           WHERE e.classid = 'pg_class'::regclass AND e.objid = c.oid AND e.deptype = 'e')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema' ORDER BY 3"""
-ACL_QUERY = """SELECT a.privilege_type,
-  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, a.is_grantable
-FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s"""
-SETTINGS_QUERY = """SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE s.setrole::regrole::text END, c.setting
-FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) c(setting)
-WHERE d.datname = %s ORDER BY s.setrole"""
-END_SESSIONS = """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = ANY(%s)
-  AND pid <> pg_backend_pid() AND backend_type IS DISTINCT FROM 'autovacuum worker'"""
 
 
 class DatabaseRestoreResult(BaseModel):
@@ -131,16 +91,16 @@ def restore_database(
     live = _prepare(settings, maintenance_db, target, new, swap)
     try:
         counts = _load_and_check(settings, path, new, expected_tables, maintenance_db)
-        warnings = _carry_over(settings, maintenance_db, target, new) if live and swap else []
-        previous = _swap(settings, maintenance_db, target, new, stamp) if swap else None
+        warnings = carry_over(settings, maintenance_db, target, new) if live and swap else []
+        previous = swap_in(settings, maintenance_db, target, new, stamp) if swap else None
     except BaseException as exc:
-        _drop_quietly(settings, maintenance_db, new, exc)
+        drop_quietly(settings, maintenance_db, new, exc)
         raise
     if previous and not keep_previous:
-        problems = _drop_previous(settings, maintenance_db, previous)
+        problems = drop_previous(settings, maintenance_db, previous)
         warnings += problems
         previous = previous if problems else None
-    logger.info("restored %s into %s (previous: %s)", path.name, _where(settings, target), previous)
+    logger.info("restored %s into %s (previous: %s)", path.name, db_where(settings, target), previous)
     return DatabaseRestoreResult(
         database=target,
         previous_name=previous,
@@ -162,8 +122,8 @@ def plan_database_restore(
     (default DB_NAME) exists and its tables and rows now. Change nothing (read-only). Raise
     TransientError or PermanentError when PostgreSQL cannot answer."""
     target = target_db or settings.db_name
-    with _connect(settings, maintenance_db) as admin:
-        exists = _database_row(admin, target) is not None
+    with connect(settings, maintenance_db) as admin:
+        exists = database_row(admin, target) is not None
     current = database_row_counts(settings, target) if exists else {}
     expected = dict(expected_tables)
     return DatabaseRestorePlan(
@@ -181,16 +141,8 @@ def database_row_counts(settings: Settings, dbname: str | None = None) -> dict[s
     tables in its COPY statements (``public.tickets``, ``public."Weird Name"``): ordinary tables and
     partitions, not partitioned parents nor tables of extensions; count(*) in one read-only snapshot.
     Raise TransientError or PermanentError."""
-    with _connect(settings, dbname or settings.db_name) as conn:
+    with connect(settings, dbname or settings.db_name) as conn:
         return {name: rows for name, rows, member in _count_tables(conn) if not member}
-
-
-def derived_name(base: str, kind: str, stamp: str) -> str:
-    """Given a database name, a kind (``restore``, ``before``) and a stamp, return
-    ``<base>_<kind>_<stamp>``, the base shortened so that the whole fits in PostgreSQL's 63 bytes."""
-    suffix = f"_{kind}_{stamp}"
-    room = NAME_LIMIT - len(suffix.encode())
-    return base.encode()[:room].decode("utf-8", "ignore") + suffix
 
 
 def locale_options(database: Mapping[str, Any]) -> list[sql.Composable]:
@@ -212,67 +164,6 @@ def locale_options(database: Mapping[str, Any]) -> list[sql.Composable]:
     return options
 
 
-def setting_statement(dbname: str, role: str | None, setting: str) -> sql.Composed:
-    """Given a database, a role (already quoted, None for all) and a ``name=value`` of
-    pg_db_role_setting, return the ALTER statement that sets it on that database."""
-    name, _, value = setting.partition("=")
-    if role is None:
-        target = sql.SQL("ALTER DATABASE {}").format(sql.Identifier(dbname))
-    else:
-        target = sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.SQL(role), sql.Identifier(dbname))
-    literal = sql.SQL(value) if name.lower() in LIST_SETTINGS else sql.Literal(value)
-    return sql.SQL("{} SET {} TO {}").format(target, sql.Identifier(name), literal)
-
-
-def referenced_roles(path: Path) -> set[str]:
-    """Given a plain SQL dump, return the roles its statements name as owners, grantees or session
-    users. COPY data is skipped; lines are read in bounded pieces, so memory does not grow."""
-    roles: set[str] = set()
-    in_copy, at_start = False, True
-    with path.open("rb") as dump:
-        while piece := dump.readline(LINE_LIMIT):
-            starts, at_start = at_start, piece.endswith(b"\n")
-            if not starts or not at_start:
-                continue  # part of a long line: COPY data or a function body
-            if in_copy:
-                in_copy = piece != b"\\.\n"
-            elif piece.startswith(b"COPY ") and piece.endswith(b" FROM stdin;\n"):
-                in_copy = True
-            elif piece.startswith((b"ALTER ", b"GRANT ", b"REVOKE ", b"SET SESSION AUTHORIZATION ")):
-                roles |= roles_in_statement(piece.decode("utf-8", "replace").rstrip("\n"))
-    return roles
-
-
-def roles_in_statement(line: str) -> set[str]:
-    """Given one line of a dump, return the roles it names (OWNER TO, grantees, FOR ROLE, SESSION
-    AUTHORIZATION), unquoted; PUBLIC and CURRENT_USER are not roles."""
-    found: list[str] = []
-    for pattern in (_OWNER, _GRANTEES, _FOR_ROLE):
-        match = pattern.search(line)
-        if match:
-            found += re.findall(_IDENT, match.group(1))
-    roles = {name[1:-1].replace('""', '"') for name in found if name.startswith('"')}
-    roles |= {name.lower() for name in found if not name.startswith('"') and name.lower() not in _NOT_ROLES}
-    session = _SESSION.search(line)
-    if session:
-        roles.add(session.group(1).replace("''", "'"))
-    return roles
-
-
-def psql_failure(settings: Settings, stderr: str, dbname: str, source: str) -> tuple[BackupError, list[str]]:
-    """Given psql's stderr on loading ``source``, return the error to raise and the roles it says
-    are missing."""
-    text = redact(stderr.strip(), settings.secret_values())
-    found = _PSQL_ERROR.search(text)
-    if found:
-        details = " | ".join(d.strip() for d in found.group(3).splitlines() if d.strip())
-        line = f"{source} line {found.group(1)}: {found.group(2)}" + (f" | {details}" if details else "")
-    else:
-        line = _last_lines(text)
-    missing = [name.replace('""', '"') for name in _MISSING_ROLE.findall(line)]
-    return _failure(settings, dbname, line if found else text, summary=line), missing
-
-
 def _readable(path: Path) -> Path:
     if not path.is_file() or not os.access(path, os.R_OK):
         raise PermanentError(f"SQL dump {path} is not a readable file on this worker")
@@ -281,11 +172,11 @@ def _readable(path: Path) -> Path:
 
 def _prepare(settings: Settings, maintenance_db: str, target: str, new: str, swap: bool) -> dict | None:
     """Check that the restore may go ahead and create the new database; return the live one's row."""
-    with _connect(settings, maintenance_db) as admin:
-        live = _database_row(admin, target)
+    with connect(settings, maintenance_db) as admin:
+        live = database_row(admin, target)
         if live is not None and not swap:
             raise PermanentError(
-                f"{_where(settings, target)} already exists: a restore without swap only loads into a new "
+                f"{db_where(settings, target)} already exists: a restore without swap only loads into a new "
                 "database; drop it or name another"
             )
         _check_privileges(admin, settings, target if live else None, maintenance_db)
@@ -294,7 +185,7 @@ def _prepare(settings: Settings, maintenance_db: str, target: str, new: str, swa
             sql.SQL("TEMPLATE template0"),
         ]
         options += locale_options(live) if live else []
-        logger.info("creating database %s", _where(settings, new))
+        logger.info("creating database %s", db_where(settings, new))
         admin.execute(sql.SQL("CREATE DATABASE {} ").format(sql.Identifier(new)) + sql.SQL(" ").join(options))
     return live
 
@@ -310,7 +201,7 @@ def _check_privileges(
         [live],
     ).fetchone()
     superuser, createdb, owns, owner = row
-    user, where = settings.db_user, _where(settings, live or maintenance_db)
+    user, where = settings.db_user, db_where(settings, live or maintenance_db)
     if not (superuser or createdb):
         raise PermanentError(
             f"{where}: DB_USER {user} may not create databases: ALTER ROLE {user} CREATEDB, "
@@ -328,7 +219,7 @@ def _load_and_check(
 ) -> dict[str, int]:
     """Load the dump into ``dbname`` in one transaction, then compare rows per table."""
     _run_psql(settings, path, dbname, maintenance_db)
-    with _connect(settings, dbname) as conn:
+    with connect(settings, dbname) as conn:
         tables = _count_tables(conn)
     counts = {name: rows for name, rows, member in tables if not member}
     members = {name for name, _, member in tables if member}
@@ -340,7 +231,7 @@ def _load_and_check(
     wrong += [f"{name}: missing" for name in expected if name not in counts and name not in members]
     if wrong:
         shown = "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else "")
-        raise PermanentError(f"restored {_where(settings, dbname)} does not match the backup: {shown}")
+        raise PermanentError(f"restored {db_where(settings, dbname)} does not match the backup: {shown}")
     return counts
 
 
@@ -358,7 +249,7 @@ def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) 
         str(path),
     ]
     env = pg_environment(_scoped(settings, dbname))  # the name through PGDATABASE: never parsed as conninfo
-    logger.info("loading %s into %s", path.name, _where(settings, dbname))
+    logger.info("loading %s into %s", path.name, db_where(settings, dbname))
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, env=env
@@ -375,169 +266,8 @@ def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) 
         stderr = errors.read().decode("utf-8", "replace")
     error, missing = psql_failure(settings, stderr, dbname, path.name)
     if missing:
-        error = _missing_roles_error(settings, maintenance_db, path, missing)
+        error = missing_roles_error(settings, maintenance_db, path, missing)
     raise error
-
-
-def _missing_roles_error(
-    settings: Settings, maintenance_db: str, path: Path, named: list[str]
-) -> PermanentError:
-    """psql stops at the first missing role: list every role the dump names that the server lacks."""
-    missing = set(named)
-    with contextlib.suppress(BackupError, OSError):
-        wanted = referenced_roles(path) | missing
-        with _connect(settings, maintenance_db) as admin:
-            found = {
-                r
-                for (r,) in admin.execute(
-                    "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", [list(wanted)]
-                )
-            }
-        missing = wanted - found
-    names = ", ".join(f'"{name}"' for name in sorted(missing))
-    return PermanentError(
-        f"the dump references roles that do not exist on PostgreSQL {settings.db_host}:{settings.db_port}: "
-        f"{names}. Roles belong to the server, not to a database dump: create them (CREATE ROLE ...; "
-        "`pg_dumpall --roles-only` of the source server has their definitions), then restore again; "
-        "or restore a dump taken with --no-owner --no-privileges"
-    )
-
-
-def _carry_over(settings: Settings, maintenance_db: str, live: str, new: str) -> list[str]:
-    """Give the new database the live one's settings, grants, connection limit and comment; return a
-    warning for each that could not be carried over."""
-    warnings = []
-    with _connect(settings, maintenance_db) as admin:
-        for statement in _carry_over_statements(admin, live, new):
-            try:
-                admin.execute(statement)
-            except psycopg.Error as exc:
-                text = statement.as_string(admin)
-                warnings.append(f"not carried over to the restored database, apply by hand: {text} ({exc})")
-    for warning in warnings:
-        logger.warning(warning)
-    return warnings
-
-
-def _carry_over_statements(admin: psycopg.Connection, live: str, new: str) -> list[sql.Composed]:
-    target = sql.Identifier(new)
-    limit, comment, has_acl = admin.execute(
-        "SELECT datconnlimit, shobj_description(oid, 'pg_database'), datacl IS NOT NULL "
-        "FROM pg_database WHERE datname = %s",
-        [live],
-    ).fetchone()
-    statements = []
-    if limit != -1:
-        statements.append(
-            sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(target, sql.Literal(limit))
-        )
-    if comment is not None:
-        statements.append(sql.SQL("COMMENT ON DATABASE {} IS {}").format(target, sql.Literal(comment)))
-    if has_acl:
-        statements.append(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(target))
-    for privilege, grantee, grantable in admin.execute(ACL_QUERY, [live]).fetchall():
-        option = sql.SQL(" WITH GRANT OPTION" if grantable else "")
-        statements.append(
-            sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                sql.SQL(privilege), target, sql.SQL(grantee), option
-            )
-        )
-    statements += [
-        setting_statement(new, role, s) for role, s in admin.execute(SETTINGS_QUERY, [live]).fetchall()
-    ]
-    return statements
-
-
-def _swap(settings: Settings, maintenance_db: str, target: str, new: str, stamp: str) -> str | None:
-    """Put ``new`` in place of ``target``; return the name the replaced database now has (None if
-    there was none). On failure the target takes connections again, unchanged."""
-    previous = derived_name(target, "before", stamp)
-    with _connect(settings, maintenance_db) as admin:
-        exists = _database_row(admin, target) is not None
-        try:
-            _allow_connections(admin, new, False)
-            if exists:
-                _allow_connections(admin, target, False)
-            _rename(admin, settings, target, new, previous if exists else None)
-        except BaseException as exc:
-            if exists and not _reallow(settings, maintenance_db, target) and isinstance(exc, Exception):
-                raise PermanentError(
-                    f"{exc}; and {_where(settings, target)} still refuses connections: run "
-                    f'ALTER DATABASE "{target}" WITH ALLOW_CONNECTIONS true'
-                ) from exc
-            raise
-    previous = previous if exists else None
-    logger.info("swapped %s in (the replaced database: %s)", _where(settings, target), previous)
-    return previous
-
-
-def _rename(
-    admin: psycopg.Connection, settings: Settings, target: str, new: str, previous: str | None
-) -> None:
-    """End the sessions on both databases, then rename and re-allow connections in one transaction."""
-    for attempt in range(RENAME_ATTEMPTS):
-        _end_sessions(admin, settings, [target, new])
-        try:
-            with admin.transaction():
-                if previous is not None:
-                    _rename_one(admin, target, previous)
-                    _allow_connections(admin, previous, True)
-                _rename_one(admin, new, target)
-                _allow_connections(admin, target, True)
-            return
-        except psycopg.errors.ObjectInUse:  # a session came back between the two steps
-            if attempt == RENAME_ATTEMPTS - 1:
-                raise
-
-
-def _end_sessions(admin: psycopg.Connection, settings: Settings, names: list[str]) -> None:
-    deadline = time.monotonic() + SESSION_END_TIMEOUT
-    while admin.execute(END_SESSIONS, [names]).fetchone()[0]:
-        if time.monotonic() > deadline:
-            raise TransientError(
-                f"sessions on {_where(settings, names[0])} did not end within "
-                f"{SESSION_END_TIMEOUT:.0f} s; try again"
-            )
-        time.sleep(0.1)
-
-
-def _rename_one(admin: psycopg.Connection, old: str, new: str) -> None:
-    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
-
-
-def _allow_connections(admin: psycopg.Connection, name: str, allow: bool) -> None:
-    statement = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
-    admin.execute(statement.format(sql.Identifier(name), sql.SQL("true" if allow else "false")))
-
-
-def _reallow(settings: Settings, maintenance_db: str, name: str) -> bool:
-    try:
-        with _connect(settings, maintenance_db) as admin:
-            _allow_connections(admin, name, True)
-        return True
-    except BackupError as exc:
-        logger.error("could not re-allow connections to %s: %s", _where(settings, name), exc)
-        return False
-
-
-def _drop_quietly(settings: Settings, maintenance_db: str, name: str, cause: BaseException) -> None:
-    try:
-        with _connect(settings, maintenance_db) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        logger.info("dropped %s after a failed restore", _where(settings, name))
-    except BackupError as exc:
-        note = f"the partly restored {_where(settings, name)} could not be dropped ({exc}): drop it by hand"
-        logger.error(note)
-        cause.add_note(note)
-
-
-def _drop_previous(settings: Settings, maintenance_db: str, name: str) -> list[str]:
-    try:
-        with _connect(settings, maintenance_db) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-        return []
-    except BackupError as exc:
-        return [f"the replaced database {name} could not be dropped ({exc}): drop it by hand"]
 
 
 def _count_tables(conn: psycopg.Connection) -> list[tuple[str, int, bool]]:
@@ -555,62 +285,5 @@ def _count_tables(conn: psycopg.Connection) -> list[tuple[str, int, bool]]:
         ]
 
 
-def _database_row(admin: psycopg.Connection, name: str) -> dict | None:
-    row = admin.execute(DATABASE_QUERY, [name]).fetchone()
-    return row[0] if row else None
-
-
-@contextlib.contextmanager
-def _connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
-    """Connect as DB_USER (password as a parameter, never in argv); errors become ours."""
-    password = settings.db_password.get_secret_value() if settings.db_password else None
-    try:
-        conn = psycopg.connect(
-            host=settings.db_host,
-            port=settings.db_port,
-            user=settings.db_user,
-            password=password,
-            dbname=dbname,
-            connect_timeout=settings.db_connect_timeout,
-            application_name=APPLICATION_NAME,
-            autocommit=True,
-        )
-    except psycopg.Error as exc:
-        raise _failure(settings, dbname, str(exc)) from None
-    try:
-        with conn:
-            yield conn
-    except psycopg.Error as exc:
-        detail = f" ({exc.diag.message_detail})" if exc.diag.message_detail else ""
-        raise _failure(settings, dbname, f"{exc}{detail}", sqlstate=exc.sqlstate) from None
-
-
-def _failure(
-    settings: Settings, dbname: str, text: str, sqlstate: str | None = None, summary: str | None = None
-) -> BackupError:
-    """Given an error's text, return a PermanentError naming what DB_USER lacks when it is about
-    privileges, a TransientError when a retry may help, else a PermanentError."""
-    text = redact(text.strip(), settings.secret_values())
-    summary = summary or _last_lines(text)
-    where, user = _where(settings, dbname), settings.db_user
-    for pattern, hint in _HINTS:
-        match = re.search(pattern, text)
-        if match:
-            fix = hint.format(*match.groups(), user=user)
-            fix += "" if "superuser" in hint else ", or restore as a superuser"
-            return PermanentError(f"{where}: DB_USER {user} {fix} ({summary})")
-    if sqlstate in TRANSIENT_STATES or isinstance(classify_pg_error(text, settings), TransientError):
-        return TransientError(f"{where}: {summary}")
-    return PermanentError(f"{where}: {summary}")
-
-
-def _where(settings: Settings, dbname: str) -> str:
-    return f"PostgreSQL {settings.db_host}:{settings.db_port}/{dbname}"
-
-
 def _scoped(settings: Settings, dbname: str) -> Settings:
     return settings.model_copy(update={"db_name": dbname})
-
-
-def _last_lines(text: str, count: int = 4) -> str:
-    return " | ".join(line.strip() for line in text.splitlines()[-count:] if line.strip())

@@ -1,0 +1,114 @@
+"""Connections and errors shared by every step of a PostgreSQL restore.
+
+What: connect as DB_USER (password as a parameter, never in argv), name a database in messages, read
+its pg_database row, and turn PostgreSQL's and psql's errors into ours. Why: an operator must read
+in each error what DB_USER lacks (with the GRANT or ALTER that fixes it) or whether a retry may
+help, and never a password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import psycopg
+
+from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
+from vq_tasks.settings import Settings
+from vq_tasks.sources.postgres import classify_pg_error
+
+APPLICATION_NAME = "vq-backup restore"
+TRANSIENT_STATES = {"55006", "55P03", "40P01", "40001", "57P01", "57P03"}
+_MISSING_ROLE = re.compile(r'role "((?:[^"]|"")+)" does not exist')
+_PSQL_ERROR = re.compile(r"^psql:.*:(\d+): (?:ERROR|FATAL):\s+(.*)((?:\n(?:DETAIL|HINT):.*)*)", re.M)
+_HINTS = (
+    (r"permission denied to create database", "may not create databases: ALTER ROLE {user} CREATEDB"),
+    (r"must be owner of (\w+(?: \w+)? \S+)", "must own {0}"),
+    (r'must be (?:a )?member of role "(.+?)"', 'may not act as role "{0}": GRANT "{0}" TO {user}'),
+    (r'must be able to SET ROLE "(.+?)"', 'may not act as role "{0}": GRANT "{0}" TO {user}'),
+    (
+        r"must be a superuser to terminate|SUPERUSER attribute may terminate",
+        "may not end a superuser's session: end it by hand first",
+    ),
+    (
+        r"role whose process is being terminated|permission denied to terminate",
+        "may not end other roles' sessions: GRANT pg_signal_backend TO {user}",
+    ),
+    (r"(?i:must be (?:a )?superuser)", "is not a superuser, which this needs: restore as a superuser"),
+    (r"permission denied for (\w+(?: \w+)? \S+)", "lacks a privilege on {0}: grant it"),
+    (r"permission denied to (\w+(?: \w+)?)", "may not {0}"),
+)
+DATABASE_QUERY = """SELECT to_jsonb(d) || jsonb_build_object('encoding_name', pg_encoding_to_char(d.encoding))
+FROM pg_database d WHERE d.datname = %s"""
+
+
+@contextlib.contextmanager
+def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
+    """Connect as DB_USER (password as a parameter, never in argv); errors become ours."""
+    password = settings.db_password.get_secret_value() if settings.db_password else None
+    try:
+        conn = psycopg.connect(
+            host=settings.db_host,
+            port=settings.db_port,
+            user=settings.db_user,
+            password=password,
+            dbname=dbname,
+            connect_timeout=settings.db_connect_timeout,
+            application_name=APPLICATION_NAME,
+            autocommit=True,
+        )
+    except psycopg.Error as exc:
+        raise failure(settings, dbname, str(exc)) from None
+    try:
+        with conn:
+            yield conn
+    except psycopg.Error as exc:
+        detail = f" ({exc.diag.message_detail})" if exc.diag.message_detail else ""
+        raise failure(settings, dbname, f"{exc}{detail}", sqlstate=exc.sqlstate) from None
+
+
+def failure(
+    settings: Settings, dbname: str, text: str, sqlstate: str | None = None, summary: str | None = None
+) -> BackupError:
+    """Given an error's text, return a PermanentError naming what DB_USER lacks when it is about
+    privileges, a TransientError when a retry may help, else a PermanentError."""
+    text = redact(text.strip(), settings.secret_values())
+    summary = summary or _last_lines(text)
+    where, user = db_where(settings, dbname), settings.db_user
+    for pattern, hint in _HINTS:
+        match = re.search(pattern, text)
+        if match:
+            fix = hint.format(*match.groups(), user=user)
+            fix += "" if "superuser" in hint else ", or restore as a superuser"
+            return PermanentError(f"{where}: DB_USER {user} {fix} ({summary})")
+    if sqlstate in TRANSIENT_STATES or isinstance(classify_pg_error(text, settings), TransientError):
+        return TransientError(f"{where}: {summary}")
+    return PermanentError(f"{where}: {summary}")
+
+
+def psql_failure(settings: Settings, stderr: str, dbname: str, source: str) -> tuple[BackupError, list[str]]:
+    """Given psql's stderr on loading ``source``, return the error to raise and the roles it says
+    are missing."""
+    text = redact(stderr.strip(), settings.secret_values())
+    found = _PSQL_ERROR.search(text)
+    if found:
+        details = " | ".join(d.strip() for d in found.group(3).splitlines() if d.strip())
+        line = f"{source} line {found.group(1)}: {found.group(2)}" + (f" | {details}" if details else "")
+    else:
+        line = _last_lines(text)
+    missing = [name.replace('""', '"') for name in _MISSING_ROLE.findall(line)]
+    return failure(settings, dbname, line if found else text, summary=line), missing
+
+
+def database_row(admin: psycopg.Connection, name: str) -> dict | None:
+    row = admin.execute(DATABASE_QUERY, [name]).fetchone()
+    return row[0] if row else None
+
+
+def db_where(settings: Settings, dbname: str) -> str:
+    return f"PostgreSQL {settings.db_host}:{settings.db_port}/{dbname}"
+
+
+def _last_lines(text: str, count: int = 4) -> str:
+    return " | ".join(line.strip() for line in text.splitlines()[-count:] if line.strip())

@@ -1,0 +1,191 @@
+"""Put a restored and checked database in place of the live one, or drop it.
+
+What: the names (``<DB_NAME>_restore_<stamp>``, ``<DB_NAME>_before_<stamp>``), the carry-over of what
+a dump of a database's contents does not hold (settings, grants, connection limit, comment), the
+swap, and the drops. Why apart: this is the only part that changes the live database, so its one
+rename transaction and the undo on every failure before it commits are kept together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+from psycopg import sql
+
+from vq_tasks.errors import BackupError, PermanentError, TransientError
+from vq_tasks.restore.postgres_connect import connect, database_row, db_where
+from vq_tasks.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+NAME_LIMIT = 63  # bytes (NAMEDATALEN - 1): PostgreSQL cuts longer names silently
+SESSION_END_TIMEOUT = 30.0
+RENAME_ATTEMPTS = 3
+LIST_SETTINGS = {"search_path", "temp_tablespaces", "local_preload_libraries", "session_preload_libraries"}
+ACL_QUERY = """SELECT a.privilege_type,
+  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, a.is_grantable
+FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s"""
+SETTINGS_QUERY = """SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE s.setrole::regrole::text END, c.setting
+FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) c(setting)
+WHERE d.datname = %s ORDER BY s.setrole"""
+END_SESSIONS = """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = ANY(%s)
+  AND pid <> pg_backend_pid() AND backend_type IS DISTINCT FROM 'autovacuum worker'"""
+
+
+def derived_name(base: str, kind: str, stamp: str) -> str:
+    """Given a database name, a kind (``restore``, ``before``) and a stamp, return
+    ``<base>_<kind>_<stamp>``, the base shortened so that the whole fits in PostgreSQL's 63 bytes."""
+    suffix = f"_{kind}_{stamp}"
+    room = NAME_LIMIT - len(suffix.encode())
+    return base.encode()[:room].decode("utf-8", "ignore") + suffix
+
+
+def setting_statement(dbname: str, role: str | None, setting: str) -> sql.Composed:
+    """Given a database, a role (already quoted, None for all) and a ``name=value`` of
+    pg_db_role_setting, return the ALTER statement that sets it on that database."""
+    name, _, value = setting.partition("=")
+    if role is None:
+        target = sql.SQL("ALTER DATABASE {}").format(sql.Identifier(dbname))
+    else:
+        target = sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.SQL(role), sql.Identifier(dbname))
+    literal = sql.SQL(value) if name.lower() in LIST_SETTINGS else sql.Literal(value)
+    return sql.SQL("{} SET {} TO {}").format(target, sql.Identifier(name), literal)
+
+
+def carry_over(settings: Settings, maintenance_db: str, live: str, new: str) -> list[str]:
+    """Give the new database the live one's settings, grants, connection limit and comment; return a
+    warning for each that could not be carried over."""
+    warnings = []
+    with connect(settings, maintenance_db) as admin:
+        for statement in _carry_over_statements(admin, live, new):
+            try:
+                admin.execute(statement)
+            except psycopg.Error as exc:
+                text = statement.as_string(admin)
+                warnings.append(f"not carried over to the restored database, apply by hand: {text} ({exc})")
+    for warning in warnings:
+        logger.warning(warning)
+    return warnings
+
+
+def _carry_over_statements(admin: psycopg.Connection, live: str, new: str) -> list[sql.Composed]:
+    target = sql.Identifier(new)
+    limit, comment, has_acl = admin.execute(
+        "SELECT datconnlimit, shobj_description(oid, 'pg_database'), datacl IS NOT NULL "
+        "FROM pg_database WHERE datname = %s",
+        [live],
+    ).fetchone()
+    statements = []
+    if limit != -1:
+        statements.append(
+            sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(target, sql.Literal(limit))
+        )
+    if comment is not None:
+        statements.append(sql.SQL("COMMENT ON DATABASE {} IS {}").format(target, sql.Literal(comment)))
+    if has_acl:
+        statements.append(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(target))
+    for privilege, grantee, grantable in admin.execute(ACL_QUERY, [live]).fetchall():
+        option = sql.SQL(" WITH GRANT OPTION" if grantable else "")
+        statements.append(
+            sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                sql.SQL(privilege), target, sql.SQL(grantee), option
+            )
+        )
+    statements += [
+        setting_statement(new, role, s) for role, s in admin.execute(SETTINGS_QUERY, [live]).fetchall()
+    ]
+    return statements
+
+
+def swap_in(settings: Settings, maintenance_db: str, target: str, new: str, stamp: str) -> str | None:
+    """Put ``new`` in place of ``target``; return the name the replaced database now has (None if
+    there was none). On failure the target takes connections again, unchanged."""
+    previous = derived_name(target, "before", stamp)
+    with connect(settings, maintenance_db) as admin:
+        exists = database_row(admin, target) is not None
+        try:
+            _allow_connections(admin, new, False)
+            if exists:
+                _allow_connections(admin, target, False)
+            _rename(admin, settings, target, new, previous if exists else None)
+        except BaseException as exc:
+            if exists and not _reallow(settings, maintenance_db, target) and isinstance(exc, Exception):
+                raise PermanentError(
+                    f"{exc}; and {db_where(settings, target)} still refuses connections: run "
+                    f'ALTER DATABASE "{target}" WITH ALLOW_CONNECTIONS true'
+                ) from exc
+            raise
+    previous = previous if exists else None
+    logger.info("swapped %s in (the replaced database: %s)", db_where(settings, target), previous)
+    return previous
+
+
+def _rename(
+    admin: psycopg.Connection, settings: Settings, target: str, new: str, previous: str | None
+) -> None:
+    """End the sessions on both databases, then rename and re-allow connections in one transaction."""
+    for attempt in range(RENAME_ATTEMPTS):
+        _end_sessions(admin, settings, [target, new])
+        try:
+            with admin.transaction():
+                if previous is not None:
+                    _rename_one(admin, target, previous)
+                    _allow_connections(admin, previous, True)
+                _rename_one(admin, new, target)
+                _allow_connections(admin, target, True)
+            return
+        except psycopg.errors.ObjectInUse:  # a session came back between the two steps
+            if attempt == RENAME_ATTEMPTS - 1:
+                raise
+
+
+def _end_sessions(admin: psycopg.Connection, settings: Settings, names: list[str]) -> None:
+    deadline = time.monotonic() + SESSION_END_TIMEOUT
+    while admin.execute(END_SESSIONS, [names]).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise TransientError(
+                f"sessions on {db_where(settings, names[0])} did not end within "
+                f"{SESSION_END_TIMEOUT:.0f} s; try again"
+            )
+        time.sleep(0.1)
+
+
+def _rename_one(admin: psycopg.Connection, old: str, new: str) -> None:
+    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+
+
+def _allow_connections(admin: psycopg.Connection, name: str, allow: bool) -> None:
+    statement = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
+    admin.execute(statement.format(sql.Identifier(name), sql.SQL("true" if allow else "false")))
+
+
+def _reallow(settings: Settings, maintenance_db: str, name: str) -> bool:
+    try:
+        with connect(settings, maintenance_db) as admin:
+            _allow_connections(admin, name, True)
+        return True
+    except BackupError as exc:
+        logger.error("could not re-allow connections to %s: %s", db_where(settings, name), exc)
+        return False
+
+
+def drop_quietly(settings: Settings, maintenance_db: str, name: str, cause: BaseException) -> None:
+    try:
+        with connect(settings, maintenance_db) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        logger.info("dropped %s after a failed restore", db_where(settings, name))
+    except BackupError as exc:
+        note = f"the partly restored {db_where(settings, name)} could not be dropped ({exc}): drop it by hand"
+        logger.error(note)
+        cause.add_note(note)
+
+
+def drop_previous(settings: Settings, maintenance_db: str, name: str) -> list[str]:
+    try:
+        with connect(settings, maintenance_db) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        return []
+    except BackupError as exc:
+        return [f"the replaced database {name} could not be dropped ({exc}): drop it by hand"]
