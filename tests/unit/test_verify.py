@@ -37,16 +37,17 @@ from vq_tasks.sources.redis import CRC64
 from vq_tasks.sources.sql_dump import SqlDumpInspector
 from vq_tasks.staging import StagingArea, stage_part
 from vq_tasks.storage.local import LocalStorage
-from vq_tasks.streams import GzipStage, HashStage, Writer, gzip_member
-from vq_tasks.verify import (
+from vq_tasks.streams import (
     DamagedStream,
     GunzipReader,
+    GzipStage,
     HashingReader,
-    VerifyReport,
-    probe_for,
-    scan_archive,
-    verify_backup,
+    HashStage,
+    Writer,
+    gzip_member,
 )
+from vq_tasks.verify import VerifyReport, verify_backup
+from vq_tasks.verify_scan import probe_for, scan_archive
 
 BACKUP_ID = "virtualqueue_backup_20240115_020000"
 STARTED = datetime(2024, 1, 15, 2, tzinfo=UTC)
