@@ -133,3 +133,26 @@ def heartbeat(r: redis.Redis, backup_id: str, ttl: int) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+RESTORE_LOCK_KEY = "vq:restore:lock"
+
+
+def acquire_restore_lock(r: redis.Redis, holder: str, backup_id: str, ttl: int) -> str | None:
+    """Take the restore lock for ``holder`` (a token without spaces, unique per restore). Return
+    None when taken, else a description of the restore that holds it."""
+    value = f"{holder} {backup_id} {datetime.now(UTC).isoformat(timespec='seconds')}"
+    if r.set(RESTORE_LOCK_KEY, value, nx=True, ex=ttl):
+        return None
+    _, held_id, since = ([*(r.get(RESTORE_LOCK_KEY) or "").split(" "), "", "", ""])[:3]
+    return f"a restore of {held_id or 'a backup'} (started {since or 'just now'})"
+
+
+def refresh_restore_lock(r: redis.Redis, holder: str, ttl: int) -> bool:
+    """Extend the restore lock if ``holder`` still holds it; return whether it does."""
+    return bool(r.eval(_IF_HOLDER, 1, RESTORE_LOCK_KEY, holder, str(ttl)))
+
+
+def release_restore_lock(r: redis.Redis, holder: str) -> bool:
+    """Release the restore lock if ``holder`` holds it (never another restore's)."""
+    return bool(r.eval(_IF_HOLDER, 1, RESTORE_LOCK_KEY, holder, "release"))

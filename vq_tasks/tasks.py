@@ -214,3 +214,28 @@ def verify(self, backup_id: str = "latest") -> dict[str, Any]:
     else:
         logger.info("backup %s verified: every check OK", report.backup_id)
     return report.model_dump(mode="json")
+
+
+@app.task(name="vq_tasks.restore", bind=True, throws=(PermanentError, TransientError))
+def restore(
+    self, backup_id: str = "latest", components: list[str] | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Verify ``backup_id`` (or ``latest``) and return the plan of restoring ``components``
+    (default database, redis, config; logs only when named); with ``force``, restore them and
+    return the results and the integrity report. Never retried: the operator decides."""
+    from vq_tasks.restore.run import restore_backup
+
+    settings = get_settings()
+    try:
+        report = restore_backup(
+            settings, open_storage(settings), backup_id, components, force=force, say=logger.info
+        )
+    except Exception as exc:
+        message = redact(str(exc) or type(exc).__name__, settings.secret_values())
+        failure = TransientError(message) if is_transient(exc) else PermanentError(message)
+    else:
+        verdict = "ok" if report.ok else "FAILED its integrity check"
+        logger.info("restore of %s (%s): %s", report.backup_id, "forced" if force else "plan", verdict)
+        return report.model_dump(mode="json")
+    logger.error("restore of %s failed: %s", backup_id, failure)
+    raise failure

@@ -1,0 +1,241 @@
+"""Take components of a stored backup out of storage, checking every byte on the way.
+
+The bundle is read once, as a stream: storage -> HashingReader (its raw bytes, compared with the
+manifest's entry for the stored file) -> GunzipReader when compressed -> tarfile in stream mode.
+Each wanted member is written to a file whose name the caller chose (never the member's own name),
+hashed as it is written and compared with the manifest's checksums of that component; every other
+member is skipped. The logs archive is copied as stored, its raw bytes and its tar stream both
+checked. Files are created new (mode 600); when anything fails, those written are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import ComponentEntry, Manifest, StoredFile
+from vq_tasks.storage.base import Storage
+from vq_tasks.streams import CHUNK_SIZE, Checksums, DamagedStream, GunzipReader, HashingReader, HashStage
+
+Say = Callable[[str], object]
+TAR_BUFSIZE = 64 * 1024
+PROGRESS_INTERVAL = 5.0
+READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, EOFError)
+
+
+def _quiet(line: str) -> None:
+    """Say nothing."""
+
+
+def local_name(component: str, entry: ComponentEntry) -> str:
+    """Given a component and its manifest entry, return the file name it gets in a work folder:
+    ``database.sql``, ``redis.rdb``, ``config.tar[.gz]`` or ``logs.tar[.gz]``."""
+    fixed = {"database": "database.sql", "redis": "redis.rdb"}
+    if component in fixed:
+        return fixed[component]
+    suffix = ".tar.gz" if entry.member.endswith(".gz") else ".tar"
+    return f"{'config' if component == 'config' else 'logs'}{suffix}"
+
+
+def component_named(manifest: Manifest, name: str) -> str:
+    """Given a component (``database``) or its member's name (``database.sql``, the logs
+    archive's name), return the component. Raise PermanentError naming the choices."""
+    for component, entry in manifest.components.items():
+        if name in (component, entry.member):
+            return component
+    choices = ", ".join(f"{c} ({e.member})" for c, e in manifest.components.items())
+    raise PermanentError(f"backup {manifest.backup_id} has no component {name!r}; it has: {choices}")
+
+
+@contextlib.contextmanager
+def work_folder(staging_dir: Path) -> Iterator[Path]:
+    """Yield a new private folder (mode 700) under ``staging_dir``, removed with all it holds
+    however the block ends."""
+    staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".restore-", dir=staging_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def extract_to(storage: Storage, manifest: Manifest, targets: dict[str, Path], say: Say = _quiet) -> None:
+    """Given components and the new file each goes to, write each one's content there after
+    checking it against the manifest, reading each stored file once. Raise PermanentError (the
+    files written removed) when a file is missing or unreadable or a checksum differs."""
+    entries = {c: manifest.components[c] for c in targets}
+    stored_files = {f.name: f for f in manifest.files}
+    try:
+        for stored_name in dict.fromkeys(e.stored_in for e in entries.values()):
+            stored = stored_files.get(stored_name)
+            if stored is None:
+                raise PermanentError(f"{stored_name} is not among the files of {manifest.backup_id}")
+            group = {c: (e, targets[c]) for c, e in entries.items() if e.stored_in == stored_name}
+            compressed = manifest.compression == "gzip"
+            if any(e.member == stored_name for e, _ in group.values()):
+                entry, path = next(iter(group.values()))
+                _copy_whole(storage, stored, compressed, entry, path, say)
+            else:
+                wanted = {e.member: (c, e, p) for c, (e, p) in group.items()}
+                _read_bundle(storage, stored, compressed, wanted, say)
+    except BaseException as exc:
+        for path in targets.values():
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise PermanentError(f"extracting {manifest.backup_id}: {exc.strerror or exc}{where}") from None
+        raise
+
+
+def extract_one(storage: Storage, manifest: Manifest, component: str, path: Path, say: Say = _quiet) -> None:
+    """Write one component to ``path``, a new file, after checking its checksums; it appears
+    only once checked. Raise PermanentError if ``path`` exists or a check fails."""
+    if path.exists() or path.is_symlink():
+        raise PermanentError(f"{path} exists; refusing to overwrite it")
+    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        extract_to(storage, manifest, {component: partial}, say)
+        try:
+            os.link(partial, path)  # fails, rather than overwrite, if path appeared meanwhile
+        except FileExistsError:
+            raise PermanentError(f"{path} exists; refusing to overwrite it") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _opened(storage: Storage, name: str) -> contextlib.AbstractContextManager[BinaryIO]:
+    """Open a stored file. Raise PermanentError if it is not in storage."""
+    if storage.stat(name) is None:
+        raise PermanentError(
+            f"{name} is missing from {storage.describe()} (a logs archive goes after "
+            "BACKUP_LOGS_RETENTION_DAYS)"
+        )
+    return storage.open_read(name)
+
+
+def _create(path: Path) -> BinaryIO:
+    """Create ``path`` as a new file, readable by its owner only."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+class _Source:
+    """A stored file's stream that reports progress and may copy what is read to ``copy_to``."""
+
+    def __init__(self, stream: BinaryIO, stored: StoredFile, say: Say, copy_to: BinaryIO | None = None):
+        self._stream, self._stored, self._say, self._copy_to = stream, stored, say, copy_to
+        self._read = 0
+        self._next = time.monotonic() + PROGRESS_INTERVAL
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._read += len(data)
+        if self._copy_to is not None:
+            self._copy_to.write(data)
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + PROGRESS_INTERVAL
+            self._say(f"  {self._stored.name}: {_mib(self._read)} of {_mib(self._stored.size)} read")
+        return data
+
+
+def _mib(size: float) -> str:
+    """Return a size readable: bytes, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _drain(reader: HashingReader | GunzipReader) -> None:
+    while reader.read(CHUNK_SIZE):
+        pass
+
+
+def _compare(what: str, expected: Checksums | StoredFile, actual: Checksums | None) -> None:
+    """Raise PermanentError naming the first of size, MD5 and SHA-256 that differs."""
+    assert actual is not None
+    for name in ("size", "md5", "sha256"):
+        want, got = getattr(expected, name), getattr(actual, name)
+        if want != got:
+            raise PermanentError(f"{what}: {name} is {got}, the manifest says {want}; nothing was restored")
+
+
+def _read_bundle(
+    storage: Storage,
+    stored: StoredFile,
+    compressed: bool,
+    wanted: dict[str, tuple[str, ComponentEntry, Path]],
+    say: Say,
+) -> None:
+    """Read the bundle once; write each wanted member (by member name) to its file, checked."""
+    say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
+    found: set[str] = set()
+    with _opened(storage, stored.name) as stream:
+        raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
+        content = GunzipReader(raw) if compressed else raw
+        try:
+            with tarfile.open(fileobj=content, mode="r|", bufsize=TAR_BUFSIZE) as tar:
+                while (info := tar.next()) is not None:
+                    tar.members.clear()  # stream mode keeps every TarInfo otherwise
+                    if info.name in wanted:
+                        _write_member(tar, info, wanted[info.name], found, say)
+            _drain(content)
+            _drain(raw)
+        except READ_ERRORS as exc:
+            raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
+    missing = [member for member in wanted if member not in found]
+    if missing:
+        raise PermanentError(f"{stored.name} lacks {', '.join(missing)}; nothing was restored")
+    _compare(stored.name, stored, raw.checksums())
+
+
+def _write_member(
+    tar: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    want: tuple[str, ComponentEntry, Path],
+    found: set[str],
+    say: Say,
+) -> None:
+    """Write one member of the bundle to its file, hashed on the way, and check it."""
+    component, entry, path = want
+    if info.name in found or not info.isfile():
+        problem = "appears twice" if info.name in found else "is not a regular file"
+        raise PermanentError(f"the bundle's {info.name} {problem}; nothing was restored")
+    found.add(info.name)
+    stream = tar.extractfile(info)
+    assert stream is not None  # a regular file always has a stream
+    with _create(path) as out:
+        hashed = HashStage(out)
+        while chunk := stream.read(CHUNK_SIZE):
+            hashed.write(chunk)
+    _compare(f"{component} ({entry.member})", entry.content, hashed.checksums())
+    say(f"  {component}: {entry.member}, {_mib(hashed.size)}, checksums OK")
+
+
+def _copy_whole(
+    storage: Storage, stored: StoredFile, compressed: bool, entry: ComponentEntry, path: Path, say: Say
+) -> None:
+    """Copy a stored file that is a component of its own (the logs archive) as stored; check its
+    raw bytes and its tar stream."""
+    say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
+    with _opened(storage, stored.name) as stream, _create(path) as out:
+        raw = HashingReader(_Source(stream, stored, say, copy_to=out))  # type: ignore[arg-type]
+        content = HashingReader(GunzipReader(raw)) if compressed else raw
+        try:
+            _drain(content)
+            _drain(raw)
+        except READ_ERRORS as exc:
+            raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
+    _compare(stored.name, stored, raw.checksums())
+    _compare(f"{entry.member} (its tar stream)", entry.content, content.checksums())
+    say(f"  {entry.member}: {_mib(stored.size)}, checksums OK")

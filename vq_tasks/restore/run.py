@@ -1,0 +1,363 @@
+"""Restore a stored backup: verify it, take out what is needed, then plan or restore each component
+and check the result. The vq_tasks.restore task and ``vq-backup restore`` both call restore_backup.
+
+Without ``force`` nothing changes: the result is the plan (what each component would replace).
+With it, the restore lock is taken (one restore at a time, none while a backup runs), each
+component is restored in turn (database, redis, config, logs) and then checked: rows per table
+against the manifest, Redis keys per database against what the restore put there, files and
+modes against the archive, and APP_HEALTHCHECK_URL. A backup that fails verification is never
+restored. The work folder (under BACKUP_STAGING_DIR) is always removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+from pydantic import BaseModel, computed_field
+
+from vq_tasks import coordination
+from vq_tasks.catalog import load_manifest
+from vq_tasks.errors import BackupError, PermanentError, TransientError, is_transient
+from vq_tasks.manifest import COMPONENTS, DatabaseFacts, Facts, FilesFacts, Manifest, RedisFacts
+from vq_tasks.restore.extract import extract_to, local_name, work_folder
+from vq_tasks.restore.files import (
+    FilesRestoreResult,
+    changed_files,
+    check_logs_target,
+    read_members,
+    refusals,
+    restore_files,
+)
+from vq_tasks.restore.integrity import (
+    IntegrityCheck,
+    IntegrityReport,
+    files_check,
+    guarded,
+    health_check,
+    keys_checks,
+    rows_check,
+)
+from vq_tasks.restore.postgres import (
+    DatabaseRestorePlan,
+    DatabaseRestoreResult,
+    database_row_counts,
+    plan_database_restore,
+    restore_database,
+)
+from vq_tasks.restore.redis import (
+    RedisPlan,
+    RedisRestoreResult,
+    plan_redis_restore,
+    redis_key_counts,
+    restore_redis,
+)
+from vq_tasks.settings import Settings
+from vq_tasks.storage.base import Storage
+from vq_tasks.verify import report_rows, resolve_backup_id, verify_backup
+
+Say = Callable[[str], object]
+F = TypeVar("F", DatabaseFacts, RedisFacts, FilesFacts)
+DEFAULT_COMPONENTS = ("database", "redis", "config")
+PROGRESS_INTERVAL = 5.0
+
+
+def _quiet(line: str) -> None:
+    """Say nothing."""
+
+
+class FilesPlan(BaseModel):
+    target: str
+    files: int
+    changed: list[str]  # regular files whose copy under target is missing or differs
+    refused: list[str]  # entries the restore would refuse (it then writes nothing)
+
+
+class RestorePlan(BaseModel):
+    database: DatabaseRestorePlan | None = None
+    redis: RedisPlan | None = None
+    config: FilesPlan | None = None
+    logs: FilesPlan | None = None
+
+
+class RestoreResults(BaseModel):
+    database: DatabaseRestoreResult | None = None
+    redis: RedisRestoreResult | None = None
+    config: FilesRestoreResult | None = None
+    logs: FilesRestoreResult | None = None
+
+
+class RestoreReport(BaseModel):
+    backup_id: str
+    components: list[str]
+    forced: bool
+    verify_ok: bool
+    plan: RestorePlan | None = None
+    results: RestoreResults | None = None
+    integrity: IntegrityReport | None = None
+    duration_seconds: float
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ok(self) -> bool:
+        return self.verify_ok and (self.integrity is None or self.integrity.ok)
+
+
+def choose_components(requested: Iterable[str] | str | None) -> list[str]:
+    """Given the components asked for (None: database, redis and config), return them in restore
+    order without repeats. Raise PermanentError for an unknown name or an empty list."""
+    if requested is None:
+        return list(DEFAULT_COMPONENTS)
+    names = [requested] if isinstance(requested, str) else list(requested)
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        shown = ", ".join(_with_hint(n) for n in unknown)
+        raise PermanentError(f"unknown component {shown}: choose from {', '.join(COMPONENTS)}")
+    if not names:
+        raise PermanentError(f"no component named: choose from {', '.join(COMPONENTS)}")
+    return [c for c in COMPONENTS if c in names]
+
+
+def _with_hint(name: str) -> str:
+    close = difflib.get_close_matches(name, COMPONENTS, n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def config_target(settings: Settings) -> Path:
+    """Where config files are restored: BACKUP_RESTORE_CONFIG_DIR, else their own paths."""
+    return settings.backup_restore_config_dir or Path("/")
+
+
+def restore_backup(
+    settings: Settings,
+    storage: Storage,
+    backup_id: str,
+    components: Iterable[str] | str | None = None,
+    force: bool = False,
+    say: Say = _quiet,
+) -> RestoreReport:
+    """Given a backup id or ``latest`` and components, verify the backup, take its components out
+    and return the plan (nothing changed) or, with ``force``, restore them and return the results
+    and the integrity report. Raise PermanentError for a bad id or component, a backup that fails
+    verification, another restore or a backup running; a component that fails stops the restore
+    (the message names those restored before it)."""
+    started = time.monotonic()
+    chosen = choose_components(components)
+    backup_id = resolve_backup_id(storage, settings.backup_name_prefix, backup_id)
+    plan = results = integrity = None
+    with restore_lock(settings, backup_id) if force else contextlib.nullcontext():
+        manifest = verified_manifest(storage, settings, backup_id, chosen, say)
+        with work_folder(settings.backup_staging_dir) as folder:
+            files = {c: folder / local_name(c, manifest.components[c]) for c in chosen}
+            extract_to(storage, manifest, files, say)
+            if force:
+                results = apply_restore(settings, manifest, files, say)
+                integrity = check_integrity(settings, manifest, results, files, say)
+            else:
+                plan = plan_restore(settings, manifest, files, say)
+    return RestoreReport(
+        backup_id=backup_id,
+        components=chosen,
+        forced=force,
+        verify_ok=True,
+        plan=plan,
+        results=results,
+        integrity=integrity,
+        duration_seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def verified_manifest(
+    storage: Storage, settings: Settings, backup_id: str, chosen: list[str], say: Say
+) -> Manifest:
+    """Verify the backup and return its manifest. Raise PermanentError naming the failed checks,
+    or a chosen component the backup does not have."""
+    say(f"verifying {backup_id} (every stored file is read once)")
+    report = verify_backup(storage, settings, backup_id)
+    failed = [f"{row[0]} {row[1]} ({row[3]})" for row in report_rows(report) if row[-1] == "MISMATCH"]
+    if failed:
+        raise PermanentError(
+            f"backup {backup_id} failed verification, nothing was restored: {'; '.join(failed)}"
+        )
+    say(f"{backup_id} verified")
+    manifest = load_manifest(storage, backup_id)
+    missing = [c for c in chosen if c not in manifest.components]
+    if missing:
+        raise PermanentError(f"backup {backup_id} has no {', '.join(missing)} component")
+    return manifest
+
+
+def facts_of(manifest: Manifest, component: str, kind: type[F]) -> F:
+    """Return a component's facts. Raise PermanentError if they are not of ``kind``."""
+    facts: Facts = manifest.components[component].facts
+    if not isinstance(facts, kind):
+        raise PermanentError(f"the manifest's {component} facts are not {kind.__name__}")
+    return facts
+
+
+def _server_binary(settings: Settings) -> str | None:
+    return str(settings.redis_server_bin) if settings.redis_server_bin else None
+
+
+def files_plan(archive: Path, roots: list[str], target: Path) -> FilesPlan:
+    """Return what restoring ``archive`` under ``target`` would change or refuse."""
+    members = read_members(archive)
+    return FilesPlan(
+        target=str(target),
+        files=sum(m.isfile() for m in members),
+        changed=changed_files(archive, target),
+        refused=refusals(members, roots),
+    )
+
+
+def plan_restore(settings: Settings, manifest: Manifest, files: dict[str, Path], say: Say) -> RestorePlan:
+    """Return what restoring ``files`` (by component) would replace. Change nothing."""
+    plan = RestorePlan()
+    if "database" in files:
+        say("planning database")
+        tables = facts_of(manifest, "database", DatabaseFacts).tables
+        plan.database = plan_database_restore(settings, tables, maintenance_db=settings.db_maintenance_db)
+    if "redis" in files:
+        say("planning redis (loading the RDB into a throwaway redis-server)")
+        plan.redis = plan_redis_restore(settings, files["redis"], server_binary=_server_binary(settings))
+    if "config" in files:
+        roots = facts_of(manifest, "config", FilesFacts).roots
+        plan.config = files_plan(files["config"], roots, config_target(settings))
+    if "logs" in files:
+        check_logs_target(settings.backup_restore_logs_dir, settings.backup_log_paths)
+        roots = facts_of(manifest, "logs", FilesFacts).roots
+        plan.logs = files_plan(files["logs"], roots, settings.backup_restore_logs_dir)
+    return plan
+
+
+def apply_restore(settings: Settings, manifest: Manifest, files: dict[str, Path], say: Say) -> RestoreResults:
+    """Restore each of ``files`` (by component) in turn; return the results. Raise the first
+    failure, its message naming the components restored before it."""
+    results = RestoreResults()
+    for component in files:
+        say(f"restoring {component}")
+        try:
+            setattr(results, component, _restore_one(settings, manifest, component, files[component], say))
+        except (BackupError, OSError) as exc:
+            done = [c for c in files if getattr(results, c) is not None]
+            before = (
+                f"; restored before it: {', '.join(done)}" if done else "; nothing was restored before it"
+            )
+            if results.database is not None and results.database.previous_name:
+                before += f" (the replaced database is kept as {results.database.previous_name})"
+            error = TransientError if is_transient(exc) else PermanentError
+            raise error(f"{component} restore failed: {exc}{before}") from None
+        say(f"{component} restored")
+    return results
+
+
+def _restore_one(
+    settings: Settings, manifest: Manifest, component: str, path: Path, say: Say
+) -> DatabaseRestoreResult | RedisRestoreResult | FilesRestoreResult:
+    if component == "database":
+        tables = facts_of(manifest, "database", DatabaseFacts).tables
+        return restore_database(settings, path, tables, maintenance_db=settings.db_maintenance_db)
+    if component == "redis":
+        return restore_redis(
+            settings, path, server_binary=_server_binary(settings), progress=redis_progress(say)
+        )
+    roots = facts_of(manifest, component, FilesFacts).roots
+    if component == "config":
+        return restore_files(path, roots, config_target(settings))
+    check_logs_target(settings.backup_restore_logs_dir, settings.backup_log_paths)
+    return restore_files(path, roots, settings.backup_restore_logs_dir)
+
+
+def redis_progress(say: Say, interval: float = PROGRESS_INTERVAL) -> Callable[[str, str, int], None]:
+    """Return a progress callback for restore_redis that says at most one line per ``interval``."""
+    last = [0.0]
+
+    def progress(stage: str, db: str, count: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= interval:
+            last[0] = now
+            say(
+                f"  redis: loading {count}%"
+                if stage == "loading"
+                else f"  redis: db {db}: {count} keys {stage}"
+            )
+
+    return progress
+
+
+def check_integrity(
+    settings: Settings, manifest: Manifest, results: RestoreResults, files: dict[str, Path], say: Say
+) -> IntegrityReport:
+    """Check what was restored; a check that cannot run is a failed check, never an exception."""
+    say("checking integrity")
+    checks: list[IntegrityCheck] = []
+    if results.database is not None:
+        expected = facts_of(manifest, "database", DatabaseFacts).tables
+        checks += guarded("database rows", lambda: [rows_check(expected, database_row_counts(settings))])
+    if results.redis is not None:
+        backup_keys = facts_of(manifest, "redis", RedisFacts).keys
+        restored = results.redis
+        checks += guarded(
+            "redis keys", lambda: keys_checks(restored, backup_keys, redis_key_counts(settings))
+        )
+    if results.config is not None:
+        checks += guarded(
+            "config files", lambda: [files_check("config files", files["config"], config_target(settings))]
+        )
+    if results.logs is not None:
+        target = settings.backup_restore_logs_dir
+        checks += guarded("log files", lambda: [files_check("log files", files["logs"], target)])
+    if settings.app_healthcheck_url:
+        checks.append(health_check(settings.app_healthcheck_url))
+    return IntegrityReport(checks=checks)
+
+
+def running_backup(r: redis.Redis) -> str | None:
+    """Return the id of the backup that holds the run lock, or None (also when its run has just
+    ended and only the release is pending)."""
+    holder = r.get(coordination.LOCK_KEY)
+    if not holder:
+        return None
+    held_id = holder.split(" ")[0]
+    status = coordination.read_record(r, held_id).get("status")
+    return None if status in ("succeeded", "failed") else held_id
+
+
+@contextlib.contextmanager
+def restore_lock(settings: Settings, backup_id: str) -> Iterator[None]:
+    """Hold the restore lock while the block runs, refreshed from a background thread. Raise
+    PermanentError if another restore holds it or a backup is running."""
+    r = coordination.client(settings)
+    ttl = settings.backup_lock_ttl
+    holder = f"restore-{uuid.uuid4().hex[:12]}"
+    try:
+        running = running_backup(r)
+        held = None if running else coordination.acquire_restore_lock(r, holder, backup_id, ttl)
+    except redis.RedisError as exc:
+        raise TransientError(f"Celery's Redis (which holds the restore lock) did not answer: {exc}") from None
+    if running or held:
+        what = f"backup {running} is running" if running else f"{held} is running"
+        raise PermanentError(f"refusing to restore {backup_id}: {what}; try again once it has ended")
+    stop = threading.Event()
+    thread = threading.Thread(target=_keep_lock, args=(r, holder, ttl, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(redis.RedisError):
+            coordination.release_restore_lock(r, holder)
+
+
+def _keep_lock(r: redis.Redis, holder: str, ttl: int, stop: threading.Event) -> None:
+    while not stop.wait(max(1.0, ttl / 3)):
+        with contextlib.suppress(redis.RedisError):
+            coordination.refresh_restore_lock(r, holder, ttl)
