@@ -70,11 +70,6 @@ def acquire_lock(r: redis.Redis, backup_id: str, task_id: str, ttl: int) -> tupl
     )
 
 
-def refresh_lock(r: redis.Redis, backup_id: str, ttl: int) -> bool:
-    """Extend the lock if ``backup_id`` still holds it; return whether it does."""
-    return bool(r.eval(_IF_HOLDER, 1, LOCK_KEY, backup_id, str(ttl)))
-
-
 def release_lock(r: redis.Redis, backup_id: str) -> bool:
     """Release the lock if ``backup_id`` holds it (never someone else's)."""
     return bool(r.eval(_IF_HOLDER, 1, LOCK_KEY, backup_id, "release"))
@@ -112,21 +107,24 @@ def backup_of_task(r: redis.Redis, task_id: str, backup_id: str, ttl: int) -> tu
 
 
 @contextlib.contextmanager
-def heartbeat(r: redis.Redis, backup_id: str, ttl: int) -> Iterator[None]:
-    """Keep the run lock of ``backup_id`` alive while the block runs, from a background thread,
+def heartbeat(r: redis.Redis, holder: str, ttl: int, key: str = LOCK_KEY) -> Iterator[None]:
+    """Keep the lock ``key`` of ``holder`` alive while the block runs, from a background thread,
     so that a silent step (pg_dump waiting for a table lock, a long fsync) does not lose it.
     A failed refresh is logged, not raised: it must not fail the work it watches."""
     stop = threading.Event()
 
+    def refresh() -> None:
+        try:
+            r.eval(_IF_HOLDER, 1, key, holder, str(ttl))
+        except redis.RedisError as exc:
+            logger.warning("could not refresh the lock %s of %s: %s", key, holder, exc)
+
     def beat() -> None:
         while not stop.wait(max(1.0, ttl / 3)):
-            try:
-                refresh_lock(r, backup_id, ttl)
-            except redis.RedisError as exc:
-                logger.warning("could not refresh the run lock of %s: %s", backup_id, exc)
+            refresh()
 
-    refresh_lock(r, backup_id, ttl)
-    thread = threading.Thread(target=beat, name=f"heartbeat-{backup_id}", daemon=True)
+    refresh()
+    thread = threading.Thread(target=beat, name=f"heartbeat-{holder}", daemon=True)
     thread.start()
     try:
         yield
@@ -146,11 +144,6 @@ def acquire_restore_lock(r: redis.Redis, holder: str, backup_id: str, ttl: int) 
         return None
     _, held_id, since = ([*(r.get(RESTORE_LOCK_KEY) or "").split(" "), "", "", ""])[:3]
     return f"a restore of {held_id or 'a backup'} (started {since or 'just now'})"
-
-
-def refresh_restore_lock(r: redis.Redis, holder: str, ttl: int) -> bool:
-    """Extend the restore lock if ``holder`` still holds it; return whether it does."""
-    return bool(r.eval(_IF_HOLDER, 1, RESTORE_LOCK_KEY, holder, str(ttl)))
 
 
 def release_restore_lock(r: redis.Redis, holder: str) -> bool:

@@ -79,6 +79,8 @@ def start_backup(
     run = coordination.read_record(r, backup_id) if redelivered else {}
     if run.get("chord_started"):
         return BackupStart(backup_id, run["kind"], started, True)
+    if r.exists(coordination.RESTORE_LOCK_KEY):
+        raise BackupRefused("a restore is running; the backup waits for the next schedule or a manual run")
     _, refusal = coordination.acquire_lock(r, backup_id, task_id, settings.backup_lock_ttl)
     if refusal:
         raise BackupRefused(f"a backup is already running: {refusal}")

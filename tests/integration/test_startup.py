@@ -96,8 +96,17 @@ def test_run_lock_expires_when_its_holder_died(broker):
     time.sleep(1.5)  # the holder made no progress: its lock is gone
     assert coordination.acquire_lock(r, "b2", "task-2", ttl=5) == ("b2", None)
     assert not coordination.release_lock(r, "b1")  # never someone else's
-    assert coordination.refresh_lock(r, "b2", 5)
     assert coordination.release_lock(r, "b2")
+
+
+def test_heartbeat_keeps_a_working_run_locked(broker):
+    r = redis.Redis(broker.host, broker.port, password=broker.password, decode_responses=True)
+    assert coordination.acquire_lock(r, "b3", "task-3", ttl=2) == ("b3", None)
+    with coordination.heartbeat(r, "b3", ttl=2):
+        time.sleep(3)  # longer than the lock lives without a heartbeat
+        assert coordination.acquire_lock(r, "b4", "task-4", ttl=2)[1] is not None
+    time.sleep(2.5)
+    assert coordination.acquire_lock(r, "b4", "task-4", ttl=2) == ("b4", None)
 
 
 def test_worker_refuses_pickle(base_env, start_worker, monkeypatch):
@@ -117,3 +126,17 @@ def test_worker_refuses_pickle(base_env, start_worker, monkeypatch):
     assert "vq_tasks.prune" not in worker.log_text().split("untrusted content")[-1]
     unsubscribe(sent)
     client.close()
+
+
+def test_no_backup_starts_while_a_restore_runs(broker, tmp_path):
+    from vq_tasks.pipeline import BackupRefused, start_backup
+    from vq_tasks.settings import load_settings
+
+    url = f"redis://:{broker.password}@127.0.0.1:{broker.port}/0"
+    settings = load_settings(celery_broker_url=url, backup_storage_path=str(tmp_path))
+    r = coordination.client(settings)
+    assert coordination.acquire_restore_lock(r, "restore-1", "b0", ttl=30) is None
+    with pytest.raises(BackupRefused, match="a restore is running"):
+        start_backup(settings, "task-9", scheduled=True)
+    assert coordination.release_restore_lock(r, "restore-1")
+    assert start_backup(settings, "task-9", scheduled=True).kind == "monthly"

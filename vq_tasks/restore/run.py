@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -345,19 +344,9 @@ def restore_lock(settings: Settings, backup_id: str) -> Iterator[None]:
     if running or held:
         what = f"backup {running} is running" if running else f"{held} is running"
         raise PermanentError(f"refusing to restore {backup_id}: {what}; try again once it has ended")
-    stop = threading.Event()
-    thread = threading.Thread(target=_keep_lock, args=(r, holder, ttl, stop), daemon=True)
-    thread.start()
     try:
-        yield
+        with coordination.heartbeat(r, holder, ttl, key=coordination.RESTORE_LOCK_KEY):
+            yield
     finally:
-        stop.set()
-        thread.join()
         with contextlib.suppress(redis.RedisError):
             coordination.release_restore_lock(r, holder)
-
-
-def _keep_lock(r: redis.Redis, holder: str, ttl: int, stop: threading.Event) -> None:
-    while not stop.wait(max(1.0, ttl / 3)):
-        with contextlib.suppress(redis.RedisError):
-            coordination.refresh_restore_lock(r, holder, ttl)
