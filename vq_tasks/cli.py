@@ -7,6 +7,7 @@ vq-backup prune [--dry-run]  apply the retention policy now
 vq-backup verify ID|latest  read every file of a backup once and check it against the manifest
 vq-backup restore ID|latest  print the plan of a restore; --force restores (in this process)
 vq-backup extract ID COMPONENT -o PATH  write one component of a backup to PATH, checked
+vq-backup drill [ID|latest]  restore into a scratch database and Redis, check, drop (cli_drill.py)
 vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
 """
 
@@ -22,6 +23,7 @@ from vq_tasks.settings import ConfigError, Settings, get_settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 POLL_SECONDS = 1.0
 
 
@@ -382,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=cmd_verify)
     add_restore_commands(commands)
+    from vq_tasks.cli_drill import add_drill_command
+
+    add_drill_command(commands)
     demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
     demo.set_defaults(handler=cmd_demo, needs_settings=False)
@@ -396,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vq-backup: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vq-backup: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # an operator sees the message, not a traceback
         from vq_tasks.errors import BackupError
 
