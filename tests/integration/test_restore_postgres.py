@@ -475,3 +475,24 @@ def test_plan_reports_the_target_and_changes_nothing(live, tmp_path):
     absent = plan_database_restore(settings, facts.tables, target_db=f"{live}_absent")
     assert not absent.exists and absent.tables == {} and absent.only_in_backup == sorted(facts.tables)
     json.dumps(plan.model_dump(mode="json"))
+
+
+def test_the_restored_database_keeps_the_live_owner_and_its_rights(live, tmp_path, roles):
+    """Restored by the superuser, the database still belongs to the application's role, which can
+    still create tables in its public schema (PostgreSQL 15: the schema follows the database owner)."""
+    app = f"vq_app_{live[-8:]}"
+    roles.append(app)
+    with pg_connect() as conn:
+        conn.execute(f'CREATE ROLE "{app}" LOGIN')
+        conn.execute(f'CREATE DATABASE "{live}" OWNER "{app}"')
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=app, dbname=live, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    restore_database(settings, tmp_path / "database.sql", facts.tables, keep_previous=False)
+    with pg_connect() as conn:
+        owner = conn.execute("SELECT datdba::regrole::text FROM pg_database WHERE datname = %s", [live])
+        assert owner.fetchone()[0] == app
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=app, dbname=live, autocommit=True) as conn:
+        conn.execute("CREATE TABLE after_restore (id int)")
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1

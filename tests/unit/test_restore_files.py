@@ -107,3 +107,46 @@ def test_a_multi_member_gzip_archive_restores_whole(tmp_path):
     result = restore_files(archive, [str(config)], tmp_path / "restored")
     assert (tmp_path / "restored" / str(config).lstrip("/") / "blob.bin").read_bytes() == payload
     assert len(result.files) == 2
+
+
+def test_links_of_the_archive_cannot_carry_files_out(tmp_path):
+    """l2 -> ., l1 -> l2/.. : each looks harmless alone; a file below l1 would land above the root."""
+    archive = tmp_path / "chain.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, target in (("etc/vq/l2", "."), ("etc/vq/l1", "l2/..")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        evil = tarfile.TarInfo("etc/vq/l1/passwd")
+        evil.size, evil.mode = 4, 0o4755
+        tar.addfile(evil, io.BytesIO(b"root"))
+    target = tmp_path / "target"
+    with pytest.raises(PermanentError, match="below a symlink of the same archive"):
+        restore_files(archive, ["/etc/vq"], target)
+    assert not target.exists()
+
+
+def test_setuid_bits_are_never_restored(tmp_path):
+    archive = tmp_path / "suid.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        entry = tarfile.TarInfo("etc/vq/tool")
+        entry.size, entry.mode = 2, 0o4775
+        tar.addfile(entry, io.BytesIO(b"#!"))
+    restore_files(archive, ["/etc/vq"], tmp_path / "t")
+    assert (tmp_path / "t" / "etc" / "vq" / "tool").stat().st_mode & 0o7777 == 0o775
+
+
+def test_a_link_already_on_disk_cannot_carry_files_out(tmp_path):
+    archive = tmp_path / "plain.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        entry = tarfile.TarInfo("etc/vq/sub/file.conf")
+        entry.size = 1
+        tar.addfile(entry, io.BytesIO(b"x"))
+    target = tmp_path / "t"
+    (target / "etc" / "vq").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (target / "etc" / "vq" / "sub").symlink_to(outside)
+    with pytest.raises(tarfile.OutsideDestinationError):
+        restore_files(archive, ["/etc/vq"], target)
+    assert list(outside.iterdir()) == []

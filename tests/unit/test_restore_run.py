@@ -35,6 +35,7 @@ def with_targets(backup: Backup, tmp_path: Path) -> Settings:
             "backup_restore_config_dir": tmp_path / "restored-config",
             "backup_restore_logs_dir": tmp_path / "restored-logs",
             "backup_log_paths": [str(tmp_path / "log" / "vq")],
+            "backup_config_paths": [str(tmp_path / "etc" / "vq")],
         }
     )
 
@@ -259,3 +260,13 @@ def test_shown_url_drops_credentials_and_query():
         shown_url("https://user:pw@app.example:8443/healthz?token=s3cret")
         == "https://app.example:8443/healthz"
     )
+
+
+def test_roots_come_from_the_settings_not_the_manifest_alone(backup, tmp_path):
+    from vq_tasks.restore.run import trusted_roots
+
+    settings = with_targets(backup, tmp_path)
+    assert trusted_roots(settings, backup.manifest, "config") == [str(tmp_path / "etc" / "vq")]
+    narrowed = settings.model_copy(update={"backup_config_paths": ["/etc/elsewhere"]})
+    with pytest.raises(PermanentError, match="not in BACKUP_CONFIG_PATHS"):
+        trusted_roots(narrowed, backup.manifest, "config")

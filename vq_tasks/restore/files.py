@@ -31,20 +31,26 @@ class FilesRestoreResult(BaseModel):
 def refusals(members: list[tarfile.TarInfo], roots: list[str]) -> list[str]:
     """Return why each unacceptable entry is refused (an empty list: all may be written)."""
     allowed = [root.strip("/") for root in roots]
+    links: set[str] = set()
     found = []
     for member in members:
-        reason = _refusal(member, allowed)
+        reason = _refusal(member, allowed, links)
         if reason:
             found.append(f"{member.name}: {reason}")
+        if member.issym():
+            links.add(posixpath.normpath(member.name))
     return found
 
 
-def _refusal(member: tarfile.TarInfo, roots: list[str]) -> str | None:
+def _refusal(member: tarfile.TarInfo, roots: list[str], links: set[str]) -> str | None:
     name = member.name
     if name.startswith("/") or ".." in name.split("/"):
         return "absolute or climbing path"
     if member.type not in ALLOWED_TYPES:
         return "not a file, folder or symlink"
+    parents = posixpath.normpath(name).split("/")[:-1]
+    if any("/".join(parents[: i + 1]) in links for i in range(len(parents))):
+        return "below a symlink of the same archive"
     root = _root_of(name, roots)
     if root is None:
         return f"outside the backed-up roots {', '.join('/' + r for r in roots)}"
@@ -84,16 +90,30 @@ def restore_files(archive: Path, roots: list[str], target: Path) -> FilesRestore
             f"refusing to restore {archive.name}; nothing was written: " + "; ".join(refused)
         )
     target.mkdir(parents=True, exist_ok=True)
+    keep_modes = _extraction_filter(roots)
     with open_tar_stream(archive) as tar:
         for member in tar:  # checked above; the tar filter still guards against what slipped by
-            tar.extract(member, target, filter=_keep_modes)
+            tar.extract(member, target, filter=keep_modes)
     return FilesRestoreResult(target=str(target), files=[m.name for m in members])
 
 
-def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """The ``tar`` filter's checks, but with the entry's own mode (group write included)."""
-    checked = tarfile.tar_filter(member, dest)
-    return checked.replace(mode=member.mode, deep=False)
+def _extraction_filter(roots: list[str]):
+    """Return tarfile's extraction filter for ``roots``: the ``tar`` filter's checks, the entry's
+    permission bits (group write included) but never setuid, setgid or sticky, and the entry's
+    folder must really lie under its root on disk (a link already there must not carry it away)."""
+    allowed = [root.strip("/") for root in roots]
+
+    def keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        checked = tarfile.tar_filter(member, dest)
+        root = _root_of(member.name, allowed)
+        if root is None or posixpath.normpath(member.name) != root:
+            parent = os.path.realpath(os.path.join(dest, posixpath.dirname(member.name)))
+            top = os.path.realpath(os.path.join(dest, root or ""))
+            if root is None or not (parent + "/").startswith(top + "/"):
+                raise tarfile.OutsideDestinationError(member, parent)
+        return checked.replace(mode=member.mode & 0o777, deep=False)
+
+    return keep_modes
 
 
 def changed_files(archive: Path, target: Path) -> list[str]:

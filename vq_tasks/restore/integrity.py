@@ -140,7 +140,10 @@ def shown_url(url: str) -> str:
 def health_check(url: str, timeout: float = HEALTH_TIMEOUT) -> IntegrityCheck:
     """GET ``url`` (credentials in it sent as basic auth); return a check that passes on a 2xx
     answer within ``timeout`` seconds."""
-    shown = shown_url(url)
+    try:
+        shown = shown_url(url)
+    except ValueError:
+        shown = "APP_HEALTHCHECK_URL"
     try:
         with urllib.request.urlopen(_request(url), timeout=timeout) as answer:
             status = answer.status
@@ -164,5 +167,6 @@ def _request(url: str) -> urllib.request.Request:
     netloc = parts.netloc.rsplit("@", 1)[1]
     request = urllib.request.Request(parts._replace(netloc=netloc).geturl())
     login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-    request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    # unredirected: a redirect, maybe to another host, must not carry the password along
+    request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
     return request

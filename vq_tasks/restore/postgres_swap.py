@@ -55,8 +55,8 @@ def setting_statement(dbname: str, role: str | None, setting: str) -> sql.Compos
 
 
 def carry_over(settings: Settings, maintenance_db: str, live: str, new: str) -> list[str]:
-    """Give the new database the live one's settings, grants, connection limit and comment; return a
-    warning for each that could not be carried over."""
+    """Give the new database the live one's owner, settings, grants, connection limit and comment;
+    return a warning for each that could not be carried over."""
     warnings = []
     with connect(settings, maintenance_db) as admin:
         for statement in _carry_over_statements(admin, live, new):
@@ -72,12 +72,13 @@ def carry_over(settings: Settings, maintenance_db: str, live: str, new: str) -> 
 
 def _carry_over_statements(admin: psycopg.Connection, live: str, new: str) -> list[sql.Composed]:
     target = sql.Identifier(new)
-    limit, comment, has_acl = admin.execute(
-        "SELECT datconnlimit, shobj_description(oid, 'pg_database'), datacl IS NOT NULL "
-        "FROM pg_database WHERE datname = %s",
+    owner, limit, comment, has_acl = admin.execute(
+        "SELECT datdba::regrole::text, datconnlimit, shobj_description(oid, 'pg_database'), "
+        "datacl IS NOT NULL FROM pg_database WHERE datname = %s",
         [live],
     ).fetchone()
-    statements = []
+    # the owner first: on PostgreSQL 15+ the public schema follows it, and the application's rights
+    statements = [sql.SQL("ALTER DATABASE {} OWNER TO {}").format(target, sql.SQL(owner))]
     if limit != -1:
         statements.append(
             sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(target, sql.Literal(limit))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -205,6 +206,23 @@ def _server_binary(settings: Settings) -> str | None:
     return str(settings.redis_server_bin) if settings.redis_server_bin else None
 
 
+def trusted_roots(settings: Settings, manifest: Manifest, component: str) -> list[str]:
+    """Return the backup's roots of ``component`` that this worker's settings also name (the
+    manifest is no safer than the archive it describes, so it alone cannot widen where files go).
+    Raise PermanentError when none is left."""
+    configured = settings.backup_config_paths if component == "config" else settings.backup_log_paths
+    allowed = {os.path.normpath(path) for path in configured}
+    recorded = facts_of(manifest, component, FilesFacts).roots
+    kept = [root for root in recorded if os.path.normpath(root) in allowed]
+    if not kept:
+        variable = "BACKUP_CONFIG_PATHS" if component == "config" else "BACKUP_LOG_PATHS"
+        raise PermanentError(
+            f"the backup's {component} roots ({', '.join(recorded)}) are not in {variable} "
+            f"({', '.join(configured)}): nothing of {component} is restored"
+        )
+    return kept
+
+
 def files_plan(archive: Path, roots: list[str], target: Path) -> FilesPlan:
     """Return what restoring ``archive`` under ``target`` would change or refuse."""
     members = read_members(archive)
@@ -227,11 +245,12 @@ def plan_restore(settings: Settings, manifest: Manifest, files: dict[str, Path],
         say("planning redis (loading the RDB into a throwaway redis-server)")
         plan.redis = plan_redis_restore(settings, files["redis"], server_binary=_server_binary(settings))
     if "config" in files:
-        roots = facts_of(manifest, "config", FilesFacts).roots
-        plan.config = files_plan(files["config"], roots, config_target(settings))
+        plan.config = files_plan(
+            files["config"], trusted_roots(settings, manifest, "config"), config_target(settings)
+        )
     if "logs" in files:
         check_logs_target(settings.backup_restore_logs_dir, settings.backup_log_paths)
-        roots = facts_of(manifest, "logs", FilesFacts).roots
+        roots = trusted_roots(settings, manifest, "logs")
         plan.logs = files_plan(files["logs"], roots, settings.backup_restore_logs_dir)
     return plan
 
@@ -267,7 +286,7 @@ def _restore_one(
         return restore_redis(
             settings, path, server_binary=_server_binary(settings), progress=redis_progress(say)
         )
-    roots = facts_of(manifest, component, FilesFacts).roots
+    roots = trusted_roots(settings, manifest, component)
     if component == "config":
         return restore_files(path, roots, config_target(settings))
     check_logs_target(settings.backup_restore_logs_dir, settings.backup_log_paths)
