@@ -1,4 +1,5 @@
-"""Alert emails: a failed backup to BACKUP_ALERT_EMAIL, a success summary to NOTIFICATION_EMAIL.
+"""Alert emails: a failed backup or restore drill to BACKUP_ALERT_EMAIL, a success summary to
+NOTIFICATION_EMAIL.
 
 Events cross the broker as plain JSON and hold ids, names and redacted error text, never a secret.
 """
@@ -15,21 +16,25 @@ from pydantic import BaseModel
 from vq_tasks.errors import TransientError, redact
 from vq_tasks.settings import Settings
 
+FAILURE_EVENTS = ("backup_failed", "drill_failed")
+
 
 class AlertEvent(BaseModel):
-    event: Literal["backup_failed", "backup_succeeded"]
+    event: Literal["backup_failed", "backup_succeeded", "drill_failed"]
     backup_id: str
     failures: dict[str, str] = {}
     summary: dict[str, str] = {}
+    run_id: str | None = None  # a drill's run (its task id): one alert per run, however often redelivered
 
     @property
     def claim_name(self) -> str:
-        return f"alert:{self.event}:{self.backup_id}"
+        run = f":{self.run_id}" if self.run_id else ""
+        return f"alert:{self.event}:{self.backup_id}{run}"
 
 
 def recipients(settings: Settings, event: AlertEvent) -> list[str]:
     """Return who should get ``event`` (an empty list: nobody, by configuration)."""
-    if event.event == "backup_failed":
+    if event.event in FAILURE_EVENTS:
         target = settings.backup_alert_email if settings.backup_alert_on_failure else None
     else:
         target = settings.notification_email
@@ -48,12 +53,31 @@ def compose(settings: Settings, event: AlertEvent, to: list[str]) -> EmailMessag
         lines += [
             f"Failed component: {name}\nError: {error}\n" for name, error in sorted(event.failures.items())
         ]
+    elif event.event == "drill_failed":
+        parts = ", ".join(sorted(event.failures)) or "unknown step"
+        message["Subject"] = f"[VQ Backup] RESTORE DRILL FAILED: {event.backup_id} ({parts})"
+        lines = drill_lines(event)
     else:
         message["Subject"] = f"[VQ Backup] OK: {event.backup_id}"
         lines = [f"Backup {event.backup_id} completed.", ""]
     lines += [f"{key}: {value}" for key, value in event.summary.items()]
     message.set_content(redact("\n".join(lines), settings.secret_values()) + "\n")
     return message
+
+
+def drill_lines(event: AlertEvent) -> list[str]:
+    """Return the body of a failed restore drill's email: what it means, then each failure."""
+    removed = (
+        "some scratch copies could not be removed: see 'cleanup' below"
+        if "cleanup" in event.failures
+        else "the scratch copies were removed"
+    )
+    lines = [
+        f"The restore drill of backup {event.backup_id} failed: this backup may not restore.",
+        f"The drill restores into a scratch database and a scratch Redis, never the live ones; {removed}.",
+        "",
+    ]
+    return lines + [f"Failed: {name}\nError: {error}\n" for name, error in sorted(event.failures.items())]
 
 
 def send(settings: Settings, message: EmailMessage) -> None:

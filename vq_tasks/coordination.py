@@ -149,3 +149,17 @@ def acquire_restore_lock(r: redis.Redis, holder: str, backup_id: str, ttl: int) 
 def release_restore_lock(r: redis.Redis, holder: str) -> bool:
     """Release the restore lock if ``holder`` holds it (never another restore's)."""
     return bool(r.eval(_IF_HOLDER, 1, RESTORE_LOCK_KEY, holder, "release"))
+
+
+DRILL_KEY = RUN_KEY.format("drill")  # read_record(r, "drill") reads it too
+
+
+def record_drill(r: redis.Redis, **fields: Any) -> None:
+    """Set fields of the restore drill's record (values stored as JSON). It does not expire: a
+    monthly drill's outcome must outlive RUN_RECORD_TTL."""
+    r.hset(DRILL_KEY, mapping={name: json.dumps(value) for name, value in fields.items()})
+
+
+def read_drill(r: redis.Redis) -> dict[str, Any]:
+    """Return the restore drill's record: the last drill's outcome (empty if none ran)."""
+    return {name: json.loads(value) for name, value in r.hgetall(DRILL_KEY).items()}

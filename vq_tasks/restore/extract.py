@@ -58,11 +58,11 @@ def component_named(manifest: Manifest, name: str) -> str:
 
 
 @contextlib.contextmanager
-def work_folder(staging_dir: Path) -> Iterator[Path]:
-    """Yield a new private folder (mode 700) under ``staging_dir``, removed with all it holds
-    however the block ends."""
+def work_folder(staging_dir: Path, prefix: str = ".restore-") -> Iterator[Path]:
+    """Yield a new private folder (mode 700, named ``prefix`` and a random part) under
+    ``staging_dir``, removed with all it holds however the block ends."""
     staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".restore-", dir=staging_dir))
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_dir))
     try:
         yield folder
     finally:

@@ -179,16 +179,19 @@ def free_port() -> int:
 
 
 class Throwaway:
-    """A redis-server of our own that has loaded the RDB; ``close`` ends it and removes its folder."""
+    """A redis-server of our own that has loaded the RDB (none: it starts empty, the scratch target
+    of a restore drill); ``close`` ends it and removes its folder."""
 
-    def __init__(self, binary: str, rdb_path: Path, timeout: float, load_timeout: float = LOAD_TIMEOUT):
+    def __init__(
+        self, binary: str, rdb_path: Path | None, timeout: float, load_timeout: float = LOAD_TIMEOUT
+    ):
         self.binary = binary
         self.timeout = timeout
         self.password = secrets.token_urlsafe(32)
         self.dir = Path(tempfile.mkdtemp(prefix="vq-redis-restore-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self._rdb_path = rdb_path.resolve()
+        self._rdb_path = rdb_path.resolve() if rdb_path is not None else None
         self._load_timeout = load_timeout
 
     @property
@@ -209,7 +212,8 @@ class Throwaway:
     def start(self, progress: Progress | None = None) -> None:
         """Start the server and return once it has loaded the RDB. Raise PermanentError, with the
         end of its log, if it fails to, TransientError if it finds no free port."""
-        (self.dir / RDB_NAME).symlink_to(self._rdb_path)
+        if self._rdb_path is not None:
+            (self.dir / RDB_NAME).symlink_to(self._rdb_path)
         for _ in range(START_ATTEMPTS):
             self.port = free_port()
             config = write_config(self.dir, self.port, self.password)
@@ -244,7 +248,8 @@ class Throwaway:
                 time.sleep(0.05)
         if "Address already in use" in self.log_text():
             return False
-        raise PermanentError(f"{self.where} could not load the RDB {self._rdb_path}: {self.log_tail()}")
+        what = f"load the RDB {self._rdb_path}" if self._rdb_path is not None else "start"
+        raise PermanentError(f"{self.where} could not {what}: {self.log_tail()}")
 
     def log_text(self) -> str:
         try:

@@ -1,0 +1,73 @@
+"""Beat's schedule: the backup on BACKUP_SCHEDULE and the restore drill on BACKUP_DRILL_SCHEDULE (monthly
+by default), both in BACKUP_TIMEZONE; a bad drill schedule stops start-up like a bad backup schedule."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from celery.schedules import crontab
+
+from vq_tasks.app import create_app
+from vq_tasks.schedule import beat_schedule
+from vq_tasks.settings import ConfigError, load_settings
+
+BROKER = "redis://127.0.0.1:6390/0"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("BACKUP_", "CELERY_", "REDIS_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CELERY_BROKER_URL", BROKER)
+
+
+def test_the_drill_runs_monthly_by_default_on_the_latest_backup():
+    schedule = beat_schedule(load_settings())
+    assert set(schedule) == {"vq-backup", "vq-restore-drill"}
+    drill = schedule["vq-restore-drill"]
+    assert drill["task"] == "vq_tasks.restore_drill"
+    assert drill["kwargs"] == {"backup_id": "latest", "origin": "beat"}
+    assert drill["schedule"] == crontab(minute="0", hour="4", day_of_month="1")
+    assert schedule["vq-backup"]["schedule"] == crontab(minute="0", hour="2")
+
+
+def test_the_drill_follows_its_own_schedule_in_the_backup_time_zone(monkeypatch):
+    monkeypatch.setenv("BACKUP_DRILL_SCHEDULE", "30 5 * * 0")
+    monkeypatch.setenv("BACKUP_TIMEZONE", "Europe/Paris")
+    settings = load_settings()
+    drill = beat_schedule(settings)["vq-restore-drill"]["schedule"]
+    assert drill == crontab(minute="30", hour="5", day_of_week="0")
+    assert beat_schedule(settings)["vq-backup"]["schedule"] == crontab(minute="0", hour="2")
+    app = create_app(settings)
+    assert app.conf.timezone == "Europe/Paris"
+    assert app.conf.beat_schedule["vq-restore-drill"]["task"] == "vq_tasks.restore_drill"
+    paris = ZoneInfo("Europe/Paris")
+    drill.app = app
+    drill.nowfun = lambda: datetime(2024, 1, 14, 5, 0, tzinfo=paris)  # a Sunday, 05:00 in Paris
+    remaining = drill.remaining_estimate(datetime(2024, 1, 7, 5, 30, tzinfo=paris))
+    assert remaining.total_seconds() == 30 * 60  # due at 05:30 Paris time, not UTC
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [("0 4 1 *", "needs 5 fields"), ("0 25 1 * *", "invalid"), ("monthly", "needs 5 fields")],
+)
+def test_a_bad_drill_schedule_stops_start_up(monkeypatch, value, fragment):
+    monkeypatch.setenv("BACKUP_DRILL_SCHEDULE", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    [problem] = caught.value.problems
+    assert problem.startswith("BACKUP_DRILL_SCHEDULE=") and fragment in problem
+
+
+def test_both_bad_schedules_are_listed_at_once(monkeypatch):
+    monkeypatch.setenv("BACKUP_SCHEDULE", "0 2 * *")
+    monkeypatch.setenv("BACKUP_DRILL_SCHEDULE", "61 4 1 * *")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert [p.split("=")[0] for p in caught.value.problems] == ["BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE"]
