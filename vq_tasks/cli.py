@@ -242,8 +242,9 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     out = sys.stderr if args.json else sys.stdout
     report = restore_backup(
-        settings, storage, backup_id, components, args.force, lambda line: print(line, file=out, flush=True)
-    )
+        settings, storage, backup_id, components, args.force,
+        say=lambda line: print(line, file=out, flush=True), origin=f"cli:{getpass.getuser()}",
+    )  # fmt: skip
     if args.json:
         print(report.model_dump_json(indent=2))
     elif report.plan is not None:

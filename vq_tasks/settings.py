@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     backup_restore_config_dir: Path | None = None
     backup_restore_logs_dir: Path = Path("/var/tmp/vq-backup/restored-logs")
     app_healthcheck_url: str | None = None
+    backup_audit_log: Path | None = Path("/var/log/vq-backup/audit.jsonl")
 
     # Celery: never the Redis that is backed up
     celery_broker_url: SecretStr = SecretStr("redis://localhost:6380/0")

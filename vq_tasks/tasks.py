@@ -236,8 +236,9 @@ def restore(
     settings = get_settings()
     try:
         report = restore_backup(
-            settings, open_storage(settings), backup_id, components, force=force, say=logger.info
-        )
+            settings, open_storage(settings), backup_id, components, force=force, say=logger.info,
+            origin=f"task:{self.request.id}",
+        )  # fmt: skip
     except Exception as exc:
         message = redact(str(exc) or type(exc).__name__, settings.secret_values())
         failure = TransientError(message) if is_transient(exc) else PermanentError(message)

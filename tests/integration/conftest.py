@@ -156,6 +156,7 @@ def base_env(broker, source_redis, database, layout) -> dict[str, str]:
         backup_staging_dir=layout["staging"],
         backup_config_paths=[layout["config"]],
         backup_log_paths=[layout["logs"]],
+        backup_audit_log=layout["storage"].parent / "audit.jsonl",
         backup_retry_backoff=1,
         backup_retry_max=1,
         compression_threads=2,

@@ -170,6 +170,10 @@ def test_a_drill_restores_into_scratch_copies_checks_them_and_leaves_nothing(
     assert record["last_drill_ok"] is True and record["last_drill_backup_id"] == backup_id
     assert record["last_drill_failures"] == {} and 0 < record["last_drill_seconds"] < TASK_TIMEOUT
     assert record["last_drill_run_id"] == outcome["run_id"] and record["last_drill_ok_at"]
+    audit = [json.loads(line) for line in Path(env["BACKUP_AUDIT_LOG"]).read_text().splitlines()]
+    drills = [line for line in audit if line["operation"] == "drill"]
+    assert drills[0]["outcome"] == "succeeded" and drills[0]["run_id"] == outcome["run_id"]
+    assert drills[0]["integrity"]["ok"]
 
     live_redis = watch(source_redis)  # again: reading the live contents above counted
     printed = run_cli(env, "drill", backup_id)

@@ -169,7 +169,13 @@ def test_plan_changes_nothing_then_a_forced_restore_brings_everything_back(
     assert row_counts(previous)["public.added_later"] == 0  # the replaced database, kept
     assert outcome["results"]["redis"]["removed"] == {"0": 1, "1": 0, "3": 1}
     assert not [p for p in layout["staging"].iterdir() if p.name.startswith(".restore-")]
+    audit = [json.loads(line) for line in Path(env["BACKUP_AUDIT_LOG"]).read_text().splitlines()]
+    restores = [line for line in audit if line["operation"] == "restore"]
+    assert [line["outcome"] for line in restores] == ["succeeded"]  # the plan is no operation
+    assert restores[0]["backup_id"] == backup_id and restores[0]["integrity"]["ok"]
+    assert restores[0]["origin"].startswith("task:")
     everything = json.dumps(outcome) + worker.log_text() + planned.stdout + planned.stderr
+    everything += Path(env["BACKUP_AUDIT_LOG"]).read_text()
     for secret in SECRETS:
         assert secret not in everything
 

@@ -33,6 +33,7 @@ from pydantic import BaseModel, SecretStr, computed_field
 
 from vq_tasks import coordination
 from vq_tasks.alerts import AlertEvent, compose, recipients, send
+from vq_tasks.audit import audit
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
 from vq_tasks.restore.extract import extract_to, local_name, work_folder
@@ -296,6 +297,16 @@ def run_drill(
         drill.fail(drill.stage, exc)
     report = drill.report(run_id, backup_id, resolved, started)
     report.warnings += record_outcome(settings, report)
+    audit(
+        settings,
+        "drill",
+        "succeeded" if report.ok else "failed",
+        backup_id=report.backup_id,
+        run_id=run_id,
+        failures=report.failures or None,
+        duration_seconds=report.duration_seconds,
+        integrity=report.integrity.model_dump(mode="json"),
+    )
     return report
 
 

@@ -24,6 +24,7 @@ import redis
 from pydantic import BaseModel, computed_field
 
 from vq_tasks import coordination
+from vq_tasks.audit import audit
 from vq_tasks.catalog import load_manifest
 from vq_tasks.errors import BackupError, PermanentError, TransientError, is_transient
 from vq_tasks.manifest import COMPONENTS, DatabaseFacts, Facts, FilesFacts, Manifest, RedisFacts
@@ -142,6 +143,7 @@ def restore_backup(
     components: Iterable[str] | str | None = None,
     force: bool = False,
     say: Say = _quiet,
+    origin: str | None = None,
 ) -> RestoreReport:
     """Given a backup id or ``latest`` and components, verify the backup, take its components out
     and return the plan (nothing changed) or, with ``force``, restore them and return the results
@@ -149,6 +151,37 @@ def restore_backup(
     verification, another restore or a backup running; a component that fails stops the restore
     (the message names those restored before it)."""
     started = time.monotonic()
+    try:
+        report = _restore(settings, storage, backup_id, components, force, say, started)
+    except Exception as exc:
+        if force:
+            audit(
+                settings,
+                "restore",
+                "failed",
+                backup_id=backup_id,
+                origin=origin,
+                error=str(exc),
+                duration_seconds=round(time.monotonic() - started, 3),
+            )
+        raise
+    if force:
+        audit(
+            settings,
+            "restore",
+            "succeeded" if report.ok else "integrity check failed",
+            backup_id=report.backup_id,
+            origin=origin,
+            components=report.components,
+            integrity=report.integrity.model_dump(mode="json") if report.integrity else None,
+            duration_seconds=report.duration_seconds,
+        )
+    return report
+
+
+def _restore(
+    settings: Settings, storage: Storage, backup_id: str, components, force: bool, say: Say, started: float
+) -> RestoreReport:
     chosen = choose_components(components)
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, backup_id)
     plan = results = integrity = None

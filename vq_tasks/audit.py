@@ -1,0 +1,47 @@
+"""The audit trail: one JSON line per operation, to BACKUP_AUDIT_LOG and to the log stream.
+
+A line holds the time, the operation, its outcome, the backup id, where it came from, how long it
+took and a few details (never a secret: details pass through the same redaction as logs). Failing
+to write the file is logged, never raised: an audit problem must not fail a restore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from vq_tasks.errors import redact
+from vq_tasks.settings import Settings
+
+logger = logging.getLogger("vq_tasks.audit")
+
+
+def audit_line(operation: str, outcome: str, **fields: Any) -> str:
+    """Return the JSON line of one operation (keys sorted, fields without a value left out)."""
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "operation": operation,
+        "outcome": outcome,
+    }
+    entry.update({key: value for key, value in fields.items() if value is not None})
+    return json.dumps(entry, sort_keys=True, default=str)
+
+
+def audit(settings: Settings, operation: str, outcome: str, **fields: Any) -> str:
+    """Record one operation; return the line written."""
+    line = redact(audit_line(operation, outcome, **fields), settings.secret_values())
+    logger.info("audit %s", line)
+    path = settings.backup_audit_log
+    if path is None:
+        return line
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as stream:
+            stream.write(line + "\n")
+    except OSError as exc:
+        logger.warning("could not write the audit log %s: %s", path, exc.strerror or exc)
+    return line
