@@ -56,6 +56,7 @@ from vq_tasks.settings import LOOPBACK_NAMES, Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify import resolve_backup_id
 
+DROP_ATTEMPTS = 3
 logger = logging.getLogger(__name__)
 Say = Callable[[str], object]
 DRILL_COMPONENTS = ("database", "redis", "config")
@@ -227,11 +228,16 @@ class _Drill:
         """Drop the database ``name`` if it exists; return why it could not be, or None."""
         if name == self.settings.db_name:
             return f"{name} is the live database: never dropped"
-        try:
-            with connect(self.settings, self.settings.db_maintenance_db) as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        except BackupError as exc:
-            return f"{name} could not be dropped ({exc}): drop it by hand"
+        statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        for attempt in range(DROP_ATTEMPTS):  # a lost connection is tried again on a new one
+            try:
+                with connect(self.settings, self.settings.db_maintenance_db) as admin:
+                    admin.execute(statement)
+                return None
+            except BackupError as exc:
+                if not exc.transient or attempt == DROP_ATTEMPTS - 1:
+                    return f"{name} could not be dropped ({exc}): drop it by hand"
+                time.sleep(1 + attempt)
         return None
 
     def _drop_stale_databases(self) -> None:
