@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import BinaryIO, ClassVar
 
 from vq_tasks.errors import BackupError
-from vq_tasks.streams import Writer
+from vq_tasks.streams import CHUNK_SIZE, Writer
 
 
 class StorageError(BackupError):
@@ -62,8 +62,10 @@ class Storage(abc.ABC):
 
     def read_bytes(self, name: str, limit: int = 16 << 20) -> bytes:
         """Return the whole of a small object such as a manifest; refuse one over ``limit``."""
-        with self.open_read(name) as stream:
-            data = stream.read(limit + 1)
+        data = bytearray()
+        with self.open_read(name) as stream:  # in chunks: read(limit) would set aside the whole limit
+            while len(data) <= limit and (chunk := stream.read(CHUNK_SIZE)):
+                data += chunk
         if len(data) > limit:
             raise StorageError(f"{name} in {self.describe()} is larger than {limit} bytes")
-        return data
+        return bytes(data)
