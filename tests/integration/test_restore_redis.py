@@ -16,10 +16,10 @@ import pytest
 import redis
 
 from tests.integration.conftest import fill_redis, redis_value
-from tests.servers import RedisServer, redis_server_binaries, start_redis
+from tests.servers import RedisServer, redis_server_binaries, redis_settings, start_redis
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.restore.redis import plan_redis_restore, redis_key_counts, restore_redis
-from vq_tasks.settings import Settings, load_settings
+from vq_tasks.settings import Settings
 from vq_tasks.sources.redis import dump_redis
 
 pytestmark = pytest.mark.integration
@@ -31,16 +31,6 @@ BINARIES = redis_server_binaries()
 REDIS_62 = next((path for version, path in BINARIES.items() if version.startswith("6.2.")), None)
 REDIS_70 = next((path for version, path in BINARIES.items() if version.startswith("7.0.")), None)
 needs_both = pytest.mark.skipif(not (REDIS_62 and REDIS_70), reason="needs redis-server 6.2 and 7.0")
-
-
-def settings_for(port: int, password: str | None = None) -> Settings:
-    return load_settings(
-        redis_host="127.0.0.1",
-        redis_port=port,
-        redis_password=password,
-        redis_timeout=10,
-        celery_broker_url="redis://127.0.0.1:1/0",
-    )
 
 
 def fill_source(server: RedisServer) -> None:
@@ -78,7 +68,7 @@ def fill_target(server: RedisServer) -> None:
 def take_rdb(source: RedisServer, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out:
-        dump_redis(settings_for(source.port, source.password), out)
+        dump_redis(redis_settings(source.port, source.password), out)
     return path
 
 
@@ -127,7 +117,7 @@ def test_round_trip_restores_every_key_and_removes_the_others(tmp_path: Path, ve
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        settings = settings_for(target.port, TARGET_PASSWORD)
+        settings = redis_settings(target.port, TARGET_PASSWORD)
         source_counts = {str(db): n for db in DATABASES if (n := source.client(db).dbsize())}
 
         before = state(target)
@@ -164,7 +154,7 @@ def test_upgrade_from_a_62_backup_into_a_70_target(tmp_path: Path):
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        restore_redis(settings_for(target.port, TARGET_PASSWORD), rdb, server_binary=REDIS_62)
+        restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=REDIS_62)
         assert_same(source, target, by_dump=False)
 
 
@@ -179,7 +169,7 @@ def test_large_values_are_copied_in_groups_of_bounded_size(tmp_path: Path, monke
             client.mset({f"small:{i}": i for i in range(300)})
             client.rpush("large-list", *[os.urandom(1000) for _ in range(3000)])
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        result = restore_redis(settings_for(target.port, TARGET_PASSWORD), rdb, source_binary(source))
+        result = restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source))
         assert_same(source, target, by_dump=True)
     assert result.restored == {"2": 306}
 
@@ -192,9 +182,9 @@ def test_empty_backup_empties_every_database(tmp_path: Path):
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
         result = restore_redis(
-            settings_for(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
+            redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
         )
-        assert redis_key_counts(settings_for(target.port, TARGET_PASSWORD)) == {}
+        assert redis_key_counts(redis_settings(target.port, TARGET_PASSWORD)) == {}
     assert result.restored == {} and result.removed == {"0": 6, "1": 2, "3": 2}
 
 
@@ -224,7 +214,7 @@ def test_newer_rdb_is_refused_against_an_older_target(tmp_path: Path):
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
     assert f"127.0.0.1:{target.port}" in message
     assert "RDB is version 10" in message and "Redis 6.2.14" in message and "up to 9" in message
     assert "nothing was written" in message
@@ -240,7 +230,7 @@ def test_throwaway_newer_than_the_target_is_refused(tmp_path: Path):
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
     assert "payloads of RDB version 10" in message and "REDIS_SERVER_BIN" in message and "6.2.14" in message
 
 
@@ -257,7 +247,7 @@ def test_payload_check_refuses_a_throwaway_the_table_does_not_know(
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
     assert "payloads of RDB version 10" in message and "nothing was written" in message
 
 
@@ -270,7 +260,7 @@ def test_throwaway_too_old_for_the_rdb_is_refused(tmp_path: Path):
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, REDIS_62, target)
+        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_62, target)
     assert "RDB is version 10" in message and "redis-server 6.2.14" in message and "up to 9" in message
 
 
@@ -283,9 +273,9 @@ def test_wrong_target_password_is_permanent_and_never_shown(tmp_path: Path):
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         fill_target(target)
-        message = refused(settings_for(target.port, wrong), rdb, source_binary(source), target)
+        message = refused(redis_settings(target.port, wrong), rdb, source_binary(source), target)
         with pytest.raises(PermanentError) as caught:
-            restore_redis(settings_for(target.port, wrong), rdb, server_binary=source_binary(source))
+            restore_redis(redis_settings(target.port, wrong), rdb, server_binary=source_binary(source))
     assert f"127.0.0.1:{target.port} refused the password (REDIS_PASSWORD)" in message
     logged = "".join(traceback.format_exception(caught.value))
     assert wrong not in logged and TARGET_PASSWORD not in logged
@@ -301,7 +291,7 @@ def test_damaged_rdb_is_refused_with_the_servers_reason(tmp_path: Path):
         fill_target(target)
         data = rdb.read_bytes()
         rdb.write_bytes(data[: len(data) // 2])
-        message = refused(settings_for(target.port, TARGET_PASSWORD), rdb, source_binary(source), target)
+        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source), target)
     assert "could not load the RDB" in message and "throwaway redis-server" in message, message
 
 
@@ -317,7 +307,7 @@ def test_database_missing_in_the_target_is_refused(tmp_path: Path):
         before = target.client(0).dump("live")
         with pytest.raises(PermanentError, match="refuses database 1") as caught:
             restore_redis(
-                settings_for(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
+                redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
             )
         assert target.client(0).dbsize() == 1 and target.client(0).dump("live") == before
     assert "nothing was written" in str(caught.value)
@@ -346,7 +336,7 @@ def test_throwaway_keeps_its_password_out_of_argv_and_leaves_nothing(tmp_path: P
         wrapper.chmod(0o755)
         fill_source(source)
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        restore_redis(settings_for(target.port, TARGET_PASSWORD), rdb, str(wrapper), progress=inspect)
+        restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, str(wrapper), progress=inspect)
     password = next(line.split()[1] for line in seen["config"].splitlines() if line.startswith("requirepass"))
     assert len(password) >= 32 and seen["mode"] == 0o600 and seen["running"]
     assert len(seen["argv"]) == 1 and password not in seen["argv"][0]
@@ -372,7 +362,7 @@ def test_target_lost_mid_copy_is_transient_and_says_so(tmp_path: Path):
         rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
         with pytest.raises(TransientError) as caught:
             restore_redis(
-                settings_for(target.port, TARGET_PASSWORD),
+                redis_settings(target.port, TARGET_PASSWORD),
                 rdb,
                 source_binary(source),
                 progress=kill_target,
