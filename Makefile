@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+AZURITE_VERSION ?= 3.35.0
+AZURITE := .emulators/node_modules/.bin/azurite-blob
 
-.PHONY: install demo test test-unit lint bench clean
+.PHONY: install emulators demo test test-unit lint bench clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +16,15 @@ $(STAMP):
 
 install: $(STAMP)
 
+$(AZURITE):
+	npm install --prefix .emulators --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+
+emulators: $(STAMP) $(AZURITE)  ## moto and gcp-storage-emulator (in the venv), Azurite (npm)
+
 demo: $(STAMP)  ## back up and list an embedded PostgreSQL and Redis through a real worker
 	$(BIN)/vq-backup demo
 
-test: $(STAMP)  ## every test: unit, and integration against real services and workers
+test: $(STAMP) $(AZURITE)  ## every test: unit, and integration against real services, workers, emulators
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-unit: $(STAMP)
@@ -31,4 +38,4 @@ bench: $(STAMP)  ## peak memory of a worker backing up a 1 GB database (docs/PER
 	$(BIN)/python bench/memory.py
 
 clean:
-	rm -rf $(VENV) .demo build *.egg-info
+	rm -rf $(VENV) .demo .emulators build *.egg-info

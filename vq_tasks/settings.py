@@ -20,14 +20,26 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from vq_tasks.storage import PROVIDERS
+from vq_tasks.storage.location import Credentials, Destination, parse_location
 
+CLOUD_SECRETS = (
+    "aws_secret_access_key",
+    "aws_session_token",
+    "azure_storage_key",
+    "azure_storage_connection_string",
+)
+CREDENTIAL_FIELDS = tuple(Credentials.__dataclass_fields__)
+OFFSITE = "backup_offsite_"
 SECRET_FIELDS = (
     "db_password",
     "redis_password",
     "smtp_password",
     "celery_broker_url",
     "celery_result_backend",
+    *CLOUD_SECRETS,
+    *(OFFSITE + name for name in CLOUD_SECRETS),
 )
+CONNECTION_STRING_SECRETS = re.compile(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", re.IGNORECASE)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 CommaList = Annotated[list[str], NoDecode]
 
@@ -89,6 +101,38 @@ class Settings(BaseSettings):
     compression_enabled: bool = True
     compression_level: int = Field(6, ge=1, le=9)
     compression_threads: int = Field(2, ge=1, le=64)
+    backup_upload_part_size_mb: int = Field(8, ge=5, le=4096)
+    backup_upload_concurrency: int = Field(4, ge=1, le=32)
+    backup_storage_retries: int = Field(5, ge=1, le=20)
+    backup_storage_timeout: float = Field(60.0, gt=0)
+
+    # Cloud credentials and endpoints, named as the SDKs name them; unset: the SDK's default chain
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_region: str | None = None
+    aws_endpoint_url: str | None = None
+    azure_storage_account: str | None = None
+    azure_storage_key: SecretStr | None = None
+    azure_storage_connection_string: SecretStr | None = None
+    google_application_credentials: Path | None = None
+    google_cloud_project: str | None = None
+    storage_emulator_host: str | None = None
+
+    # Off-site copy: a second destination; BACKUP_OFFSITE_<NAME> overrides each credential above
+    backup_offsite_provider: str | None = None
+    backup_offsite_path: str | None = None
+    backup_offsite_aws_access_key_id: str | None = None
+    backup_offsite_aws_secret_access_key: SecretStr | None = None
+    backup_offsite_aws_session_token: SecretStr | None = None
+    backup_offsite_aws_region: str | None = None
+    backup_offsite_aws_endpoint_url: str | None = None
+    backup_offsite_azure_storage_account: str | None = None
+    backup_offsite_azure_storage_key: SecretStr | None = None
+    backup_offsite_azure_storage_connection_string: SecretStr | None = None
+    backup_offsite_google_application_credentials: Path | None = None
+    backup_offsite_google_cloud_project: str | None = None
+    backup_offsite_storage_emulator_host: str | None = None
 
     # What is backed up
     backup_config_paths: CommaList = ["/etc/virtualqueue"]
@@ -174,10 +218,10 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC)") from None
         return value
 
-    @field_validator("backup_storage_provider")
+    @field_validator("backup_storage_provider", "backup_offsite_provider")
     @classmethod
-    def _provider_known(cls, value: str) -> str:
-        if value in PROVIDERS:
+    def _provider_known(cls, value: str | None) -> str | None:
+        if value is None or value in PROVIDERS:
             return value
         close = difflib.get_close_matches(value, PROVIDERS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -196,6 +240,26 @@ class Settings(BaseSettings):
         }:
             raise ValueError("must be a redis://, rediss://, amqp:// or filesystem:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _destinations_valid(self) -> Settings:
+        problems = []
+        if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
+            problems.append("BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none")
+        pairs = [("BACKUP_STORAGE", self.backup_storage_provider, self.backup_storage_path)]
+        if self.backup_offsite_provider and self.backup_offsite_path:
+            pairs.append(("BACKUP_OFFSITE", self.backup_offsite_provider, self.backup_offsite_path))
+        parsed = []
+        for name, provider, path in pairs:
+            try:
+                parsed.append(parse_location(provider, path))
+            except ValueError as exc:
+                problems.append(f"{name}_PATH={path!r}: {exc}")
+        if len(parsed) == 2 and parsed[0].same_place(parsed[1]):
+            problems.append("BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _celery_not_on_backed_up_redis(self) -> Settings:
@@ -233,6 +297,31 @@ class Settings(BaseSettings):
         backend = self.celery_result_backend or self.celery_broker_url
         return backend.get_secret_value()
 
+    def destination(self, role: str = "primary") -> Destination | None:
+        """Return the primary destination, or the off-site one (None when not configured). The
+        off-site one takes each credential from BACKUP_OFFSITE_<NAME>, else from <NAME>."""
+        if role == "primary":
+            provider, path, prefix = self.backup_storage_provider, self.backup_storage_path, ""
+        elif role == "offsite":
+            if not (self.backup_offsite_provider and self.backup_offsite_path):
+                return None
+            provider, path, prefix = self.backup_offsite_provider, self.backup_offsite_path, OFFSITE
+        else:
+            raise ValueError(f"unknown destination {role!r} (primary or offsite)")
+        values = {}
+        for name in CREDENTIAL_FIELDS:
+            value = getattr(self, prefix + name) if prefix else None
+            values[name] = value if value is not None else getattr(self, name)
+        return Destination(
+            role=role,
+            location=parse_location(provider, path),
+            credentials=Credentials(**values),
+            part_size=self.backup_upload_part_size_mb << 20,
+            concurrency=self.backup_upload_concurrency,
+            retries=self.backup_storage_retries,
+            timeout=self.backup_storage_timeout,
+        )
+
     def secret_values(self) -> list[str]:
         """Return every secret string in these settings (passwords, and those inside URLs)."""
         found = []
@@ -244,6 +333,8 @@ class Settings(BaseSettings):
             if name.startswith("celery_"):
                 password = urlsplit(text).password or ""
                 found += [password, unquote(password)]  # as typed in the URL, and decoded
+            elif name.endswith("connection_string"):
+                found += [text, *CONNECTION_STRING_SECRETS.findall(text)]
             else:
                 found.append(text)
         return sorted({text for text in found if text})

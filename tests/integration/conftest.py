@@ -269,3 +269,30 @@ def redis_value(client, key: bytes) -> object:
         "stream": lambda k: client.xrange(k),
     }[kind]
     return kind, read(key)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server for the whole session (IAM authentication on)."""
+    from tests.emulators import s3_emulator
+
+    with s3_emulator(tmp_path_factory.mktemp("s3")) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def azure(tmp_path_factory):
+    """Azurite's blob service for the whole session."""
+    from tests.emulators import azure_emulator
+
+    with azure_emulator(tmp_path_factory.mktemp("azure")) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """gcp-storage-emulator for the whole session."""
+    from tests.emulators import gcs_emulator
+
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as emulator:
+        yield emulator

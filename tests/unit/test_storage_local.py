@@ -4,8 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.storage_contract import StorageContract
 from vq_tasks.catalog import prune
 from vq_tasks.settings import load_settings
+from vq_tasks.storage import open_storage
 from vq_tasks.storage.base import StorageError
 from vq_tasks.storage.local import LocalStorage
 
@@ -97,3 +99,20 @@ def test_stale_staging_folders_go_and_running_ones_stay(tmp_path):
     removed = remove_stale(tmp_path, "virtualqueue_backup", now, timedelta(days=1))
     assert removed == ["virtualqueue_backup_20240227_020000"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lost+found", "virtualqueue_backup_20240301_020000"]
+
+
+class TestLocalContract(StorageContract):
+    @pytest.fixture
+    def storage_factory(self, tmp_path):
+        counter = iter(range(1000))
+
+        def make(part_size_mb: int = 8, concurrency: int = 4):
+            settings = load_settings(
+                backup_storage_path=str(tmp_path / f"root-{next(counter)}"),
+                celery_broker_url="redis://127.0.0.1:1/0",
+                backup_upload_part_size_mb=part_size_mb,
+                backup_upload_concurrency=concurrency,
+            )
+            return open_storage(settings)
+
+        return make

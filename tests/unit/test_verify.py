@@ -36,6 +36,7 @@ from vq_tasks.sources.files import archive_config, archive_logs
 from vq_tasks.sources.redis import CRC64
 from vq_tasks.sources.sql_dump import SqlDumpInspector
 from vq_tasks.staging import StagingArea, stage_part
+from vq_tasks.storage import open_storage
 from vq_tasks.storage.local import LocalStorage
 from vq_tasks.streams import (
     DamagedStream,
@@ -139,7 +140,7 @@ def stage_config(settings: Settings, folder: Path) -> StagedPart:
 
 def store(settings: Settings, parts: dict[str, StagedPart]) -> Manifest:
     """Store the bundle, the logs archive and, last, the manifest, as finalize does."""
-    storage = LocalStorage.from_settings(settings)
+    storage = open_storage(settings)
     compressed = settings.compression_enabled
 
     def write_bundle(out: Writer) -> None:
@@ -207,7 +208,7 @@ def make_backup(tmp_path: Path, compressed: bool = True, database: bytes | None 
         "config": stage_config(settings, config),
         "logs": stage(settings, "logs", lambda out: archive_logs([str(logs)], out, 7)),
     }
-    return Backup(settings, LocalStorage.from_settings(settings), parts, store(settings, parts))
+    return Backup(settings, open_storage(settings), parts, store(settings, parts))
 
 
 def checks_of(report: VerifyReport) -> dict[tuple[str, str], object]:

@@ -1,10 +1,13 @@
-"""The storage contract every provider keeps: streamed writes that commit atomically, streamed
-reads, stat, list and delete. An object is visible to ``list`` and ``stat`` only once its writer
-has closed without error, so a crash never leaves a complete-looking object behind."""
+"""The storage contract every provider keeps: streamed writes that commit atomically and are
+checked against the provider's own integrity data, streamed reads, stat, list, delete and usage.
+An object is visible to ``list`` and ``stat`` only once its writer has closed without error, so a
+crash never leaves a complete-looking object behind."""
 
 from __future__ import annotations
 
 import abc
+import io
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,18 +34,29 @@ class StoredObject:
     modified: datetime
 
 
+@dataclass(frozen=True)
+class Usage:
+    """How much a storage path holds: the number of objects and their total size in bytes."""
+
+    objects: int
+    size: int
+
+
 class Storage(abc.ABC):
-    """A place where backups are kept, addressed by object names relative to one root."""
+    """A place where backups are kept, addressed by flat object names relative to one root."""
 
     provider: ClassVar[str]
 
     @abc.abstractmethod
     def open_write(self, name: str) -> AbstractContextManager[Writer]:
-        """Return a writer for ``name``; the object appears only when the block exits cleanly."""
+        """Return a writer for ``name``. The object appears only when the block exits cleanly and
+        the provider's own checksums of what it stored match what was written; otherwise nothing
+        is committed. Raise StorageError on a mismatch (permanent) or an unreachable store."""
 
     @abc.abstractmethod
     def open_read(self, name: str) -> AbstractContextManager[BinaryIO]:
-        """Return a binary stream of ``name``. Raise FileNotFoundError if it does not exist."""
+        """Return a binary stream of ``name`` (``read`` and ``readinto``). Raise FileNotFoundError
+        if it does not exist."""
 
     @abc.abstractmethod
     def stat(self, name: str) -> StoredObject | None:
@@ -50,7 +64,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def list(self) -> list[StoredObject]:
-        """Return every committed object under the root, in no particular order."""
+        """Return every committed object directly under the root, in no particular order."""
 
     @abc.abstractmethod
     def delete(self, name: str) -> bool:
@@ -59,6 +73,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """Return where this storage is, for messages (never with credentials)."""
+
+    def usage(self) -> Usage:
+        """Return the number and total size of the objects under the root."""
+        objects = self.list()
+        return Usage(len(objects), sum(o.size for o in objects))
+
+    def abort_stale_uploads(self, started_before: datetime) -> list[str]:
+        """Abort uploads that never completed and began before ``started_before``; return their
+        names. Providers whose unfinished uploads expire by themselves keep this default."""
+        return []
 
     def read_bytes(self, name: str, limit: int = 16 << 20) -> bytes:
         """Return the whole of a small object such as a manifest; refuse one over ``limit``."""
@@ -69,3 +93,35 @@ class Storage(abc.ABC):
         if len(data) > limit:
             raise StorageError(f"{name} in {self.describe()} is larger than {limit} bytes")
         return bytes(data)
+
+
+class _ChunkSource(io.RawIOBase):
+    """A raw stream over an iterator of byte chunks, with errors translated on the way."""
+
+    def __init__(self, chunks: Iterator[bytes], translate: Callable[[Exception], Exception]):
+        self._chunks = chunks
+        self._translate = translate
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while not self._pending:
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                raise self._translate(exc) from exc
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def chunk_reader(chunks: Iterator[bytes], translate: Callable[[Exception], Exception]) -> BinaryIO:
+    """Given an iterator of downloaded chunks, return a buffered binary stream of them; an error
+    raised while iterating is passed through ``translate`` (to a StorageError) first."""
+    return io.BufferedReader(_ChunkSource(chunks, translate), buffer_size=CHUNK_SIZE)  # type: ignore[return-value]

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage, StorageError, StoredObject
+from vq_tasks.storage.location import Destination
 
 PARTIAL_MARKER = ".partial-"
 WRITE_BUFFER = 1 << 20
@@ -28,8 +28,8 @@ class LocalStorage(Storage):
         self.root = root
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LocalStorage:
-        return cls(Path(settings.backup_storage_path))
+    def from_destination(cls, destination: Destination) -> LocalStorage:
+        return cls(Path(destination.location.container))
 
     def describe(self) -> str:
         return f"Local:{self.root}"
