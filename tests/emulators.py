@@ -216,13 +216,16 @@ def gcs_client(emulator: Emulator):
     return storage.Client(project="vq-test", credentials=AnonymousCredentials())
 
 
-def storage_env(provider: str, emulator: Emulator, bucket: str, prefix: str) -> dict[str, str]:
-    """Return the environment variables that point VQ Backup at ``bucket/prefix`` in the emulator,
-    as an operator would set them."""
+def storage_env(
+    provider: str, emulator: Emulator, bucket: str, prefix: str, endpoint: str | None = None
+) -> dict[str, str]:
+    """Return the environment variables that point VQ Backup at ``bucket/prefix`` in the emulator
+    (reached at ``endpoint``, a proxy say, instead of its own), as an operator would set them."""
+    endpoint = endpoint or emulator.endpoint
     if provider == "AWS_S3":
         return {
             "BACKUP_STORAGE_PATH": f"s3://{bucket}/{prefix}",
-            "AWS_ENDPOINT_URL": emulator.endpoint,
+            "AWS_ENDPOINT_URL": endpoint,
             "AWS_REGION": AWS_REGION,
             "AWS_ACCESS_KEY_ID": emulator.extra["aws_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": emulator.extra["aws_secret_access_key"],
@@ -231,14 +234,75 @@ def storage_env(provider: str, emulator: Emulator, bucket: str, prefix: str) -> 
     if provider == "Azure_Blob":
         return {
             "BACKUP_STORAGE_PATH": f"https://{AZURITE_ACCOUNT}.blob.core.windows.net/{bucket}/{prefix}",
-            "AZURE_STORAGE_CONNECTION_STRING": emulator.extra["connection_string"],
+            "AZURE_STORAGE_CONNECTION_STRING": azurite_connection_string(endpoint),
             "BACKUP_STORAGE_PROVIDER": provider,
         }
     if provider == "Google_Cloud":
         return {
             "BACKUP_STORAGE_PATH": f"gs://{bucket}/{prefix}",
-            "STORAGE_EMULATOR_HOST": emulator.endpoint,
+            "STORAGE_EMULATOR_HOST": endpoint,
             "GOOGLE_CLOUD_PROJECT": "vq-test",
             "BACKUP_STORAGE_PROVIDER": provider,
         }
     raise ValueError(provider)
+
+
+class CountingProxy:
+    """A TCP proxy on a free port of 127.0.0.1 in front of ``upstream_port``: it counts the bytes
+    clients send, and once they pass ``threshold`` calls ``on_threshold`` (once). Tests use it to
+    stop an emulator in the middle of an upload, whatever the provider's protocol."""
+
+    def __init__(self, upstream_port: int, threshold: int, on_threshold):
+        import threading
+
+        self.port = free_port()
+        self.sent = 0
+        self._upstream = upstream_port
+        self._threshold = threshold
+        self._on_threshold = on_threshold
+        self._fired = False
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((HOST, self.port))
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self._upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, counted: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+                if counted:
+                    self._count(len(data))
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.sent += n
+            fire = not self._fired and self.sent >= self._threshold
+            self._fired = self._fired or fire
+        if fire:
+            self._on_threshold()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()

@@ -16,11 +16,11 @@ from pydantic import BaseModel
 from vq_tasks.errors import TransientError, redact
 from vq_tasks.settings import Settings
 
-FAILURE_EVENTS = ("backup_failed", "drill_failed")
+FAILURE_EVENTS = ("backup_failed", "drill_failed", "offsite_failed")
 
 
 class AlertEvent(BaseModel):
-    event: Literal["backup_failed", "backup_succeeded", "drill_failed"]
+    event: Literal["backup_failed", "backup_succeeded", "drill_failed", "offsite_failed"]
     backup_id: str
     failures: dict[str, str] = {}
     summary: dict[str, str] = {}
@@ -53,6 +53,14 @@ def compose(settings: Settings, event: AlertEvent, to: list[str]) -> EmailMessag
         lines += [
             f"Failed component: {name}\nError: {error}\n" for name, error in sorted(event.failures.items())
         ]
+    elif event.event == "offsite_failed":
+        message["Subject"] = f"[VQ Backup] OFF-SITE COPY FAILED: {event.backup_id}"
+        lines = [
+            f"Backup {event.backup_id} is complete in the primary storage, but its off-site copy failed.",
+            "The off-site destination holds no manifest for it; the next copy tries again.",
+            "",
+        ]
+        lines += [f"Error: {error}\n" for error in event.failures.values()]
     elif event.event == "drill_failed":
         parts = ", ".join(sorted(event.failures)) or "unknown step"
         message["Subject"] = f"[VQ Backup] RESTORE DRILL FAILED: {event.backup_id} ({parts})"

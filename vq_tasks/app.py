@@ -23,6 +23,7 @@ ROUTES = {
     "vq_tasks.archive_logs": {"queue": "vq.dump"},
     "vq_tasks.prune": {"queue": "vq.maintenance"},
     "vq_tasks.alert": {"queue": "vq.maintenance"},
+    "vq_tasks.copy_offsite": {"queue": "vq.maintenance"},
 }
 RESULT_TTL = 7 * 86400
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from vq_tasks.errors import BackupError, PermanentError
@@ -68,21 +69,39 @@ def in_progress_grace(settings: Settings) -> timedelta:
     return max(IN_PROGRESS_GRACE, timedelta(seconds=2 * settings.backup_task_time_limit))
 
 
-def prune(storage: Storage, settings: Settings, now: datetime, dry_run: bool = False) -> PruneResult:
-    """Delete what the retention policy lets go, and the staging folders of runs that died
-    (nothing with ``dry_run``); return what was (or would be) deleted and why."""
+def prune(
+    storage: Storage,
+    settings: Settings,
+    now: datetime,
+    dry_run: bool = False,
+    clean_staging: bool = True,
+    failed_runs: Callable[[list[str]], set[str]] | None = None,
+) -> PruneResult:
+    """Delete what the retention policy lets go, uploads that never completed, and (with
+    ``clean_staging``) the staging folders of runs that died; nothing with ``dry_run``. Given
+    ``failed_runs`` (ids -> those whose run is known to have failed), the debris of a failed run
+    goes at once instead of after the grace. Return what was (or would be) deleted and why."""
     grace = in_progress_grace(settings)
     policy = Policy(settings.backup_retention_days, settings.backup_logs_retention_days, grace)
-    deletions = decide(backup_sets(storage.list(), settings.backup_name_prefix), now, policy)
+    sets = backup_sets(storage.list(), settings.backup_name_prefix)
+    incomplete = [b.backup_id for b in sets if not b.complete]
+    ended = frozenset(failed_runs(incomplete)) if failed_runs and incomplete else frozenset()
+    deletions = decide(sets, now, policy, ended)
     if dry_run:
-        return PruneResult(deletions, [])
+        return PruneResult(deletions, [], [])
     for deletion in deletions:
         storage.delete(deletion.name)
-    stale = remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, grace)
-    return PruneResult(deletions, stale)
+    aborted = storage.abort_stale_uploads(now - grace)
+    stale = (
+        remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, grace)
+        if clean_staging
+        else []
+    )
+    return PruneResult(deletions, stale, aborted)
 
 
 @dataclass(frozen=True)
 class PruneResult:
     deletions: list[Deletion]
     stale_staging: list[str]
+    aborted_uploads: list[str] = field(default_factory=list)

@@ -8,7 +8,10 @@ vq-backup verify ID|latest  read every file of a backup once and check it agains
 vq-backup restore ID|latest  print the plan of a restore; --force restores (in this process)
 vq-backup extract ID COMPONENT -o PATH  write one component of a backup to PATH, checked
 vq-backup drill [ID|latest]  restore into a scratch database and Redis, check, drop (cli_drill.py)
+vq-backup storage-check    check that each destination is reachable, readable and writable
 vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
+
+list, show, verify, restore, extract and drill take --offsite to work on the off-site copy.
 """
 
 from __future__ import annotations
@@ -128,11 +131,29 @@ def progress_line(run: dict) -> str:
     return "  ".join(parts) + f"  [{run.get('status', 'queued')}]"
 
 
-def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from vq_tasks.catalog import backup_sets, load_manifest
+def add_destination_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--offsite``: work on the off-site copy instead of the primary storage."""
+    parser.add_argument(
+        "--offsite",
+        dest="destination",
+        action="store_const",
+        const="offsite",
+        default="primary",
+        help="use the off-site copy (BACKUP_OFFSITE_PATH) instead of the primary storage",
+    )
+
+
+def storage_of(args: argparse.Namespace, settings: Settings):
+    """Return the storage the command works on: the primary one, or the off-site one."""
     from vq_tasks.storage import open_storage
 
-    storage = open_storage(settings)
+    return open_storage(settings, getattr(args, "destination", "primary"))
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.catalog import backup_sets, load_manifest
+
+    storage = storage_of(args, settings)
     objects = storage.list()
     sizes = {o.name: o.size for o in objects}
     now = datetime.now(UTC)
@@ -158,9 +179,8 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.catalog import load_manifest
-    from vq_tasks.storage import open_storage
 
-    manifest = load_manifest(open_storage(settings), args.backup_id)
+    manifest = load_manifest(storage_of(args, settings), args.backup_id)
     if args.json:
         print(manifest.model_dump_json(indent=2))
         return 0
@@ -200,25 +220,51 @@ def describe_facts(facts: dict) -> list[str]:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    """Prune the primary storage and, when configured, the off-site copy."""
     from vq_tasks.catalog import prune
-    from vq_tasks.storage import open_storage
+    from vq_tasks.storage import ROLES, open_storage
 
-    result = prune(open_storage(settings), settings, datetime.now(UTC), dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    for deletion in result.deletions:
-        print(f"{verb} {deletion.name}: {deletion.reason}")
-    for name in result.stale_staging:
-        print(f"removed the staging folder of {name}: its run did not end")
-    if not result.deletions and not result.stale_staging:
-        print("nothing to delete")
+    for role in ROLES:
+        if settings.destination(role) is None:
+            continue
+        storage = open_storage(settings, role)
+        now = datetime.now(UTC)
+        result = prune(
+            storage,
+            settings,
+            now,
+            dry_run=args.dry_run,
+            clean_staging=role == "primary",
+            failed_runs=lambda ids: known_failed(settings, ids),
+        )
+        print(f"{storage.describe()}:")
+        for deletion in result.deletions:
+            print(f"  {verb} {deletion.name}: {deletion.reason}")
+        for name in result.stale_staging:
+            print(f"  removed the staging folder of {name}: its run did not end")
+        for name in result.aborted_uploads:
+            print(f"  aborted the unfinished upload of {name}")
+        if not (result.deletions or result.stale_staging or result.aborted_uploads):
+            print("  nothing to delete")
     return 0
 
 
+def known_failed(settings: Settings, backup_ids: list[str]) -> set[str]:
+    """Return the ids whose run record (in Celery's Redis) says they failed; none if unreachable."""
+    from vq_tasks import coordination
+
+    try:
+        return coordination.failed_runs(coordination.client(settings), backup_ids)
+    except Exception as exc:  # prune still applies the grace; it only cannot shorten it
+        print(f"warning: no run records ({type(exc).__name__}): unfinished backups keep their grace")
+        return set()
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from vq_tasks.storage import open_storage
     from vq_tasks.verify import report_rows, verify_backup
 
-    report = verify_backup(open_storage(settings), settings, args.backup_id)
+    report = verify_backup(storage_of(args, settings), settings, args.backup_id)
     if args.json:
         print(report.model_dump_json(indent=2))
         return 0 if report.ok else EXIT_FAILED
@@ -245,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout-start", type=float, default=60, help="seconds to wait for a worker to start it"
     )
     run.set_defaults(handler=cmd_run)
-    commands.add_parser("list", help="list the backups in storage").set_defaults(handler=cmd_list)
+    listing = commands.add_parser("list", help="list the backups in storage")
+    add_destination_flag(listing)
+    listing.set_defaults(handler=cmd_list)
     show = commands.add_parser("show", help="show one backup's manifest")
+    add_destination_flag(show)
     show.add_argument("backup_id")
     show.add_argument("--json", action="store_true", help="print the manifest document itself")
     show.set_defaults(handler=cmd_show)
@@ -256,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a backup's files against its manifest")
     verify.add_argument("backup_id", help="a backup id, or 'latest'")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_destination_flag(verify)
     verify.set_defaults(handler=cmd_verify)
     from vq_tasks.cli_restore import add_restore_commands
 
@@ -263,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vq_tasks.cli_drill import add_drill_command
 
     add_drill_command(commands)
+    from vq_tasks.cli_storage import add_storage_check_command
+
+    add_storage_check_command(commands)
     demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
     demo.set_defaults(handler=cmd_demo, needs_settings=False)

@@ -26,13 +26,16 @@ def add_drill_command(commands: argparse._SubParsersAction) -> None:
     drill.add_argument("backup_id", nargs="?", default="latest", help="a backup id, or 'latest' (default)")
     drill.add_argument("--json", action="store_true", help="print the report as JSON")
     drill.add_argument("--last", action="store_true", help="show the last drill's recorded outcome")
+    from vq_tasks.cli import add_destination_flag
+
+    add_destination_flag(drill)
     drill.set_defaults(handler=cmd_drill)
 
 
 def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
     """Run a drill here and print its integrity report; return 0 if it passed, else 1."""
+    from vq_tasks.cli import storage_of
     from vq_tasks.restore.drill import run_drill, send_alert_now
-    from vq_tasks.storage import open_storage
 
     if args.last:
         return show_last(settings, args.json)
@@ -42,7 +45,7 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
         print(line, file=out, flush=True)
 
     run_id = f"cli-{uuid.uuid4().hex[:12]}"
-    report = run_drill(settings, open_storage(settings), args.backup_id, run_id=run_id, say=say)
+    report = run_drill(settings, storage_of(args, settings), args.backup_id, run_id=run_id, say=say)
     if not report.ok:
         say(send_alert_now(settings, report))
     if args.json:

@@ -7,16 +7,15 @@ import argparse
 import getpass
 import sys
 
-from vq_tasks.cli import EXIT_FAILED, print_table
+from vq_tasks.cli import EXIT_FAILED, add_destination_flag, print_table, storage_of
 from vq_tasks.settings import Settings
 
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.restore.run import choose_components, restore_backup
-    from vq_tasks.storage import open_storage
     from vq_tasks.verify import resolve_backup_id
 
-    storage = open_storage(settings)
+    storage = storage_of(args, settings)
     components = choose_components(args.component)
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, args.backup_id)
     if args.force and not args.yes and not confirm_restore(settings, backup_id, components):
@@ -104,10 +103,9 @@ def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
 
     from vq_tasks.catalog import load_manifest
     from vq_tasks.restore.extract import component_named, extract_one
-    from vq_tasks.storage import open_storage
     from vq_tasks.verify import resolve_backup_id
 
-    storage = open_storage(settings)
+    storage = storage_of(args, settings)
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, args.backup_id)
     manifest = load_manifest(storage, backup_id)
     component = component_named(manifest, args.component)
@@ -130,9 +128,11 @@ def add_restore_commands(commands: argparse._SubParsersAction) -> None:
     restore.add_argument("--force", action="store_true", help="restore; without it only the plan")
     restore.add_argument("--yes", action="store_true", help="with --force: do not ask for confirmation")
     restore.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_destination_flag(restore)
     restore.set_defaults(handler=cmd_restore)
     extract = commands.add_parser("extract", help="write one component of a backup to a file")
     extract.add_argument("backup_id", help="a backup id, or 'latest'")
     extract.add_argument("component", help="database.sql, redis.rdb, config.tar.gz, logs, ...")
     extract.add_argument("-o", "--output", required=True, help="the file to write (must not exist)")
+    add_destination_flag(extract)
     extract.set_defaults(handler=cmd_extract)

@@ -87,6 +87,17 @@ def read_record(r: redis.Redis, backup_id: str) -> dict[str, Any]:
     return {name: json.loads(value) for name, value in r.hgetall(RUN_KEY.format(backup_id)).items()}
 
 
+def failed_runs(r: redis.Redis, backup_ids: list[str]) -> set[str]:
+    """Return those of ``backup_ids`` whose run record says the run failed."""
+    pipe = r.pipeline(transaction=False)
+    for backup_id in backup_ids:
+        pipe.hget(RUN_KEY.format(backup_id), "status")
+    statuses = pipe.execute()
+    return {
+        b for b, status in zip(backup_ids, statuses, strict=True) if status and json.loads(status) == "failed"
+    }
+
+
 def claim_once(r: redis.Redis, name: str, ttl: int = 30 * 86400) -> bool:
     """Claim a side effect called ``name``; True only for the first caller (compare-and-set)."""
     return bool(r.set(CLAIM_KEY.format(name), datetime.now(UTC).isoformat(), nx=True, ex=ttl))

@@ -271,13 +271,22 @@ def fail(settings: Settings, backup_id: str) -> dict[str, str] | None:
     r = coordination.client(settings)
     run = coordination.read_record(r, backup_id)
     StagingArea(settings.backup_staging_dir, backup_id).remove()
-    storage = open_storage(settings)
-    complete = storage.stat(manifest_name(backup_id)) is not None
-    if not complete:
-        for name in data_names(backup_id):
-            storage.delete(name)
+    try:
+        complete = _remove_incomplete(open_storage(settings), backup_id)
+    except Exception as exc:  # the storage may be what failed: the alert must still go out
+        logger.warning("could not clean the storage after %s (prune will): %s", backup_id, exc)
+        complete = False
     coordination.record(r, backup_id, status="succeeded" if complete else "failed")
     coordination.release_lock(r, backup_id)
     if complete:
         return None
     return {key.split(":", 1)[1]: value for key, value in run.items() if key.startswith("failed:")}
+
+
+def _remove_incomplete(storage: Storage, backup_id: str) -> bool:
+    """Delete the stored files of ``backup_id`` unless its manifest exists; return whether it does."""
+    if storage.stat(manifest_name(backup_id)) is not None:
+        return True
+    for name in data_names(backup_id):
+        storage.delete(name)
+    return False

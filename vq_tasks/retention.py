@@ -45,22 +45,27 @@ class Deletion:
 ROLE_ORDER = {"manifest": 0, "bundle": 1, "logs": 2, "partial": 3}
 
 
-def decide(backups: Iterable[BackupSet], now: datetime, policy: Policy) -> list[Deletion]:
+def decide(
+    backups: Iterable[BackupSet], now: datetime, policy: Policy, ended: frozenset[str] = frozenset()
+) -> list[Deletion]:
     """Return what to delete, sorted by backup and with each manifest before its other files.
     Never the newest complete backup, never a backup within its retention, never a backup without
-    a manifest that is younger than the policy's grace (it may be in progress)."""
+    a manifest that is younger than the policy's grace (it may be in progress) unless its id is in
+    ``ended`` (its run is known to have failed)."""
     backups = list(backups)
     complete = [b for b in backups if b.complete]
     newest = max(complete, key=lambda b: b.started).backup_id if complete else None
     deletions: list[Deletion] = []
     for backup in backups:
         if backup.backup_id != newest:
-            deletions += _decide_one(backup, now - backup.started, policy)
+            deletions += _decide_one(backup, now - backup.started, policy, backup.backup_id in ended)
     return sorted(deletions)
 
 
-def _decide_one(backup: BackupSet, age: timedelta, policy: Policy) -> list[Deletion]:
+def _decide_one(backup: BackupSet, age: timedelta, policy: Policy, ended: bool) -> list[Deletion]:
     if not backup.complete:
+        if ended:
+            return _delete(backup, ROLE_ORDER, "no manifest: debris of a run that failed")
         if age <= policy.in_progress_grace:
             return []
         return _delete(backup, ROLE_ORDER, "no manifest: debris of a failed or interrupted run")

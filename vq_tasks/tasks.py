@@ -142,6 +142,8 @@ def _after_manifest(settings, backup_id: str, manifest) -> None:
     }
     try:
         pipeline.after_success(settings, backup_id)
+        if settings.destination("offsite") is not None:
+            copy_offsite.delay(backup_id)
         prune.delay()
         alert.delay(AlertEvent(event="backup_succeeded", backup_id=backup_id, summary=summary).model_dump())
     except Exception as exc:
@@ -167,18 +169,76 @@ def backup_failed(self, task_id: str, backup_id: str) -> dict[str, Any]:
 
 @app.task(name="vq_tasks.prune", bind=True)
 def prune(self, dry_run: bool = False) -> dict[str, Any]:
-    """Delete what the retention policy lets go; return what was (or would be) deleted and why."""
+    """Apply the retention policy to the primary storage and the off-site copy; return, for each,
+    what was (or would be) deleted and why. One destination failing does not spare the other."""
     settings = get_settings()
-    result = prune_storage(open_storage(settings), settings, datetime.now(UTC), dry_run=dry_run)
+    outcome: dict[str, Any] = {"dry_run": dry_run}
+    failures = []
+    for role in ("primary", "offsite"):
+        if settings.destination(role) is None:
+            continue
+        try:
+            outcome[role] = _prune_one(settings, role, dry_run)
+        except Exception as exc:
+            message = redact(str(exc) or type(exc).__name__, settings.secret_values())
+            logger.error("prune of the %s storage failed: %s", role, message)
+            failures.append(f"{role}: {message}")
+    if failures:
+        raise PermanentError("; ".join(failures))
+    return outcome
+
+
+def _prune_one(settings, role: str, dry_run: bool) -> dict[str, Any]:
+    storage = open_storage(settings, role)
+    now = datetime.now(UTC)
+    r = coordination.client(settings)
+    result = prune_storage(
+        storage,
+        settings,
+        now,
+        dry_run=dry_run,
+        clean_staging=role == "primary",
+        failed_runs=lambda ids: coordination.failed_runs(r, ids),
+    )
     for d in result.deletions:
-        logger.info("%s %s: %s", "would delete" if dry_run else "deleted", d.name, d.reason)
+        logger.info("%s %s from %s: %s", "would delete" if dry_run else "deleted", d.name, role, d.reason)
     for name in result.stale_staging:
         logger.info("removed the staging folder of %s, left by a run that did not end", name)
+    for name in result.aborted_uploads:
+        logger.info("aborted the unfinished upload of %s in %s", name, storage.describe())
     return {
-        "dry_run": dry_run,
         "deleted": [{"name": d.name, "reason": d.reason} for d in result.deletions],
         "stale_staging": result.stale_staging,
+        "aborted_uploads": result.aborted_uploads,
     }
+
+
+@app.task(name="vq_tasks.copy_offsite", bind=True, max_retries=None)
+def copy_offsite(self, backup_id: str) -> dict[str, Any]:
+    """Copy ``backup_id``, and any other backup within retention the off-site copy lacks, from
+    the primary storage to the off-site one, each file checked on the way and its manifest last.
+    Transient failures are retried with backoff; a final failure alerts BACKUP_ALERT_EMAIL."""
+    from vq_tasks import offsite
+
+    settings = get_settings()
+    try:
+        source, target = open_storage(settings), open_storage(settings, "offsite")
+        size = offsite.copy_backup(source, target, backup_id, say=logger.info)
+        since = offsite.retention_start(datetime.now(UTC), settings.backup_retention_days)
+        caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, say=logger.info)
+    except Exception as exc:
+        failure = exc
+    else:
+        logger.info("backup %s copied off-site to %s (%d bytes)", backup_id, target.describe(), size)
+        return {"backup_id": backup_id, "size": size, "caught_up": caught_up.copied}
+    message = redact(str(failure) or type(failure).__name__, settings.secret_values())
+    if is_transient(failure) and self.request.retries < settings.backup_retry_max:
+        logger.warning("off-site copy of %s failed, will retry: %s", backup_id, message)
+        raise self.retry(countdown=_countdown(self.request.retries), exc=TransientError(message))
+    logger.error("off-site copy of %s failed: %s", backup_id, message)
+    event = AlertEvent(event="offsite_failed", backup_id=backup_id, failures={"offsite": message})
+    alert.delay(event.model_dump())
+    raise PermanentError(message)
 
 
 @app.task(name="vq_tasks.alert", bind=True, max_retries=8)
@@ -201,13 +261,14 @@ def alert(self, event: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="vq_tasks.verify", bind=True, throws=(PermanentError,))
-def verify(self, backup_id: str = "latest") -> dict[str, Any]:
-    """Read every stored file of ``backup_id`` (or ``latest``) once and check it against the
-    manifest; return the report. A mismatch is in the report (``ok`` false), not a task failure."""
+def verify(self, backup_id: str = "latest", destination: str = "primary") -> dict[str, Any]:
+    """Read every stored file of ``backup_id`` (or ``latest``) in the primary or ``offsite``
+    storage once and check it against the manifest; return the report. A mismatch is in the
+    report (``ok`` false), not a task failure."""
     from vq_tasks.verify import report_rows, verify_backup
 
     settings = get_settings()
-    report = verify_backup(open_storage(settings), settings, backup_id)
+    report = verify_backup(open_storage(settings, destination), settings, backup_id)
     failed = [f"{row[0]} {row[1]}" for row in report_rows(report) if row[-1] == "MISMATCH"]
     if failed:
         logger.error("backup %s failed verification: %s", report.backup_id, ", ".join(failed))
@@ -226,17 +287,23 @@ def verify(self, backup_id: str = "latest") -> dict[str, Any]:
     reject_on_worker_lost=False,
 )
 def restore(
-    self, backup_id: str = "latest", components: list[str] | None = None, force: bool = False
+    self,
+    backup_id: str = "latest",
+    components: list[str] | None = None,
+    force: bool = False,
+    destination: str = "primary",
 ) -> dict[str, Any]:
     """Verify ``backup_id`` (or ``latest``) and return the plan of restoring ``components``
     (default database, redis, config; logs only when named); with ``force``, restore them and
-    return the results and the integrity report. Never retried: the operator decides."""
+    return the results and the integrity report. ``destination`` "offsite" restores from the
+    off-site copy. Never retried: the operator decides."""
     from vq_tasks.restore.run import restore_backup
 
     settings = get_settings()
     try:
+        storage = open_storage(settings, destination)
         report = restore_backup(
-            settings, open_storage(settings), backup_id, components, force=force, say=logger.info,
+            settings, storage, backup_id, components, force=force, say=logger.info,
             origin=f"task:{self.request.id}",
         )  # fmt: skip
     except Exception as exc:
@@ -251,14 +318,17 @@ def restore(
 
 
 @app.task(name="vq_tasks.restore_drill", bind=True)
-def restore_drill(self, backup_id: str = "latest", origin: str = "manual") -> dict[str, Any]:
+def restore_drill(
+    self, backup_id: str = "latest", origin: str = "manual", destination: str = "primary"
+) -> dict[str, Any]:
     """Restore ``backup_id`` (or ``latest``) into a scratch database, Redis and folder, check them,
     remove them, record the outcome and return the report; a failed drill (``ok`` false) alerts
     BACKUP_ALERT_EMAIL once per run, also when the task is redelivered. Never retried."""
     from vq_tasks.restore.drill import alert_event, run_drill
 
     settings = get_settings()
-    report = run_drill(settings, open_storage(settings), backup_id, run_id=self.request.id, say=logger.info)
+    storage = open_storage(settings, destination)
+    report = run_drill(settings, storage, backup_id, run_id=self.request.id, say=logger.info)
     if report.ok:
         logger.info(
             "restore drill of %s (%s): ok in %.1f s", report.backup_id, origin, report.duration_seconds

@@ -168,7 +168,9 @@ def start_worker(tmp_path) -> Iterator:
     """Start real `celery worker` processes with the given environment; all stopped afterwards."""
     started: list[Worker] = []
 
-    def start(env: dict[str, str], concurrency: int = 2, name: str | None = None) -> Worker:
+    def start(
+        env: dict[str, str], concurrency: int = 2, name: str | None = None, pool: str = "prefork"
+    ) -> Worker:
         name = name or f"w{len(started)}"
         log = tmp_path / f"worker-{name}.log"
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -179,7 +181,7 @@ def start_worker(tmp_path) -> Iterator:
             "-A",
             "vq_tasks",
             "worker",
-            "--pool=prefork",
+            f"--pool={pool}",
             f"--concurrency={concurrency}",
             "--loglevel=INFO",
             f"--hostname={name}@%h",

@@ -73,3 +73,11 @@ def test_listing_order_does_not_matter():
     objects = [StoredObject(n, 1, NOW) for n in groups]
     first = decide(backup_sets(objects, PREFIX), NOW, POLICY)
     assert decide(backup_sets(list(reversed(objects)), PREFIX), NOW, POLICY) == first
+
+
+def test_debris_of_a_run_known_to_have_failed_goes_at_once():
+    running, failed = backup(0.1, manifest=False), backup(0.2, manifest=False)
+    failed_id = failed[0].removesuffix(".tar.gz")
+    objects = [StoredObject(n, 1, NOW) for n in backup(1) + running + failed]
+    gone = {d.name for d in decide(backup_sets(objects, PREFIX), NOW, POLICY, frozenset({failed_id}))}
+    assert gone == set(failed)  # the other young run without a manifest may still be running

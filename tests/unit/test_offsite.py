@@ -1,0 +1,70 @@
+"""The off-site copy between two real Local storages: files checked on the way, manifest last,
+nothing complete-looking after a failure, catch-up of missed backups."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.unit.test_verify import BACKUP_ID, make_backup
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import manifest_name
+from vq_tasks.offsite import copy_backup, missing_backups, sync
+from vq_tasks.storage.local import LocalStorage
+from vq_tasks.verify import verify_backup
+
+
+def test_copy_is_identical_and_verifies(tmp_path):
+    backup = make_backup(tmp_path)
+    target = LocalStorage(tmp_path / "offsite")
+    size = copy_backup(backup.storage, target, BACKUP_ID)
+    assert size == sum(f.size for f in backup.manifest.files) + target.stat(manifest_name(BACKUP_ID)).size
+    for stored in backup.manifest.files:
+        assert (tmp_path / "offsite" / stored.name).read_bytes() == (
+            tmp_path / "backups" / stored.name
+        ).read_bytes()
+    assert verify_backup(target, backup.settings, BACKUP_ID).ok
+    assert copy_backup(backup.storage, target, BACKUP_ID) == 0  # already there: nothing copied again
+
+
+def test_damaged_source_is_not_copied_and_leaves_no_manifest(tmp_path):
+    backup = make_backup(tmp_path)
+    bundle = tmp_path / "backups" / backup.manifest.files[0].name
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bundle.write_bytes(bytes(data))
+    target = LocalStorage(tmp_path / "offsite")
+    with pytest.raises(PermanentError, match="does not match its manifest"):
+        copy_backup(backup.storage, target, BACKUP_ID)
+    assert target.list() == []  # the damaged file was not committed, and no manifest
+
+
+def test_missing_source_file_fails_clearly(tmp_path):
+    backup = make_backup(tmp_path)
+    (tmp_path / "backups" / backup.manifest.files[0].name).unlink()
+    target = LocalStorage(tmp_path / "offsite")
+    with pytest.raises(PermanentError, match="missing from"):
+        copy_backup(backup.storage, target, BACKUP_ID)
+    assert target.stat(manifest_name(BACKUP_ID)) is None
+
+
+def test_logs_gone_by_retention_are_skipped(tmp_path):
+    backup = make_backup(tmp_path)
+    logs = backup.manifest.components["logs"].stored_in
+    (tmp_path / "backups" / logs).unlink()
+    target = LocalStorage(tmp_path / "offsite")
+    copy_backup(backup.storage, target, BACKUP_ID)
+    assert target.stat(manifest_name(BACKUP_ID)) is not None and target.stat(logs) is None
+
+
+def test_sync_copies_only_what_is_missing_within_the_window(tmp_path):
+    backup = make_backup(tmp_path)
+    target = LocalStorage(tmp_path / "offsite")
+    prefix = backup.settings.backup_name_prefix
+    started = backup.manifest.started_at
+    assert missing_backups(backup.storage, target, prefix, started + timedelta(seconds=1)) == []
+    assert missing_backups(backup.storage, target, prefix, started - timedelta(days=1)) == [BACKUP_ID]
+    result = sync(backup.storage, target, prefix, datetime(2000, 1, 1, tzinfo=UTC))
+    assert result.copied == [BACKUP_ID]
+    assert missing_backups(backup.storage, target, prefix, started - timedelta(days=1)) == []

@@ -1,0 +1,107 @@
+"""The off-site copy: every complete backup is copied from the primary storage to a second
+destination (BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH), for disaster recovery.
+
+Each stored file is streamed from one provider to the other and checked against the manifest
+(size, MD5, SHA-256) on the way; the target's own upload checks apply as to any backup. The
+manifest is copied last, so the copy looks complete only once it is. A copy that fails leaves no
+manifest, and the off-site prune removes its debris like that of any unfinished backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from vq_tasks.catalog import backup_sets
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import Manifest, StoredFile, manifest_name
+from vq_tasks.storage.base import Storage
+from vq_tasks.streams import HashStage, pump
+
+logger = logging.getLogger(__name__)
+Say = Callable[[str], object]
+
+
+@dataclass
+class CopyResult:
+    """What one call copied: backup ids copied now and those the target already held."""
+
+    copied: list[str] = field(default_factory=list)
+    already_there: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+def copy_backup(source: Storage, target: Storage, backup_id: str, say: Say = logger.info) -> int:
+    """Copy the complete backup ``backup_id`` from ``source`` to ``target``, its manifest last;
+    return the bytes copied (0 if the target already holds it complete). Raise PermanentError if
+    the source is incomplete or differs from its manifest (nothing is then committed for that
+    file), StorageError if either storage fails."""
+    name = manifest_name(backup_id)
+    if target.stat(name) is not None:
+        return 0
+    try:
+        document = source.read_bytes(name)
+    except FileNotFoundError:
+        raise PermanentError(f"no complete backup {backup_id} in {source.describe()} to copy") from None
+    manifest = Manifest.model_validate_json(document)
+    logs_file = manifest.components["logs"].stored_in if "logs" in manifest.components else None
+    copied = 0
+    for stored in manifest.files:
+        if stored.name == logs_file and source.stat(stored.name) is None:
+            say(f"{stored.name} is gone from {source.describe()} (BACKUP_LOGS_RETENTION_DAYS): not copied")
+            continue
+        say(f"copying {stored.name} ({stored.size} bytes) to {target.describe()}")
+        copy_file(source, target, stored, backup_id)
+        copied += stored.size
+    with target.open_write(name) as out:
+        out.write(document)
+    return copied + len(document)
+
+
+def copy_file(source: Storage, target: Storage, stored: StoredFile, backup_id: str) -> None:
+    """Stream one stored file from ``source`` to ``target``, checking it against ``stored``;
+    a mismatch raises inside the write, so the target commits nothing."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stream = stack.enter_context(source.open_read(stored.name))
+        except FileNotFoundError:
+            raise PermanentError(f"{stored.name} is missing from {source.describe()}: not copied") from None
+        out = stack.enter_context(target.open_write(stored.name))
+        hashed = HashStage(out)
+        pump(stream, hashed)
+        found = hashed.checksums()
+        if (found.size, found.md5, found.sha256) != (stored.size, stored.md5, stored.sha256):
+            raise PermanentError(
+                f"{stored.name} in {source.describe()} does not match its manifest "
+                f"({found.size} bytes, sha256 {found.sha256[:12]}…; expected {stored.size} bytes, "
+                f"{stored.sha256[:12]}…): not copied; run `vq-backup verify {backup_id}`"
+            )
+
+
+def missing_backups(source: Storage, target: Storage, prefix: str, since: datetime) -> list[str]:
+    """Return the ids of complete backups in ``source`` started after ``since`` that ``target``
+    does not hold complete, newest first."""
+    held = {b.backup_id for b in backup_sets(target.list(), prefix) if b.complete}
+    found = [b for b in backup_sets(source.list(), prefix) if b.complete and b.started >= since]
+    return [b.backup_id for b in reversed(found) if b.backup_id not in held]
+
+
+def sync(
+    source: Storage, target: Storage, prefix: str, since: datetime, say: Say = logger.info
+) -> CopyResult:
+    """Copy every complete backup of ``source`` since ``since`` that ``target`` lacks, newest
+    first; return what was copied. The first failure stops the sync and is raised."""
+    result = CopyResult()
+    for backup_id in missing_backups(source, target, prefix, since):
+        size = copy_backup(source, target, backup_id, say)
+        (result.copied if size else result.already_there).append(backup_id)
+        result.size += size
+    return result
+
+
+def retention_start(now: datetime, retention_days: int) -> datetime:
+    """The start of the retention window: older backups are not worth copying (prune drops them)."""
+    return now - timedelta(days=retention_days)
