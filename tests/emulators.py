@@ -212,8 +212,11 @@ def gcs_client(emulator: Emulator):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint  # read by the client when it is built
-    return storage.Client(project="vq-test", credentials=AnonymousCredentials())
+    return storage.Client(
+        project="vq-test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": emulator.endpoint},  # not the environment: tests stay independent
+    )
 
 
 def storage_env(

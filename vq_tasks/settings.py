@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from vq_tasks.storage import PROVIDERS
@@ -241,24 +241,22 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss://, amqp:// or filesystem:// URL")
         return value
 
+    @field_validator("backup_storage_path", "backup_offsite_path")
+    @classmethod
+    def _path_fits_provider(cls, value: str | None, info: ValidationInfo) -> str | None:
+        provider_field = info.field_name.replace("_path", "_provider")
+        provider = info.data.get(provider_field)  # absent when the provider itself is invalid
+        if value is not None and provider:
+            parse_location(provider, value)
+        return value
+
     @model_validator(mode="after")
     def _destinations_valid(self) -> Settings:
-        problems = []
         if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
-            problems.append("BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none")
-        pairs = [("BACKUP_STORAGE", self.backup_storage_provider, self.backup_storage_path)]
-        if self.backup_offsite_provider and self.backup_offsite_path:
-            pairs.append(("BACKUP_OFFSITE", self.backup_offsite_provider, self.backup_offsite_path))
-        parsed = []
-        for name, provider, path in pairs:
-            try:
-                parsed.append(parse_location(provider, path))
-            except ValueError as exc:
-                problems.append(f"{name}_PATH={path!r}: {exc}")
-        if len(parsed) == 2 and parsed[0].same_place(parsed[1]):
-            problems.append("BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere")
-        if problems:
-            raise ValueError("\n".join(problems))
+            raise ValueError("BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none")
+        offsite = self.destination("offsite")
+        if offsite is not None and offsite.location.same_place(self.destination().location):
+            raise ValueError("BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere")
         return self
 
     @model_validator(mode="after")

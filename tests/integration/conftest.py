@@ -44,6 +44,18 @@ def database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def derived_databases(database) -> Iterator[None]:
+    """Drop the databases a restore leaves beside the test's own (``<name>_before_<stamp>``)."""
+    yield
+    with pg_connect() as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (f"{database}_",)
+        ).fetchall()
+        for (name,) in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def fill_database(name: str, customers: int = 500) -> dict[str, int]:
     """Load the demo's Virtual-Queue-like schema and data (``vq_tasks.demo.SCHEMA``) with
     ``customers`` customers; return rows per table, as pg_dump names them."""

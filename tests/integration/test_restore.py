@@ -10,7 +10,6 @@ import hashlib
 import json
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +28,6 @@ TABLES = ("public.queues", "public.customers", "public.tickets", "public.events"
 def env(base_env) -> dict[str, str]:
     """The backup's settings, and the redis-server of the target's version for the restore."""
     return {**base_env, "REDIS_SERVER_BIN": redis_server_binary()}
-
-
-@pytest.fixture
-def derived_databases(database) -> Iterator[None]:
-    """Drop the databases a restore leaves beside the test's own (``<name>_before_<stamp>``)."""
-    yield
-    with pg_connect() as conn:
-        names = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (f"{database}_",)
-        ).fetchall()
-        for (name,) in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def make_backup(env: dict[str, str], storage: Path) -> tuple[str, dict[str, Any]]:

@@ -129,3 +129,10 @@ class Destination:
     @property
     def provider(self) -> str:
         return self.location.provider
+
+    def variable(self, name: str) -> str:
+        """Return the environment variable that sets ``name`` for this destination, for messages:
+        BACKUP_OFFSITE_<NAME> for the off-site one, else <NAME>; BACKUP_STORAGE_PATH likewise."""
+        if self.role != "offsite":
+            return name
+        return "BACKUP_OFFSITE_PATH" if name == "BACKUP_STORAGE_PATH" else f"BACKUP_OFFSITE_{name}"

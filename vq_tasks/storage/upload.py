@@ -155,7 +155,8 @@ class PartWriter:
         self._buffer += data
         # strictly more than a part: the last part is always sent by finish(), flagged as last
         while len(self._buffer) > (size := self._storage.part_size_for(self._parts_cut + 1)):
-            part = bytes(self._buffer[:size])
+            with memoryview(self._buffer) as view:
+                part = bytes(view[:size])  # one copy (a bytearray slice would make two)
             del self._buffer[:size]
             self._submit(part, last=False)
 

@@ -1,0 +1,410 @@
+"""Google Cloud Storage: BACKUP_STORAGE_PATH is gs://bucket/prefix.
+
+Large objects go up as one resumable upload session, its chunks (multiples of 256 KiB) sent in
+order; the final chunk carries our CRC32C in X-Goog-Hash, so Cloud Storage itself refuses a
+corrupted object, and the object resource it answers with is checked against our MD5 and CRC32C
+as well (an object that does not match is deleted at once). Small objects go up in one request
+whose metadata holds both checksums. An abandoned session is cancelled; one that cannot be
+cancelled expires after a week and is never visible to ``list``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
+from vq_tasks.storage.location import Destination
+from vq_tasks.storage.upload import Part, PartedStorage, UploadSums, with_retries
+
+T = TypeVar("T")
+QUANTUM = 256 << 10  # every chunk of a resumable upload but the last is a multiple of this
+READ_RANGE = 8 << 20  # bytes fetched per ranged GET: the memory an open reader holds
+CONTENT_TYPE = "application/octet-stream"
+TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
+CANCELLED_CODES = {200, 204, 404, 410, 499, 501}  # 499: cancelled; 404/410: gone; 501: emulators
+KEY_FILE_LIMIT = 1 << 20
+KEY_VARIABLE = "GOOGLE_APPLICATION_CREDENTIALS"
+CREATE = "storage.objects.create (and storage.objects.delete to replace an object)"
+
+
+@dataclass
+class _Session:
+    """A resumable upload: its session URL, the bytes the service has committed, the last part
+    (held until the whole object's checksums are known) and the finished object's resource."""
+
+    name: str
+    url: str
+    offset: int = 0
+    last: bytes = b""
+    resource: dict[str, Any] | None = None
+
+
+class GCSStorage(PartedStorage):
+    """Objects under ``gs://bucket/prefix``, uploaded through resumable sessions."""
+
+    provider = "Google_Cloud"
+    max_parts = 1_000_000  # a resumable session has no chunk limit; parts double only after 200 000
+    min_part_size = QUANTUM
+    part_multiple = QUANTUM
+    parallel_parts = False  # a session takes its chunks in order
+    wants_crc32c = True
+
+    def __init__(self, destination: Destination):
+        super().__init__(part_size=destination.part_size, concurrency=destination.concurrency)
+        self.destination = destination
+        self.location = destination.location
+
+    @classmethod
+    def from_destination(cls, destination: Destination) -> GCSStorage:
+        return cls(destination)
+
+    def describe(self) -> str:
+        return f"{self.provider}:{self.location.path}"
+
+    @property
+    def _client(self) -> Any:
+        return _client_for(self.destination, os.getpid())  # built once per process, never pickled
+
+    def _blob(self, name: str) -> Any:
+        self._check_name(name)
+        return self._client.bucket(self.location.container).blob(self.location.key(name))
+
+    def _call(self, doing: str, name: str, call: Callable[[], T], permission: str) -> T:
+        """Return ``call()``, its errors translated and transient ones tried again."""
+
+        def attempt() -> T:
+            try:
+                return call()
+            except Exception as exc:
+                error = self._error(exc, doing, name, permission)
+                if error is exc:
+                    raise
+                raise error from exc
+
+        return with_retries(attempt, attempts=self.destination.retries, what=f"{doing} {name}")
+
+    @property
+    def _once(self) -> dict[str, Any]:
+        """Call options: our timeout, and no retries by the library (``_call`` retries)."""
+        return {"timeout": self.destination.timeout, "retry": None}
+
+    def _error(self, exc: Exception, doing: str, name: str, permission: str) -> Exception:
+        where = f"{self.describe()}/{name}" if name else self.describe()
+        return storage_error(exc, self.destination, where, doing, permission)
+
+    # Reading
+
+    def stat(self, name: str) -> StoredObject | None:
+        blob = self._find(name)
+        return None if blob is None else StoredObject(name, blob.size or 0, blob.updated)
+
+    def _find(self, name: str) -> Any:
+        blob = self._blob(name)
+        fetch = _or_missing(lambda: blob.reload(**self._once) or blob, None)
+        return self._call("look up", name, fetch, "storage.objects.get")
+
+    def list(self) -> list[StoredObject]:
+        prefix = self.location.list_prefix
+
+        def fetch() -> list[StoredObject]:
+            blobs = self._client.list_blobs(
+                self.location.container, prefix=prefix, delimiter="/", **self._once
+            )
+            return [StoredObject(b.name[len(prefix) :], b.size or 0, b.updated) for b in blobs]
+
+        found = self._call("list", "", fetch, "storage.objects.list")
+        return [o for o in found if o.name]  # "prefix/" itself: a folder placeholder
+
+    @contextlib.contextmanager
+    def open_read(self, name: str) -> Iterator[BinaryIO]:
+        blob = self._find(name)
+        if blob is None:
+            raise FileNotFoundError(f"{self.describe()}/{name} does not exist")
+        chunks = self._ranges(name, blob)
+        try:
+            yield chunk_reader(chunks, lambda exc: self._error(exc, "read", name, "storage.objects.get"))
+        finally:
+            chunks.close()
+
+    def _ranges(self, name: str, blob: Any) -> Iterator[bytes]:
+        """Yield the object in ranges of READ_RANGE bytes, each tried again on its own. The blob
+        names its generation, so an object replaced meanwhile is not read half old, half new."""
+        size = blob.size or 0
+        for start in range(0, size, READ_RANGE):
+            end = min(start + READ_RANGE, size) - 1
+
+            fetch = functools.partial(
+                blob.download_as_bytes, start=start, end=end, checksum=None, **self._once
+            )
+            chunk = self._call("read", name, _or_missing(fetch, None), "storage.objects.get")
+            if chunk is None:
+                raise StorageError(f"{self.describe()}/{name} was deleted or replaced while being read")
+            yield chunk
+
+    def delete(self, name: str) -> bool:
+        blob = self._blob(name)
+        remove = _or_missing(lambda: blob.delete(**self._once) or True, False)
+        return self._call("delete", name, remove, "storage.objects.delete")
+
+    # Writing: the five primitives of PartedStorage
+
+    def _put_whole(self, name: str, data: bytes, sums: UploadSums) -> None:
+        blob = self._blob(name)
+        blob.md5_hash, blob.crc32c = sums.md5_base64, sums.crc32c_base64  # checked by the service
+        put = functools.partial(blob.upload_from_string, data, content_type=CONTENT_TYPE, checksum=None)
+        self._call("upload", name, functools.partial(put, **self._once), CREATE)
+        answer = {"size": blob.size, "md5Hash": blob.md5_hash, "crc32c": blob.crc32c}  # replaced ours
+        self._accept(name, answer | {"generation": blob.generation}, sums)
+
+    def _begin(self, name: str) -> _Session:
+        start = functools.partial(self._blob(name).create_resumable_upload_session, content_type=CONTENT_TYPE)
+        return _Session(name, self._call("start the upload of", name, lambda: start(**self._once), CREATE))
+
+    def _send_part(self, upload: _Session, part: Part) -> int:
+        if part.last:
+            upload.last = part.data  # sent by _complete, with the whole object's CRC32C
+        else:
+            self._send(upload, part.data, None, None)
+        return part.number
+
+    def _complete(self, upload: _Session, receipts: list[Any], sums: UploadSums) -> None:
+        self._send(upload, upload.last, upload.offset + len(upload.last), sums.crc32c_base64)
+        assert upload.resource is not None
+        self._accept(upload.name, upload.resource, sums)
+
+    def _send(self, upload: _Session, data: bytes, total: int | None, crc32c: str | None) -> None:
+        """Send ``data`` at the session's offset (``total``: it ends the object); after a failure,
+        ask the session how much it has and send the rest."""
+        start, end = upload.offset, upload.offset + len(data)
+        tries = 0
+
+        def send() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                self._put_chunk(upload, b"", None, None)  # "bytes */*": how much do you have?
+            while upload.resource is None and not (total is None and upload.offset == end):
+                before = upload.offset
+                if not start <= before <= end:
+                    raise StorageError(f"{self.describe()}/{upload.name}: the upload session lost data")
+                self._put_chunk(upload, data[before - start :], total, crc32c)
+                if upload.offset == before and upload.resource is None:
+                    raise StorageError(f"{self.describe()}/{upload.name}: no progress", transient=True)
+
+        self._call("upload", upload.name, send, CREATE)
+
+    def _put_chunk(self, upload: _Session, data: bytes, total: int | None, crc32c: str | None) -> None:
+        """PUT ``data`` at the session's offset; with ``total`` it is the last chunk."""
+        first = upload.offset
+        span = f"{first}-{first + len(data) - 1}" if data else "*"
+        headers = {"Content-Range": f"bytes {span}/{'*' if total is None else total}"}
+        if crc32c is not None:
+            headers["X-Goog-Hash"] = f"crc32c={crc32c}"  # the service refuses a final chunk that differs
+        response = self._client._http.put(
+            upload.url, data=data, headers=headers, timeout=self.destination.timeout
+        )
+        self._record(upload, response)
+
+    def _record(self, upload: _Session, response: Any) -> None:
+        if response.status_code == 308:
+            committed = re.fullmatch(r"bytes=0-(\d+)", response.headers.get("Range", ""))
+            upload.offset = int(committed.group(1)) + 1 if committed else 0
+        elif response.status_code in (200, 201):
+            upload.resource = response.json()
+        elif response.status_code in (404, 410):
+            raise StorageError(
+                f"{self.describe()}/{upload.name}: the upload session has expired or was cancelled"
+            )
+        else:
+            from google.api_core.exceptions import from_http_response
+
+            raise from_http_response(response)
+
+    def _accept(self, name: str, resource: dict[str, Any], sums: UploadSums) -> None:
+        """Check the stored object's size and checksums against ours; delete it if they differ."""
+        problem = _compare(resource, sums)
+        if problem is None:
+            return
+        blob = self._blob(name)
+        remove = functools.partial(blob.delete, if_generation_match=resource.get("generation"), **self._once)
+        with contextlib.suppress(StorageError):  # 412: someone else has written it since
+            self._call("delete", name, remove, "storage.objects.delete")
+        raise self.mismatch(name, *problem)
+
+    def _abort(self, upload: _Session) -> None:
+        """Cancel the session (DELETE answers 499). Nothing of it was ever visible to ``list``."""
+        upload.last = b""
+        if upload.resource is not None:
+            return  # finished: _accept has already dealt with it
+        try:
+            response = self._client._http.delete(upload.url, timeout=self.destination.timeout)
+        except Exception as exc:  # one try only: the failure that led here must surface soon
+            error = self._error(exc, "cancel the upload of", upload.name, CREATE)
+            raise error from (exc if error is not exc else None)
+        if response.status_code not in CANCELLED_CODES:
+            raise StorageError(f"cancelling the upload of {upload.name} answered {response.status_code}")
+
+
+def _compare(resource: dict[str, Any], sums: UploadSums) -> tuple[str, str, str] | None:
+    """Return (what, ours, theirs) for the first of size, CRC32C and MD5 that the stored object
+    has otherwise than we sent (MD5 only where the service reports one), or None."""
+    checks = [
+        ("size", str(sums.size), resource.get("size")),
+        ("CRC32C", sums.crc32c_base64, resource.get("crc32c")),
+    ]
+    if resource.get("md5Hash") is not None:
+        checks.append(("MD5", sums.md5_base64, resource["md5Hash"]))
+    for what, ours, theirs in checks:
+        if ours != str(theirs):
+            return what, ours, "missing" if theirs is None else str(theirs)
+    return None
+
+
+def _or_missing(call: Callable[[], T], missing: Any) -> Callable[[], T]:
+    """Return ``call`` made to return ``missing`` when the object (not its bucket) does not exist."""
+
+    def wrapped() -> T:
+        try:
+            return call()
+        except Exception as exc:
+            if _object_missing(exc):
+                return missing
+            raise
+
+    return wrapped
+
+
+def _object_missing(exc: Exception) -> bool:
+    """Return whether ``exc`` says the object is missing (not the bucket, which it names)."""
+    from google.api_core.exceptions import NotFound
+
+    return isinstance(exc, NotFound) and "bucket does not exist" not in str(exc).lower()
+
+
+def storage_error(
+    exc: Exception, destination: Destination, where: str, doing: str, permission: str
+) -> Exception:
+    """Given an error of the Google libraries or the network while trying to ``doing`` at ``where``,
+    return a StorageError saying what to fix and whether a retry may help; other errors unchanged."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    path_variable = destination.variable("BACKUP_STORAGE_PATH")
+    key_variable = destination.variable(KEY_VARIABLE)
+    bucket = destination.location.container
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, api.NotFound):
+        return StorageError(f"{where}: bucket {bucket} does not exist: create it or correct {path_variable}")
+    if isinstance(exc, api.Unauthorized | api.Forbidden):
+        return StorageError(
+            f"{where}: access denied ({exc.code}) to {doing}: the account of {key_variable} (or of the "
+            f"application default credentials) needs {permission} on bucket {bucket}"
+        )
+    if isinstance(exc, api.GoogleAPICallError):
+        said = _said(exc)
+        if exc.code == 400 and re.search(r"(?i)(crc32c|md5).*match", said):
+            said += "; the object was corrupted on the way, so it is not accepted"
+        transient = exc.code in TRANSIENT_CODES
+        return StorageError(f"{where}: could not {doing}: {exc.code} {said}", transient=transient)
+    if isinstance(exc, auth.RefreshError):
+        transient = bool(getattr(exc, "retryable", False))
+        return StorageError(
+            f"{where}: the credentials of {key_variable} were refused: {exc}", transient=transient
+        )
+    if isinstance(exc, OSError | auth.TransportError):  # requests' errors are OSErrors too
+        endpoint = destination.credentials.storage_emulator_host or "storage.googleapis.com"
+        return StorageError(f"{where}: cannot reach {endpoint} ({_reason(exc, destination)})", transient=True)
+    return exc
+
+
+def _said(exc: Any) -> str:
+    """Return what the service said, without the request's URL (a session URL is a credential)."""
+    first = exc.errors[0] if exc.errors and isinstance(exc.errors[0], dict) else {}
+    inner = re.search(r'"message":\s*("(?:[^"\\]|\\.)*")', str(exc.message))  # the JSON body's message
+    said = first.get("message") or (json.loads(inner.group(1)) if inner else str(exc.message))
+    return re.sub(r"https?://\S+", "<url>", said)[:300]
+
+
+def _reason(exc: Exception, destination: Destination) -> str:
+    """Return why a connection failed, in a few words (never the URL, which holds upload ids)."""
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc).lower() or "Timeout" in type(exc).__name__:
+        return f"no answer within {destination.timeout:g} s; BACKUP_STORAGE_TIMEOUT sets the limit"
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    return found.group(1).strip() if found else type(exc).__name__
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(destination: Destination, pid: int) -> Any:
+    """Return the client of ``destination`` for process ``pid``: a forked worker builds its own."""
+    from google.cloud import storage
+
+    credentials, project, options = _credentials(destination)
+    project = destination.credentials.google_cloud_project or project
+    return storage.Client(project=project, credentials=credentials, client_options=options)
+
+
+def _credentials(destination: Destination) -> tuple[Any, str | None, Any]:
+    """Return the credentials, their project and the client options of ``destination``: anonymous
+    at an emulator, from the key file when one is named, else the application default ones."""
+    import google.auth
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import DefaultCredentialsError
+
+    settings = destination.credentials
+    if settings.storage_emulator_host:
+        host = settings.storage_emulator_host
+        endpoint = host if "://" in host else f"http://{host}"
+        return AnonymousCredentials(), None, ClientOptions(api_endpoint=endpoint)
+    if settings.google_application_credentials:
+        return (*_key_file(destination, settings.google_application_credentials), None)
+    try:
+        credentials, project = google.auth.default()
+    except DefaultCredentialsError:
+        raise StorageError(
+            f"{destination.provider}:{destination.location.path}: no Google credentials found: set "
+            f"{destination.variable(KEY_VARIABLE)} to a service account key file, or run as a service account"
+        ) from None
+    return credentials, project, None
+
+
+def _key_file(destination: Destination, path: Path) -> tuple[Any, str | None]:
+    """Return the credentials in the key file ``path`` (a service account key, or a user's
+    credentials) and their project. Raise a permanent StorageError naming the variable if the file
+    is missing or malformed; the file's content is never quoted."""
+    from google.oauth2 import credentials as user
+    from google.oauth2 import service_account
+
+    setting = (
+        f"{destination.provider}:{destination.location.path}: {destination.variable(KEY_VARIABLE)}={path}"
+    )
+    try:
+        with open(path, "rb") as file:
+            info = json.loads(file.read(KEY_FILE_LIMIT))
+    except FileNotFoundError:
+        raise StorageError(f"{setting}: no such file; point it at a service account key (JSON)") from None
+    except OSError as exc:
+        raise StorageError(f"{setting}: cannot be read ({exc.strerror}); check its owner and mode") from None
+    except ValueError:
+        info = None
+    kind = info.get("type") if isinstance(info, dict) else None
+    try:
+        if kind == "service_account":
+            return service_account.Credentials.from_service_account_info(info), info.get("project_id")
+        if kind == "authorized_user":
+            return user.Credentials.from_authorized_user_info(info), info.get("quota_project_id")
+    except Exception:
+        pass  # missing fields, a broken private key: said below, without the library's details
+    raise StorageError(
+        f"{setting}: not a valid service account key (JSON); create a new key, or unset the variable "
+        "to use the application default credentials (workload identity)"
+    )
