@@ -1,0 +1,395 @@
+"""Azure Blob Storage: BACKUP_STORAGE_PATH is https://<account>.blob.<suffix>/<container>/<prefix>.
+
+Credentials, in order: AZURE_STORAGE_CONNECTION_STRING (its endpoint and key or SAS; the container
+and prefix still come from the path), AZURE_STORAGE_KEY (shared key of the path's account), else
+azure-identity's DefaultAzureCredential (managed identity, workload identity, ``az login``).
+
+Who checks what, so that bytes changed on the way are never committed:
+
+- a small object is one Put Blob carrying our MD5 as its transactional Content-MD5: the service
+  refuses a body that does not match (400); the MD5 the service reports of what it stored is
+  compared with ours as well, and a mismatching blob is deleted;
+- each block of a large object is one Put Block carrying our MD5 of that part, refused by the
+  service on a mismatch; an MD5 echoed in its response is compared too;
+- Put Block List commits the blocks in number order with our whole MD5 as the blob's Content-MD5
+  (stored, not checked by the service, so that readers can check it); then the committed block
+  list (ids, sizes), the blob's size and its stored MD5 are compared with what was sent, and a
+  mismatching blob is deleted before the error is raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import (
+    BlobClient,
+    BlobPrefix,
+    BlobServiceClient,
+    ContainerClient,
+    ContentSettings,
+    ExponentialRetry,
+)
+
+from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
+from vq_tasks.storage.location import Destination
+from vq_tasks.storage.upload import MIB, Part, PartedStorage, UploadSums
+
+logger = logging.getLogger(__name__)
+DOWNLOAD_CHUNK = 4 * MIB  # the largest range the service returns an MD5 of
+MAX_PUT_BLOB = 5000 * MIB  # the service's limit of one Put Blob request
+MAX_BLOCK = 4000 * MIB  # the service's limit of one block
+PERMISSION_CODES = {
+    "AuthorizationFailure",
+    "AuthorizationPermissionMismatch",
+    "AuthorizationResourceTypeMismatch",
+    "AuthorizationServiceMismatch",
+    "AuthorizationSourceIPMismatch",
+    "AuthorizationProtocolMismatch",
+    "InsufficientAccountPermissions",
+}
+TRANSIENT_CODES = {"ServerBusy", "InternalError", "OperationTimedOut"}
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+REASON = re.compile(r"\[Errno -?\d+\][^'\")]*|(?:Read |Connection )?timed out|Connection (?:reset|aborted)")
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """An upload in blocks: the blob, and the block-id prefix no other upload uses."""
+
+    name: str
+    blob: BlobClient
+    prefix: str
+
+
+@dataclass(frozen=True)
+class _Block:
+    id: str
+    size: int
+
+
+class AzureStorage(PartedStorage):
+    """Block blobs under a prefix of one container; large objects are staged as blocks."""
+
+    provider = "Azure_Blob"
+    max_parts = 50_000  # blocks per blob
+    min_part_size = 1 * MIB  # Azure takes blocks of any size; the engine's default is kept
+
+    def __init__(self, destination: Destination):
+        super().__init__(part_size=destination.part_size, concurrency=destination.concurrency)
+        self.destination = destination
+        self.location = destination.location
+        _check_account(destination)
+
+    @classmethod
+    def from_destination(cls, destination: Destination) -> AzureStorage:
+        return cls(destination)
+
+    def describe(self) -> str:
+        return f"Azure_Blob:{self.location.path}"
+
+    def part_size_for(self, number: int) -> int:
+        return min(super().part_size_for(number), MAX_BLOCK)
+
+    def _container(self) -> ContainerClient:
+        try:
+            return _container_client(self.destination, os.getpid())
+        except ValueError:  # the SDK's words on a malformed connection string, which never quote it
+            var = _variable(self.destination, "AZURE_STORAGE_CONNECTION_STRING")
+            raise StorageError(f"{self.describe()}: {var} is not a valid connection string") from None
+
+    def _blob(self, name: str) -> BlobClient:
+        self._check_name(name)
+        return self._container().get_blob_client(self.location.key(name))
+
+    def stat(self, name: str) -> StoredObject | None:
+        try:
+            props = self._blob(name).get_blob_properties()
+        except AzureError as exc:
+            if _code(exc) == "BlobNotFound":
+                return None
+            raise self._error(exc, name) from exc
+        return StoredObject(name, props.size, props.last_modified)
+
+    def list(self) -> list[StoredObject]:
+        prefix = self.location.list_prefix
+        found = []
+        try:
+            for item in self._container().walk_blobs(name_starts_with=prefix or None, delimiter="/"):
+                name = item.name[len(prefix) :]
+                if not isinstance(item, BlobPrefix) and name:
+                    found.append(StoredObject(name, item.size, item.last_modified))
+        except AzureError as exc:
+            raise self._error(exc) from exc
+        return found
+
+    def delete(self, name: str) -> bool:
+        try:
+            self._blob(name).delete_blob(delete_snapshots="include")
+        except AzureError as exc:
+            if _code(exc) == "BlobNotFound":
+                return False
+            raise self._error(exc, name) from exc
+        return True
+
+    @contextlib.contextmanager
+    def open_read(self, name: str) -> Iterator[BinaryIO]:
+        try:  # the first range is fetched here: a missing blob is noticed before any read
+            download = self._blob(name).download_blob(validate_content=True)
+        except AzureError as exc:
+            if _code(exc) == "BlobNotFound":
+                raise FileNotFoundError(f"{self.describe()}/{name} does not exist") from None
+            raise self._error(exc, name) from exc
+        stream = chunk_reader(download.chunks(), lambda exc: self._error(exc, name, transient=True))
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    def _put_whole(self, name: str, data: bytes, sums: UploadSums) -> None:
+        blob = self._blob(name)
+        try:
+            result = blob.upload_blob(
+                data, length=len(data), overwrite=True, max_concurrency=1, transactional_content_md5=sums.md5
+            )
+        except AzureError as exc:
+            raise self._error(exc, name) from exc
+        stored = result.get("content_md5")  # what the service computed of the body it stored
+        try:
+            if stored is None:
+                stored = blob.get_blob_properties().content_settings.content_md5
+        except AzureError as exc:  # stored but not checked: not accepted either
+            self._discard(blob, result["etag"])
+            raise self._error(exc, name) from exc
+        if stored is None or bytes(stored) != sums.md5:
+            self._discard(blob, result["etag"])
+            raise self.mismatch(name, "MD5", sums.md5_base64, _b64(stored))
+
+    def _begin(self, name: str) -> _Upload:
+        return _Upload(name, self._blob(name), uuid.uuid4().hex[:16])
+
+    def _send_part(self, upload: _Upload, part: Part) -> _Block:
+        block = _Block(f"{upload.prefix}{part.number:05d}", len(part.data))  # same length for every id
+        try:
+            result = upload.blob.stage_block(
+                block.id, part.data, length=block.size, transactional_content_md5=part.md5
+            )
+        except AzureError as exc:
+            raise self._error(exc, upload.name) from exc
+        echoed = result.get("content_md5")
+        if echoed is not None and bytes(echoed) != part.md5:
+            raise self.mismatch(upload.name, f"part {part.number} MD5", part.md5_base64, _b64(echoed))
+        return block
+
+    def _complete(self, upload: _Upload, receipts: list[_Block], sums: UploadSums) -> None:
+        try:
+            result = upload.blob.commit_block_list(
+                [block.id for block in receipts], content_settings=ContentSettings(content_md5=sums.md5)
+            )
+        except AzureError as exc:
+            raise self._error(exc, upload.name) from exc
+        try:
+            committed, _ = upload.blob.get_block_list("committed")
+            props = upload.blob.get_blob_properties()
+        except AzureError as exc:  # committed but not checked: not accepted either
+            self._discard(upload.blob, result["etag"])
+            raise self._error(exc, upload.name) from exc
+        stored = [_Block(block.id, block.size) for block in committed]
+        difference = _difference(receipts, stored, props.size, props.content_settings.content_md5, sums)
+        if difference:
+            self._discard(upload.blob, result["etag"])
+            raise self.mismatch(upload.name, *difference)
+
+    def _abort(self, upload: _Upload) -> None:
+        """Uncommitted blocks cannot be deleted one by one: the service drops them a week after the
+        last Put Block, or when the blob is next committed, and they are never listed. When the blob
+        has no committed version and holds only this upload's blocks, an empty block list is
+        committed (only if the blob is still missing) and deleted at once, so that nothing is billed
+        for that week; the empty blob is visible for that moment only. One try, no retries."""
+        once = {"retry_total": 0}
+        try:
+            committed, uncommitted = upload.blob.get_block_list("all", **once)
+            if committed or not uncommitted or any(not b.id.startswith(upload.prefix) for b in uncommitted):
+                return
+            result = upload.blob.commit_block_list([], match_condition=MatchConditions.IfMissing, **once)
+            upload.blob.delete_blob(
+                etag=result["etag"], match_condition=MatchConditions.IfNotModified, **once
+            )
+        except AzureError as exc:
+            if _code(exc) not in {"BlobNotFound", "BlobAlreadyExists", "ConditionNotMet"}:
+                raise self._error(exc, upload.name) from exc
+
+    def _discard(self, blob: BlobClient, etag: str) -> None:
+        """Delete the blob we just wrote and found wrong, unless it was written again since."""
+        try:
+            blob.delete_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
+        except AzureError as exc:
+            logger.warning("could not delete the rejected %s: %s", blob.blob_name, self._error(exc))
+
+    def _error(
+        self, exc: Exception, name: str | None = None, *, transient: bool | None = None
+    ) -> StorageError:
+        """Translate an SDK error into a StorageError that names the place and the fix, never a
+        secret; ``transient`` overrides whether a retry may help."""
+        error = exc if isinstance(exc, StorageError) else self._translate(exc, name)
+        if transient is not None:
+            error.transient = transient
+        return error
+
+    def _translate(self, exc: Exception, name: str | None) -> StorageError:
+        where = f"{self.describe()}/{name}" if name else self.describe()
+        container, account = self.location.container, self.location.account
+        code, status = _code(exc), getattr(exc, "status_code", None)
+        if isinstance(exc, ServiceRequestError | ServiceResponseError):
+            return StorageError(f"{where}: cannot reach {self._endpoint()} ({_reason(exc)})", transient=True)
+        if code == "ContainerNotFound":
+            fix = f"create it or correct {_variable(self.destination, 'PATH')}"
+            return StorageError(f"{where}: container {container} does not exist in account {account}: {fix}")
+        if _is_authentication(exc, code, status):
+            key, text = (
+                _variable(self.destination, f"AZURE_STORAGE_{v}") for v in ("KEY", "CONNECTION_STRING")
+            )
+            return StorageError(
+                f"{where}: authentication failed ({code or type(exc).__name__}): check {key} or {text}, "
+                "or the managed identity when neither is set"
+            )
+        if code in PERMISSION_CODES:
+            return StorageError(
+                f"{where}: the credential may not write or read container {container} ({code}): grant it "
+                "the Storage Blob Data Contributor role, or use a SAS with read, add, create, write, "
+                "delete and list permissions"
+            )
+        if code == "Md5Mismatch" or (status == 400 and "md5" in str(exc).lower()):
+            return StorageError(
+                f"{where}: the service computed another MD5 than the one sent ({code}): the upload was "
+                "corrupted on the way, so it is not accepted"
+            )
+        if status is None:  # no answer at all: a broken connection or a client-side failure
+            return StorageError(f"{where}: the transfer failed ({_reason(exc)})", transient=True)
+        busy = code in TRANSIENT_CODES or status in TRANSIENT_STATUS
+        return StorageError(f"{where}: Azure answered HTTP {status} {code or ''}".rstrip(), transient=busy)
+
+    def _endpoint(self) -> str:
+        with contextlib.suppress(StorageError):
+            client = self._container()
+            return f"{client.scheme}://{client.primary_hostname}"
+        return f"https://{self.location.account}.blob.{self.location.endpoint_suffix}"
+
+
+@functools.lru_cache(maxsize=16)
+def _container_client(destination: Destination, pid: int) -> ContainerClient:
+    """Return the process's client of the destination's container (``pid``: a forked child
+    builds its own rather than share its parent's connections)."""
+    tries, timeout = destination.retries, destination.timeout
+    options: dict[str, Any] = {
+        "retry_policy": ExponentialRetry(
+            initial_backoff=1,
+            increment_base=2,
+            random_jitter_range=1,
+            retry_total=tries - 1,
+            retry_connect=tries - 1,
+            retry_read=tries - 1,
+            retry_status=tries - 1,
+        ),
+        "connection_timeout": timeout,
+        "read_timeout": timeout,
+        "max_single_put_size": MAX_PUT_BLOB,
+        "max_single_get_size": DOWNLOAD_CHUNK,
+        "max_chunk_get_size": DOWNLOAD_CHUNK,
+    }
+    credentials, location = destination.credentials, destination.location
+    if credentials.azure_storage_connection_string is not None:
+        text = credentials.azure_storage_connection_string.get_secret_value()
+        service = BlobServiceClient.from_connection_string(text, **options)
+    else:
+        account_url = f"https://{location.account}.blob.{location.endpoint_suffix}"
+        service = BlobServiceClient(account_url, credential=_credential(destination), **options)
+    return service.get_container_client(location.container)
+
+
+def _credential(destination: Destination) -> Any:
+    credentials = destination.credentials
+    if credentials.azure_storage_key is not None:
+        key = credentials.azure_storage_key.get_secret_value()
+        return {"account_name": destination.location.account, "account_key": key}
+    try:
+        from azure.identity import DefaultAzureCredential  # only where no key is given
+    except ImportError:
+        raise StorageError(
+            f"Azure_Blob:{destination.location.path}: without {_variable(destination, 'AZURE_STORAGE_KEY')} "
+            "the managed identity is used, which needs the Python package azure-identity: "
+            "install vq-backup[cloud]"
+        ) from None
+    return DefaultAzureCredential()
+
+
+def _check_account(destination: Destination) -> None:
+    """Refuse AZURE_STORAGE_ACCOUNT naming another account than the storage path."""
+    credentials, account = destination.credentials, destination.location.account
+    named = credentials.azure_storage_account
+    if credentials.azure_storage_connection_string is None and named and named != account:
+        raise StorageError(
+            f"Azure_Blob:{destination.location.path}: {_variable(destination, 'AZURE_STORAGE_ACCOUNT')} is "
+            f"{named!r}, but the storage path names the account {account!r}: correct one of them"
+        )
+
+
+def _variable(destination: Destination, name: str) -> str:
+    """Return the environment variable an operator sets for ``name`` of this destination."""
+    if name == "PATH":
+        return "BACKUP_OFFSITE_PATH" if destination.role == "offsite" else "BACKUP_STORAGE_PATH"
+    return f"BACKUP_OFFSITE_{name} (or {name})" if destination.role == "offsite" else name
+
+
+def _difference(
+    sent: list[_Block], committed: list[_Block], size: int, md5: bytes | None, sums: UploadSums
+) -> tuple[str, str, str] | None:
+    """Return what differs between the upload and the committed blob (what, ours, theirs)."""
+    if [b.id for b in committed] != [b.id for b in sent]:
+        return "block list", f"the {len(sent)} blocks sent", f"{len(committed)} other or reordered blocks"
+    for number, (ours, theirs) in enumerate(zip(sent, committed, strict=True), 1):
+        if ours.size != theirs.size:
+            return f"block {number}'s size", str(ours.size), str(theirs.size)
+    if size != sums.size:
+        return "size", str(sums.size), str(size)
+    if md5 is None or bytes(md5) != sums.md5:
+        return "Content-MD5", sums.md5_base64, _b64(md5)
+    return None
+
+
+def _is_authentication(exc: Exception, code: str | None, status: int | None) -> bool:
+    """A wrong key or no credential at all; Azurite reports a wrong key as AuthorizationFailure."""
+    if code == "AuthenticationFailed" or (status is None and isinstance(exc, ClientAuthenticationError)):
+        return True
+    return code == "AuthorizationFailure" and "failed to authenticate" in str(exc)
+
+
+def _code(exc: Exception) -> str | None:
+    code = getattr(exc, "error_code", None) if isinstance(exc, HttpResponseError) else None
+    return str(getattr(code, "value", code)) if code else None
+
+
+def _reason(exc: Exception) -> str:
+    """Return why a connection failed, without the request's URL (it may carry a SAS)."""
+    found = REASON.search(str(exc))
+    return found.group(0).strip() if found else type(exc).__name__
+
+
+def _b64(digest: bytes | bytearray | None) -> str:
+    return base64.b64encode(digest).decode() if digest else "missing"
