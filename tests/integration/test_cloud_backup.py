@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.emulators import CountingProxy, Emulator, create_bucket, storage_env
+from tests.emulators import CountingProxy, Emulator, azurite_connection_string, create_bucket, storage_env
 from tests.integration.conftest import fill_database, run_cli
 from tests.integration.test_restore import call_restore, change_everything, snapshot
 from tests.servers import redis_server_binary
@@ -111,10 +111,26 @@ def test_backup_list_verify_restore_prune_and_offsite(
         [f"{backup_id}{s}" for s in (".tar.gz", "_logs.tar.gz", "_manifest.json")] + ["not-a-backup.txt"]
     )
 
+    flip_a_byte(storage, f"{backup_id}.tar.gz")
+    damaged = run_cli(env, "verify", backup_id)
+    assert damaged.returncode == 1 and "MISMATCH" in damaged.stdout, damaged.stdout + damaged.stderr
+    state = snapshot(database, source_redis, layout["config"])
+    refused = run_cli(env, "restore", backup_id, "--force", "--yes")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert snapshot(database, source_redis, layout["config"]) == state  # nothing was changed
+
     everything = worker.log_text() + listed.stdout + verified.stdout + pruned.stdout + str(outcome)
     cloud_secrets = [env[k] for k in ("AWS_SECRET_ACCESS_KEY",) if k in env] + ["Eby8vdM02xNOcqFlqUwJPL"]
     for secret in (*SECRETS, *cloud_secrets):
         assert secret not in everything
+
+
+def flip_a_byte(storage: Storage, name: str) -> None:
+    """Rewrite a stored object with one byte in its middle flipped (bit rot, a bad disk)."""
+    data = bytearray(storage.read_bytes(name, limit=1 << 30))
+    data[len(data) // 2] ^= 0x01
+    with storage.open_write(name) as out:
+        out.write(bytes(data))
 
 
 def _wait_for(condition, what: str, timeout: float = 60) -> None:
@@ -212,3 +228,42 @@ def test_storage_stopped_mid_upload_retries_then_alerts_and_prune_clears(
     pruned = run_cli(direct, "prune")
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert names_in(storage) == []
+
+
+def wrong_credentials(provider: str, emulator: Emulator, tmp_path: Path) -> dict[str, str]:
+    """Settings with credentials the store refuses (GCS emulators take anyone: a key file that is
+    no key fails before a request is made)."""
+    if provider == "AWS_S3":
+        return {"AWS_SECRET_ACCESS_KEY": "wrong-secret-key"}
+    if provider == "Azure_Blob":
+        return {"AZURE_STORAGE_CONNECTION_STRING": azurite_connection_string(emulator.endpoint, "d3Jvbmc=")}
+    key_file = tmp_path / "key.json"
+    key_file.write_text('{"type": "service_account", "private_key": "not a key"}')
+    return {"GOOGLE_APPLICATION_CREDENTIALS": str(key_file), "STORAGE_EMULATOR_HOST": ""}
+
+
+def test_wrong_credentials_fail_at_once_with_a_clear_message(cloud_env, cloud, start_worker, smtp, tmp_path):
+    provider, emulator = cloud
+    port, mailbox = smtp
+    wrong = wrong_credentials(provider, emulator, tmp_path)
+    env = {
+        **cloud_env,
+        **wrong,
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "BACKUP_ALERT_EMAIL": "oncall@example.com",
+    }
+    worker = start_worker(env)
+    made = run_cli(env, "run", "--wait", timeout=120)
+    assert made.returncode == 1, made.stdout + made.stderr
+    variable = {
+        "AWS_S3": "AWS_SECRET_ACCESS_KEY",
+        "Azure_Blob": "AZURE_STORAGE_CONNECTION_STRING",
+        "Google_Cloud": "GOOGLE_APPLICATION_CREDENTIALS",
+    }[provider]
+    assert variable in made.stderr and provider in made.stderr, made.stderr
+    messages = mailbox.wait_for(1)
+    assert len(messages) == 1 and variable in messages[0].get_content()
+    assert "will retry" not in worker.log_text() and "Retry in" not in worker.log_text()  # no retry storm
+    for secret in ("wrong-secret-key", "d3Jvbmc="):
+        assert secret not in made.stderr + worker.log_text() + messages[0].get_content()
