@@ -172,6 +172,7 @@ def test_200_mb_object_goes_up_in_parts_with_bounded_memory(cloud_env, cloud, la
     growth = peak_rss_growth(worker.process.pid, baseline)
     logs = storage_of(env).stat(f"{backup_id}_logs.tar")
     assert logs is not None and logs.size > 200 * MIB
+    print(f"\n{cloud[0]}: peak RSS {growth / MIB:.1f} MiB above idle for a {logs.size / MIB:.0f} MiB object")
     assert growth < 100 * MIB, f"the worker grew {growth / MIB:.0f} MiB uploading {logs.size / MIB:.0f} MiB"
     provider, emulator = cloud
     if provider == "AWS_S3":  # the multipart ETag says how many parts went up
