@@ -89,14 +89,18 @@ def prune(
     deletions = decide(sets, now, policy, ended)
     if dry_run:
         return PruneResult(deletions, [], [])
-    for deletion in deletions:
-        storage.delete(deletion.name)
-    aborted = storage.abort_stale_uploads(now - grace)
     stale = (
         remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, grace)
         if clean_staging
         else []
     )
+    for deletion in deletions:
+        storage.delete(deletion.name)
+    try:
+        aborted = storage.abort_stale_uploads(now - grace)
+    except BackupError as exc:  # e.g. no s3:ListBucketMultipartUploads: the rest of prune still counts
+        logger.warning("could not abort stale uploads in %s: %s", storage.describe(), exc)
+        aborted = []
     return PruneResult(deletions, stale, aborted)
 
 

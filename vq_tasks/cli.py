@@ -229,6 +229,9 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         if settings.destination(role) is None:
             continue
         storage = open_storage(settings, role)
+        if role == "offsite" and copy_running(settings):
+            print(f"{storage.describe()}: skipped, an off-site copy is running")
+            continue
         now = datetime.now(UTC)
         result = prune(
             storage,
@@ -248,6 +251,16 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         if not (result.deletions or result.stale_staging or result.aborted_uploads):
             print("  nothing to delete")
     return 0
+
+
+def copy_running(settings: Settings) -> bool:
+    """Return whether an off-site copy is running (False when Celery's Redis cannot tell)."""
+    from vq_tasks import coordination
+
+    try:
+        return coordination.offsite_copies_running(coordination.client(settings))
+    except Exception:
+        return False
 
 
 def known_failed(settings: Settings, backup_ids: list[str]) -> set[str]:

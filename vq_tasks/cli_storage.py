@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vq_tasks.cli import EXIT_FAILED, human_size, print_table
+from vq_tasks.errors import redact
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES
 
@@ -44,7 +45,7 @@ def check_destination(settings: Settings, role: str, probe_size: int) -> list[St
         try:
             detail, ok = action(), True
         except Exception as exc:  # shown to the operator: the storage errors name the fix
-            detail, ok = f"{type(exc).__name__}: {exc}", False
+            detail, ok = redact(f"{type(exc).__name__}: {exc}", settings.secret_values()), False
         steps.append(Step(role, step, ok, detail, time.monotonic() - started))
         return ok
 

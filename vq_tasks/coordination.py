@@ -108,6 +108,27 @@ def release_claim(r: redis.Redis, name: str) -> None:
     r.delete(CLAIM_KEY.format(name))
 
 
+OFFSITE_COPY_KEY = "vq:offsite-copy:{}"
+
+
+@contextlib.contextmanager
+def offsite_copy_running(r: redis.Redis, task_id: str, ttl: int) -> Iterator[None]:
+    """Mark an off-site copy as running while the block runs (kept alive by a heartbeat, gone
+    ``ttl`` seconds after its worker dies), so that the off-site prune leaves its files alone."""
+    key = OFFSITE_COPY_KEY.format(task_id)
+    r.set(key, task_id, ex=ttl)
+    try:
+        with heartbeat(r, task_id, ttl, key=key):
+            yield
+    finally:
+        r.delete(key)
+
+
+def offsite_copies_running(r: redis.Redis) -> bool:
+    """Return whether an off-site copy is running now."""
+    return next(r.scan_iter(OFFSITE_COPY_KEY.format("*"), count=100), None) is not None
+
+
 def backup_of_task(r: redis.Redis, task_id: str, backup_id: str, ttl: int) -> tuple[str, bool]:
     """Bind a backup task's id to ``backup_id`` once; return the id it is bound to and whether it
     was bound before (a redelivered task gets its first backup id back, however late it comes)."""

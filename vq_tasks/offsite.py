@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from vq_tasks.catalog import backup_sets
-from vq_tasks.errors import PermanentError
+from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams import HashStage, pump
@@ -31,6 +31,7 @@ class CopyResult:
 
     copied: list[str] = field(default_factory=list)
     already_there: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
     size: int = 0
 
 
@@ -56,6 +57,7 @@ def copy_backup(source: Storage, target: Storage, backup_id: str, say: Say = log
         say(f"copying {stored.name} ({stored.size} bytes) to {target.describe()}")
         copy_file(source, target, stored, backup_id)
         copied += stored.size
+    _check_copied(target, manifest, logs_file)
     with target.open_write(name) as out:
         out.write(document)
     return copied + len(document)
@@ -81,6 +83,17 @@ def copy_file(source: Storage, target: Storage, stored: StoredFile, backup_id: s
             )
 
 
+def _check_copied(target: Storage, manifest: Manifest, logs_file: str | None) -> None:
+    """Raise TransientError if a copied file is not in ``target`` at its size (removed by a prune
+    that ran meanwhile, say): the manifest must not vouch for what is not there."""
+    for stored in manifest.files:
+        found = target.stat(stored.name)
+        if found is None and stored.name == logs_file:
+            continue
+        if found is None or found.size != stored.size:
+            raise TransientError(f"{stored.name} vanished from {target.describe()} while it was copied")
+
+
 def missing_backups(source: Storage, target: Storage, prefix: str, since: datetime) -> list[str]:
     """Return the ids of complete backups in ``source`` started after ``since`` that ``target``
     does not hold complete, newest first."""
@@ -93,10 +106,15 @@ def sync(
     source: Storage, target: Storage, prefix: str, since: datetime, say: Say = logger.info
 ) -> CopyResult:
     """Copy every complete backup of ``source`` since ``since`` that ``target`` lacks, newest
-    first; return what was copied. The first failure stops the sync and is raised."""
+    first; return what was copied and, by id, the backups that could not be (a damaged source).
+    A storage failure (StorageError) stops the sync and is raised."""
     result = CopyResult()
     for backup_id in missing_backups(source, target, prefix, since):
-        size = copy_backup(source, target, backup_id, say)
+        try:
+            size = copy_backup(source, target, backup_id, say)
+        except PermanentError as exc:  # one damaged backup must not keep the older ones from copying
+            result.failed[backup_id] = str(exc)
+            continue
         (result.copied if size else result.already_there).append(backup_id)
         result.size += size
     return result

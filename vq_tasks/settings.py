@@ -20,7 +20,13 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from vq_tasks.storage import PROVIDERS
-from vq_tasks.storage.location import Credentials, Destination, parse_location
+from vq_tasks.storage.location import (
+    ENDPOINT_FIELDS,
+    Credentials,
+    Destination,
+    parse_location,
+    without_credentials,
+)
 
 CLOUD_SECRETS = (
     "aws_secret_access_key",
@@ -120,6 +126,7 @@ class Settings(BaseSettings):
     storage_emulator_host: str | None = None
 
     # Off-site copy: a second destination; BACKUP_OFFSITE_<NAME> overrides each credential above
+    # (endpoints and the connection string are not taken over: they say where, not who)
     backup_offsite_provider: str | None = None
     backup_offsite_path: str | None = None
     backup_offsite_aws_access_key_id: str | None = None
@@ -254,8 +261,8 @@ class Settings(BaseSettings):
     def _destinations_valid(self) -> Settings:
         if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
             raise ValueError("BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none")
-        offsite = self.destination("offsite")
-        if offsite is not None and offsite.location.same_place(self.destination().location):
+        offsite, primary = self.destination("offsite"), self.destination()
+        if offsite is not None and offsite.same_place(primary):
             raise ValueError("BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere")
         return self
 
@@ -308,8 +315,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown destination {role!r} (primary or offsite)")
         values = {}
         for name in CREDENTIAL_FIELDS:
-            value = getattr(self, prefix + name) if prefix else None
-            values[name] = value if value is not None else getattr(self, name)
+            own = getattr(self, prefix + name)
+            inherited = None if name in ENDPOINT_FIELDS else getattr(self, name)
+            values[name] = own if own is not None or not prefix else inherited
         return Destination(
             role=role,
             location=parse_location(provider, path),
@@ -366,7 +374,10 @@ def _describe(error: dict[str, Any]) -> str:
     name = str(error["loc"][0]).upper()
     if name.lower() in SECRET_FIELDS or isinstance(error.get("input"), dict | list):
         return f"{name}: {message}"
-    return f"{name}={error.get('input')!r}: {message}"
+    shown = error.get("input")
+    if name.endswith("_PATH") and isinstance(shown, str):
+        shown = without_credentials(shown)
+    return f"{name}={shown!r}: {message}"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -192,6 +192,9 @@ def _prune_one(settings, role: str, dry_run: bool) -> dict[str, Any]:
     storage = open_storage(settings, role)
     now = datetime.now(UTC)
     r = coordination.client(settings)
+    if role == "offsite" and coordination.offsite_copies_running(r):
+        logger.info("off-site prune skipped: a copy is running (its files have no manifest yet)")
+        return {"skipped": "an off-site copy is running"}
     result = prune_storage(
         storage,
         settings,
@@ -221,24 +224,34 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
     from vq_tasks import offsite
 
     settings = get_settings()
+    r = coordination.client(settings)
     try:
-        source, target = open_storage(settings), open_storage(settings, "offsite")
-        size = offsite.copy_backup(source, target, backup_id, say=logger.info)
-        since = offsite.retention_start(datetime.now(UTC), settings.backup_retention_days)
-        caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, say=logger.info)
+        with coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl):
+            source, target = open_storage(settings), open_storage(settings, "offsite")
+            size = offsite.copy_backup(source, target, backup_id, say=logger.info)
+            since = offsite.retention_start(datetime.now(UTC), settings.backup_retention_days)
+            caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, say=logger.info)
     except Exception as exc:
         failure = exc
     else:
         logger.info("backup %s copied off-site to %s (%d bytes)", backup_id, target.describe(), size)
-        return {"backup_id": backup_id, "size": size, "caught_up": caught_up.copied}
+        for missed, message in caught_up.failed.items():  # one alert per backup (claimed once)
+            _offsite_failed(settings, missed, message)
+        result = {"backup_id": backup_id, "size": size, "caught_up": caught_up.copied}
+        return {**result, "failed": caught_up.failed}
     message = redact(str(failure) or type(failure).__name__, settings.secret_values())
     if is_transient(failure) and self.request.retries < settings.backup_retry_max:
         logger.warning("off-site copy of %s failed, will retry: %s", backup_id, message)
         raise self.retry(countdown=_countdown(self.request.retries), exc=TransientError(message))
+    _offsite_failed(settings, backup_id, message)
+    raise PermanentError(message)
+
+
+def _offsite_failed(settings, backup_id: str, message: str) -> None:
+    message = redact(message, settings.secret_values())
     logger.error("off-site copy of %s failed: %s", backup_id, message)
     event = AlertEvent(event="offsite_failed", backup_id=backup_id, failures={"offsite": message})
     alert.delay(event.model_dump())
-    raise PermanentError(message)
 
 
 @app.task(name="vq_tasks.alert", bind=True, max_retries=8)

@@ -104,7 +104,8 @@ def watch(server: RedisServer) -> Callable[[], dict[str, Any]]:
 
     def seen() -> dict[str, Any]:
         connections = client.info("stats")["total_connections_received"]
-        commands = [c for c in client.info("commandstats") if c not in ("cmdstat_info", "cmdstat_config")]
+        ours = ("cmdstat_info", "cmdstat_config")  # Redis 7 names subcommands: cmdstat_config|resetstat
+        commands = [c for c in client.info("commandstats") if not c.startswith(ours)]
         return {"connections": connections, "commands": commands}
 
     return seen

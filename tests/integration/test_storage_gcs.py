@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.emulators import create_bucket, storage_env
+from tests.emulators import create_bucket, gcs_client, storage_env
 from tests.servers import free_port
 from tests.storage_contract import CorruptionContract, StorageContract, read, write
 from vq_tasks.settings import load_settings
@@ -54,14 +54,8 @@ def open_real_gcs(**overrides) -> GCSStorage:
 
 
 def raw_bucket(emulator, bucket: str):
-    """The bucket through a client of its own, for looking behind the provider's back (it does
-    not touch the process's environment, unlike tests.emulators.gcs_client)."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    options = {"api_endpoint": emulator.endpoint}
-    client = storage.Client(project="vq-test", credentials=AnonymousCredentials(), client_options=options)
-    return client.bucket(bucket)
+    """The bucket through a client of its own, for looking behind the provider's back."""
+    return gcs_client(emulator).bucket(bucket)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.unit.test_verify import BACKUP_ID, make_backup
-from vq_tasks.errors import PermanentError
+from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.manifest import manifest_name
 from vq_tasks.offsite import copy_backup, missing_backups, sync
 from vq_tasks.storage.local import LocalStorage
@@ -68,3 +68,36 @@ def test_sync_copies_only_what_is_missing_within_the_window(tmp_path):
     result = sync(backup.storage, target, prefix, datetime(2000, 1, 1, tzinfo=UTC))
     assert result.copied == [BACKUP_ID]
     assert missing_backups(backup.storage, target, prefix, started - timedelta(days=1)) == []
+
+
+class PrunedMeanwhile(LocalStorage):
+    """A target where a concurrent prune deletes the bundle while the logs archive is copied."""
+
+    def __init__(self, root, bundle: str):
+        super().__init__(root)
+        self._bundle = bundle
+
+    def open_write(self, name: str):
+        if name.endswith("_logs.tar.gz"):
+            self.delete(self._bundle)
+        return super().open_write(name)
+
+
+def test_a_file_pruned_during_the_copy_keeps_the_manifest_out(tmp_path):
+    backup = make_backup(tmp_path)
+    target = PrunedMeanwhile(tmp_path / "offsite", backup.manifest.files[0].name)
+    with pytest.raises(TransientError, match="vanished"):
+        copy_backup(backup.storage, target, BACKUP_ID)
+    assert target.stat(manifest_name(BACKUP_ID)) is None  # retried later, never falsely complete
+
+
+def test_sync_goes_on_past_a_damaged_backup(tmp_path):
+    backup = make_backup(tmp_path)
+    bundle = tmp_path / "backups" / backup.manifest.files[0].name
+    bundle.write_bytes(b"damaged")
+    target = LocalStorage(tmp_path / "offsite")
+    result = sync(
+        backup.storage, target, backup.settings.backup_name_prefix, datetime(2000, 1, 1, tzinfo=UTC)
+    )
+    assert result.copied == [] and list(result.failed) == [BACKUP_ID]
+    assert "does not match its manifest" in result.failed[BACKUP_ID]

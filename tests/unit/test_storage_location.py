@@ -119,3 +119,33 @@ def test_keys_inside_a_connection_string_are_secrets(tmp_path):
         del os.environ["AZURE_STORAGE_CONNECTION_STRING_FILE"]
     assert "c2VjcmV0a2V5PT0=" in settings.secret_values()
     assert settings.azure_storage_connection_string.get_secret_value().startswith("DefaultEndpointsProtocol")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "https://vqacct.blob.core.windows.net/backups/prod?sv=2024&sig=SECRETSIG",
+        "s3://AKIAKEY:SECRETSIG@vq-backups/prod",
+        "gs://vq-backups/prod#SECRETSIG",
+    ],
+)
+def test_credentials_in_a_path_are_refused_and_never_echoed(path):
+    provider = {"h": "Azure_Blob", "s": "AWS_S3", "g": "Google_Cloud"}[path[0]]
+    with pytest.raises(ConfigError) as failure:
+        load_settings(backup_storage_provider=provider, backup_storage_path=path, **BROKER)
+    assert "SECRETSIG" not in str(failure.value) and "no query" in str(failure.value)
+
+
+def test_offsite_does_not_take_over_the_primary_endpoint():
+    settings = load_settings(
+        backup_storage_provider="AWS_S3",
+        backup_storage_path="s3://vq-backups/prod",
+        aws_endpoint_url="http://minio.local:9000",
+        aws_access_key_id="AKIASHARED",
+        backup_offsite_provider="AWS_S3",
+        backup_offsite_path="s3://vq-backups/prod",  # the same bucket name, but on AWS: another place
+        **BROKER,
+    )
+    offsite = settings.destination("offsite")
+    assert offsite.credentials.aws_endpoint_url is None  # the SDK's default: AWS itself
+    assert offsite.credentials.aws_access_key_id == "AKIASHARED"

@@ -1,7 +1,9 @@
 """The storage contract every provider keeps: streamed writes that commit atomically and are
 checked against the provider's own integrity data, streamed reads, stat, list, delete and usage.
 An object is visible to ``list`` and ``stat`` only once its writer has closed without error, so a
-crash never leaves a complete-looking object behind."""
+crash never leaves a complete-looking object behind. (Cloud stores check some checksums only
+after they commit: an object that fails that check is deleted again before ``open_write`` raises.
+Whole backups are guarded by the manifest, written last.)"""
 
 from __future__ import annotations
 

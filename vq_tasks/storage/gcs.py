@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+import google.cloud.storage  # noqa: F401 - a missing SDK shows at import, as the registry expects
+
 from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
 from vq_tasks.storage.location import Destination
 from vq_tasks.storage.upload import Part, PartedStorage, UploadSums, with_retries

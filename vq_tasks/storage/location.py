@@ -19,6 +19,8 @@ PATH_FORMS = {
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
 CONTAINER = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+# where a destination is, not who may use it: never taken over from the primary by the off-site copy
+ENDPOINT_FIELDS = ("aws_endpoint_url", "azure_storage_connection_string", "storage_emulator_host")
 AZURE_HOST = re.compile(r"^(?P<account>[a-z0-9]{3,24})\.blob\.(?P<suffix>[a-z0-9.\-]+)$")
 
 
@@ -61,6 +63,12 @@ def parse_location(provider: str, path: str) -> Location:
             raise ValueError(f"{provider} needs {form}, not {path!r}")
         return Location(provider, str(Path(path)), path=path)
     parts = urlsplit(path)
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(  # never echoed: a SAS token or a key may be in there
+            f"{provider} paths carry no query, fragment or user info (a SAS token or key?): give "
+            "credentials in their own variables, the path as "
+            f"{form}"
+        )
     if provider == "Azure_Blob":
         return _azure(parts, path, form)
     scheme, pattern = ("s3", BUCKET) if provider == "AWS_S3" else ("gs", GCS_BUCKET)
@@ -69,6 +77,15 @@ def parse_location(provider: str, path: str) -> Location:
     if not pattern.match(parts.netloc):
         raise ValueError(f"{parts.netloc!r} is not a valid bucket name (lower case, digits, '.', '-')")
     return Location(provider, parts.netloc, _prefix(parts.path), path=path)
+
+
+def without_credentials(path: str) -> str:
+    """Return ``path`` without user info, query and fragment, which may hold a key or SAS token."""
+    parts = urlsplit(path)
+    if not parts.scheme:
+        return path
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def _azure(parts, path: str, form: str) -> Location:
@@ -129,6 +146,12 @@ class Destination:
     @property
     def provider(self) -> str:
         return self.location.provider
+
+    def same_place(self, other: Destination) -> bool:
+        """Return whether both destinations are the same place: same location, same endpoint."""
+        ours, theirs = self.credentials, other.credentials
+        same_endpoint = all(getattr(ours, f) == getattr(theirs, f) for f in ENDPOINT_FIELDS)
+        return same_endpoint and self.location.same_place(other.location)
 
     def variable(self, name: str) -> str:
         """Return the environment variable that sets ``name`` for this destination, for messages:
