@@ -111,7 +111,7 @@ class AzureStorage(PartedStorage):
         try:
             return _container_client(self.destination, os.getpid())
         except ValueError:  # the SDK's words on a malformed connection string, which never quote it
-            var = _variable(self.destination, "AZURE_STORAGE_CONNECTION_STRING")
+            var = self.destination.variable("AZURE_STORAGE_CONNECTION_STRING")
             raise StorageError(f"{self.describe()}: {var} is not a valid connection string") from None
 
     def _blob(self, name: str) -> BlobClient:
@@ -259,11 +259,11 @@ class AzureStorage(PartedStorage):
         if isinstance(exc, ServiceRequestError | ServiceResponseError):
             return StorageError(f"{where}: cannot reach {self._endpoint()} ({_reason(exc)})", transient=True)
         if code == "ContainerNotFound":
-            fix = f"create it or correct {_variable(self.destination, 'PATH')}"
+            fix = f"create it or correct {self.destination.variable('BACKUP_STORAGE_PATH')}"
             return StorageError(f"{where}: container {container} does not exist in account {account}: {fix}")
         if _is_authentication(exc, code, status):
             key, text = (
-                _variable(self.destination, f"AZURE_STORAGE_{v}") for v in ("KEY", "CONNECTION_STRING")
+                self.destination.variable(f"AZURE_STORAGE_{v}") for v in ("KEY", "CONNECTION_STRING")
             )
             return StorageError(
                 f"{where}: authentication failed ({code or type(exc).__name__}): check {key} or {text}, "
@@ -332,7 +332,7 @@ def _credential(destination: Destination) -> Any:
         from azure.identity import DefaultAzureCredential  # only where no key is given
     except ImportError:
         raise StorageError(
-            f"Azure_Blob:{destination.location.path}: without {_variable(destination, 'AZURE_STORAGE_KEY')} "
+            f"Azure_Blob:{destination.location.path}: without {destination.variable('AZURE_STORAGE_KEY')} "
             "the managed identity is used, which needs the Python package azure-identity: "
             "install vq-backup[cloud]"
         ) from None
@@ -345,16 +345,9 @@ def _check_account(destination: Destination) -> None:
     named = credentials.azure_storage_account
     if credentials.azure_storage_connection_string is None and named and named != account:
         raise StorageError(
-            f"Azure_Blob:{destination.location.path}: {_variable(destination, 'AZURE_STORAGE_ACCOUNT')} is "
+            f"Azure_Blob:{destination.location.path}: {destination.variable('AZURE_STORAGE_ACCOUNT')} is "
             f"{named!r}, but the storage path names the account {account!r}: correct one of them"
         )
-
-
-def _variable(destination: Destination, name: str) -> str:
-    """Return the environment variable an operator sets for ``name`` of this destination."""
-    if name == "PATH":
-        return "BACKUP_OFFSITE_PATH" if destination.role == "offsite" else "BACKUP_STORAGE_PATH"
-    return f"BACKUP_OFFSITE_{name} (or {name})" if destination.role == "offsite" else name
 
 
 def _difference(

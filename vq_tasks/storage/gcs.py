@@ -17,12 +17,12 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import google.cloud.storage  # noqa: F401 - a missing SDK shows at import, as the registry expects
 
 from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
+from vq_tasks.storage.gcs_auth import KEY_VARIABLE, client_for
 from vq_tasks.storage.location import Destination
 from vq_tasks.storage.upload import Part, PartedStorage, UploadSums, with_retries
 
@@ -32,8 +32,6 @@ READ_RANGE = 8 << 20  # bytes fetched per ranged GET: the memory an open reader 
 CONTENT_TYPE = "application/octet-stream"
 TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
 CANCELLED_CODES = {200, 204, 404, 410, 499, 501}  # 499: cancelled; 404/410: gone; 501: emulators
-KEY_FILE_LIMIT = 1 << 20
-KEY_VARIABLE = "GOOGLE_APPLICATION_CREDENTIALS"
 CREATE = "storage.objects.create (and storage.objects.delete to replace an object)"
 
 
@@ -73,7 +71,7 @@ class GCSStorage(PartedStorage):
 
     @property
     def _client(self) -> Any:
-        return _client_for(self.destination, os.getpid())  # built once per process, never pickled
+        return client_for(self.destination, os.getpid())  # built once per process, never pickled
 
     def _blob(self, name: str) -> Any:
         self._check_name(name)
@@ -342,71 +340,3 @@ def _reason(exc: Exception, destination: Destination) -> str:
         return f"no answer within {destination.timeout:g} s; BACKUP_STORAGE_TIMEOUT sets the limit"
     found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
     return found.group(1).strip() if found else type(exc).__name__
-
-
-@functools.lru_cache(maxsize=8)
-def _client_for(destination: Destination, pid: int) -> Any:
-    """Return the client of ``destination`` for process ``pid``: a forked worker builds its own."""
-    from google.cloud import storage
-
-    credentials, project, options = _credentials(destination)
-    project = destination.credentials.google_cloud_project or project
-    return storage.Client(project=project, credentials=credentials, client_options=options)
-
-
-def _credentials(destination: Destination) -> tuple[Any, str | None, Any]:
-    """Return the credentials, their project and the client options of ``destination``: anonymous
-    at an emulator, from the key file when one is named, else the application default ones."""
-    import google.auth
-    from google.api_core.client_options import ClientOptions
-    from google.auth.credentials import AnonymousCredentials
-    from google.auth.exceptions import DefaultCredentialsError
-
-    settings = destination.credentials
-    if settings.storage_emulator_host:
-        host = settings.storage_emulator_host
-        endpoint = host if "://" in host else f"http://{host}"
-        return AnonymousCredentials(), None, ClientOptions(api_endpoint=endpoint)
-    if settings.google_application_credentials:
-        return (*_key_file(destination, settings.google_application_credentials), None)
-    try:
-        credentials, project = google.auth.default()
-    except DefaultCredentialsError:
-        raise StorageError(
-            f"{destination.provider}:{destination.location.path}: no Google credentials found: set "
-            f"{destination.variable(KEY_VARIABLE)} to a service account key file, or run as a service account"
-        ) from None
-    return credentials, project, None
-
-
-def _key_file(destination: Destination, path: Path) -> tuple[Any, str | None]:
-    """Return the credentials in the key file ``path`` (a service account key, or a user's
-    credentials) and their project. Raise a permanent StorageError naming the variable if the file
-    is missing or malformed; the file's content is never quoted."""
-    from google.oauth2 import credentials as user
-    from google.oauth2 import service_account
-
-    setting = (
-        f"{destination.provider}:{destination.location.path}: {destination.variable(KEY_VARIABLE)}={path}"
-    )
-    try:
-        with open(path, "rb") as file:
-            info = json.loads(file.read(KEY_FILE_LIMIT))
-    except FileNotFoundError:
-        raise StorageError(f"{setting}: no such file; point it at a service account key (JSON)") from None
-    except OSError as exc:
-        raise StorageError(f"{setting}: cannot be read ({exc.strerror}); check its owner and mode") from None
-    except ValueError:
-        info = None
-    kind = info.get("type") if isinstance(info, dict) else None
-    try:
-        if kind == "service_account":
-            return service_account.Credentials.from_service_account_info(info), info.get("project_id")
-        if kind == "authorized_user":
-            return user.Credentials.from_authorized_user_info(info), info.get("quota_project_id")
-    except Exception:
-        pass  # missing fields, a broken private key: said below, without the library's details
-    raise StorageError(
-        f"{setting}: not a valid service account key (JSON); create a new key, or unset the variable "
-        "to use the application default credentials (workload identity)"
-    )

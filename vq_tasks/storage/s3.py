@@ -320,11 +320,11 @@ class S3Storage(PartedStorage):
 
     @property
     def _path_variable(self) -> str:
-        return "BACKUP_OFFSITE_PATH" if self.destination.role == "offsite" else "BACKUP_STORAGE_PATH"
+        return self.destination.variable("BACKUP_STORAGE_PATH")
 
     def _env(self, name: str) -> str:
         """Return the variable that sets ``name`` for this destination."""
-        return f"BACKUP_OFFSITE_{name}" if self.destination.role == "offsite" else name
+        return self.destination.variable(name)
 
 
 def _code(exc: ClientError) -> str:
