@@ -195,3 +195,34 @@ def record_drill(r: redis.Redis, **fields: Any) -> None:
 def read_drill(r: redis.Redis) -> dict[str, Any]:
     """Return the restore drill's record: the last drill's outcome (empty if none ran)."""
     return {name: json.loads(value) for name, value in r.hgetall(DRILL_KEY).items()}
+
+
+COUNTERS_KEY = "vq:metrics:counters"
+PRUNE_KEY = RUN_KEY.format("prune:{}")  # one record per destination role
+
+
+def count_once(r: redis.Redis, claim: str, counters: dict[str, int]) -> bool:
+    """Add ``counters`` to the lifetime counters (they never expire), once per ``claim``: a
+    redelivered task that reaches the same end does not count twice. Return whether it counted."""
+    if not claim_once(r, f"counted:{claim}"):
+        return False
+    pipe = r.pipeline(transaction=False)
+    for name, amount in counters.items():
+        pipe.hincrby(COUNTERS_KEY, name, amount)
+    pipe.execute()
+    return True
+
+
+def read_counters(r: redis.Redis) -> dict[str, int]:
+    """Return the lifetime counters: ``runs:<status>`` and ``failures:<component>:<reason>``."""
+    return {name: int(value) for name, value in r.hgetall(COUNTERS_KEY).items()}
+
+
+def record_prune(r: redis.Redis, role: str, **fields: Any) -> None:
+    """Set fields of the last prune's record of destination ``role`` (it does not expire)."""
+    r.hset(PRUNE_KEY.format(role), mapping={name: json.dumps(value) for name, value in fields.items()})
+
+
+def read_prune(r: redis.Redis, role: str) -> dict[str, Any]:
+    """Return the last prune's record of destination ``role`` (empty if none ran)."""
+    return {name: json.loads(value) for name, value in r.hgetall(PRUNE_KEY.format(role)).items()}

@@ -68,6 +68,7 @@ class StagedPart(BaseModel):
     staged_sha256: str
     content: Checksums = Field(description="the uncompressed member")
     facts: Facts
+    duration_seconds: float = Field(0.0, description="time taken to dump and stage it")
 
 
 class StoredFile(BaseModel):
@@ -82,6 +83,8 @@ class ComponentEntry(BaseModel):
     stored_in: str
     content: Checksums
     facts: Facts
+    stored_size: int | None = Field(None, description="bytes it takes in storage (compressed)")
+    duration_seconds: float | None = Field(None, description="time its dump task took")
 
 
 class Manifest(BaseModel):

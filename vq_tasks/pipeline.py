@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from vq_tasks import coordination
 from vq_tasks.bundle import BundleWriter, copy_staged
 from vq_tasks.catalog import load_manifest, readable_manifests
-from vq_tasks.errors import PermanentError, redact
+from vq_tasks.errors import PermanentError, is_transient, redact
 from vq_tasks.manifest import (
     BUNDLED,
     COMPONENTS,
@@ -174,7 +174,12 @@ def _compressed_config(settings: Settings) -> Producer:
 def record_failure(settings: Settings, backup_id: str, step: str, exc: BaseException) -> str:
     """Note in the run record that ``step`` failed; return the redacted message."""
     message = redact(str(exc) or type(exc).__name__, settings.secret_values())
-    report(settings, backup_id, **{f"failed:{step}": message, f"state:{step}": "failed"})
+    reason = "transient" if is_transient(exc) else "permanent"
+    report(
+        settings,
+        backup_id,
+        **{f"failed:{step}": message, f"state:{step}": "failed", f"reason:{step}": reason},
+    )
     return message
 
 
@@ -212,6 +217,8 @@ def finalize(
                 stored_in=bundle.name if c in BUNDLED else logs.name,
                 content=parts[c].content,
                 facts=parts[c].facts,
+                stored_size=parts[c].staged_size,
+                duration_seconds=parts[c].duration_seconds,
             )
             for c in COMPONENTS
         },
@@ -261,7 +268,9 @@ def after_success(settings: Settings, backup_id: str) -> None:
     """Clean the staging area, mark the run done and release the lock."""
     StagingArea(settings.backup_staging_dir, backup_id).remove()
     report(settings, backup_id, status="succeeded")
-    coordination.release_lock(coordination.client(settings), backup_id)
+    r = coordination.client(settings)
+    coordination.count_once(r, f"run:{backup_id}", {"runs:succeeded": 1})
+    coordination.release_lock(r, backup_id)
 
 
 def fail(settings: Settings, backup_id: str) -> dict[str, str] | None:
@@ -280,7 +289,12 @@ def fail(settings: Settings, backup_id: str) -> dict[str, str] | None:
     coordination.release_lock(r, backup_id)
     if complete:
         return None
-    return {key.split(":", 1)[1]: value for key, value in run.items() if key.startswith("failed:")}
+    failures = {key.split(":", 1)[1]: value for key, value in run.items() if key.startswith("failed:")}
+    reasons = {
+        f"failures:{step}:{run.get(f'reason:{step}', 'unknown')}": 1 for step in failures or ["unknown"]
+    }
+    coordination.count_once(r, f"run:{backup_id}", {"runs:failed": 1, **reasons})
+    return failures
 
 
 def _remove_incomplete(storage: Storage, backup_id: str) -> bool:

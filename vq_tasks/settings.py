@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     backup_timezone: str = "UTC"
     backup_retention_days: int = Field(30, ge=1)
     backup_logs_retention_days: int = Field(7, ge=1)
+    backup_weekly_retention_weeks: int = Field(12, ge=0)
+    backup_monthly_retention_months: int = Field(12, ge=0)
     backup_logs_window_days: int = Field(7, ge=1)
     backup_name_prefix: str = Field("virtualqueue_backup", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -184,6 +186,15 @@ class Settings(BaseSettings):
     smtp_ssl: bool = False
     smtp_from: str = "vq-backup@localhost"
     smtp_timeout: float = Field(30.0, gt=0)
+    backup_stale_after_hours: float = Field(26.0, gt=0)
+    backup_storage_min_free_percent: float = Field(10.0, ge=0, lt=100)
+    backup_storage_quota_gb: float | None = Field(None, gt=0)
+    backup_offsite_storage_quota_gb: float | None = Field(None, gt=0)
+
+    # Monitoring: the exporter (vq-backup exporter) and the checks behind alerts and /healthz
+    backup_exporter_host: str = "0.0.0.0"
+    backup_exporter_port: int = Field(8080, ge=1, le=65535)
+    backup_monitor_interval: float = Field(60.0, ge=1)
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -72,6 +73,7 @@ def stage_part(
     ``member_level`` overrides the gzip level of the wrapping members (0 for data that is
     already compressed, such as config.tar.gz)."""
     final = area.part_path(component)
+    began = time.monotonic()
     temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with _staging_errors(settings):
@@ -110,6 +112,7 @@ def stage_part(
         staged_sha256=staged.sha256,
         content=content.checksums(),
         facts=facts,
+        duration_seconds=round(time.monotonic() - began, 3),
     )
 
 
