@@ -9,6 +9,7 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -24,6 +25,20 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 PORT_ATTEMPTS = 3
 KNOWN_LOCATIONS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT, group: bool = False) -> None:
+    """End ``process`` (its whole process group with ``group``, for one started in a new session)
+    with SIGTERM, then SIGKILL if it lingers past ``timeout`` seconds, and wait for it."""
+    if process.poll() is not None:
+        return
+    send = (lambda sig: os.killpg(process.pid, sig)) if group else process.send_signal
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()
 
 
 def free_port() -> int:
@@ -107,13 +122,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """End the server with SIGTERM (SIGKILL if it lingers) and wait for it."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         _running.discard(self)
 
     def kill(self) -> None:

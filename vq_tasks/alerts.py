@@ -1,111 +1,215 @@
-"""Alert emails: a failed backup or restore drill to BACKUP_ALERT_EMAIL, a success summary to
-NOTIFICATION_EMAIL.
+"""Alert emails, one per incident: a mail when a problem opens, another only when it changes or is
+resolved. A success summary of each backup goes to NOTIFICATION_EMAIL.
 
-Events cross the broker as plain JSON and hold ids, names and redacted error text, never a secret.
+An event is one observation of a condition: ``failures`` (part -> what is wrong) when there is a
+problem, none when the condition is healthy. Its fingerprint is the failures with ids and numbers
+that change every run taken out, so the same problem seen again is the same incident. Incidents
+live in Celery's Redis (coordination.observe_incident): any number of workers and the exporter
+can report the same condition and one mail goes out. Events cross the broker as plain JSON and
+hold ids, names and redacted error text, never a secret.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import smtplib
 import ssl
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from vq_tasks.errors import TransientError, redact
+from vq_tasks import coordination
+from vq_tasks.audit import audit
+from vq_tasks.errors import PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 
-FAILURE_EVENTS = ("backup_failed", "drill_failed", "offsite_failed")
+Condition = Literal["backup", "offsite", "drill", "storage", "retention", "stale", "success"]
+TITLES = {
+    "backup": "FAILED",
+    "offsite": "OFF-SITE COPY FAILED",
+    "drill": "RESTORE DRILL FAILED",
+    "storage": "STORAGE NEARLY FULL",
+    "retention": "RETENTION PROBLEM",
+    "stale": "NO RECENT BACKUP",
+}
+INTROS = {
+    "backup": "Backup {backup} failed. No manifest was written; staging was cleaned.",
+    "offsite": "Backup {backup} is complete in the primary storage, but its off-site copy failed. The "
+    "off-site destination holds no manifest for it; the next copy tries again.",
+    "drill": "The restore drill of backup {backup} failed: this backup may not restore. The drill "
+    "restores into a scratch database and a scratch Redis, never the live ones.",
+    "storage": "A backup destination is running out of space: the next backups may fail.",
+    "retention": "Retention did not do its work: backups past their retention are still stored, or prune "
+    "failed. Storage grows, and backups may be kept longer than policy allows.",
+    "stale": "No backup has completed within BACKUP_STALE_AFTER_HOURS: is beat running, are the workers?",
+}
+RESOLVED = {
+    "backup": "backups succeed again",
+    "offsite": "off-site copies succeed again",
+    "drill": "the restore drill passes again",
+    "storage": "every destination has enough free space again",
+    "retention": "prune ran and left nothing past its retention",
+    "stale": "a backup completed within BACKUP_STALE_AFTER_HOURS again",
+}
+_CHANGING = [
+    (re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_-]*_\d{8}_\d{6}\b"), "<backup>"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<id>"),
+    (re.compile(r"\d{6,}"), "#"),
+]
 
 
 class AlertEvent(BaseModel):
-    event: Literal["backup_failed", "backup_succeeded", "drill_failed", "offsite_failed"]
-    backup_id: str
+    """One observation of ``condition``: a problem when ``failures`` is not empty, else healthy."""
+
+    condition: Condition
     failures: dict[str, str] = {}
+    backup_id: str | None = None
     summary: dict[str, str] = {}
-    run_id: str | None = None  # a drill's run (its task id): one alert per run, however often redelivered
+    observed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
-    def claim_name(self) -> str:
-        run = f":{self.run_id}" if self.run_id else ""
-        return f"alert:{self.event}:{self.backup_id}{run}"
+    def problem(self) -> bool:
+        return bool(self.failures)
+
+    def fingerprint(self) -> str:
+        """Return what identifies the incident: the failures without ids, times and counts that
+        differ from run to run; "" when healthy."""
+        if not self.failures:
+            return ""
+        stable = {part: _stable(text) for part, text in self.failures.items()}
+        return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _stable(text: str) -> str:
+    for pattern, replacement in _CHANGING:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def recipients(settings: Settings, event: AlertEvent) -> list[str]:
     """Return who should get ``event`` (an empty list: nobody, by configuration)."""
-    if event.event in FAILURE_EVENTS:
-        target = settings.backup_alert_email if settings.backup_alert_on_failure else None
-    else:
+    if event.condition == "success":
         target = settings.notification_email
+    else:
+        target = settings.backup_alert_email if settings.backup_alert_on_failure else None
     return [address.strip() for address in (target or "").split(",") if address.strip()]
 
 
-def compose(settings: Settings, event: AlertEvent, to: list[str]) -> EmailMessage:
-    """Return the email for ``event``: a subject that says what happened, a body that says where."""
+def deliver(settings: Settings, event: AlertEvent, origin: str = "celery", task_id: str | None = None) -> str:
+    """Send the mail ``event`` calls for, if any: the opening, change or resolution of its
+    incident, or a success summary (once per backup). Return what happened. Raise TransientError
+    when the mail could not be sent (PermanentError when the server refused our login): the
+    incident still owes it, and a retry sends it."""
+    to = recipients(settings, event)
+    if not to:
+        if event.condition == "success":
+            return "no summary sent: NOTIFICATION_EMAIL is not set"
+        return "no alert sent: BACKUP_ALERT_EMAIL is not set or BACKUP_ALERT_ON_FAILURE is false"
+    r = coordination.client(settings)
+    if event.condition == "success":
+        key, fingerprint = f"success:{event.backup_id}", "sent"
+        notice = "summary" if coordination.claim_once(r, f"alert:{key}") else None
+    else:
+        key, fingerprint = event.condition, event.fingerprint()
+        notice = coordination.observe_incident(r, key, fingerprint, event.observed_at.timestamp())
+    if notice is None:
+        return "no alert sent: nothing new since the last mail about this incident"
+    try:
+        send(settings, compose(settings, event, notice, to))
+    except Exception:
+        if event.condition == "success":
+            coordination.release_claim(r, f"alert:{key}")
+        else:
+            coordination.incident_sent(r, key, fingerprint, sent=False)
+        raise
+    if event.condition != "success":
+        coordination.incident_sent(r, key, fingerprint)
+    audit(settings, "alert", "sent", condition=event.condition, notice=notice, backup_id=event.backup_id,
+          to=to, origin=origin, task_id=task_id)  # fmt: skip
+    return f"{notice} mail sent to {', '.join(to)}"
+
+
+def compose(settings: Settings, event: AlertEvent, notice: str, to: list[str]) -> EmailMessage:
+    """Return the email for ``event``: a subject that says what happened, a body that says where
+    and what to do; ``notice`` is opened, changed, resolved or summary."""
     message = EmailMessage()
     message["From"] = settings.smtp_from
     message["To"] = ", ".join(to)
-    if event.event == "backup_failed":
-        parts = ", ".join(sorted(event.failures)) or "unknown component"
-        message["Subject"] = f"[VQ Backup] FAILED: {event.backup_id} ({parts})"
-        lines = [f"Backup {event.backup_id} failed. No manifest was written; staging was cleaned.", ""]
-        lines += [
-            f"Failed component: {name}\nError: {error}\n" for name, error in sorted(event.failures.items())
-        ]
-    elif event.event == "offsite_failed":
-        message["Subject"] = f"[VQ Backup] OFF-SITE COPY FAILED: {event.backup_id}"
-        lines = [
-            f"Backup {event.backup_id} is complete in the primary storage, but its off-site copy failed.",
-            "The off-site destination holds no manifest for it; the next copy tries again.",
-            "",
-        ]
-        lines += [f"Error: {error}\n" for error in event.failures.values()]
-    elif event.event == "drill_failed":
-        parts = ", ".join(sorted(event.failures)) or "unknown step"
-        message["Subject"] = f"[VQ Backup] RESTORE DRILL FAILED: {event.backup_id} ({parts})"
-        lines = drill_lines(event)
-    else:
-        message["Subject"] = f"[VQ Backup] OK: {event.backup_id}"
-        lines = [f"Backup {event.backup_id} completed.", ""]
-    lines += [f"{key}: {value}" for key, value in event.summary.items()]
-    message.set_content(redact("\n".join(lines), settings.secret_values()) + "\n")
+    message["Subject"] = f"[VQ Backup] {subject(event, notice)}"
+    message.set_content(redact("\n".join(body(event, notice)), settings.secret_values()) + "\n")
     return message
 
 
-def drill_lines(event: AlertEvent) -> list[str]:
-    """Return the body of a failed restore drill's email: what it means, then each failure."""
-    removed = (
-        "some scratch copies could not be removed: see 'cleanup' below"
-        if "cleanup" in event.failures
-        else "the scratch copies were removed"
-    )
-    lines = [
-        f"The restore drill of backup {event.backup_id} failed: this backup may not restore.",
-        f"The drill restores into a scratch database and a scratch Redis, never the live ones; {removed}.",
-        "",
-    ]
-    return lines + [f"Failed: {name}\nError: {error}\n" for name, error in sorted(event.failures.items())]
+def subject(event: AlertEvent, notice: str) -> str:
+    """Return the subject line (without the [VQ Backup] tag)."""
+    about = f": {event.backup_id}" if event.backup_id else ""
+    if notice == "summary":
+        return f"OK{about}"
+    if notice == "resolved":
+        return f"RESOLVED: {RESOLVED[event.condition]}{about}"
+    parts = ", ".join(sorted(event.failures))
+    prefix = "CHANGED: " if notice == "changed" else ""
+    return f"{prefix}{TITLES[event.condition]}{about} ({parts})"
+
+
+def body(event: AlertEvent, notice: str) -> list[str]:
+    """Return the lines of the mail's body."""
+    if notice == "summary":
+        lines = [f"Backup {event.backup_id} completed.", ""]
+    elif notice == "resolved":
+        lines = [f"Resolved: {RESOLVED[event.condition]}.", ""]
+    else:
+        lines = [INTROS[event.condition].format(backup=event.backup_id or "(none)"), ""]
+        if notice == "changed":
+            lines = ["The problem reported earlier has changed.", *lines]
+        lines += [f"Failed: {part}\nError: {text}\n" for part, text in sorted(event.failures.items())]
+    lines += [f"{key}: {value}" for key, value in event.summary.items()]
+    lines.append(f"observed: {event.observed_at.isoformat(timespec='seconds')}")
+    if notice != "summary":
+        lines += ["", "One mail per incident: the next one comes when it changes or is resolved."]
+    return lines
 
 
 def send(settings: Settings, message: EmailMessage) -> None:
-    """Send ``message`` through the configured SMTP server. Raise TransientError if it cannot."""
+    """Send ``message`` through the configured SMTP server: TLS from the start (SMTP_SSL) or by
+    STARTTLS, the certificate checked against the system's CAs or SMTP_CA_FILE, then a login when
+    SMTP_USER is set. Raise TransientError if it cannot be sent."""
+    context = ssl.create_default_context(cafile=settings.smtp_ca_file)
     try:
         if settings.smtp_ssl:
             smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                settings.smtp_host,
-                settings.smtp_port,
-                timeout=settings.smtp_timeout,
-                context=ssl.create_default_context(),
+                settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout, context=context
             )
         else:
             smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout)
         with smtp:
             if settings.smtp_starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                smtp.starttls(context=context)
             if settings.smtp_user and settings.smtp_password is not None:
                 smtp.login(settings.smtp_user, settings.smtp_password.get_secret_value())
             smtp.send_message(message)
+    except smtplib.SMTPAuthenticationError:
+        raise PermanentError(
+            f"SMTP {settings.smtp_host}:{settings.smtp_port} refused the login of SMTP_USER="
+            f"{settings.smtp_user}: check SMTP_USER and SMTP_PASSWORD"
+        ) from None
     except (OSError, smtplib.SMTPException) as exc:
         reason = redact(str(exc), settings.secret_values())
         raise TransientError(f"SMTP {settings.smtp_host}:{settings.smtp_port}: {reason}") from None
+
+
+def retention_event(report) -> AlertEvent:
+    """Given a real prune's report (pruning.PruneReport), return its retention observation: each
+    destination where prune failed, or that still holds backups past their retention."""
+    failures = {}
+    for d in report.destinations:
+        if d.error:
+            failures[d.role] = f"prune failed: {d.error}"
+        elif d.expired_left:
+            left = ", ".join(d.expired_left)
+            failures[d.role] = f"{len(d.expired_left)} backup(s) past retention still stored: {left}"
+    return AlertEvent(condition="retention", failures=failures)

@@ -9,6 +9,8 @@ vq-backup restore ID|latest  print the plan of a restore; --force restores (in t
 vq-backup extract ID COMPONENT -o PATH  write one component of a backup to PATH, checked
 vq-backup drill [ID|latest]  restore into a scratch database and Redis, check, drop (cli_drill.py)
 vq-backup storage-check    check that each destination is reachable, readable and writable
+vq-backup exporter         serve Prometheus /metrics and /healthz on port 8080 (cli_exporter.py)
+vq-backup audit            the recent operations from the audit log (cli_audit.py)
 vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
 
 list, show, verify, restore, extract and drill take --offsite to work on the off-site copy.
@@ -220,64 +222,21 @@ def describe_facts(facts: dict) -> list[str]:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    """Prune the primary storage and, when configured, the off-site copy."""
-    from vq_tasks.catalog import prune
-    from vq_tasks.storage import ROLES, open_storage
+    """Prune the primary storage and, when configured, the off-site copy; print each file that
+    goes (or would) and why. Exit 1 when a destination failed or kept a backup past retention."""
+    from vq_tasks.pruning import prune_all
 
-    verb = "would delete" if args.dry_run else "deleted"
-    for role in ROLES:
-        if settings.destination(role) is None:
-            continue
-        storage = open_storage(settings, role)
-        if role == "offsite" and copy_running(settings):
-            print(f"{storage.describe()}: skipped, an off-site copy is running")
-            continue
-        now = datetime.now(UTC)
-        result = prune(
-            storage,
-            settings,
-            now,
-            dry_run=args.dry_run,
-            clean_staging=role == "primary",
-            failed_runs=lambda ids: known_failed(settings, ids),
-        )
-        print(f"{storage.describe()}:")
-        for deletion in result.deletions:
-            print(f"  {verb} {deletion.name}: {deletion.reason}")
-        for name in result.stale_staging:
-            print(f"  removed the staging folder of {name}: its run did not end")
-        for name in result.aborted_uploads:
-            print(f"  aborted the unfinished upload of {name}")
-        if not (result.deletions or result.stale_staging or result.aborted_uploads):
-            print("  nothing to delete")
-    return 0
-
-
-def copy_running(settings: Settings) -> bool:
-    """Return whether an off-site copy is running (False when Celery's Redis cannot tell)."""
-    from vq_tasks import coordination
-
-    try:
-        return coordination.offsite_copies_running(coordination.client(settings))
-    except Exception:
-        return False
-
-
-def known_failed(settings: Settings, backup_ids: list[str]) -> set[str]:
-    """Return the ids whose run record (in Celery's Redis) says they failed; none if unreachable."""
-    from vq_tasks import coordination
-
-    try:
-        return coordination.failed_runs(coordination.client(settings), backup_ids)
-    except Exception as exc:  # prune still applies the grace; it only cannot shorten it
-        print(f"warning: no run records ({type(exc).__name__}): unfinished backups keep their grace")
-        return set()
+    report = prune_all(settings, args.dry_run, origin=f"cli:{getpass.getuser()}", say=print)
+    for failure in report.failures():
+        print(f"vq-backup: prune: {failure}", file=sys.stderr)
+    return 0 if report.ok else EXIT_FAILED
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from vq_tasks.verify import report_rows, verify_backup
+    from vq_tasks.verify import report_rows, verify_operation
 
-    report = verify_backup(storage_of(args, settings), settings, args.backup_id)
+    storage = storage_of(args, settings)
+    report = verify_operation(storage, settings, args.backup_id, origin=f"cli:{getpass.getuser()}")
     if args.json:
         print(report.model_dump_json(indent=2))
         return 0 if report.ok else EXIT_FAILED
@@ -329,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     from vq_tasks.cli_storage import add_storage_check_command
 
     add_storage_check_command(commands)
+    from vq_tasks.cli_exporter import add_exporter_command
+
+    add_exporter_command(commands)
+    from vq_tasks.cli_audit import add_audit_command
+
+    add_audit_command(commands)
     demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
     demo.set_defaults(handler=cmd_demo, needs_settings=False)

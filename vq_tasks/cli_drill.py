@@ -9,6 +9,7 @@ vq-backup drill --last                the outcome of the last drill, as recorded
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import uuid
 from typing import Any
@@ -45,9 +46,11 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
         print(line, file=out, flush=True)
 
     run_id = f"cli-{uuid.uuid4().hex[:12]}"
-    report = run_drill(settings, storage_of(args, settings), args.backup_id, run_id=run_id, say=say)
-    if not report.ok:
-        say(send_alert_now(settings, report))
+    origin = f"cli:{getpass.getuser()}"
+    report = run_drill(
+        settings, storage_of(args, settings), args.backup_id, run_id=run_id, say=say, origin=origin
+    )
+    say(send_alert_now(settings, report))
     if args.json:
         print(report.model_dump_json(indent=2))
     else:

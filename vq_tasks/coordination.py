@@ -226,3 +226,72 @@ def record_prune(r: redis.Redis, role: str, **fields: Any) -> None:
 def read_prune(r: redis.Redis, role: str) -> dict[str, Any]:
     """Return the last prune's record of destination ``role`` (empty if none ran)."""
     return {name: json.loads(value) for name, value in r.hgetall(PRUNE_KEY.format(role)).items()}
+
+
+INCIDENT_KEY = "vq:incident:{}"
+# An incident's record: its fingerprint ("" when healthy), the time of the observation that set
+# it, the notice it owes (opened / changed / resolved), whether that was sent, and a lease that
+# lets one process at a time send it. Observations older than the record are ignored, so an
+# alert retried late cannot reopen what a newer observation resolved.
+_INCIDENT_OBSERVE = """
+local key, fp, at, now, lease = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local known = redis.call('hget', key, 'fingerprint') or ''
+local known_at = tonumber(redis.call('hget', key, 'at') or '-1')
+if at < known_at then return false end
+if fp ~= known then
+  local notice = 'changed'
+  if fp == '' then notice = 'resolved' elseif known == '' then notice = 'opened' end
+  local owed = '0'
+  if notice == 'resolved' and redis.call('hget', key, 'told') ~= '1' then owed = '1' end
+  redis.call('hset', key, 'fingerprint', fp, 'at', ARGV[2], 'notice', notice, 'sent', owed,
+             'lease', '0', 'told', redis.call('hget', key, 'told') or '0')
+else
+  redis.call('hset', key, 'at', ARGV[2])
+end
+if redis.call('hget', key, 'sent') == '0' and tonumber(redis.call('hget', key, 'lease')) < now then
+  redis.call('hset', key, 'lease', tostring(now + lease))
+  return redis.call('hget', key, 'notice')
+end
+return false
+"""
+_INCIDENT_SENT = """
+if redis.call('hget', KEYS[1], 'fingerprint') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'sent' then
+  local told = '1'
+  if redis.call('hget', KEYS[1], 'notice') == 'resolved' then told = '0' end
+  redis.call('hset', KEYS[1], 'sent', '1', 'lease', '0', 'told', told)
+else
+  redis.call('hset', KEYS[1], 'lease', '0')
+end
+return 1
+"""
+
+
+def observe_incident(
+    r: redis.Redis, condition: str, fingerprint: str, observed_at: float, lease: float = 300
+) -> str | None:
+    """Record an observation of ``condition`` (``fingerprint`` "" when healthy) made at
+    ``observed_at`` (epoch seconds). Return the notice this caller must send now ("opened",
+    "changed" or "resolved"), or None: nothing new, already sent, being sent by another process
+    (for ``lease`` seconds), or an observation older than the one recorded. A resolution is owed
+    only for an incident whose opening was sent."""
+    now = datetime.now(UTC).timestamp()
+    key = INCIDENT_KEY.format(condition)
+    notice = r.eval(_INCIDENT_OBSERVE, 1, key, fingerprint, repr(observed_at), repr(now), str(lease))
+    return notice or None
+
+
+def incident_sent(r: redis.Redis, condition: str, fingerprint: str, sent: bool = True) -> None:
+    """Note that the notice owed for ``fingerprint`` was sent, or (``sent`` false) free its lease
+    so that a retry can send it."""
+    r.eval(_INCIDENT_SENT, 1, INCIDENT_KEY.format(condition), fingerprint, "sent" if sent else "failed")
+
+
+def open_incidents(r: redis.Redis) -> dict[str, dict[str, str]]:
+    """Return the record of every condition whose incident is open (fingerprint not empty)."""
+    found = {}
+    for key in r.scan_iter(INCIDENT_KEY.format("*"), count=100):
+        record = r.hgetall(key)
+        if record.get("fingerprint"):
+            found[key.split(":", 2)[2]] = record
+    return found

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from vq_tasks.catalog import backup_sets
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name
+from vq_tasks.retention import Policy, add_months
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams import HashStage, pump
 
@@ -120,6 +121,8 @@ def sync(
     return result
 
 
-def retention_start(now: datetime, retention_days: int) -> datetime:
-    """The start of the retention window: older backups are not worth copying (prune drops them)."""
-    return now - timedelta(days=retention_days)
+def retention_start(now: datetime, policy: Policy) -> datetime:
+    """The start of the longest retention window (daily, weekly or monthly): the primary storage
+    holds only what the policy keeps, so every backup it holds from then on is worth copying."""
+    return min(now - timedelta(days=policy.retention_days), now - timedelta(weeks=policy.weekly_weeks),
+               add_months(now, -policy.monthly_months))  # fmt: skip

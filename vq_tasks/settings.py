@@ -186,6 +186,7 @@ class Settings(BaseSettings):
     smtp_ssl: bool = False
     smtp_from: str = "vq-backup@localhost"
     smtp_timeout: float = Field(30.0, gt=0)
+    smtp_ca_file: Path | None = None
     backup_stale_after_hours: float = Field(26.0, gt=0)
     backup_storage_min_free_percent: float = Field(10.0, ge=0, lt=100)
     backup_storage_quota_gb: float | None = Field(None, gt=0)

@@ -12,11 +12,12 @@ from celery import chord, group
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
-from vq_tasks import coordination, pipeline
-from vq_tasks.alerts import AlertEvent, compose, recipients, send
+from vq_tasks import catalog, coordination, pipeline
+from vq_tasks.alerts import AlertEvent, deliver, retention_event
 from vq_tasks.app import app
-from vq_tasks.catalog import prune as prune_storage
+from vq_tasks.audit import audit
 from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
+from vq_tasks.pruning import prune_all
 from vq_tasks.settings import get_settings
 from vq_tasks.storage import open_storage
 
@@ -29,27 +30,42 @@ def _countdown(retries: int) -> float:
     return min(base * 2**retries, MAX_BACKOFF) * random.uniform(0.8, 1.2)
 
 
+def origin_of(origin: str, requested_by: str | None = None) -> str:
+    """Return the audit log's origin: ``beat``, ``cli:<user>`` or ``celery`` (a `celery call`)."""
+    if origin == "cli":
+        return f"cli:{requested_by or 'unknown'}"
+    return origin if origin in ("beat", "celery") or origin.startswith("cli:") else "celery"
+
+
 @app.task(name="vq_tasks.backup", bind=True, throws=(pipeline.BackupRefused,))
-def backup(self, origin: str = "manual", requested_by: str | None = None) -> dict[str, Any]:
-    """Take the run lock, name the backup and start the chord of dumps and finalize."""
+def backup(self, origin: str = "celery", requested_by: str | None = None) -> dict[str, Any]:
+    """Take the run lock, name the backup and start the chord of dumps and finalize. ``origin``
+    is "beat" for scheduled backups (which get the kinds daily, weekly, monthly), else manual."""
     settings = get_settings()
+    who = origin_of(origin, requested_by)
     try:
         start = pipeline.start_backup(settings, self.request.id, scheduled=origin == "beat")
         if not start.already_started:
+            pipeline.report(settings, start.backup_id, origin=who, task_id=self.request.id)
             _start_chord(settings, start)
-            logger.info("backup %s started (%s, by %s)", start.backup_id, origin, requested_by or origin)
+            logger.info("backup %s started (%s)", start.backup_id, who)
     except pipeline.BackupRefused:
         raise
     except Exception as exc:
         message = redact(str(exc) or type(exc).__name__, settings.secret_values())
-        event = AlertEvent(
-            event="backup_failed",
-            backup_id=f"(not started: task {self.request.id})",
-            failures={"backup": message},
-        )
-        alert.delay(event.model_dump())
+        audit(settings, "backup", "failed", task_id=self.request.id, origin=who, error=message)
+        _alert(AlertEvent(condition="backup", failures={"backup": f"not started: {message}"}))
         raise PermanentError(message) from None
-    return {"backup_id": start.backup_id, "kind": start.kind, "origin": origin}
+    return {"backup_id": start.backup_id, "kind": start.kind, "origin": who}
+
+
+def _alert(event: AlertEvent) -> None:
+    """Enqueue ``event`` for the alert task; a broker that refuses it is logged, not raised (the
+    exporter's checks still see the problem)."""
+    try:
+        alert.delay(event.model_dump(mode="json"))
+    except Exception as exc:
+        logger.error("could not enqueue the %s alert: %s", event.condition, exc)
 
 
 def _start_chord(settings, start: pipeline.BackupStart) -> None:
@@ -141,13 +157,31 @@ def _after_manifest(settings, backup_id: str, manifest) -> None:
         "duration_seconds": str(manifest.duration_seconds),
     }
     try:
+        _audit_run(settings, backup_id, "succeeded", kind=manifest.kind, size_bytes=size)
         pipeline.after_success(settings, backup_id)
         if settings.destination("offsite") is not None:
             copy_offsite.delay(backup_id)
-        prune.delay()
-        alert.delay(AlertEvent(event="backup_succeeded", backup_id=backup_id, summary=summary).model_dump())
+        prune.delay(origin="celery")
+        _alert(AlertEvent(condition="backup", backup_id=backup_id, observed_at=manifest.finished_at))
+        _alert(AlertEvent(condition="success", backup_id=backup_id, summary=summary))
     except Exception as exc:
         logger.error("backup %s is complete, but cleaning up after it failed: %s", backup_id, exc)
+
+
+def _audit_run(settings, backup_id: str, outcome: str, **fields: Any) -> None:
+    """Write the audit line of a backup run that ended, with its origin, task and duration from
+    the run record (a record that cannot be read leaves them out)."""
+    try:
+        run = coordination.read_record(coordination.client(settings), backup_id)
+    except Exception as exc:
+        logger.warning("no run record of %s for the audit log: %s", backup_id, exc)
+        run = {}
+    started = run.get("started_at")
+    took = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds() if started else None
+    duration = None if took is None else round(took, 3)
+    origin, task_id = run.get("origin"), run.get("task_id")
+    audit(settings, "backup", outcome, backup_id=backup_id, origin=origin, task_id=task_id,
+          duration_seconds=duration, **fields)  # fmt: skip
 
 
 @app.task(name="vq_tasks.backup_failed", bind=True)
@@ -163,57 +197,26 @@ def backup_failed(self, task_id: str, backup_id: str) -> dict[str, Any]:
         cause = self.app.AsyncResult(task_id).result  # a ChordError names the task that failed
         failures = {"unknown": redact(str(cause), settings.secret_values())}
     logger.error("backup %s failed: %s", backup_id, failures)
-    alert.delay(AlertEvent(event="backup_failed", backup_id=backup_id, failures=failures).model_dump())
+    _audit_run(settings, backup_id, "failed", failures=failures)
+    _alert(AlertEvent(condition="backup", backup_id=backup_id, failures=failures))
     return {"backup_id": backup_id, "failures": failures}
 
 
 @app.task(name="vq_tasks.prune", bind=True)
-def prune(self, dry_run: bool = False) -> dict[str, Any]:
+def prune(self, dry_run: bool = False, origin: str = "celery") -> dict[str, Any]:
     """Apply the retention policy to the primary storage and the off-site copy; return, for each,
-    what was (or would be) deleted and why. One destination failing does not spare the other."""
+    what was (or would be) deleted and why. One destination failing does not spare the other; a
+    failure, or backups past their retention left after a real prune, is a retention incident."""
     settings = get_settings()
-    outcome: dict[str, Any] = {"dry_run": dry_run}
-    failures = []
-    for role in ("primary", "offsite"):
-        if settings.destination(role) is None:
-            continue
-        try:
-            outcome[role] = _prune_one(settings, role, dry_run)
-        except Exception as exc:
-            message = redact(str(exc) or type(exc).__name__, settings.secret_values())
-            logger.error("prune of the %s storage failed: %s", role, message)
-            failures.append(f"{role}: {message}")
-    if failures:
-        raise PermanentError("; ".join(failures))
-    return outcome
-
-
-def _prune_one(settings, role: str, dry_run: bool) -> dict[str, Any]:
-    storage = open_storage(settings, role)
-    now = datetime.now(UTC)
-    r = coordination.client(settings)
-    if role == "offsite" and coordination.offsite_copies_running(r):
-        logger.info("off-site prune skipped: a copy is running (its files have no manifest yet)")
-        return {"skipped": "an off-site copy is running"}
-    result = prune_storage(
-        storage,
-        settings,
-        now,
-        dry_run=dry_run,
-        clean_staging=role == "primary",
-        failed_runs=lambda ids: coordination.failed_runs(r, ids),
+    report = prune_all(
+        settings, dry_run=dry_run, origin=origin_of(origin), task_id=self.request.id, say=logger.info
     )
-    for d in result.deletions:
-        logger.info("%s %s from %s: %s", "would delete" if dry_run else "deleted", d.name, role, d.reason)
-    for name in result.stale_staging:
-        logger.info("removed the staging folder of %s, left by a run that did not end", name)
-    for name in result.aborted_uploads:
-        logger.info("aborted the unfinished upload of %s in %s", name, storage.describe())
-    return {
-        "deleted": [{"name": d.name, "reason": d.reason} for d in result.deletions],
-        "stale_staging": result.stale_staging,
-        "aborted_uploads": result.aborted_uploads,
-    }
+    event = retention_event(report)
+    if not dry_run:
+        _alert(event)
+    if event.problem:
+        raise PermanentError("; ".join(f"{role}: {text}" for role, text in event.failures.items()))
+    return report.as_dict()
 
 
 @app.task(name="vq_tasks.copy_offsite", bind=True, max_retries=None)
@@ -229,14 +232,16 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
         with coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl):
             source, target = open_storage(settings), open_storage(settings, "offsite")
             size = offsite.copy_backup(source, target, backup_id, say=logger.info)
-            since = offsite.retention_start(datetime.now(UTC), settings.backup_retention_days)
+            since = offsite.retention_start(datetime.now(UTC), catalog.policy(settings))
             caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, say=logger.info)
     except Exception as exc:
         failure = exc
     else:
         logger.info("backup %s copied off-site to %s (%d bytes)", backup_id, target.describe(), size)
-        for missed, message in caught_up.failed.items():  # one alert per backup (claimed once)
+        for missed, message in caught_up.failed.items():
             _offsite_failed(settings, missed, message)
+        if not caught_up.failed:
+            _alert(AlertEvent(condition="offsite", backup_id=backup_id))
         result = {"backup_id": backup_id, "size": size, "caught_up": caught_up.copied}
         return {**result, "failed": caught_up.failed}
     message = redact(str(failure) or type(failure).__name__, settings.secret_values())
@@ -250,38 +255,34 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
 def _offsite_failed(settings, backup_id: str, message: str) -> None:
     message = redact(message, settings.secret_values())
     logger.error("off-site copy of %s failed: %s", backup_id, message)
-    event = AlertEvent(event="offsite_failed", backup_id=backup_id, failures={"offsite": message})
-    alert.delay(event.model_dump())
+    _alert(AlertEvent(condition="offsite", backup_id=backup_id, failures={"offsite": message}))
 
 
 @app.task(name="vq_tasks.alert", bind=True, max_retries=8)
 def alert(self, event: dict[str, Any]) -> dict[str, Any]:
-    """Send the email for ``event`` once: a redelivered or repeated alert is not sent twice."""
+    """Send the mail ``event`` calls for: the opening, change or resolution of an incident (one
+    mail each, however often the event is delivered or repeated), or a success summary."""
     settings = get_settings()
     parsed = AlertEvent.model_validate(event)
-    to = recipients(settings, parsed)
-    if not to:
-        return {"sent": False, "reason": "no recipient configured for this event"}
-    r = coordination.client(settings)
-    if not coordination.claim_once(r, parsed.claim_name):
-        return {"sent": False, "reason": "already sent"}
     try:
-        send(settings, compose(settings, parsed, to))
+        outcome = deliver(settings, parsed, task_id=self.request.id)
     except TransientError as exc:
-        coordination.release_claim(r, parsed.claim_name)
         raise self.retry(countdown=_countdown(self.request.retries), exc=exc) from None
-    return {"sent": True, "to": to}
+    return {"condition": parsed.condition, "outcome": outcome}
 
 
 @app.task(name="vq_tasks.verify", bind=True, throws=(PermanentError,))
-def verify(self, backup_id: str = "latest", destination: str = "primary") -> dict[str, Any]:
+def verify(
+    self, backup_id: str = "latest", destination: str = "primary", origin: str = "celery"
+) -> dict[str, Any]:
     """Read every stored file of ``backup_id`` (or ``latest``) in the primary or ``offsite``
     storage once and check it against the manifest; return the report. A mismatch is in the
     report (``ok`` false), not a task failure."""
-    from vq_tasks.verify import report_rows, verify_backup
+    from vq_tasks.verify import report_rows, verify_operation
 
     settings = get_settings()
-    report = verify_backup(open_storage(settings, destination), settings, backup_id)
+    storage = open_storage(settings, destination)
+    report = verify_operation(storage, settings, backup_id, origin_of(origin), task_id=self.request.id)
     failed = [f"{row[0]} {row[1]}" for row in report_rows(report) if row[-1] == "MISMATCH"]
     if failed:
         logger.error("backup %s failed verification: %s", report.backup_id, ", ".join(failed))
@@ -305,6 +306,7 @@ def restore(
     components: list[str] | None = None,
     force: bool = False,
     destination: str = "primary",
+    origin: str = "celery",
 ) -> dict[str, Any]:
     """Verify ``backup_id`` (or ``latest``) and return the plan of restoring ``components``
     (default database, redis, config; logs only when named); with ``force``, restore them and
@@ -317,7 +319,7 @@ def restore(
         storage = open_storage(settings, destination)
         report = restore_backup(
             settings, storage, backup_id, components, force=force, say=logger.info,
-            origin=f"task:{self.request.id}",
+            origin=origin_of(origin), task_id=self.request.id,
         )  # fmt: skip
     except Exception as exc:
         message = redact(str(exc) or type(exc).__name__, settings.secret_values())
@@ -332,21 +334,21 @@ def restore(
 
 @app.task(name="vq_tasks.restore_drill", bind=True)
 def restore_drill(
-    self, backup_id: str = "latest", origin: str = "manual", destination: str = "primary"
+    self, backup_id: str = "latest", origin: str = "celery", destination: str = "primary"
 ) -> dict[str, Any]:
     """Restore ``backup_id`` (or ``latest``) into a scratch database, Redis and folder, check them,
-    remove them, record the outcome and return the report; a failed drill (``ok`` false) alerts
-    BACKUP_ALERT_EMAIL once per run, also when the task is redelivered. Never retried."""
+    remove them, record the outcome and return the report. A failed drill (``ok`` false) opens a
+    drill incident (one mail to BACKUP_ALERT_EMAIL, also when the task is redelivered); a passing
+    one resolves it. Never retried."""
     from vq_tasks.restore.drill import alert_event, run_drill
 
     settings = get_settings()
     storage = open_storage(settings, destination)
-    report = run_drill(settings, storage, backup_id, run_id=self.request.id, say=logger.info)
+    who = origin_of(origin)
+    report = run_drill(settings, storage, backup_id, run_id=self.request.id, say=logger.info, origin=who)
     if report.ok:
-        logger.info(
-            "restore drill of %s (%s): ok in %.1f s", report.backup_id, origin, report.duration_seconds
-        )
+        logger.info("restore drill of %s (%s): ok in %.1f s", report.backup_id, who, report.duration_seconds)
     else:
-        logger.error("restore drill of %s (%s) FAILED: %s", report.backup_id, origin, report.failures)
-        alert.delay(alert_event(report).model_dump())
+        logger.error("restore drill of %s (%s) FAILED: %s", report.backup_id, who, report.failures)
+    _alert(alert_event(report))
     return report.model_dump(mode="json")

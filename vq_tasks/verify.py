@@ -13,10 +13,12 @@ Memory stays bounded by a few chunks whatever the size of the backup.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, computed_field
 
+from vq_tasks.audit import audit
 from vq_tasks.catalog import backup_sets, load_manifest
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
@@ -191,3 +193,24 @@ def report_rows(report: VerifyReport) -> list[tuple[str, str, str, str, str]]:
         for c in checks:
             rows.append((subject, c.check, c.expected, c.actual, "OK" if c.ok else "MISMATCH"))
     return rows
+
+
+def verify_operation(
+    storage: Storage, settings: Settings, backup_id: str, origin: str, task_id: str | None = None
+) -> VerifyReport:
+    """Run verify_backup as an operator's operation: the same report, and one audit line with its
+    outcome (ok, mismatch, or the error that stopped it) and duration."""
+    started = time.monotonic()
+    fields = {"origin": origin, "task_id": task_id, "storage": storage.describe()}
+    try:
+        report = verify_backup(storage, settings, backup_id)
+    except Exception as exc:
+        took = round(time.monotonic() - started, 3)
+        audit(settings, "verify", "failed", backup_id=backup_id, error=str(exc), duration_seconds=took,
+              **fields)  # fmt: skip
+        raise
+    mismatches = [f"{row[0]} {row[1]}" for row in report_rows(report) if row[-1] == "MISMATCH"]
+    took = round(time.monotonic() - started, 3)
+    audit(settings, "verify", "mismatch" if mismatches else "succeeded", backup_id=report.backup_id,
+          mismatches=mismatches or None, duration_seconds=took, **fields)  # fmt: skip
+    return report

@@ -3,13 +3,15 @@ servers of our own, real Celery worker processes, and a real SMTP server."""
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -18,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.servers import RedisServer, free_port, start_redis
+from tests.servers import RedisServer, free_port, start_redis, stop_process
 
 PG_HOST = os.environ.get("VQ_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("VQ_TEST_PG_PORT", "5432"))
@@ -111,13 +113,7 @@ class Worker:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process(self.process, timeout=20, group=True)
 
 
 def settings_env(**values: object) -> dict[str, str]:
@@ -310,3 +306,97 @@ def gcs(tmp_path_factory):
 
     with gcs_emulator(tmp_path_factory.mktemp("gcs")) as emulator:
         yield emulator
+
+
+EXPORTER_START_TIMEOUT = 30.0
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@dataclass
+class RunningExporter:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def health(self) -> tuple[int, dict]:
+        code, body = self.get("/healthz")
+        return code, json.loads(body)
+
+    def scrape(self) -> Samples:
+        code, text = self.get("/metrics")
+        assert code == 200, text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in _metric_families(text)
+            for s in family.samples
+        }
+
+    def stop(self) -> int | None:
+        stop_process(self.process, timeout=15, group=True)
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_exporter(tmp_path) -> Iterator[Callable[[dict[str, str]], RunningExporter]]:
+    """Start real `vq-backup exporter` processes on free ports; each returned once it has read the
+    state; all stopped afterwards."""
+    started: list[RunningExporter] = []
+
+    def start(env: dict[str, str]) -> RunningExporter:
+        port = free_port()
+        log = tmp_path / f"exporter-{len(started)}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "vq_tasks.cli",
+            "exporter",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                command,
+                env={**os.environ, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        exporter = RunningExporter(process, port, log)
+        started.append(exporter)
+        wait_for(lambda: _has_read(exporter), f"exporter did not answer:\n{log.read_text()}")
+        return exporter
+
+    yield start
+    for exporter in started:
+        exporter.stop()
+
+
+def _has_read(exporter: RunningExporter) -> bool:
+    assert exporter.process.poll() is None, exporter.log.read_text()
+    try:
+        _, body = exporter.health()
+    except (urllib.error.URLError, ConnectionError):
+        return False
+    return "exporter" not in body["checks"] or "no reading" not in body["checks"]["exporter"]
+
+
+def wait_for(condition: Callable[[], object], message: str, timeout: float = EXPORTER_START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+def _metric_families(text: str):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return text_string_to_metric_families(text)

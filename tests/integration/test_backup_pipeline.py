@@ -195,7 +195,7 @@ def test_unreachable_postgres_fails_cleanly_and_emails(base_env, layout, start_w
     assert mail["To"] == "oncall@example.com"
     assert "FAILED" in mail["Subject"] and "database" in mail["Subject"]
     body = mail.get_content()
-    assert "virtualqueue_backup_" in body and "Failed component: database" in body
+    assert "virtualqueue_backup_" in body and "Failed: database" in body
     assert "unreachable" in body
     assert "will retry" in worker.log_text()  # transient: retried with backoff first
     for secret in SECRETS:

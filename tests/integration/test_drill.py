@@ -193,7 +193,7 @@ def test_a_drill_restores_into_scratch_copies_checks_them_and_leaves_nothing(
         assert secret not in everything
 
 
-def test_a_damaged_backup_fails_the_drill_and_emails_once_per_run(
+def test_a_damaged_backup_fails_the_drill_and_emails_once_per_incident(
     alerting, database, source_redis, layout, broker, start_worker, smtp, monkeypatch
 ):
     _, mailbox = smtp
@@ -212,7 +212,7 @@ def test_a_damaged_backup_fails_the_drill_and_emails_once_per_run(
     second = call_drill(alerting, monkeypatch, task_id=task_id, backup_id=backup_id)  # redelivered
     assert second["ok"] is False and second["run_id"] == first["run_id"] == task_id
     deadline = time.monotonic() + 60
-    while worker.log_text().count("'sent': False, 'reason': 'already sent'") < 1:
+    while worker.log_text().count("nothing new since the last mail about this incident") < 1:
         assert time.monotonic() < deadline, worker.log_text()[-3000:]
         time.sleep(0.2)
 
@@ -224,6 +224,7 @@ def test_a_damaged_backup_fails_the_drill_and_emails_once_per_run(
     body = mail.get_content()
     assert f"restore drill of backup {backup_id} failed" in body
     assert "Failed: verify" in body and "failed verification" in body and task_id in body
+    assert "One mail per incident" in body
     record = drill_record(broker)
     assert record["last_drill_ok"] is False and list(record["last_drill_failures"]) == ["verify"]
     assert "last_drill_ok_at" not in record
@@ -231,14 +232,21 @@ def test_a_damaged_backup_fails_the_drill_and_emails_once_per_run(
     printed = run_cli(alerting, "drill", backup_id)
     assert printed.returncode == 1
     assert "FAILED verify: backup" in printed.stderr and "Traceback" not in printed.stderr
-    assert "alert sent to oncall@example.com" in printed.stdout
-    assert len(mailbox.wait_for(2)) == 2  # another run, another alert
+    assert "no alert sent: nothing new since the last mail about this incident" in printed.stdout
+    assert len(mailbox.wait_for(2, timeout=3)) == 1  # another run with the same failure: the same incident
     assert drill_databases(database) == [] and scratch_folders(layout["staging"]) == []
     assert redis_children(worker.process.pid) == []
     assert live_redis() == {"connections": 0, "commands": []}
     assert live_state(database, source_redis) == before
     for secret in SECRETS:
         assert secret not in body + worker.log_text() + printed.stdout + printed.stderr
+
+    good_id, _ = make_backup(alerting, layout["storage"])
+    passed = run_cli(alerting, "drill", good_id)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "resolved mail sent to oncall@example.com" in passed.stdout
+    resolved = mailbox.wait_for(2)[1]
+    assert resolved["Subject"] == f"[VQ Backup] RESOLVED: the restore drill passes again: {good_id}"
 
 
 def test_a_failed_step_still_cleans_up_and_a_running_restore_blocks_the_drill(

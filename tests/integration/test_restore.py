@@ -160,7 +160,7 @@ def test_plan_changes_nothing_then_a_forced_restore_brings_everything_back(
     restores = [line for line in audit if line["operation"] == "restore"]
     assert [line["outcome"] for line in restores] == ["succeeded"]  # the plan is no operation
     assert restores[0]["backup_id"] == backup_id and restores[0]["integrity"]["ok"]
-    assert restores[0]["origin"].startswith("task:")
+    assert restores[0]["origin"] == "celery" and restores[0]["task_id"]
     everything = json.dumps(outcome) + worker.log_text() + planned.stdout + planned.stderr
     everything += Path(env["BACKUP_AUDIT_LOG"]).read_text()
     for secret in SECRETS:

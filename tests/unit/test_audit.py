@@ -28,3 +28,46 @@ def test_an_unwritable_log_does_not_fail_the_operation(tmp_path):
         celery_broker_url="redis://127.0.0.1:1/0", backup_audit_log=blocker / "audit.jsonl"
     )
     assert '"operation": "verify"' in audit(settings, "verify", "succeeded")
+
+
+def test_verify_writes_one_line_with_its_outcome_and_audit_shows_the_recent_ones(
+    tmp_path, capsys, monkeypatch
+):
+    from tests.unit.test_verify import BACKUP_ID, flip, make_backup
+    from vq_tasks.cli import main
+    from vq_tasks.cli_audit import recent
+    from vq_tasks.settings import get_settings
+    from vq_tasks.verify import verify_operation
+
+    backup = make_backup(tmp_path)
+    log = tmp_path / "audit.jsonl"
+    settings = backup.settings.model_copy(update={"backup_audit_log": log})
+    assert verify_operation(backup.storage, settings, "latest", origin="cli:op").ok
+    flip(tmp_path / "backups" / f"{BACKUP_ID}.tar.gz", 2000)
+    assert not verify_operation(backup.storage, settings, BACKUP_ID, origin="celery", task_id="t-1").ok
+    audit(settings, "restore", "succeeded", backup_id="other")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["operation"], e["outcome"]) for e in lines[:2]] == [
+        ("verify", "succeeded"),
+        ("verify", "mismatch"),
+    ]
+    assert lines[1]["task_id"] == "t-1" and lines[1]["mismatches"] and lines[0]["duration_seconds"] >= 0
+    assert [e["outcome"] for e in recent(log, 5, {"operation": "verify"})] == ["succeeded", "mismatch"]
+    assert [e["backup_id"] for e in recent(log, 1, {})] == ["other"]
+
+    with log.open("a") as out:
+        out.write("not json\n")
+    monkeypatch.setenv("BACKUP_AUDIT_LOG", str(log))
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        assert main(["audit", "--backup", BACKUP_ID]) == 0
+    finally:
+        get_settings.cache_clear()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["TIME", "OPERATION", "OUTCOME", "BACKUP", "ORIGIN", "SECONDS", "DETAILS"]
+    assert [row[1:5] for row in rows[1:]] == [
+        ["verify", "succeeded", BACKUP_ID, "cli:op"],
+        ["verify", "mismatch", BACKUP_ID, "celery"],
+    ]
+    assert "task_id=t-1" in rows[2]

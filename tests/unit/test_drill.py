@@ -89,25 +89,29 @@ def test_a_failed_drill_alerts_the_failure_address_naming_the_backup_and_what_fa
     assert recipients(configured, event) == ["oncall@example.com", "ops@example.com"]
     off = settings(backup_alert_email="oncall@example.com", backup_alert_on_failure=False)
     assert recipients(off, event) == []
-    mail = compose(configured, event, ["oncall@example.com"])
+    mail = compose(configured, event, "opened", ["oncall@example.com"])
     assert mail["Subject"] == f"[VQ Backup] RESTORE DRILL FAILED: {BACKUP_ID} (database rows, verify)"
     body = mail.get_content()
     assert f"The restore drill of backup {BACKUP_ID} failed" in body
-    assert "the scratch copies were removed" in body
+    assert "scratch copies: removed" in body
     assert "Failed: verify\nError: backup x failed verification" in body
     assert "drill run: task-1" in body and "scratch database: virtualqueue_drill_20240201040007" in body
     leftover = alert_event(failed_report({"cleanup": "could not be dropped"}))
-    assert "see 'cleanup' below" in compose(configured, leftover, ["a@b"]).get_content()
+    assert (
+        "some could not be removed: see cleanup"
+        in compose(configured, leftover, "opened", ["a@b"]).get_content()
+    )
 
 
-def test_the_alert_is_claimed_once_per_drill_run():
+def test_drill_runs_with_the_same_failure_are_one_incident_and_a_pass_ends_it():
     first = alert_event(failed_report({"verify": "x"}, run_id="task-1"))
-    again = AlertEvent.model_validate(first.model_dump())  # as it crosses the broker
-    other = alert_event(failed_report({"verify": "x"}, run_id="task-2"))
-    assert first.claim_name == again.claim_name == f"alert:drill_failed:{BACKUP_ID}:task-1"
-    assert other.claim_name != first.claim_name
-    backup = AlertEvent(event="backup_failed", backup_id=BACKUP_ID)
-    assert backup.claim_name == f"alert:backup_failed:{BACKUP_ID}"  # unchanged
+    again = AlertEvent.model_validate(first.model_dump(mode="json"))  # as it crosses the broker
+    other_run = alert_event(failed_report({"verify": "x"}, run_id="task-2"))
+    other_failure = alert_event(failed_report({"database rows": "x"}, run_id="task-3"))
+    assert first.fingerprint() == again.fingerprint() == other_run.fingerprint() != ""
+    assert other_failure.fingerprint() != first.fingerprint()
+    passed = alert_event(failed_report({}, run_id="task-4"))
+    assert not passed.problem and passed.fingerprint() == ""
 
 
 def test_a_drill_that_cannot_take_the_lock_reports_it_and_changes_nothing(tmp_path):

@@ -32,7 +32,7 @@ from psycopg import sql
 from pydantic import BaseModel, SecretStr, computed_field
 
 from vq_tasks import coordination
-from vq_tasks.alerts import AlertEvent, compose, recipients, send
+from vq_tasks.alerts import AlertEvent, deliver
 from vq_tasks.audit import audit
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
@@ -284,6 +284,7 @@ def run_drill(
     run_id: str | None = None,
     say: Say = _quiet,
     now: datetime | None = None,
+    origin: str = "celery",
 ) -> DrillReport:
     """Given a backup id or ``latest``, restore it into a scratch database, Redis and folder, check
     them, remove them and return the report, also recorded in Celery's Redis. Never raise for a
@@ -309,6 +310,8 @@ def run_drill(
         "succeeded" if report.ok else "failed",
         backup_id=report.backup_id,
         run_id=run_id,
+        task_id=run_id if origin != "cli" and not origin.startswith("cli:") else None,
+        origin=origin,
         failures=report.failures or None,
         duration_seconds=report.duration_seconds,
         integrity=report.integrity.model_dump(mode="json"),
@@ -338,35 +341,25 @@ def record_outcome(settings: Settings, report: DrillReport) -> list[str]:
 
 
 def alert_event(report: DrillReport) -> AlertEvent:
-    """Return the alert of a failed drill: one per drill run (its run id), naming what failed."""
+    """Return the drill's observation: a drill incident naming what failed, or (passed) its end."""
+    removed = "some could not be removed: see cleanup" if "cleanup" in report.failures else "removed"
     summary = {
         "drill run": report.run_id,
         "started": report.started_at.isoformat(),
         "duration_seconds": str(report.duration_seconds),
         "scratch database": report.scratch_database,
+        "scratch copies": removed,
     }
     return AlertEvent(
-        event="drill_failed", backup_id=report.backup_id, failures=report.failures, summary=summary,
-        run_id=report.run_id,
+        condition="drill", backup_id=report.backup_id, failures=report.failures, summary=summary,
+        observed_at=report.started_at,
     )  # fmt: skip
 
 
 def send_alert_now(settings: Settings, report: DrillReport) -> str:
-    """Send the alert of a failed drill from this process, once per run; return what happened, as
-    a line to show."""
-    event = alert_event(report)
-    to = recipients(settings, event)
-    if not to:
-        return "no alert sent: BACKUP_ALERT_EMAIL is not set or BACKUP_ALERT_ON_FAILURE is false"
-    r = coordination.client(settings)
+    """Report the drill's outcome to the alerting from this process (a failure opens or changes
+    the drill incident, a pass resolves it); return what happened, as a line to show."""
     try:
-        if not coordination.claim_once(r, event.claim_name):
-            return "the alert of this drill run was sent already"
-        try:
-            send(settings, compose(settings, event, to))
-        except TransientError:
-            coordination.release_claim(r, event.claim_name)
-            raise
+        return deliver(settings, alert_event(report), origin="cli", task_id=None)
     except (TransientError, redis.RedisError) as exc:
         return f"the alert could not be sent: {redact(str(exc), settings.secret_values())}"
-    return f"alert sent to {', '.join(to)}"

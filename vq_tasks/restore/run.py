@@ -144,6 +144,7 @@ def restore_backup(
     force: bool = False,
     say: Say = _quiet,
     origin: str | None = None,
+    task_id: str | None = None,
 ) -> RestoreReport:
     """Given a backup id or ``latest`` and components, verify the backup, take its components out
     and return the plan (nothing changed) or, with ``force``, restore them and return the results
@@ -161,6 +162,7 @@ def restore_backup(
                 "failed",
                 backup_id=backup_id,
                 origin=origin,
+                task_id=task_id,
                 error=str(exc),
                 duration_seconds=round(time.monotonic() - started, 3),
             )
@@ -172,6 +174,7 @@ def restore_backup(
             "succeeded" if report.ok else "integrity check failed",
             backup_id=report.backup_id,
             origin=origin,
+            task_id=task_id,
             components=report.components,
             integrity=report.integrity.model_dump(mode="json") if report.integrity else None,
             duration_seconds=report.duration_seconds,
