@@ -16,6 +16,8 @@ import json
 import re
 import smtplib
 import ssl
+import time
+import uuid
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Literal
@@ -102,35 +104,78 @@ def recipients(settings: Settings, event: AlertEvent) -> list[str]:
 def deliver(settings: Settings, event: AlertEvent, origin: str = "celery", task_id: str | None = None) -> str:
     """Send the mail ``event`` calls for, if any: the opening, change or resolution of its
     incident, or a success summary (once per backup). Return what happened. Raise TransientError
-    when the mail could not be sent (PermanentError when the server refused our login): the
-    incident still owes it, and a retry sends it."""
+    when the mail could not be sent now (PermanentError when the server refused our login) or
+    another sender is sending this incident's notice: the notice stays owed and a retry (the
+    alert task's, the exporter's next reading) sends it. ``task_id`` makes a redelivered task
+    the same sender as before."""
     to = recipients(settings, event)
     if not to:
         if event.condition == "success":
             return "no summary sent: NOTIFICATION_EMAIL is not set"
         return "no alert sent: BACKUP_ALERT_EMAIL is not set or BACKUP_ALERT_ON_FAILURE is false"
-    r = coordination.client(settings)
     if event.condition == "success":
-        key, fingerprint = f"success:{event.backup_id}", "sent"
-        notice = "summary" if coordination.claim_once(r, f"alert:{key}") else None
-    else:
-        key, fingerprint = event.condition, event.fingerprint()
-        notice = coordination.observe_incident(r, key, fingerprint, event.observed_at.timestamp())
-    if notice is None:
+        return _deliver_summary(settings, event, to, origin, task_id)
+    r = coordination.client(settings)
+    holder, fingerprint = task_id or f"{origin}-{uuid.uuid4().hex}", event.fingerprint()
+    payload = event.model_dump_json()
+    notice = coordination.observe_incident(
+        r, event.condition, fingerprint, event.observed_at.timestamp(), holder, payload
+    )
+    if notice == "busy":
+        raise TransientError(
+            f"the {event.condition} notice is being sent by another process: tried again later"
+        )
+    if notice in ("none", "stale"):
         return "no alert sent: nothing new since the last mail about this incident"
+    started = time.monotonic()
     try:
         send(settings, compose(settings, event, notice, to))
     except Exception:
-        if event.condition == "success":
-            coordination.release_claim(r, f"alert:{key}")
-        else:
-            coordination.incident_sent(r, key, fingerprint, sent=False)
+        coordination.incident_sent(r, event.condition, fingerprint, holder, sent=False)
         raise
-    if event.condition != "success":
-        coordination.incident_sent(r, key, fingerprint)
-    audit(settings, "alert", "sent", condition=event.condition, notice=notice, backup_id=event.backup_id,
-          to=to, origin=origin, task_id=task_id)  # fmt: skip
+    coordination.incident_sent(r, event.condition, fingerprint, holder)
+    _audit_sent(settings, event, notice, to, origin, task_id, time.monotonic() - started)
     return f"{notice} mail sent to {', '.join(to)}"
+
+
+def _deliver_summary(
+    settings: Settings, event: AlertEvent, to: list[str], origin: str, task_id: str | None
+) -> str:
+    r = coordination.client(settings)
+    claim = f"alert:success:{event.backup_id}"
+    if not coordination.claim_once(r, claim):
+        return "no summary sent: sent already"
+    started = time.monotonic()
+    try:
+        send(settings, compose(settings, event, "summary", to))
+    except Exception:
+        coordination.release_claim(r, claim)
+        raise
+    _audit_sent(settings, event, "summary", to, origin, task_id, time.monotonic() - started)
+    return f"summary mail sent to {', '.join(to)}"
+
+
+def _audit_sent(
+    settings, event: AlertEvent, notice: str, to: list[str], origin: str, task_id, took: float
+) -> None:
+    audit(settings, "alert", "sent", condition=event.condition, notice=notice, backup_id=event.backup_id,
+          to=to, origin=origin, task_id=task_id, duration_seconds=round(took, 3))  # fmt: skip
+
+
+def send_owed(settings: Settings, origin: str) -> list[str]:
+    """Send every incident notice that is still owed (its mail failed, and the task that should
+    have sent it gave up or died); return what happened to each. Errors are in the lines."""
+    outcomes = []
+    for payload, at in coordination.owed_incidents(coordination.client(settings)):
+        try:
+            event = AlertEvent.model_validate_json(payload)
+            event = event.model_copy(update={"observed_at": datetime.fromtimestamp(at, UTC)})
+            outcomes.append(f"{event.condition}: {deliver(settings, event, origin=origin)}")
+        except Exception as exc:
+            outcomes.append(
+                f"owed notice not sent (tried again later): {redact(str(exc), settings.secret_values())}"
+            )
+    return outcomes
 
 
 def compose(settings: Settings, event: AlertEvent, notice: str, to: list[str]) -> EmailMessage:
@@ -202,14 +247,18 @@ def send(settings: Settings, message: EmailMessage) -> None:
         raise TransientError(f"SMTP {settings.smtp_host}:{settings.smtp_port}: {reason}") from None
 
 
-def retention_event(report) -> AlertEvent:
+def retention_event(report) -> AlertEvent | None:
     """Given a real prune's report (pruning.PruneReport), return its retention observation: each
-    destination where prune failed, or that still holds backups past their retention."""
-    failures = {}
+    destination where prune failed, or that still holds backups past their retention (their ids
+    in the summary, so that more of them is still the same incident). None when a destination was
+    skipped and none failed: what was not checked cannot be declared healthy."""
+    failures, summary = {}, {}
     for d in report.destinations:
         if d.error:
             failures[d.role] = f"prune failed: {d.error}"
         elif d.expired_left:
-            left = ", ".join(d.expired_left)
-            failures[d.role] = f"{len(d.expired_left)} backup(s) past retention still stored: {left}"
-    return AlertEvent(condition="retention", failures=failures)
+            failures[d.role] = "backups past their retention are still stored after prune"
+            summary[f"{d.role}: past retention"] = ", ".join(d.expired_left)
+    if not failures and any(d.skipped for d in report.destinations):
+        return None
+    return AlertEvent(condition="retention", failures=failures, summary=summary)

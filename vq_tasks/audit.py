@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,20 +20,33 @@ from vq_tasks.settings import Settings
 logger = logging.getLogger("vq_tasks.audit")
 
 
-def audit_line(operation: str, outcome: str, **fields: Any) -> str:
-    """Return the JSON line of one operation (keys sorted, fields without a value left out)."""
+def audit_line(operation: str, outcome: str, secrets: Iterable[str] = (), **fields: Any) -> str:
+    """Return the JSON line of one operation (keys sorted, fields without a value left out), every
+    text in it with ``secrets`` replaced before encoding (JSON escapes would hide a secret that
+    holds a quote, a backslash or a non-ASCII character from a later redaction)."""
     entry = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "operation": operation,
         "outcome": outcome,
     }
     entry.update({key: value for key, value in fields.items() if value is not None})
-    return json.dumps(entry, sort_keys=True, default=str)
+    secrets = list(secrets)
+    return json.dumps(_redacted(entry, secrets), sort_keys=True, default=lambda v: redact(str(v), secrets))
+
+
+def _redacted(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {_redacted(k, secrets): _redacted(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(item, secrets) for item in value]
+    return value
 
 
 def audit(settings: Settings, operation: str, outcome: str, **fields: Any) -> str:
     """Record one operation; return the line written."""
-    line = redact(audit_line(operation, outcome, **fields), settings.secret_values())
+    line = audit_line(operation, outcome, settings.secret_values(), **fields)
     logger.info("audit %s", line)
     path = settings.backup_audit_log
     if path is None:

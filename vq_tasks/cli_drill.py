@@ -50,7 +50,7 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
     report = run_drill(
         settings, storage_of(args, settings), args.backup_id, run_id=run_id, say=say, origin=origin
     )
-    say(send_alert_now(settings, report))
+    say(send_alert_now(settings, report, origin=origin))
     if args.json:
         print(report.model_dump_json(indent=2))
     else:

@@ -229,69 +229,92 @@ def read_prune(r: redis.Redis, role: str) -> dict[str, Any]:
 
 
 INCIDENT_KEY = "vq:incident:{}"
-# An incident's record: its fingerprint ("" when healthy), the time of the observation that set
-# it, the notice it owes (opened / changed / resolved), whether that was sent, and a lease that
-# lets one process at a time send it. Observations older than the record are ignored, so an
-# alert retried late cannot reopen what a newer observation resolved.
+# An incident's record: its fingerprint ("" when healthy), the time of the newest observation, the
+# notice the current state owes (opened / changed / resolved), whether it was sent, whether the
+# open incident was told to anyone, the observation that set the state (to send it again), and a
+# lease (until, holder) that lets one sender at a time send it; times are the Redis server's.
 _INCIDENT_OBSERVE = """
-local key, fp, at, now, lease = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local known = redis.call('hget', key, 'fingerprint') or ''
-local known_at = tonumber(redis.call('hget', key, 'at') or '-1')
-if at < known_at then return false end
+local key, fp, at, lease, holder = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local t = redis.call('time')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local r = redis.call('hmget', key, 'fingerprint', 'at', 'sent', 'told', 'lease', 'holder')
+local known, known_at, sent, told = r[1] or '', tonumber(r[2] or '-1'), r[3] or '1', r[4] or '0'
+local in_flight = sent == '0' and tonumber(r[5] or '0') > now and (r[6] or '') ~= holder
+if at < known_at - 0.001 then return 'stale' end
 if fp ~= known then
-  local notice = 'changed'
-  if fp == '' then notice = 'resolved' elseif known == '' then notice = 'opened' end
+  local notice = 'opened'
+  if fp == '' then notice = 'resolved' elseif told == '1' then notice = 'changed' end
   local owed = '0'
-  if notice == 'resolved' and redis.call('hget', key, 'told') ~= '1' then owed = '1' end
-  redis.call('hset', key, 'fingerprint', fp, 'at', ARGV[2], 'notice', notice, 'sent', owed,
-             'lease', '0', 'told', redis.call('hget', key, 'told') or '0')
-else
+  if notice == 'resolved' and told ~= '1' and not in_flight then owed = '1' end
+  redis.call('hset', key, 'fingerprint', fp, 'at', ARGV[2], 'notice', notice, 'sent', owed, 'event', ARGV[5])
+  if not in_flight then redis.call('hset', key, 'lease', '0', 'holder', '') end
+elseif at > known_at then
   redis.call('hset', key, 'at', ARGV[2])
 end
-if redis.call('hget', key, 'sent') == '0' and tonumber(redis.call('hget', key, 'lease')) < now then
-  redis.call('hset', key, 'lease', tostring(now + lease))
-  return redis.call('hget', key, 'notice')
-end
-return false
+local c = redis.call('hmget', key, 'sent', 'lease', 'holder', 'notice')
+if c[1] ~= '0' then return 'none' end
+if tonumber(c[2] or '0') > now and (c[3] or '') ~= holder then return 'busy' end
+redis.call('hset', key, 'lease', tostring(now + lease), 'holder', holder)
+return c[4]
 """
+# What a sender reports: the notice for ``fp`` went out (or did not). If the state moved on while
+# it was being sent, what the new state owes is adjusted to what was told.
 _INCIDENT_SENT = """
-if redis.call('hget', KEYS[1], 'fingerprint') ~= ARGV[1] then return 0 end
-if ARGV[2] == 'sent' then
-  local told = '1'
-  if redis.call('hget', KEYS[1], 'notice') == 'resolved' then told = '0' end
-  redis.call('hset', KEYS[1], 'sent', '1', 'lease', '0', 'told', told)
-else
-  redis.call('hset', KEYS[1], 'lease', '0')
+local key, fp, outcome, holder = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local r = redis.call('hmget', key, 'fingerprint', 'notice', 'holder', 'told')
+if (r[3] or '') ~= holder then return 0 end
+redis.call('hset', key, 'lease', '0', 'holder', '')
+if r[1] == fp then
+  if outcome == 'sent' then
+    local told = '1'
+    if r[2] == 'resolved' then told = '0' end
+    redis.call('hset', key, 'sent', '1', 'told', told)
+  end
+  return 1
+end
+if outcome == 'sent' then
+  if fp == '' then
+    redis.call('hset', key, 'told', '0')
+    if r[2] == 'changed' then redis.call('hset', key, 'notice', 'opened') end
+  else
+    redis.call('hset', key, 'told', '1')
+    if r[2] == 'opened' then redis.call('hset', key, 'notice', 'changed') end
+  end
+elseif r[2] == 'resolved' and r[4] ~= '1' then
+  redis.call('hset', key, 'sent', '1')
 end
 return 1
 """
 
 
 def observe_incident(
-    r: redis.Redis, condition: str, fingerprint: str, observed_at: float, lease: float = 300
-) -> str | None:
+    r: redis.Redis, condition: str, fingerprint: str, observed_at: float, holder: str, event: str = "",
+    lease: float = 300,
+) -> str:  # fmt: skip
     """Record an observation of ``condition`` (``fingerprint`` "" when healthy) made at
-    ``observed_at`` (epoch seconds). Return the notice this caller must send now ("opened",
-    "changed" or "resolved"), or None: nothing new, already sent, being sent by another process
-    (for ``lease`` seconds), or an observation older than the one recorded. A resolution is owed
-    only for an incident whose opening was sent."""
-    now = datetime.now(UTC).timestamp()
+    ``observed_at`` (epoch seconds) by ``holder`` (a task id: a redelivered task is the same
+    holder), with ``event`` (JSON) to send again later if need be. Return the notice ``holder``
+    must send now ("opened", "changed", "resolved"; the lease is then its for ``lease`` seconds),
+    "none" (nothing new, or sent already), "busy" (another sender holds the lease: try later) or
+    "stale" (older than the observation recorded). A resolution is owed only for an incident
+    whose opening was sent."""
     key = INCIDENT_KEY.format(condition)
-    notice = r.eval(_INCIDENT_OBSERVE, 1, key, fingerprint, repr(observed_at), repr(now), str(lease))
-    return notice or None
+    args = (fingerprint, repr(observed_at), str(lease), holder, event)
+    return r.eval(_INCIDENT_OBSERVE, 1, key, *args)
 
 
-def incident_sent(r: redis.Redis, condition: str, fingerprint: str, sent: bool = True) -> None:
-    """Note that the notice owed for ``fingerprint`` was sent, or (``sent`` false) free its lease
-    so that a retry can send it."""
-    r.eval(_INCIDENT_SENT, 1, INCIDENT_KEY.format(condition), fingerprint, "sent" if sent else "failed")
+def incident_sent(r: redis.Redis, condition: str, fingerprint: str, holder: str, sent: bool = True) -> None:
+    """Report that ``holder`` sent the notice owed for ``fingerprint`` (or, ``sent`` false, could
+    not: it stays owed) and give its lease back."""
+    outcome = "sent" if sent else "failed"
+    r.eval(_INCIDENT_SENT, 1, INCIDENT_KEY.format(condition), fingerprint, outcome, holder)
 
 
-def open_incidents(r: redis.Redis) -> dict[str, dict[str, str]]:
-    """Return the record of every condition whose incident is open (fingerprint not empty)."""
-    found = {}
+def owed_incidents(r: redis.Redis) -> list[tuple[str, float]]:
+    """Return (observation JSON, time) of every incident whose notice is owed, not yet sent."""
+    owed = []
     for key in r.scan_iter(INCIDENT_KEY.format("*"), count=100):
-        record = r.hgetall(key)
-        if record.get("fingerprint"):
-            found[key.split(":", 2)[2]] = record
-    return found
+        sent, event, at = r.hmget(key, "sent", "event", "at")
+        if sent == "0" and event:
+            owed.append((event, float(at)))
+    return owed

@@ -69,6 +69,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "vq_backup_status_timestamp_seconds": ("gauge", (), "When the exporter last read the state."),
 }  # fmt: skip
 METRIC_NAMES: frozenset[str] = frozenset(METRICS)
+# The labels of vq_backup_failures_total, each combination always served (0 until counted): the
+# steps of a run, ``start`` (a backup that failed before its chord started) and ``unknown`` (no
+# step recorded one); ``reason`` as the step classified its error, ``unknown`` when it did not.
+FAILURE_COMPONENTS = ("database", "redis", "config", "logs", "finalize", "start", "unknown")
+FAILURE_REASONS = ("permanent", "transient", "unknown")
 
 
 class _Families:
@@ -135,10 +140,8 @@ def _add_records(out: _Families, status: Status) -> None:
     out.add("vq_backup_run_in_progress", status.running)
     for outcome in ("succeeded", "failed"):
         out.add("vq_backup_runs_total", status.counters.get(f"runs:{outcome}", 0), status=outcome)
-    for name, count in sorted(status.counters.items()):
-        parts = name.split(":")
-        if parts[0] == "failures" and len(parts) == 3:
-            out.add("vq_backup_failures_total", count, component=parts[1], reason=parts[2])
+    for (component, reason), count in failure_counts(status.counters).items():
+        out.add("vq_backup_failures_total", count, component=component, reason=reason)
     for role, record in status.prunes.items():
         if "ok" in record:
             out.add("vq_backup_last_prune_success", bool(record["ok"]), destination=role)
@@ -151,6 +154,19 @@ def _add_records(out: _Families, status: Status) -> None:
     out.add("vq_backup_last_drill_timestamp_seconds", at and at.timestamp())
     seconds = drill.get("last_drill_seconds")
     out.add("vq_backup_last_drill_duration_seconds", seconds if isinstance(seconds, int | float) else None)
+
+
+def failure_counts(counters: dict[str, int]) -> dict[tuple[str, str], int]:
+    """Given the lifetime counters, return (component, reason) -> failures: every combination of
+    FAILURE_COMPONENTS and FAILURE_REASONS (0 when never counted), then any other one recorded.
+    A counter series must exist at 0 before its first failure: one that first appears at 1 has
+    no earlier sample, so ``increase()`` sees no increase and the first failure goes unnoticed."""
+    found = {(component, reason): 0 for component in FAILURE_COMPONENTS for reason in FAILURE_REASONS}
+    for name, count in sorted(counters.items()):
+        parts = name.split(":")
+        if parts[0] == "failures" and len(parts) == 3:
+            found[(parts[1], parts[2])] = count
+    return found
 
 
 class StatusCollector(Collector):

@@ -1,7 +1,8 @@
 """The checks that no task can make for itself, run by the exporter after each reading of the
-state: stale backups (no complete backup within BACKUP_STALE_AFTER_HOURS: beat or every worker is
-dead, so no task would notice) and storage nearly full. Each check is an observation for the
-alerting (alerts.deliver), which mails once per incident and again when it changes or ends.
+state: alert mails still owed (their task gave up or died), stale backups (no complete backup
+within BACKUP_STALE_AFTER_HOURS: beat or every worker is dead, so no task would notice) and
+storage nearly full. Each check is an observation for the alerting (alerts.deliver), which mails
+once per incident and again when it changes or ends.
 
 The mails go straight from the exporter's process, not through the broker: the broker being down
 is one of the things this must survive.
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from vq_tasks import coordination
-from vq_tasks.alerts import AlertEvent, deliver
+from vq_tasks.alerts import AlertEvent, deliver, send_owed
 from vq_tasks.settings import Settings
 from vq_tasks.status import Status
 
@@ -101,6 +102,11 @@ def alert_on(settings: Settings) -> Callable[[Status], None]:
     that cannot be sent is logged; the incident still owes it and the next reading sends it."""
 
     def check(status: Status) -> None:
+        try:
+            for outcome in send_owed(settings, origin="exporter"):
+                logger.info("%s", outcome)
+        except Exception as exc:  # Celery's Redis unreachable: /healthz says so
+            logger.warning("could not look for owed alert mails: %s", exc)
         for event in observe(settings, status, watching_since(settings, status.taken_at)):
             try:
                 outcome = deliver(settings, event, origin="exporter")

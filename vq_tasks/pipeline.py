@@ -85,8 +85,12 @@ def start_backup(
     if refusal:
         raise BackupRefused(f"a backup is already running: {refusal}")
     try:
+        ended = not redelivered and coordination.read_record(r, backup_id).get("status") in (
+            "succeeded",
+            "failed",
+        )
         storage = open_storage(settings)
-        if storage.stat(manifest_name(backup_id)) is not None:
+        if ended or storage.stat(manifest_name(backup_id)) is not None:  # a run in this same second
             raise BackupRefused(f"backup {backup_id} exists already; try again in a second")
         manifests = readable_manifests(storage, settings.backup_name_prefix)
         kind = kind_for(started, scheduled, [m.started_at for m in manifests if m.kind != "manual"])

@@ -5,19 +5,22 @@ policy (``catalog.prune``; the staging area is cleaned with the primary only). T
 skipped while an off-site copy runs, or when Celery's Redis cannot tell whether one does: a copy's
 files have no manifest yet and may be old. A real prune then lists the destination again and
 reports as ``expired_left`` the backups it meant to delete whole that are still there; it audits
-each backup it touched (one JSON line, operation ``prune``, outcome ``deleted``) and records its
-outcome in Celery's Redis (``coordination.record_prune``). A dry run writes nothing anywhere.
+each backup it touched (one JSON line, operation ``prune``, outcome ``deleted``, with the files
+deleted and how long deleting them took) and records its outcome in Celery's Redis
+(``coordination.record_prune``). A dry run writes nothing anywhere.
 One destination failing does not spare the other: its error, redacted, goes in its result.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 
@@ -28,7 +31,8 @@ from vq_tasks.manifest import parse_backup_id
 from vq_tasks.retention import Deletion
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES, open_storage
-from vq_tasks.storage.base import Storage
+from vq_tasks.storage.base import Storage, StoredObject, Usage
+from vq_tasks.streams import Writer
 
 logger = logging.getLogger(__name__)
 Say = Callable[[str], object]
@@ -170,12 +174,14 @@ def _prune_storage(ctx: _Context, storage: Storage, outcome: DestinationPrune) -
     """Prune one storage into ``outcome``, auditing each backup as it goes; return the plan it
     followed (the listing before, with kinds)."""
 
+    timed = _TimedDeletes(storage)
+
     def deleted(group: list[Deletion]) -> None:
         outcome.deletions.extend(group)
-        _audit(ctx, outcome.role, group)
+        _audit(ctx, outcome.role, group, time.monotonic() - timed.began[group[0].name])
 
     result = catalog.prune(
-        storage,
+        timed,
         ctx.settings,
         ctx.now,
         dry_run=ctx.dry_run,
@@ -214,7 +220,7 @@ def _check_left(
     outcome.expired_left = [backup_id for backup_id in left if backup_id in meant]
 
 
-def _audit(ctx: _Context, role: str, group: list[Deletion]) -> None:
+def _audit(ctx: _Context, role: str, group: list[Deletion], seconds: float) -> None:
     audit(
         ctx.settings,
         "prune",
@@ -225,7 +231,46 @@ def _audit(ctx: _Context, role: str, group: list[Deletion]) -> None:
         reason="; ".join(dict.fromkeys(d.reason for d in group)),
         origin=ctx.origin,
         task_id=ctx.task_id,
+        duration_seconds=round(seconds, 3),
     )
+
+
+class _TimedDeletes(Storage):
+    """A storage that is ``inner`` in everything, and notes when the deletion of each name began
+    (``began``, time.monotonic()): a backup's deletion lasts from its first file's to the call of
+    ``on_deleted`` that follows its last (a failed attempt included)."""
+
+    def __init__(self, inner: Storage):
+        self.inner = inner
+        self.began: dict[str, float] = {}
+
+    def delete(self, name: str) -> bool:
+        self.began[name] = time.monotonic()
+        return self.inner.delete(name)
+
+    def open_write(self, name: str) -> AbstractContextManager[Writer]:
+        return self.inner.open_write(name)
+
+    def open_read(self, name: str) -> AbstractContextManager[BinaryIO]:
+        return self.inner.open_read(name)
+
+    def stat(self, name: str) -> StoredObject | None:
+        return self.inner.stat(name)
+
+    def list(self) -> list[StoredObject]:
+        return self.inner.list()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def usage(self) -> Usage:
+        return self.inner.usage()
+
+    def abort_stale_uploads(self, started_before: datetime) -> list[str]:
+        return self.inner.abort_stale_uploads(started_before)
+
+    def read_bytes(self, name: str, limit: int = 16 << 20) -> bytes:
+        return self.inner.read_bytes(name, limit)
 
 
 def _record(ctx: _Context, outcome: DestinationPrune) -> None:

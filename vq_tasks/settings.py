@@ -12,7 +12,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     # Schedule and retention
     backup_schedule: str = "0 2 * * *"
     backup_drill_schedule: str = "0 4 1 * *"
+    backup_prune_schedule: str = "30 */6 * * *"
     backup_timezone: str = "UTC"
     backup_retention_days: int = Field(30, ge=1)
     backup_logs_retention_days: int = Field(7, ge=1)
@@ -208,6 +209,21 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, SecretFileSource(settings_cls), env_settings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """An empty value of an optional variable means unset (compose's ``${AWS_REGION:-}``)."""
+        if not isinstance(data, dict):
+            return data
+        optional = {
+            name
+            for name, field in cls.model_fields.items()
+            if not field.is_required() and type(None) in get_args(field.annotation)
+        }
+        return {
+            key: None if value == "" and key.lower() in optional else value for key, value in data.items()
+        }
+
     @field_validator(*SECRET_FIELDS, mode="before")
     @classmethod
     def _secret_file_usable(cls, value: Any) -> Any:
@@ -222,7 +238,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("backup_schedule", "backup_drill_schedule")
+    @field_validator("backup_schedule", "backup_drill_schedule", "backup_prune_schedule")
     @classmethod
     def _cron_parses(cls, value: str) -> str:
         crontab_from_expression(value)
@@ -283,6 +299,17 @@ class Settings(BaseSettings):
         problems = []
         if self.smtp_ssl and self.smtp_starttls:
             problems.append("SMTP_SSL and SMTP_STARTTLS exclude each other")
+        if (
+            self.smtp_user
+            and not (self.smtp_ssl or self.smtp_starttls)
+            and self.smtp_host not in LOOPBACK_NAMES
+        ):
+            problems.append(
+                f"SMTP_USER is set but neither SMTP_SSL nor SMTP_STARTTLS: the password would cross to "
+                f"{self.smtp_host} in clear text"
+            )
+        if self.smtp_ca_file is not None and not self.smtp_ca_file.is_file():
+            problems.append(f"SMTP_CA_FILE={str(self.smtp_ca_file)!r}: no such file")
         if urlsplit(self.result_backend_url).scheme not in {"redis", "rediss"}:
             problems.append(
                 "CELERY_RESULT_BACKEND must be a redis:// URL (it holds the chord state and the run lock)"

@@ -54,14 +54,27 @@ def backup(self, origin: str = "celery", requested_by: str | None = None) -> dic
     except Exception as exc:
         message = redact(str(exc) or type(exc).__name__, settings.secret_values())
         audit(settings, "backup", "failed", task_id=self.request.id, origin=who, error=message)
+        _count_start_failure(settings, self.request.id, exc)
         _alert(AlertEvent(condition="backup", failures={"backup": f"not started: {message}"}))
         raise PermanentError(message) from None
     return {"backup_id": start.backup_id, "kind": start.kind, "origin": who}
 
 
-def _alert(event: AlertEvent) -> None:
-    """Enqueue ``event`` for the alert task; a broker that refuses it is logged, not raised (the
-    exporter's checks still see the problem)."""
+def _count_start_failure(settings, task_id: str, exc: BaseException) -> None:
+    """Count a backup that failed before its chord started (no run record exists for it)."""
+    reason = "transient" if is_transient(exc) else "permanent"
+    try:
+        r = coordination.client(settings)
+        coordination.count_once(r, f"start:{task_id}", {"runs:failed": 1, f"failures:start:{reason}": 1})
+    except Exception as count_error:  # Celery's Redis may be what failed
+        logger.warning("could not count the failed start: %s", count_error)
+
+
+def _alert(event: AlertEvent | None) -> None:
+    """Enqueue ``event`` (None: nothing observed) for the alert task; a broker that refuses it is
+    logged, not raised (the exporter's checks still see the problem)."""
+    if event is None:
+        return
     try:
         alert.delay(event.model_dump(mode="json"))
     except Exception as exc:
@@ -160,8 +173,9 @@ def _after_manifest(settings, backup_id: str, manifest) -> None:
         _audit_run(settings, backup_id, "succeeded", kind=manifest.kind, size_bytes=size)
         pipeline.after_success(settings, backup_id)
         if settings.destination("offsite") is not None:
-            copy_offsite.delay(backup_id)
-        prune.delay(origin="celery")
+            copy_offsite.delay(backup_id)  # it prunes when done: not while its files lack a manifest
+        else:
+            prune.delay()
         _alert(AlertEvent(condition="backup", backup_id=backup_id, observed_at=manifest.finished_at))
         _alert(AlertEvent(condition="success", backup_id=backup_id, summary=summary))
     except Exception as exc:
@@ -172,7 +186,10 @@ def _audit_run(settings, backup_id: str, outcome: str, **fields: Any) -> None:
     """Write the audit line of a backup run that ended, with its origin, task and duration from
     the run record (a record that cannot be read leaves them out)."""
     try:
-        run = coordination.read_record(coordination.client(settings), backup_id)
+        r = coordination.client(settings)
+        if not coordination.claim_once(r, f"audit:backup:{backup_id}"):
+            return  # a redelivered task: its line was written
+        run = coordination.read_record(r, backup_id)
     except Exception as exc:
         logger.warning("no run record of %s for the audit log: %s", backup_id, exc)
         run = {}
@@ -211,11 +228,10 @@ def prune(self, dry_run: bool = False, origin: str = "celery") -> dict[str, Any]
     report = prune_all(
         settings, dry_run=dry_run, origin=origin_of(origin), task_id=self.request.id, say=logger.info
     )
-    event = retention_event(report)
     if not dry_run:
-        _alert(event)
-    if event.problem:
-        raise PermanentError("; ".join(f"{role}: {text}" for role, text in event.failures.items()))
+        _alert(retention_event(report))
+    if not report.ok:
+        raise PermanentError("; ".join(report.failures()))
     return report.as_dict()
 
 
@@ -242,6 +258,7 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
             _offsite_failed(settings, missed, message)
         if not caught_up.failed:
             _alert(AlertEvent(condition="offsite", backup_id=backup_id))
+        prune.delay()
         result = {"backup_id": backup_id, "size": size, "caught_up": caught_up.copied}
         return {**result, "failed": caught_up.failed}
     message = redact(str(failure) or type(failure).__name__, settings.secret_values())
@@ -249,6 +266,7 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
         logger.warning("off-site copy of %s failed, will retry: %s", backup_id, message)
         raise self.retry(countdown=_countdown(self.request.retries), exc=TransientError(message))
     _offsite_failed(settings, backup_id, message)
+    prune.delay()
     raise PermanentError(message)
 
 

@@ -96,7 +96,7 @@ def test_an_incident_mails_once_then_when_it_changes_and_when_it_is_resolved(ale
         condition="success", backup_id=f"{PREFIX}_20261104_020000", summary={"kind": "daily"}
     )
     assert "summary mail sent to team@example.com" in deliver(settings, summary)
-    assert deliver(settings, summary).startswith("no alert sent")  # once per backup
+    assert deliver(settings, summary) == "no summary sent: sent already"  # once per backup
     assert mailbox.messages[-1]["Subject"] == f"[VQ Backup] OK: {PREFIX}_20261104_020000"
     assert mailbox.messages[-1]["To"] == "team@example.com"
     audited = (settings.backup_audit_log).read_text().splitlines()
@@ -154,6 +154,7 @@ def test_a_failing_backup_mails_once_until_a_backup_succeeds_through_real_worker
     worker = start_worker(broken)
     for _ in range(2):
         assert run_cli(broken, "run", "--wait").returncode == 1
+        time.sleep(1.1)  # backup ids name the second: the next run must not start in this one
     _wait(lambda: worker.log_text().count("'condition': 'backup'") >= 2, worker.log_text)
     assert len(mailbox.messages) == 1 and "FAILED" in mailbox.messages[0]["Subject"]
     assert "vq_no_such_database" in text(mailbox.messages[0])
@@ -369,3 +370,52 @@ def test_the_exporter_process_mails_a_stale_backup_by_itself(broker, smtp, tmp_p
     assert subjects(mailbox) == ["[VQ Backup] NO RECENT BACKUP (primary)"]
     assert "stale: opened mail sent to oncall@example.com" in exporter.log.read_text()
     assert '"origin": "exporter"' in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_incident_records_survive_redelivery_and_races_between_senders(alert_settings, smtp):
+    from vq_tasks import coordination
+
+    settings = alert_settings()
+    r = coordination.client(settings)
+
+    def observe(condition: str, fingerprint: str, holder: str, at: float = 100.0) -> str:
+        return coordination.observe_incident(r, condition, fingerprint, at, holder, event="{}")
+
+    # a worker dies while sending: its redelivered task (same id) sends; another sender waits
+    assert observe("backup", "X", "task-1") == "opened"
+    assert observe("backup", "X", "task-2") == "busy"
+    assert observe("backup", "X", "task-1") == "opened"
+    coordination.incident_sent(r, "backup", "X", "task-1")
+    assert observe("backup", "X", "task-2") == "none"
+
+    # resolved while the opening is being sent: the resolution waits, then is owed once told
+    assert observe("drill", "X", "a") == "opened"
+    assert observe("drill", "", "b", at=101) == "busy"
+    coordination.incident_sent(r, "drill", "X", "a")
+    assert observe("drill", "", "b", at=101) == "resolved"
+
+    # ... but not when the opening could not be sent: nobody heard of the incident
+    assert observe("offsite", "X", "a") == "opened"
+    assert observe("offsite", "", "b", at=101) == "busy"
+    coordination.incident_sent(r, "offsite", "X", "a", sent=False)
+    assert observe("offsite", "", "b", at=101) == "none"
+
+    # a problem that changes before its opening went out is still an opening
+    assert observe("storage", "X", "a") == "opened"
+    coordination.incident_sent(r, "storage", "X", "a", sent=False)
+    assert observe("storage", "Y", "b", at=101) == "opened"
+    assert observe("storage", "Y", "c", at=50) == "stale"
+
+
+def test_a_notice_left_owed_by_a_task_that_gave_up_is_sent_by_the_exporter(alert_settings, smtp):
+    from vq_tasks.alerts import send_owed
+
+    _, mailbox = smtp
+    problem = AlertEvent(condition="drill", backup_id="b1", failures={"verify": "sha256 mismatch"})
+    with pytest.raises(TransientError):
+        deliver(alert_settings(smtp_port=free_port()), problem, task_id="alert-task-1")  # its last retry
+    outcomes = send_owed(alert_settings(), origin="exporter")
+    assert outcomes == ["drill: opened mail sent to oncall@example.com"]
+    assert send_owed(alert_settings(), origin="exporter") == []
+    assert subjects(mailbox) == ["[VQ Backup] RESTORE DRILL FAILED: b1 (verify)"]
+    assert "sha256 mismatch" in text(mailbox.messages[0])

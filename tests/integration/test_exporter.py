@@ -67,7 +67,14 @@ def check_values(values: Samples, manifest: Manifest, bad_id: str, storage: Path
     assert value("vq_backup_runs_total", status="succeeded") == 1
     assert value("vq_backup_runs_total", status="failed") == 1
     failures = {labels: v for (name, labels), v in values.items() if name == "vq_backup_failures_total"}
-    assert failures == {(("component", "database"), ("reason", "permanent")): 1}
+    assert {labels: v for labels, v in failures.items() if v} == {
+        (("component", "database"), ("reason", "permanent")): 1
+    }
+    assert set(failures) == {  # every other one at 0, so that its first failure is an increase
+        (("component", component), ("reason", reason))
+        for component in ("database", "redis", "config", "logs", "finalize", "start", "unknown")
+        for reason in ("permanent", "transient", "unknown")
+    }
     kinds = {dict(labels)["kind"]: v for (name, labels), v in values.items() if name == "vq_backup_backups"}
     assert kinds == {"manual": 1, "daily": 0, "weekly": 0, "monthly": 0}
     assert value("vq_backup_incomplete_backups", destination="primary") == 0

@@ -1,7 +1,7 @@
 """`vq-backup prune` as an operator runs it, on two real Local destinations (primary and off-site)
 with a real Celery Redis: a dry run that explains and touches nothing, a prune that deletes,
-audits and records, an off-site copy that holds the off-site prune back, and a destination whose
-deletion fails while the other is still pruned."""
+audits (with how long each backup's deletion took) and records, an off-site copy that holds the
+off-site prune back, and a destination whose deletion fails while the other is still pruned."""
 
 from __future__ import annotations
 
@@ -119,6 +119,7 @@ def test_a_prune_deletes_audits_each_backup_and_records_its_outcome(env, tmp_pat
     assert weekly["operation"] == "prune" and weekly["outcome"] == "deleted"
     assert weekly["origin"].startswith("cli:") and set(weekly["files"]) == files_of(planted["weekly_old"])
     assert weekly["reason"] == "weekly backup older than BACKUP_WEEKLY_RETENTION_WEEKS=12"
+    assert all(0 <= line["duration_seconds"] < 60 for line in lines)  # deleting that backup's files
     again = run_cli(env, "prune")
     assert again.returncode == 0 and again.stdout.count("nothing to delete") == 2, again.stdout
 

@@ -71,3 +71,19 @@ def test_verify_writes_one_line_with_its_outcome_and_audit_shows_the_recent_ones
         ["verify", "mismatch", BACKUP_ID, "celery"],
     ]
     assert "task_id=t-1" in rows[2]
+
+
+def test_a_secret_that_json_would_escape_is_still_redacted(tmp_path, caplog):
+    tricky = 'p"a\\ss-wörd'
+    path = tmp_path / "audit.jsonl"
+    settings = load_settings(
+        celery_broker_url="redis://127.0.0.1:1/0", backup_audit_log=path, db_password=tricky
+    )
+    line = audit(
+        settings, "verify", "failed", error=f"psql: password {tricky} refused", details={tricky: [tricky]}
+    )
+    written = path.read_text()
+    assert json.loads(line) == json.loads(written)
+    entry = json.loads(written)
+    assert entry["error"] == "psql: password *** refused" and entry["details"] == {"***": ["***"]}
+    assert "ss-w" not in written and "ss-w" not in caplog.text

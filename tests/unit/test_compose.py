@@ -213,6 +213,22 @@ def test_the_app_services_environment_is_a_valid_configuration(services, made_se
             assert settings.db_password is None and settings.redis_password is None
 
 
+def test_every_setting_of_env_example_reaches_the_app_services_with_the_same_default(services):
+    """A setting in .env.example that x-vq-env does not pass on would be silently ignored; its
+    default in docker-compose.yml (no .env) is the one .env.example shows."""
+    for variable, value in env_example().items():
+        if variable.lower() not in Settings.model_fields:
+            continue  # compose's own: ports, image tag, worker concurrency
+        for name in APP_SERVICES:
+            passed = environment(services[name]).get(variable)
+            assert passed is not None, f"{variable} of .env.example does not reach {name}"
+            if passed.startswith("${"):
+                assert interpolate(passed, {}) == value, f"{name}: {variable}"
+    env = environment(services["beat"])
+    assert env["BACKUP_PRUNE_SCHEDULE"] == "${BACKUP_PRUNE_SCHEDULE:-30 */6 * * *}"
+    assert env_example()["BACKUP_PRUNE_SCHEDULE"] == "30 */6 * * *"
+
+
 def test_the_broker_is_a_redis_of_its_own_and_never_the_application_redis(services):
     broker, app_redis = services["broker"], services["app-redis"]
     assert broker is not app_redis and broker["image"].startswith("redis:")
@@ -255,7 +271,9 @@ def test_the_services_have_health_checks(services):
         assert check and check.get("test"), f"{name} has no health check"
     assert services["worker"]["healthcheck"]["test"] == ["CMD", "/app/workers/healthcheck"]
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
-    assert "/healthz" in " ".join(services["exporter"]["healthcheck"]["test"])
+    # the exporter is alive when it answers; /healthz is 503 with no backup yet or the broker down
+    exporter = " ".join(services["exporter"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8080/metrics" in exporter and "/healthz" not in exporter
     for name in ("app-redis", "broker"):
         assert "redis-cli ping" in " ".join(services[name]["healthcheck"]["test"])
     for dependency in ("postgres", "app-redis", "broker"):

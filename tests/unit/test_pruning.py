@@ -15,11 +15,12 @@ import subprocess
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.unit.test_retention import GFS, applied, stored
-from vq_tasks import catalog
+from vq_tasks import catalog, pruning
 from vq_tasks.manifest import (
     ComponentEntry,
     FilesFacts,
@@ -223,6 +224,28 @@ def test_a_real_prune_deletes_audits_each_backup_and_then_finds_nothing(tmp_path
     again: list[str] = []
     assert prune_all(settings, now=NOW, say=again.append).ok
     assert again == [f"Local:{tmp_path / 'primary'}:", "  nothing to delete"]
+
+
+def test_each_audit_line_says_how_long_deleting_that_backups_files_took(tmp_path, store, monkeypatch):
+    """A clock of its own that only deleting moves, by 1 s a file: each line's duration is the
+    time of its own backup's files, not of the prune so far nor of the listing before."""
+    clock = [1000.0]
+    real_delete = LocalStorage.delete
+
+    def slow_delete(self, name):
+        clock[0] += 1
+        return real_delete(self, name)
+
+    monkeypatch.setattr(pruning, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(LocalStorage, "delete", slow_delete)
+    prune_all(make_settings(tmp_path), now=NOW, say=lambda line: None)
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and clock[0] == 1000 + sum(len(line["files"]) for line in lines)
+    for line in lines:
+        assert line["duration_seconds"] == len(line["files"]), line
+    by_id = {line["backup_id"]: line for line in lines}
+    assert by_id[store["daily_old"]]["duration_seconds"] == 3.0  # bundle, logs archive, manifest
+    assert by_id[store["weekly_kept"]]["duration_seconds"] == 1.0  # its logs archive only
 
 
 def test_a_deletion_that_fails_is_reported_and_the_backup_counted_as_left(tmp_path, store):

@@ -28,7 +28,10 @@ def clean_environment(monkeypatch):
 
 def test_the_drill_runs_monthly_by_default_on_the_latest_backup():
     schedule = beat_schedule(load_settings())
-    assert set(schedule) == {"vq-backup", "vq-restore-drill"}
+    assert set(schedule) == {"vq-backup", "vq-restore-drill", "vq-prune"}
+    prune = schedule["vq-prune"]
+    assert prune["task"] == "vq_tasks.prune" and prune["kwargs"] == {"origin": "beat"}
+    assert prune["schedule"] == crontab(minute="30", hour="*/6")
     drill = schedule["vq-restore-drill"]
     assert drill["task"] == "vq_tasks.restore_drill"
     assert drill["kwargs"] == {"backup_id": "latest", "origin": "beat"}

@@ -124,3 +124,25 @@ def test_problems_across_variables_are_one_line_each(monkeypatch):
     assert len(found) == 2
     assert any("SMTP_SSL and SMTP_STARTTLS" in line for line in found)
     assert any("the Redis that is backed up" in line for line in found)
+
+
+def test_an_empty_optional_variable_means_unset(monkeypatch):
+    for name in ("AWS_REGION", "BACKUP_STORAGE_QUOTA_GB", "BACKUP_AUDIT_LOG", "SMTP_USER"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("CELERY_BROKER_URL", OK["celery_broker_url"])
+    settings = load_settings()
+    assert settings.aws_region is None and settings.backup_storage_quota_gb is None
+    assert settings.backup_audit_log is None and settings.smtp_user is None  # audit: log stream only
+
+
+def test_an_smtp_login_needs_tls_except_on_this_host(monkeypatch, tmp_path):
+    base = {"CELERY_BROKER_URL": OK["celery_broker_url"], "SMTP_USER": "vq", "SMTP_HOST": "mail.example.com"}
+    found = problems(monkeypatch, **base)
+    assert any("SMTP_USER is set but neither SMTP_SSL nor SMTP_STARTTLS" in p for p in found)
+    monkeypatch.setenv("SMTP_STARTTLS", "true")
+    assert load_settings().smtp_starttls
+    monkeypatch.setenv("SMTP_STARTTLS", "false")
+    monkeypatch.setenv("SMTP_HOST", "localhost")
+    assert load_settings().smtp_user == "vq"
+    missing = problems(monkeypatch, SMTP_CA_FILE=str(tmp_path / "nope.pem"))
+    assert any(p.startswith("SMTP_CA_FILE=") and "no such file" in p for p in missing)

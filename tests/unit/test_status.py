@@ -214,6 +214,38 @@ def test_the_metrics_of_a_snapshot():
     assert values[("vq_backup_status_timestamp_seconds", ())] == NOW.timestamp()
 
 
+def failure_samples(status: Status) -> dict[tuple[str, str], float]:
+    values = samples(render(status, settings()).decode())
+    return {
+        (dict(labels)["component"], dict(labels)["reason"]): value
+        for (name, labels), value in values.items()
+        if name == "vq_backup_failures_total"
+    }
+
+
+def test_every_failure_series_is_served_at_zero_before_its_first_failure():
+    """Prometheus' increase() sees nothing in a counter series whose first sample is already 1:
+    each component and reason must be there at 0 before it ever fails, or the first failure of
+    each goes unalerted and the dashboards show 0."""
+    components = ("database", "redis", "config", "logs", "finalize", "start", "unknown")
+    reasons = ("permanent", "transient", "unknown")
+    every = {(component, reason): 0 for component in components for reason in reasons}
+    assert failure_samples(snapshot(counters={})) == every
+    counted = {"runs:failed": 3, "failures:start:transient": 1, "failures:database:permanent": 2}
+    assert failure_samples(snapshot(counters=counted)) == {
+        **every,
+        ("start", "transient"): 1,
+        ("database", "permanent"): 2,
+    }
+    other = {"failures:offsite:permanent": 4, "failures:redis:timeout": 1, "failures:bad": 9}
+    assert failure_samples(snapshot(counters=other)) == {
+        **every,
+        ("offsite", "permanent"): 4,  # any other recorded combination is kept
+        ("redis", "timeout"): 1,
+    }
+    assert failure_samples(snapshot(counters={}, coordination_error="Timeout")) == {}  # unknown: none
+
+
 def test_the_served_names_are_the_ones_dashboards_and_rules_are_written_against():
     from tests.monitoring_refs import EXPORTED_METRICS, referenced_metrics
 

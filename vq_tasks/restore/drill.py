@@ -34,7 +34,7 @@ from pydantic import BaseModel, SecretStr, computed_field
 from vq_tasks import coordination
 from vq_tasks.alerts import AlertEvent, deliver
 from vq_tasks.audit import audit
-from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
+from vq_tasks.errors import BackupError, PermanentError, redact
 from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
 from vq_tasks.restore.extract import extract_to, local_name, work_folder
 from vq_tasks.restore.files import restore_files
@@ -356,10 +356,10 @@ def alert_event(report: DrillReport) -> AlertEvent:
     )  # fmt: skip
 
 
-def send_alert_now(settings: Settings, report: DrillReport) -> str:
+def send_alert_now(settings: Settings, report: DrillReport, origin: str = "cli") -> str:
     """Report the drill's outcome to the alerting from this process (a failure opens or changes
     the drill incident, a pass resolves it); return what happened, as a line to show."""
     try:
-        return deliver(settings, alert_event(report), origin="cli", task_id=None)
-    except (TransientError, redis.RedisError) as exc:
+        return deliver(settings, alert_event(report), origin=origin)
+    except (BackupError, redis.RedisError) as exc:
         return f"the alert could not be sent: {redact(str(exc), settings.secret_values())}"
