@@ -87,6 +87,12 @@ class ComponentEntry(BaseModel):
     duration_seconds: float | None = Field(None, description="time its dump task took")
 
 
+class ManifestSignature(BaseModel):
+    algorithm: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(description="the first 16 hex digits of the SHA-256 of the public key")
+    value: str = Field(description="base64 of the signature")
+
+
 class Manifest(BaseModel):
     format_version: int = MANIFEST_VERSION
     backup_id: str
@@ -99,6 +105,9 @@ class Manifest(BaseModel):
     compression: Literal["gzip", "none"]
     files: list[StoredFile]
     components: dict[str, ComponentEntry]
+    signature: ManifestSignature | None = Field(
+        None, description="Ed25519 signature of the rest of the manifest (vq_tasks.signing)"
+    )
 
 
 def new_backup_id(prefix: str, now: datetime) -> str:

@@ -144,6 +144,13 @@ class Settings(BaseSettings):
     backup_offsite_google_cloud_project: str | None = None
     backup_offsite_storage_emulator_host: str | None = None
 
+    # Encryption (age format, X25519 recipients: workers hold public keys only) and signed manifests
+    backup_encryption_enabled: bool = False
+    backup_encryption_recipients: CommaList = []
+    backup_encryption_identity_file: Path | None = None
+    backup_signing_key_file: Path | None = None
+    backup_signing_public_keys: CommaList = []
+
     # What is backed up
     backup_config_paths: CommaList = ["/etc/virtualqueue"]
     backup_log_paths: CommaList = ["/var/log/virtualqueue"]
@@ -231,7 +238,13 @@ class Settings(BaseSettings):
             raise ValueError(str(value))
         return value
 
-    @field_validator("backup_config_paths", "backup_log_paths", mode="before")
+    @field_validator(
+        "backup_config_paths",
+        "backup_log_paths",
+        "backup_encryption_recipients",
+        "backup_signing_public_keys",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
