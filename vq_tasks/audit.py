@@ -52,7 +52,7 @@ def audit(settings: Settings, operation: str, outcome: str, **fields: Any) -> st
     if path is None:
         return line
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as stream:
             stream.write(line + "\n")

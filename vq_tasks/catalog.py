@@ -48,10 +48,15 @@ def load_manifest(storage: Storage, backup_id: str) -> Manifest:
         data = storage.read_bytes(name)
     except FileNotFoundError:
         raise PermanentError(f"no complete backup {backup_id} in {storage.describe()}") from None
+    return parse_manifest(data, f"{name} in {storage.describe()}")
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Return the manifest ``data`` holds. Raise PermanentError naming ``where`` if it is none."""
     try:
         return Manifest.model_validate_json(data)
     except ValueError as exc:
-        raise PermanentError(f"{name} in {storage.describe()} is not a valid manifest: {exc}") from None
+        raise PermanentError(f"{where} is not a valid manifest: {exc}") from None
 
 
 def readable_manifests(storage: Storage, prefix: str) -> list[Manifest]:

@@ -11,6 +11,7 @@ vq-backup drill [ID|latest]  restore into a scratch database and Redis, check, d
 vq-backup storage-check    check that each destination is reachable, readable and writable
 vq-backup exporter         serve Prometheus /metrics and /healthz on port 8080 (cli_exporter.py)
 vq-backup audit            the recent operations from the audit log (cli_audit.py)
+vq-backup signing-key -o PATH  make the Ed25519 key pair that signs manifests (cli_keys.py)
 vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
 
 list, show, verify, restore, extract and drill take --offsite to work on the off-site copy.
@@ -97,13 +98,23 @@ def unsubscribe(result: object) -> None:
 
 def follow(settings: Settings, backup_id: str, timeout: float) -> int:
     """Show the run's progress until it succeeds or fails; return the exit code."""
+    from redis.exceptions import RedisError
+
     from vq_tasks import coordination
 
     r = coordination.client(settings)
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        run = coordination.read_record(r, backup_id)
+        try:
+            run = coordination.read_record(r, backup_id)
+        except RedisError as exc:  # Celery's Redis restarting: the run goes on, so does following it
+            line = f"lost contact with Celery's Redis ({type(exc).__name__}); trying again"
+            if line != last:
+                print(line, file=sys.stderr, flush=True)
+                last = line
+            time.sleep(POLL_SECONDS)
+            continue
         line = progress_line(run)
         if line != last:
             print(line, flush=True)
@@ -181,8 +192,10 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.catalog import load_manifest
+    from vq_tasks.verify import resolve_backup_id
 
-    manifest = load_manifest(storage_of(args, settings), args.backup_id)
+    storage = storage_of(args, settings)
+    manifest = load_manifest(storage, resolve_backup_id(storage, settings.backup_name_prefix, args.backup_id))
     if args.json:
         print(manifest.model_dump_json(indent=2))
         return 0
@@ -233,18 +246,17 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from vq_tasks.verify import report_rows, verify_operation
+    from vq_tasks.verify import report_rows, summary, verify_operation
 
     storage = storage_of(args, settings)
     report = verify_operation(storage, settings, args.backup_id, origin=f"cli:{getpass.getuser()}")
     if args.json:
         print(report.model_dump_json(indent=2))
         return 0 if report.ok else EXIT_FAILED
-    rows = report_rows(report)
-    print_table(("FILE / COMPONENT", "CHECK", "EXPECTED", "ACTUAL", "RESULT"), rows)
-    failed = sum(row[-1] == "MISMATCH" for row in rows)
-    print(f"\n{report.backup_id}: " + (f"{failed} of {len(rows)} checks MISMATCH" if failed else "all OK"))
-    return EXIT_FAILED if failed else 0
+    print_table(("FILE / COMPONENT", "CHECK", "EXPECTED", "ACTUAL", "RESULT"), report_rows(report))
+    line, verified = summary(report)
+    print(f"\n{line}")
+    return 0 if verified else EXIT_FAILED
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
@@ -294,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vq_tasks.cli_audit import add_audit_command
 
     add_audit_command(commands)
+    from vq_tasks.cli_keys import add_signing_key_command
+
+    add_signing_key_command(commands)
     demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
     demo.set_defaults(handler=cmd_demo, needs_settings=False)

@@ -103,14 +103,17 @@ def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
 
     from vq_tasks.catalog import load_manifest
     from vq_tasks.restore.extract import component_named, extract_one
+    from vq_tasks.safety import check_manifest
     from vq_tasks.verify import resolve_backup_id
 
     storage = storage_of(args, settings)
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, args.backup_id)
-    manifest = load_manifest(storage, backup_id)
+    manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     component = component_named(manifest, args.component)
     path = Path(args.output)
-    extract_one(storage, manifest, component, path, say=lambda line: print(line, flush=True))
+    extract_one(
+        storage, manifest, component, path, say=lambda line: print(line, flush=True), settings=settings
+    )
     print(f"wrote {path}: {manifest.components[component].member} of {backup_id}, checksums OK")
     return 0
 

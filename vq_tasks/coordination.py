@@ -103,6 +103,16 @@ def claim_once(r: redis.Redis, name: str, ttl: int = 30 * 86400) -> bool:
     return bool(r.set(CLAIM_KEY.format(name), datetime.now(UTC).isoformat(), nx=True, ex=ttl))
 
 
+def claim_for(r: redis.Redis, name: str, holder: str, ttl: int = 7 * 86400) -> str | None:
+    """Claim ``name`` for ``holder`` (a task id). Return None when ``holder`` has it (now or from
+    before: a redelivered task), else the holder that took it first."""
+    key = CLAIM_KEY.format(name)
+    if r.set(key, holder, nx=True, ex=ttl):
+        return None
+    first = r.get(key)
+    return None if first in (holder, None) else first
+
+
 def release_claim(r: redis.Redis, name: str) -> None:
     """Give a claim back, when its side effect failed and may be tried again."""
     r.delete(CLAIM_KEY.format(name))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from vq_tasks.streams import Checksums
 
@@ -21,29 +21,51 @@ COMPONENTS = ("database", "redis", "config", "logs")
 BUNDLED = ("database", "redis", "config")
 Component = Literal["database", "redis", "config", "logs"]
 Kind = Literal["daily", "weekly", "monthly", "manual"]
+# what a manifest may hold (it may be forged): names without a folder, lowercase hex digests
+PLAIN_NAME = r"^[^./\\\x00][^/\\\x00]{0,254}$"
+MD5_HEX = r"^[0-9a-f]{32}$"
+SHA256_HEX = r"^[0-9a-f]{64}$"
+BACKUP_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]*_[0-9]{8}_[0-9]{6}$"
+Count = Annotated[int, Field(ge=0)]
+ENCRYPTED_SUFFIX = ".age"  # after the plain name of an encrypted file: <id>.tar.gz.age
 # every name a backup stores, by suffix and role; longest suffixes first so that they match first
 SUFFIX_ROLES = {
     "_manifest.json": "manifest",
+    "_logs.tar.gz.age": "logs",
+    "_logs.tar.age": "logs",
     "_logs.tar.gz": "logs",
     "_logs.tar": "logs",
+    ".tar.gz.age": "bundle",
+    ".tar.age": "bundle",
     ".tar.gz": "bundle",
     ".tar": "bundle",
 }
+
+
+def checked_digests(content: Checksums) -> Checksums:
+    """Return ``content`` if its size is not negative and its digests are lowercase hex of their
+    length. Raise ValueError otherwise."""
+    if content.size < 0:
+        raise ValueError(f"size {content.size} is negative")
+    for name, pattern, digits in (("md5", MD5_HEX, 32), ("sha256", SHA256_HEX, 64)):
+        if not re.fullmatch(pattern, getattr(content, name)):
+            raise ValueError(f"{name} {getattr(content, name)[:80]!r} is not {digits} lowercase hex digits")
+    return content
 
 
 class DatabaseFacts(BaseModel):
     database: str
     server_version: str
     pg_dump_version: str
-    tables: dict[str, int] = Field(description="rows per table, counted in the dump itself")
+    tables: dict[str, Count] = Field(description="rows per table, counted in the dump itself")
     complete: bool = Field(description="pg_dump's closing line was seen")
 
 
 class RedisFacts(BaseModel):
     redis_version: str
-    rdb_version: int
-    keys: dict[str, int] = Field(description="keys per logical database, from INFO before the sync")
-    expires: dict[str, int] = Field(default_factory=dict)
+    rdb_version: int = Field(ge=0)
+    keys: dict[str, Count] = Field(description="keys per logical database, from INFO before the sync")
+    expires: dict[str, Count] = Field(default_factory=dict)
     crc64_checked: bool
 
 
@@ -60,31 +82,43 @@ class StagedPart(BaseModel):
     """What a dump task hands to finalize_backup: where its part is and what it contains."""
 
     component: Component
-    member: str = Field(description="file name inside the bundle, or the stored logs archive")
+    member: str = Field(
+        pattern=PLAIN_NAME, description="file name inside the bundle, or the stored logs archive"
+    )
     path: str
     worker: str
     compressed: bool = Field(description="gzip members (COMPRESSION_ENABLED of the worker that dumped)")
-    staged_size: int
-    staged_sha256: str
+    staged_size: int = Field(ge=0)
+    staged_sha256: str = Field(pattern=SHA256_HEX)
     content: Checksums = Field(description="the uncompressed member")
     facts: Facts
     duration_seconds: float = Field(0.0, description="time taken to dump and stage it")
 
+    @field_validator("content")
+    @classmethod
+    def _digests(cls, content: Checksums) -> Checksums:
+        return checked_digests(content)
+
 
 class StoredFile(BaseModel):
-    name: str
-    md5: str
-    sha256: str
-    size: int
+    name: str = Field(pattern=PLAIN_NAME)
+    md5: str = Field(pattern=MD5_HEX)
+    sha256: str = Field(pattern=SHA256_HEX)
+    size: int = Field(ge=0)
 
 
 class ComponentEntry(BaseModel):
-    member: str
-    stored_in: str
+    member: str = Field(pattern=PLAIN_NAME)
+    stored_in: str = Field(pattern=PLAIN_NAME)
     content: Checksums
     facts: Facts
-    stored_size: int | None = Field(None, description="bytes it takes in storage (compressed)")
+    stored_size: int | None = Field(None, ge=0, description="bytes it takes in storage (compressed)")
     duration_seconds: float | None = Field(None, description="time its dump task took")
+
+    @field_validator("content")
+    @classmethod
+    def _digests(cls, content: Checksums) -> Checksums:
+        return checked_digests(content)
 
 
 class ManifestSignature(BaseModel):
@@ -93,9 +127,19 @@ class ManifestSignature(BaseModel):
     value: str = Field(description="base64 of the signature")
 
 
+class EncryptionInfo(BaseModel):
+    """How the stored files are encrypted: never a key, only what tells which key opens them."""
+
+    format: Literal["age"] = "age"
+    recipients: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(
+        min_length=1,
+        description="each recipient's fingerprint: the first 16 hex digits of the SHA-256 of its age1...",
+    )
+
+
 class Manifest(BaseModel):
     format_version: int = MANIFEST_VERSION
-    backup_id: str
+    backup_id: str = Field(pattern=BACKUP_ID)
     status: Literal["complete"] = "complete"
     kind: Kind
     started_at: datetime
@@ -104,7 +148,10 @@ class Manifest(BaseModel):
     tool_version: str
     compression: Literal["gzip", "none"]
     files: list[StoredFile]
-    components: dict[str, ComponentEntry]
+    components: dict[Component, ComponentEntry]
+    encryption: EncryptionInfo | None = Field(
+        None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
+    )
     signature: ManifestSignature | None = Field(
         None, description="Ed25519 signature of the rest of the manifest (vq_tasks.signing)"
     )
@@ -117,7 +164,7 @@ def new_backup_id(prefix: str, now: datetime) -> str:
 
 def parse_backup_id(backup_id: str, prefix: str) -> datetime:
     """Return the UTC start time a backup id names. Raise ValueError for anything else."""
-    match = re.fullmatch(re.escape(prefix) + r"_(\d{8}_\d{6})", backup_id)
+    match = re.fullmatch(re.escape(prefix) + r"_([0-9]{8}_[0-9]{6})", backup_id)  # ASCII digits only
     if not match:
         raise ValueError(f"{backup_id!r} is not a backup id of the form {prefix}_YYYYMMDD_HHMMSS")
     return datetime.strptime(match.group(1), ID_TIME_FORMAT).replace(tzinfo=UTC)
@@ -138,16 +185,32 @@ def split_object_name(name: str, prefix: str) -> tuple[str, str] | None:
 
 
 def data_names(backup_id: str) -> list[str]:
-    """Return every name a backup's data files may have (not the manifest), in either compression."""
+    """Return every name a backup's data files may have (not the manifest), in either compression,
+    encrypted or not."""
     return [f"{backup_id}{suffix}" for suffix, role in SUFFIX_ROLES.items() if role != "manifest"]
 
 
-def bundle_name(backup_id: str, compressed: bool) -> str:
-    return f"{backup_id}.tar.gz" if compressed else f"{backup_id}.tar"
+def stored_name(name: str, encrypted: bool) -> str:
+    """Return the name a file is stored under: its own, with ``.age`` after it when encrypted."""
+    return name + ENCRYPTED_SUFFIX if encrypted else name
 
 
-def logs_name(backup_id: str, compressed: bool) -> str:
-    return f"{backup_id}_logs.tar.gz" if compressed else f"{backup_id}_logs.tar"
+def is_encrypted(name: str) -> bool:
+    """Return whether a stored file's name says it is encrypted (``.age``)."""
+    return name.endswith(ENCRYPTED_SUFFIX)
+
+
+def plain_name(name: str) -> str:
+    """Return a stored file's name without ``.age``: the name of what it holds once decrypted."""
+    return name.removesuffix(ENCRYPTED_SUFFIX)
+
+
+def bundle_name(backup_id: str, compressed: bool, encrypted: bool = False) -> str:
+    return stored_name(f"{backup_id}.tar.gz" if compressed else f"{backup_id}.tar", encrypted)
+
+
+def logs_name(backup_id: str, compressed: bool, encrypted: bool = False) -> str:
+    return stored_name(f"{backup_id}_logs.tar.gz" if compressed else f"{backup_id}_logs.tar", encrypted)
 
 
 def manifest_name(backup_id: str) -> str:

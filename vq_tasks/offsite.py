@@ -4,7 +4,9 @@ destination (BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH), for disaster reco
 Each stored file is streamed from one provider to the other and checked against the manifest
 (size, MD5, SHA-256) on the way; the target's own upload checks apply as to any backup. The
 manifest is copied last, so the copy looks complete only once it is. A copy that fails leaves no
-manifest, and the off-site prune removes its debris like that of any unfinished backup.
+manifest, and the off-site prune removes its debris like that of any unfinished backup. Encrypted
+files (``.age``) are copied as they are, checked against the manifest's checksums of their
+encrypted bytes: the copy needs no key.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from vq_tasks.catalog import backup_sets
+from vq_tasks.catalog import backup_sets, parse_manifest
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name
 from vq_tasks.retention import Policy, add_months
+from vq_tasks.safety import check_manifest
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams import HashStage, pump
 
@@ -48,7 +51,9 @@ def copy_backup(source: Storage, target: Storage, backup_id: str, say: Say = log
         document = source.read_bytes(name)
     except FileNotFoundError:
         raise PermanentError(f"no complete backup {backup_id} in {source.describe()} to copy") from None
-    manifest = Manifest.model_validate_json(document)
+    prefix = backup_id.rsplit("_", 2)[0]  # <prefix>_YYYYMMDD_HHMMSS
+    manifest = parse_manifest(document, f"{name} in {source.describe()}")
+    manifest = check_manifest(manifest, backup_id, prefix)  # it names only this backup's files
     logs_file = manifest.components["logs"].stored_in if "logs" in manifest.components else None
     copied = 0
     for stored in manifest.files:

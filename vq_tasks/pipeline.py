@@ -11,10 +11,12 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from vq_tasks import coordination
+from vq_tasks import coordination, encryption
+from vq_tasks.age import X25519Recipient
 from vq_tasks.bundle import BundleWriter, copy_staged
 from vq_tasks.catalog import load_manifest, readable_manifests
 from vq_tasks.errors import PermanentError, is_transient, redact
@@ -34,8 +36,10 @@ from vq_tasks.manifest import (
     member_name,
     new_backup_id,
     parse_backup_id,
+    stored_name,
 )
 from vq_tasks.settings import Settings
+from vq_tasks.signing import load_signing_key, sign
 from vq_tasks.sources.files import archive_config, archive_logs
 from vq_tasks.sources.postgres import dump_database
 from vq_tasks.sources.redis import dump_redis
@@ -196,15 +200,19 @@ def finalize(
     if storage.stat(manifest_name(backup_id)) is not None:
         return load_manifest(storage, backup_id)
     parts = _parts_by_component(records, settings.compression_enabled)
+    _check_staged_paths(parts, StagingArea(settings.backup_staging_dir, backup_id))
     started = datetime.fromisoformat(started_at)
     compressed = settings.compression_enabled
+    recipients = encryption.recipients_of(settings)  # None: stored as is
     with coordination.heartbeat(coordination.client(settings), backup_id, settings.backup_lock_ttl):
         bundle = _store(
             storage,
-            bundle_name(backup_id, compressed),
+            bundle_name(backup_id, compressed, encrypted=bool(recipients)),
             lambda out: _write_bundle(out, parts, compressed, started),
+            recipients,
         )
-        logs = _store(storage, parts["logs"].member, lambda out: copy_staged(parts["logs"], out))
+        logs_stored_as = stored_name(parts["logs"].member, encrypted=bool(recipients))
+        logs = _store(storage, logs_stored_as, lambda out: copy_staged(parts["logs"], out), recipients)
     finished = datetime.now(UTC)
     manifest = Manifest(
         backup_id=backup_id,
@@ -226,7 +234,10 @@ def finalize(
             )
             for c in COMPONENTS
         },
+        encryption=encryption.info_of(recipients),
     )
+    if settings.backup_signing_key_file is not None:
+        manifest = sign(manifest, load_signing_key(settings.backup_signing_key_file))
     with storage.open_write(manifest_name(backup_id)) as out:
         out.write(manifest.model_dump_json(indent=2).encode() + b"\n")
     return manifest
@@ -248,6 +259,15 @@ def _parts_by_component(records: list[dict], compressed: bool) -> dict[str, Stag
     return parts
 
 
+def _check_staged_paths(parts: dict[str, StagedPart], area: StagingArea) -> None:
+    """Refuse records whose staged path is not this backup's staging folder: finalize copies the
+    file a record names into the backup, so a forged record must not name /etc/shadow."""
+    folder = area.folder.resolve()
+    outside = [p.component for p in parts.values() if Path(p.path).resolve().parent != folder]
+    if outside:
+        raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
+
+
 def _write_bundle(out: Writer, parts: dict[str, StagedPart], compressed: bool, started: datetime) -> None:
     bundle = BundleWriter(out, compressed, started)
     for component in BUNDLED:
@@ -255,11 +275,18 @@ def _write_bundle(out: Writer, parts: dict[str, StagedPart], compressed: bool, s
     bundle.close()
 
 
-def _store(storage: Storage, name: str, write) -> StoredFile:
-    """Write one object through a hash stage, then check that storage holds exactly that size."""
+def _store(storage: Storage, name: str, write, recipients: list[X25519Recipient] | None = None) -> StoredFile:
+    """Write one object through a hash stage, encrypted to ``recipients`` on the way if any (the
+    checksums are then those of the encrypted bytes, as stored), and check that storage holds
+    exactly that size."""
     with storage.open_write(name) as out:
         hashed = HashStage(out)
-        write(hashed)
+        if recipients:
+            sealed = encryption.encrypting(hashed, recipients)
+            write(sealed)
+            sealed.close()
+        else:
+            write(hashed)
     checks = hashed.checksums()
     stored = storage.stat(name)
     if stored is None or stored.size != checks.size:

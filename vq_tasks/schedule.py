@@ -5,7 +5,9 @@ fail: a full disk must still be pruned); all in BACKUP_TIMEZONE (the app's)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from vq_tasks.settings import Settings, crontab_from_expression
 
@@ -30,3 +32,31 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "kwargs": {"origin": "beat"},
         },
     }
+
+
+SLOT_SEARCH = timedelta(days=62)
+
+
+def scheduled_slot(expression: str, now: datetime, timezone: str) -> datetime | None:
+    """Return the scheduled time (a minute matched by the cron ``expression`` in ``timezone``, as
+    beat matches it: every field must match) that a task started at ``now`` belongs to: the latest
+    such minute not after ``now``; None if none in the last two months. Two beats by mistake, or a
+    restarted one, send the same slot twice: the backup task claims the slot once."""
+    cron = crontab_from_expression(expression)
+    minute = now.astimezone(ZoneInfo(timezone)).replace(second=0, microsecond=0)
+    earliest = minute - SLOT_SEARCH
+    while minute >= earliest:
+        if _matches(cron, minute):
+            return minute.astimezone(UTC)
+        minute -= timedelta(minutes=1)
+    return None
+
+
+def _matches(cron: Any, at: datetime) -> bool:
+    return (
+        at.minute in cron.minute
+        and at.hour in cron.hour
+        and at.day in cron.day_of_month
+        and at.month in cron.month_of_year
+        and at.isoweekday() % 7 in cron.day_of_week
+    )

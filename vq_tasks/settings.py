@@ -308,6 +308,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _encryption_valid(self) -> Settings:
+        """Recipients parse (a bad one named by position, never echoed); enabled needs one; the
+        identity file reads and is mode 600 or stricter (refused otherwise, like ssh's keys)."""
+        from vq_tasks.encryption import settings_problems
+
+        if problems := settings_problems(self):
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _celery_not_on_backed_up_redis(self) -> Settings:
         problems = []
         if self.smtp_ssl and self.smtp_starttls:
@@ -336,6 +346,25 @@ class Settings(BaseSettings):
                     f"{name} points at the Redis that is backed up ({self.redis_host}:"
                     f"{self.redis_port}); restoring it would wipe Celery's state: use another Redis"
                 )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _signing_keys_valid(self) -> Settings:
+        from vq_tasks.errors import PermanentError
+        from vq_tasks.signing import load_signing_key, parse_public_keys
+
+        problems = []
+        if self.backup_signing_key_file is not None:
+            try:
+                load_signing_key(self.backup_signing_key_file)
+            except PermanentError as exc:
+                problems.append(str(exc))
+        try:
+            parse_public_keys(self.backup_signing_public_keys)
+        except ValueError as exc:
+            problems.append(f"BACKUP_SIGNING_PUBLIC_KEYS: {exc}")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import Component, Facts, StagedPart, parse_backup_id
+from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedPart, parse_backup_id
 from vq_tasks.settings import Settings
 from vq_tasks.streams import GzipStage, HashStage, ProgressStage, Stage, Writer
 
@@ -30,6 +31,8 @@ class StagingArea:
     """The folder of one backup's parts."""
 
     def __init__(self, root: Path, backup_id: str):
+        if not re.fullmatch(BACKUP_ID, backup_id):  # it becomes a folder that remove() deletes
+            raise PermanentError(f"{backup_id!r} is not a backup id: no staging folder for it")
         self.root = root
         self.folder = root / backup_id
 

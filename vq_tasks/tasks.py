@@ -18,6 +18,7 @@ from vq_tasks.app import app
 from vq_tasks.audit import audit
 from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
 from vq_tasks.pruning import prune_all
+from vq_tasks.schedule import scheduled_slot
 from vq_tasks.settings import get_settings
 from vq_tasks.storage import open_storage
 
@@ -43,6 +44,8 @@ def backup(self, origin: str = "celery", requested_by: str | None = None) -> dic
     is "beat" for scheduled backups (which get the kinds daily, weekly, monthly), else manual."""
     settings = get_settings()
     who = origin_of(origin, requested_by)
+    if origin == "beat":
+        _claim_scheduled_slot(settings, self.request.id)
     try:
         start = pipeline.start_backup(settings, self.request.id, scheduled=origin == "beat")
         if not start.already_started:
@@ -58,6 +61,20 @@ def backup(self, origin: str = "celery", requested_by: str | None = None) -> dic
         _alert(AlertEvent(condition="backup", failures={"backup": f"not started: {message}"}))
         raise PermanentError(message) from None
     return {"backup_id": start.backup_id, "kind": start.kind, "origin": who}
+
+
+def _claim_scheduled_slot(settings, task_id: str) -> None:
+    """Claim the scheduled time this beat-sent backup belongs to. Raise BackupRefused when another
+    task has it: two beats by mistake, or a restarted beat sending its slot again."""
+    slot = scheduled_slot(settings.backup_schedule, datetime.now(UTC), settings.backup_timezone)
+    if slot is None:
+        return  # sent by beat, but no scheduled time matches: nothing to deduplicate against
+    first = coordination.claim_for(coordination.client(settings), f"beat-slot:{slot.isoformat()}", task_id)
+    if first is not None:
+        raise pipeline.BackupRefused(
+            f"the backup scheduled for {slot:%Y-%m-%d %H:%M} UTC was started already by task {first} "
+            "(is more than one beat running?)"
+        )
 
 
 def _count_start_failure(settings, task_id: str, exc: BaseException) -> None:
@@ -296,16 +313,13 @@ def verify(
     """Read every stored file of ``backup_id`` (or ``latest``) in the primary or ``offsite``
     storage once and check it against the manifest; return the report. A mismatch is in the
     report (``ok`` false), not a task failure."""
-    from vq_tasks.verify import report_rows, verify_operation
+    from vq_tasks.verify import summary, verify_operation
 
     settings = get_settings()
     storage = open_storage(settings, destination)
     report = verify_operation(storage, settings, backup_id, origin_of(origin), task_id=self.request.id)
-    failed = [f"{row[0]} {row[1]}" for row in report_rows(report) if row[-1] == "MISMATCH"]
-    if failed:
-        logger.error("backup %s failed verification: %s", report.backup_id, ", ".join(failed))
-    else:
-        logger.info("backup %s verified: every check OK", report.backup_id)
+    line, verified = summary(report)
+    (logger.info if verified else logger.error)("verify: %s", line)
     return report.model_dump(mode="json")
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from pydantic import BaseModel, computed_field
 
+from vq_tasks import encryption, signing
+from vq_tasks.age import X25519Identity
 from vq_tasks.audit import audit
 from vq_tasks.catalog import backup_sets, load_manifest
 from vq_tasks.errors import PermanentError
@@ -25,14 +28,18 @@ from vq_tasks.manifest import (
     ComponentEntry,
     Manifest,
     StoredFile,
+    is_encrypted,
     manifest_name,
     parse_backup_id,
+    plain_name,
     split_object_name,
 )
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify_scan import (
     Check,
+    Decrypt,
+    Scan,
     absent_check,
     checksum_checks,
     files_checks,
@@ -40,7 +47,11 @@ from vq_tasks.verify_scan import (
     probe_for,
     readable_check,
     scan_archive,
+    unchecked_check,
 )
+
+NOT_CHECKED = "NOT CHECKED"
+Outcome = Literal["ok", "mismatch", "not checked"]
 
 
 class _Checked(BaseModel):
@@ -74,6 +85,16 @@ class VerifyReport(BaseModel):
     def ok(self) -> bool:
         return all(item.ok for item in [*self.files, *self.components])
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def outcome(self) -> Outcome:
+        """``ok``; ``mismatch`` if any check failed; else ``not checked`` if the contents of an
+        encrypted backup could not be read (no key, or not its key): never OK."""
+        checks = [c for item in [*self.files, *self.components] for c in item.checks]
+        if any(not c.ok and c.checked for c in checks):
+            return "mismatch"
+        return "ok" if all(c.ok for c in checks) else "not checked"
+
 
 def resolve_backup_id(storage: Storage, prefix: str, requested: str) -> str:
     """Given a backup id or ``latest``, return the backup id. Raise PermanentError for a string
@@ -101,11 +122,14 @@ def verify_backup(
     manifest = load_manifest(storage, backup_id)
     days = settings.backup_logs_retention_days
     retired = days if now - parse_backup_id(backup_id, prefix) > timedelta(days=days) else None
-    files = [_manifest_report(manifest, backup_id)]
+    files = [_manifest_report(manifest, backup_id, settings)]
     components: dict[str, ComponentReport] = {}
+    encrypted = any(is_encrypted(f.name) for f in manifest.files)
+    identities = encryption.identities_of(settings) if encrypted else None
     for stored in {f.name: f for f in manifest.files}.values():
         entries = {n: e for n, e in manifest.components.items() if e.stored_in == stored.name}
-        report, found = _verify_file(storage, manifest, stored, entries, prefix, retired)
+        decrypt = _decrypter(stored.name, identities, manifest) if is_encrypted(stored.name) else None
+        report, found = _verify_file(storage, manifest, stored, entries, prefix, retired, decrypt)
         files.append(report)
         components.update(found)
     for name, entry in manifest.components.items():
@@ -118,10 +142,23 @@ def verify_backup(
     )
 
 
-def _manifest_report(manifest: Manifest, backup_id: str) -> FileReport:
+def _decrypter(name: str, identities: list[X25519Identity] | None, manifest: Manifest) -> Decrypt:
+    return lambda raw: encryption.decrypting(raw, name, identities, manifest.encryption)
+
+
+def is_whole(entry: ComponentEntry) -> bool:
+    """Return whether a component is a stored file of its own (the logs archive), not a member
+    of the bundle: stored under its member's name, with ``.age`` when encrypted."""
+    return plain_name(entry.stored_in) == entry.member
+
+
+def _manifest_report(manifest: Manifest, backup_id: str, settings: Settings) -> FileReport:
+    """The manifest's own checks: it names this backup, and its signature (BACKUP_SIGNING_PUBLIC_KEYS)."""
     same = manifest.backup_id == backup_id
-    check = Check(check="backup id", expected=backup_id, actual=manifest.backup_id, ok=same)
-    return FileReport(name=manifest_name(backup_id), checks=[check])
+    named = Check(check="backup id", expected=backup_id, actual=manifest.backup_id, ok=same)
+    signed = signing.check(manifest, signing.parse_public_keys(settings.backup_signing_public_keys))
+    signature = Check(check="signature", expected=signed.expected, actual=signed.actual, ok=signed.ok)
+    return FileReport(name=manifest_name(backup_id), checks=[named, signature])
 
 
 def _component_report(name: str, entry: ComponentEntry, checks: list[Check]) -> ComponentReport:
@@ -135,9 +172,11 @@ def _verify_file(
     entries: dict[str, ComponentEntry],
     prefix: str,
     retired: int | None,
+    decrypt: Decrypt | None = None,
 ) -> tuple[FileReport, dict[str, ComponentReport]]:
     """Read one stored file once; return its report and those of ``entries``, the components
-    stored in it. ``retired`` is BACKUP_LOGS_RETENTION_DAYS if the backup is older, else None."""
+    stored in it. ``retired`` is BACKUP_LOGS_RETENTION_DAYS if the backup is older, else None;
+    ``decrypt`` opens an encrypted file's plaintext."""
     role = split_object_name(stored.name, prefix)
     if role is None or role[0] != manifest.backup_id:  # never read a name that is not this backup's
         bad = Check(check="name", expected=f"a file of {manifest.backup_id}", actual=stored.name, ok=False)
@@ -146,23 +185,42 @@ def _verify_file(
         }
         return FileReport(name=stored.name, checks=[bad]), unread
     compressed = manifest.compression == "gzip"
-    probes = {e.member: probe_for(n, e, compressed) for n, e in entries.items() if e.member != stored.name}
-    whole = {n: e for n, e in entries.items() if e.member == stored.name}  # the logs: the tar stream itself
+    whole = {n: e for n, e in entries.items() if is_whole(e)}  # the logs: the tar stream itself
+    probes = {e.member: probe_for(n, e, compressed) for n, e in entries.items() if n not in whole}
     try:
         with storage.open_read(stored.name) as stream:
-            scan = scan_archive(stream, compressed, probes, content_checksums=bool(whole))
+            scan = scan_archive(stream, compressed, probes, content_checksums=bool(whole), decrypt=decrypt)
     except FileNotFoundError:
         return _missing_file(stored, entries, retired if role[1] == "logs" else None)
-    checks = [*checksum_checks(stored, scan.stored), readable_check(scan.error, compressed)]
+    if scan.unchecked:
+        return _unchecked_file(stored, scan, entries, compressed)
+    checks = [*checksum_checks(stored, scan.stored), readable_check(scan.error, compressed, bool(decrypt))]
     if probes:
         checks.append(names_check("members", list(probes), scan.members))
     found = {
         n: _component_report(n, e, probes[e.member].checks()) for n, e in entries.items() if n not in whole
     }
     for name, entry in whole.items():
-        assert scan.content is not None
-        content_checks = checksum_checks(entry.content, scan.content) + files_checks(entry, scan.members)
+        if scan.content is None:  # not even the start of the plaintext could be read
+            content_checks = [absent_check(entry, f"unreadable: {scan.error}", False)]
+        else:
+            content_checks = checksum_checks(entry.content, scan.content) + files_checks(entry, scan.members)
         found[name] = _component_report(name, entry, content_checks)
+    return FileReport(name=stored.name, checks=checks), found
+
+
+def _unchecked_file(
+    stored: StoredFile, scan: Scan, entries: dict[str, ComponentEntry], compressed: bool
+) -> tuple[FileReport, dict[str, ComponentReport]]:
+    """The report of an encrypted file whose key is missing or wrong: its stored bytes checked,
+    its contents and components NOT CHECKED (which is not OK: a restore refuses it)."""
+    assert scan.unchecked is not None
+    what = readable_check(None, compressed, encrypted=True).expected
+    checks = [*checksum_checks(stored, scan.stored), unchecked_check("contents", what, scan.unchecked)]
+    found = {
+        n: _component_report(n, e, [unchecked_check("contents", f"{e.member} checked", scan.unchecked)])
+        for n, e in entries.items()
+    }
     return FileReport(name=stored.name, checks=checks), found
 
 
@@ -186,12 +244,13 @@ def report_rows(report: VerifyReport) -> list[tuple[str, str, str, str, str]]:
     rows = []
     subjects = [(f.name, f.checks) for f in report.files]
     subjects += [
-        (c.component if c.member == c.stored_in else f"{c.component} ({c.member})", c.checks)
+        (c.component if c.member == plain_name(c.stored_in) else f"{c.component} ({c.member})", c.checks)
         for c in report.components
     ]
     for subject, checks in subjects:
         for c in checks:
-            rows.append((subject, c.check, c.expected, c.actual, "OK" if c.ok else "MISMATCH"))
+            result = "OK" if c.ok else "MISMATCH" if c.checked else NOT_CHECKED
+            rows.append((subject, c.check, c.expected, c.actual, result))
     return rows
 
 
@@ -211,6 +270,25 @@ def verify_operation(
         raise
     mismatches = [f"{row[0]} {row[1]}" for row in report_rows(report) if row[-1] == "MISMATCH"]
     took = round(time.monotonic() - started, 3)
-    audit(settings, "verify", "mismatch" if mismatches else "succeeded", backup_id=report.backup_id,
+    outcome = {"ok": "succeeded", "mismatch": "mismatch", "not checked": "not checked"}[report.outcome]
+    audit(settings, "verify", outcome, backup_id=report.backup_id,
           mismatches=mismatches or None, duration_seconds=took, **fields)  # fmt: skip
     return report
+
+
+def summary(report: VerifyReport) -> tuple[str, bool]:
+    """Return the last line `vq-backup verify` prints and whether the backup counts as verified:
+    all OK; N of M checks MISMATCH; or, for an encrypted backup without its key, the stored files'
+    checks and N checks NOT CHECKED (not verified: a restore would refuse it)."""
+    rows = report_rows(report)
+    failed = sum(row[-1] == "MISMATCH" for row in rows)
+    unchecked = sum(row[-1] == NOT_CHECKED for row in rows)
+    if failed:
+        return f"{report.backup_id}: {failed} of {len(rows)} checks MISMATCH", False
+    if unchecked:
+        return (
+            f"{report.backup_id}: stored files OK, contents NOT CHECKED ({unchecked} checks): the backup is "
+            "encrypted and BACKUP_ENCRYPTION_IDENTITY_FILE is not set or holds none of its keys",
+            False,
+        )
+    return f"{report.backup_id}: all OK", True

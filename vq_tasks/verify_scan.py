@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydantic import BaseModel
 
+from vq_tasks.encryption import KeyUnavailable
 from vq_tasks.errors import BackupError
 from vq_tasks.manifest import (
     ComponentEntry,
@@ -44,6 +46,7 @@ class Check(BaseModel):
     expected: str
     actual: str
     ok: bool
+    checked: bool = True  # False: could not be checked (an encrypted file without its key); never ok
 
 
 @dataclass
@@ -55,6 +58,12 @@ class Scan:
     content: Checksums | None
     members: list[str]
     error: str | None
+    unchecked: str | None = None  # why the contents of an encrypted file could not be read
+
+
+# given the reader of a stored file's raw bytes, return the reader of its plaintext (decrypting);
+# raise KeyUnavailable when the key is missing or wrong
+Decrypt = Callable[[HashingReader], BinaryIO]
 
 
 # what reading a damaged stream raises: our own, tarfile's, zlib's, and storage read errors
@@ -66,18 +75,27 @@ def scan_archive(
     compressed: bool,
     probes: dict[str, MemberProbe] | None = None,
     content_checksums: bool = False,
+    decrypt: Decrypt | None = None,
 ) -> Scan:
-    """Read ``source``, a tar stream (gzip-compressed if ``compressed``), to its very end, handing
-    each member named in ``probes`` to its probe; return what was found, with the checksums of the
-    tar stream itself if ``content_checksums``. A stream that cannot be read to the end is reported
-    in the result's ``error``; the raw bytes are counted all the same."""
-    raw = HashingReader(source, keep=0 if compressed else WINDOW)
-    content = HashingReader(GunzipReader(raw), WINDOW, content_checksums) if compressed else raw
+    """Read ``source``, a tar stream (gzip-compressed if ``compressed``, encrypted if ``decrypt``
+    is given), to its very end, handing each member named in ``probes`` to its probe; return what
+    was found, with the checksums of the tar stream itself if ``content_checksums``. A stream that
+    cannot be read to the end is reported in the result's ``error``, one whose key is missing or
+    wrong in ``unchecked``; the raw bytes are counted all the same."""
+    raw = HashingReader(source, keep=0 if compressed or decrypt else WINDOW)
     members: list[str] = []
-    error = None
+    error = unchecked = None
+    content = None
     try:
+        plain = raw
+        if decrypt is not None:
+            hashed = content_checksums and not compressed
+            plain = HashingReader(decrypt(raw), keep=0 if compressed else WINDOW, hashed=hashed)
+        content = HashingReader(GunzipReader(plain), WINDOW, content_checksums) if compressed else plain
         end = _read_tar(content, probes or {}, members)
         _check_end(content, end)
+    except KeyUnavailable as exc:
+        unchecked = exc.reason
     except READ_ERRORS as exc:
         error = _reason(exc)
     try:
@@ -86,7 +104,8 @@ def scan_archive(
         error = error or _reason(exc)
     stored = raw.checksums()
     assert stored is not None
-    return Scan(stored, content.checksums() if content_checksums else None, members, error)
+    found = content.checksums() if content_checksums and content is not None and not unchecked else None
+    return Scan(stored, found, members, error, unchecked)
 
 
 def _read_tar(content: HashingReader, probes: dict[str, MemberProbe], members: list[str]) -> int:
@@ -145,9 +164,15 @@ def checksum_checks(expected: Checksums | StoredFile, actual: Checksums) -> list
     ]
 
 
-def readable_check(error: str | None, compressed: bool) -> Check:
+def readable_check(error: str | None, compressed: bool, encrypted: bool = False) -> Check:
     what = "gzip and tar read to the end" if compressed else "tar read to the end"
+    what = f"age decrypted, {what}" if encrypted else what
     return Check(check="readable", expected=what, actual=error or "read to the end", ok=error is None)
+
+
+def unchecked_check(check: str, expected: str, reason: str) -> Check:
+    """Return a check that could not be made: never OK, and shown as NOT CHECKED, not MISMATCH."""
+    return Check(check=check, expected=expected, actual=f"not checked: {reason}", ok=False, checked=False)
 
 
 def names_check(check: str, expected: list[str], actual: list[str]) -> Check:

@@ -496,3 +496,42 @@ def test_the_restored_database_keeps_the_live_owner_and_its_rights(live, tmp_pat
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=app, dbname=live, autocommit=True) as conn:
         conn.execute("CREATE TABLE after_restore (id int)")
         assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "\\! touch {sentinel}\n",
+        "SELECT 1 \\g {sentinel}\n",  # a backslash command in the middle of a line
+        "\\o {sentinel}\nSELECT 1;\n",
+        "\\unrestrict {key}\n\\! touch {sentinel}\n",  # the dump's own key cannot lift our restriction
+    ],
+)
+def test_backslash_commands_in_a_dump_never_run(live, tmp_path, command):
+    create_live(live, "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    text = (tmp_path / "database.sql").read_text()
+    key = next(line.split()[1] for line in text.splitlines() if line.startswith("\\restrict "))
+    sentinel = tmp_path / "owned"
+    evil = text.replace("SET ", command.format(sentinel=sentinel, key=key) + "SET ", 1)
+    (tmp_path / "evil.sql").write_text(evil)
+    before = snapshot(live)
+
+    with pytest.raises(PermanentError, match=r"backslash commands are restricted|wrong key"):
+        restore_database(settings, tmp_path / "evil.sql", facts.tables)
+
+    assert not sentinel.exists()
+    assert snapshot(live) == before
+    assert databases(live) == [live]
+
+
+def test_a_file_that_is_not_a_pg_dump_is_refused_before_anything_is_created(live, tmp_path):
+    create_live(live, "CREATE TABLE t (id int);")
+    sentinel = tmp_path / "owned"
+    fake = tmp_path / "database.sql"
+    fake.write_text(f"\\! touch {sentinel}\nDROP TABLE t;\n--\n-- PostgreSQL database dump complete\n--\n")
+    with pytest.raises(PermanentError, match="not a plain dump by pg_dump: it does not start with pg_dump's"):
+        restore_database(settings_for(live), fake, {})
+    assert not sentinel.exists()
+    assert databases(live) == [live]

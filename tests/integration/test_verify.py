@@ -76,7 +76,7 @@ def test_verify_a_real_backup_then_a_damaged_one(base_env, database, layout, sta
     assert report["ok"] is False
     bundle_report = next(f for f in report["files"] if f["name"] == bundle.name)
     assert {c["check"] for c in bundle_report["checks"] if not c["ok"]} >= {"md5", "sha256"}
-    assert "failed verification" in worker.log_text()
+    assert f"verify: {backup_id}: " in worker.log_text() and "checks MISMATCH" in worker.log_text()
 
     refused = run_cli(base_env, "verify", "../../etc/passwd")
     assert refused.returncode == 1 and "is not a backup id" in refused.stderr

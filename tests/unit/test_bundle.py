@@ -26,7 +26,7 @@ def staged(tmp_path, component, data, compressed=True, level=None):
         compression_threads=2,
         **BROKER,
     )
-    area = StagingArea(settings.backup_staging_dir, "b")
+    area = StagingArea(settings.backup_staging_dir, "virtualqueue_backup_20240115_020000")
 
     def produce(out):
         for i in range(0, len(data), 100_000):
@@ -82,6 +82,6 @@ def test_a_changed_staged_part_is_refused(tmp_path):
 
 def test_a_part_missing_on_this_worker_names_the_shared_volume(tmp_path):
     part = staged(tmp_path, "redis", b"r")
-    StagingArea(tmp_path / "staging", "b").remove()
+    StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000").remove()
     with pytest.raises(PermanentError, match="BACKUP_STAGING_DIR must be one volume shared"):
         BundleWriter(io.BytesIO(), True, datetime.now(UTC)).add(part)

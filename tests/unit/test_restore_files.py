@@ -147,6 +147,7 @@ def test_a_link_already_on_disk_cannot_carry_files_out(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (target / "etc" / "vq" / "sub").symlink_to(outside)
-    with pytest.raises(tarfile.OutsideDestinationError):
+    with pytest.raises(PermanentError, match="nothing was written") as caught:
         restore_files(archive, ["/etc/vq"], target)
+    assert "etc/vq/sub/file.conf: its folder leads out of /etc/vq on disk" in str(caught.value)
     assert list(outside.iterdir()) == []

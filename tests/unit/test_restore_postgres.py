@@ -1,6 +1,7 @@
 """Database restore, the parts that need no server: names, CREATE DATABASE options, carried-over
 settings, the role scan of a dump, and psql's messages turned into errors that say what to fix."""
 
+import io
 import json
 from pathlib import Path
 
@@ -232,12 +233,17 @@ def test_psql_gets_the_password_through_its_environment_only(tmp_path, monkeypat
     class FakePsql:
         def __init__(self, argv, **kwargs):
             seen.update(argv=argv, env=kwargs["env"])
+            self.stdin = io.BytesIO()
+            self.stdin.close = lambda: seen.update(fed=self.stdin.getvalue())
 
         def wait(self):
             return 0
 
+    monkeypatch.setattr(restore_pg, "knows_restrict", lambda psql: True)
     monkeypatch.setattr(restore_pg.subprocess, "Popen", FakePsql)
     restore_pg._run_psql(SETTINGS, dump, "vq_restore_1", "postgres")
     assert "pw-123" not in " ".join(seen["argv"])
-    assert {"-X", "--single-transaction", "ON_ERROR_STOP=1", str(dump)} <= set(seen["argv"])
+    assert {"-X", "--single-transaction", "ON_ERROR_STOP=1"} <= set(seen["argv"])
+    assert seen["argv"][-2:] == ["-f", "-"] and seen["fed"] == b"SELECT 1;\n"  # the dump through stdin
+    assert seen["argv"][-3].startswith("\\restrict ")  # restricted mode, under a key of our own
     assert seen["env"]["PGPASSWORD"] == "pw-123" and seen["env"]["PGDATABASE"] == "vq_restore_1"

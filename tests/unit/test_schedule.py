@@ -74,3 +74,17 @@ def test_both_bad_schedules_are_listed_at_once(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert [p.split("=")[0] for p in caught.value.problems] == ["BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE"]
+
+
+def test_a_task_belongs_to_the_latest_scheduled_minute_before_it_ran():
+    from datetime import UTC
+
+    from vq_tasks.schedule import scheduled_slot
+
+    at = datetime(2026, 11, 24, 2, 7, 30, tzinfo=UTC)  # a Tuesday, seven minutes late
+    assert scheduled_slot("0 2 * * *", at, "UTC") == datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+    assert scheduled_slot("0 2 * * *", at.replace(hour=1), "UTC") == datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+    assert scheduled_slot("0 2 * * 1", at, "UTC") == datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # Monday
+    assert scheduled_slot("0 2 * * *", at, "Europe/Berlin") == datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
+    assert scheduled_slot("*/15 * * * *", at, "UTC") == datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+    assert scheduled_slot("0 2 29 2 *", at, "UTC") is None  # none within two months

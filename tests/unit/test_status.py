@@ -46,7 +46,7 @@ def manifest(started: datetime, kind: str = "manual", seconds: float = 90.0) -> 
     entry = {
         "member": "x",
         "stored_in": f"{backup_id}.tar.gz",
-        "content": Checksums(size=10, md5="m", sha256="s"),
+        "content": Checksums(size=10, md5="0" * 32, sha256="0" * 64),
         "facts": FilesFacts(roots=[], files=[]),
     }
     return Manifest(
@@ -58,8 +58,8 @@ def manifest(started: datetime, kind: str = "manual", seconds: float = 90.0) -> 
         tool_version="1.0",
         compression="gzip",
         files=[
-            StoredFile(name=f"{backup_id}.tar.gz", md5="m", sha256="s", size=1000),
-            StoredFile(name=f"{backup_id}_logs.tar.gz", md5="m", sha256="s", size=200),
+            StoredFile(name=f"{backup_id}.tar.gz", md5="0" * 32, sha256="0" * 64, size=1000),
+            StoredFile(name=f"{backup_id}_logs.tar.gz", md5="0" * 32, sha256="0" * 64, size=200),
         ],
         components={
             "database": ComponentEntry(**entry, stored_size=700, duration_seconds=30.5),

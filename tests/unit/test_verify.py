@@ -238,6 +238,7 @@ def test_a_good_backup_passes_every_check(tmp_path, compressed):
     bundle, logs = backup.bundle.name, backup.logs.name
     expected = {
         (manifest_name(BACKUP_ID), "backup id"),
+        (manifest_name(BACKUP_ID), "signature"),  # not checked: no BACKUP_SIGNING_PUBLIC_KEYS
         *((name, check) for name in (bundle, logs) for check in ("size", "md5", "sha256", "readable")),
         (bundle, "members"),
         *((c, check) for c in COMPONENTS for check in ("size", "md5", "sha256")),
@@ -379,8 +380,8 @@ def _bundle_without_redis(out: Writer, parts: dict[str, StagedPart]) -> None:
 
 def test_a_manifest_naming_a_file_outside_the_backup_is_not_read(tmp_path):
     backup = make_backup(tmp_path)
-    (tmp_path / "secret.tar.gz").write_bytes(b"not to be read")
-    bad = "../secret.tar.gz"
+    bad = "virtualqueue_backup_20240114_020000.tar.gz"  # another backup's (a path: test_hostile_input)
+    (backup.storage.root / bad).write_bytes(b"not to be read")
     files = [backup.manifest.files[0].model_copy(update={"name": bad}), backup.manifest.files[1]]
     components = {
         n: e.model_copy(update={"stored_in": bad}) if n in BUNDLED else e

@@ -147,7 +147,7 @@ class _Drill:
         try:
             with work_folder(self.settings.backup_staging_dir, FOLDER_PREFIX) as folder:
                 files = {c: folder / local_name(c, manifest.components[c]) for c in DRILL_COMPONENTS}
-                extract_to(storage, manifest, files, self.say)
+                extract_to(storage, manifest, files, self.say, settings=self.settings)
                 self.stage = "drill"
                 self.attempt("database", lambda: self.database(manifest, files["database"]))
                 self.attempt("redis", lambda: self.redis(manifest, files["redis"]))

@@ -22,8 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from vq_tasks import encryption
+from vq_tasks.age import X25519Identity
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import ComponentEntry, Manifest, StoredFile
+from vq_tasks.manifest import ComponentEntry, Manifest, StoredFile, is_encrypted, plain_name
+from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams import CHUNK_SIZE, Checksums, DamagedStream, GunzipReader, HashingReader, HashStage
 
@@ -69,25 +72,35 @@ def work_folder(staging_dir: Path, prefix: str = ".restore-") -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def extract_to(storage: Storage, manifest: Manifest, targets: dict[str, Path], say: Say = _quiet) -> None:
+def extract_to(
+    storage: Storage,
+    manifest: Manifest,
+    targets: dict[str, Path],
+    say: Say = _quiet,
+    settings: Settings | None = None,
+) -> None:
     """Given components and the new file each goes to, write each one's content there after
-    checking it against the manifest, reading each stored file once. Raise PermanentError (the
-    files written removed) when a file is missing or unreadable or a checksum differs."""
+    checking it against the manifest, reading each stored file once (an encrypted one is
+    decrypted on the way with the keys of ``settings``' BACKUP_ENCRYPTION_IDENTITY_FILE; None:
+    the process's settings). Raise PermanentError (the files written removed) when a file is
+    missing or unreadable, a checksum differs, or the key to decrypt is missing or wrong (then
+    before anything is written)."""
     entries = {c: manifest.components[c] for c in targets}
     stored_files = {f.name: f for f in manifest.files}
     try:
+        opener = _Opener(manifest, settings)
         for stored_name in dict.fromkeys(e.stored_in for e in entries.values()):
             stored = stored_files.get(stored_name)
             if stored is None:
                 raise PermanentError(f"{stored_name} is not among the files of {manifest.backup_id}")
             group = {c: (e, targets[c]) for c, e in entries.items() if e.stored_in == stored_name}
             compressed = manifest.compression == "gzip"
-            if any(e.member == stored_name for e, _ in group.values()):
+            if any(e.member == plain_name(stored_name) for e, _ in group.values()):
                 entry, path = next(iter(group.values()))
-                _copy_whole(storage, stored, compressed, entry, path, say)
+                _copy_whole(storage, stored, compressed, entry, path, say, opener)
             else:
                 wanted = {e.member: (c, e, p) for c, (e, p) in group.items()}
-                _read_bundle(storage, stored, compressed, wanted, say)
+                _read_bundle(storage, stored, compressed, wanted, say, opener)
     except BaseException as exc:
         for path in targets.values():
             path.unlink(missing_ok=True)
@@ -97,14 +110,22 @@ def extract_to(storage: Storage, manifest: Manifest, targets: dict[str, Path], s
         raise
 
 
-def extract_one(storage: Storage, manifest: Manifest, component: str, path: Path, say: Say = _quiet) -> None:
-    """Write one component to ``path``, a new file, after checking its checksums; it appears
-    only once checked. Raise PermanentError if ``path`` exists or a check fails."""
+def extract_one(
+    storage: Storage,
+    manifest: Manifest,
+    component: str,
+    path: Path,
+    say: Say = _quiet,
+    settings: Settings | None = None,
+) -> None:
+    """Write one component to ``path``, a new file, after checking its checksums (decrypting as
+    extract_to does); it appears only once checked. Raise PermanentError if ``path`` exists or a
+    check fails."""
     if path.exists() or path.is_symlink():
         raise PermanentError(f"{path} exists; refusing to overwrite it")
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
     try:
-        extract_to(storage, manifest, {component: partial}, say)
+        extract_to(storage, manifest, {component: partial}, say, settings)
         try:
             os.link(partial, path)  # fails, rather than overwrite, if path appeared meanwhile
         except FileExistsError:
@@ -128,22 +149,54 @@ def _create(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
-class _Source:
-    """A stored file's stream that reports progress and may copy what is read to ``copy_to``."""
+class _Opener:
+    """Opens the plaintext of stored files: as is, or decrypted with the identities of
+    BACKUP_ENCRYPTION_IDENTITY_FILE (read once, when the first encrypted file is opened)."""
 
-    def __init__(self, stream: BinaryIO, stored: StoredFile, say: Say, copy_to: BinaryIO | None = None):
-        self._stream, self._stored, self._say, self._copy_to = stream, stored, say, copy_to
+    def __init__(self, manifest: Manifest, settings: Settings | None):
+        self._manifest, self._settings = manifest, settings
+        self._identities: list[X25519Identity] | None = None
+        self._loaded = False
+
+    def plaintext(self, raw: HashingReader, stored: StoredFile) -> HashingReader:
+        """Return the reader of the plaintext of ``raw``, the stored file ``stored``: ``raw``
+        itself unless it is encrypted. Raise PermanentError if the key is missing or wrong, or
+        the file is not a readable age file."""
+        if not is_encrypted(stored.name):
+            return raw
+        if not self._loaded:
+            self._identities = encryption.identities_of(self._settings or get_settings())
+            self._loaded = True
+        reader = encryption.decrypting(raw, stored.name, self._identities, self._manifest.encryption)
+        return HashingReader(reader, hashed=False)  # type: ignore[arg-type]
+
+
+class _Source:
+    """A stored file's stream that reports progress."""
+
+    def __init__(self, stream: BinaryIO, stored: StoredFile, say: Say):
+        self._stream, self._stored, self._say = stream, stored, say
         self._read = 0
         self._next = time.monotonic() + PROGRESS_INTERVAL
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
         self._read += len(data)
-        if self._copy_to is not None:
-            self._copy_to.write(data)
         if time.monotonic() >= self._next:
             self._next = time.monotonic() + PROGRESS_INTERVAL
             self._say(f"  {self._stored.name}: {_mib(self._read)} of {_mib(self._stored.size)} read")
+        return data
+
+
+class _Tee:
+    """A reader that writes what is read from ``source`` to ``out`` as well."""
+
+    def __init__(self, source: HashingReader, out: BinaryIO):
+        self._source, self._out = source, out
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self._out.write(data)
         return data
 
 
@@ -176,13 +229,15 @@ def _read_bundle(
     compressed: bool,
     wanted: dict[str, tuple[str, ComponentEntry, Path]],
     say: Say,
+    opener: _Opener,
 ) -> None:
     """Read the bundle once; write each wanted member (by member name) to its file, checked."""
     say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
     found: set[str] = set()
     with _opened(storage, stored.name) as stream:
         raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
-        content = GunzipReader(raw) if compressed else raw
+        plain = opener.plaintext(raw, stored)
+        content = GunzipReader(plain) if compressed else plain
         try:
             with tarfile.open(fileobj=content, mode="r|", bufsize=TAR_BUFSIZE) as tar:
                 while (info := tar.next()) is not None:
@@ -190,6 +245,7 @@ def _read_bundle(
                     if info.name in wanted:
                         _write_member(tar, info, wanted[info.name], found, say)
             _drain(content)
+            _drain(plain)
             _drain(raw)
         except READ_ERRORS as exc:
             raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
@@ -223,19 +279,29 @@ def _write_member(
 
 
 def _copy_whole(
-    storage: Storage, stored: StoredFile, compressed: bool, entry: ComponentEntry, path: Path, say: Say
+    storage: Storage,
+    stored: StoredFile,
+    compressed: bool,
+    entry: ComponentEntry,
+    path: Path,
+    say: Say,
+    opener: _Opener,
 ) -> None:
-    """Copy a stored file that is a component of its own (the logs archive) as stored; check its
-    raw bytes and its tar stream."""
+    """Copy a stored file that is a component of its own (the logs archive) as stored, decrypted
+    if it is encrypted; check its raw bytes and its tar stream."""
     say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
-    with _opened(storage, stored.name) as stream, _create(path) as out:
-        raw = HashingReader(_Source(stream, stored, say, copy_to=out))  # type: ignore[arg-type]
-        content = HashingReader(GunzipReader(raw)) if compressed else raw
-        try:
-            _drain(content)
-            _drain(raw)
-        except READ_ERRORS as exc:
-            raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
+    with _opened(storage, stored.name) as stream:
+        raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
+        plain = opener.plaintext(raw, stored)  # the key is checked before the file is created
+        with _create(path) as out:
+            copied = HashingReader(_Tee(plain, out), hashed=not compressed)  # type: ignore[arg-type]
+            content = HashingReader(GunzipReader(copied)) if compressed else copied
+            try:
+                _drain(content)
+                _drain(copied)
+                _drain(raw)
+            except READ_ERRORS as exc:
+                raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
     _compare(stored.name, stored, raw.checksums())
     _compare(f"{entry.member} (its tar stream)", entry.content, content.checksums())
     say(f"  {entry.member}: {_mib(stored.size)}, checksums OK")

@@ -1,18 +1,27 @@
 """Restore config and log archives, refusing any entry that would land outside its target.
 
-Every entry is checked before anything is written: a refused archive writes nothing. An entry
-must lie under one of the roots the backup recorded (so a tampered archive cannot reach, say,
-``etc/passwd`` when restoring to ``/``), must not be absolute or climb with ``..``, and a link
-must point inside the same root. Modes are kept. Logs restore only into a folder of their own,
-never over the live logs.
+Every entry is checked before anything is written, against the archive and against what is on
+disk already: a refused archive writes nothing. An entry must lie under one of the roots the backup
+recorded (so a tampered archive cannot reach, say, ``etc/passwd`` when restoring to ``/``), must not
+be absolute or climb with ``..``, and must be a regular file, a folder or a symlink: hard links,
+devices and FIFOs are refused (our archives never hold them: a hard-linked file is stored as a copy
+of its own, so a hard link means an archive that is not ours). A symlink must point inside its root,
+followed through the archive's other links and the links already on disk, never climbing above the
+root on the way; nothing is written below a symlink of the archive, and a folder on disk must not
+lead out of the root. A regular file is written to a new file beside its place and renamed over it,
+so an existing symlink or hard link there is replaced, never written through. Modes are kept
+(never setuid, setgid or sticky). Logs restore only into a folder of their own, never over the
+live logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
 import tarfile
+import uuid
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -21,6 +30,17 @@ from vq_tasks.errors import PermanentError
 from vq_tasks.streams import CHUNK_SIZE, DamagedStream, open_tar_stream
 
 ALLOWED_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
+TYPE_NAMES = {
+    tarfile.LNKTYPE: "a hard link (our archives store hard-linked files as copies)",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.CONTTYPE: "a contiguous file",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+MAX_ENTRIES = 500_000  # far more than a config or logs folder holds; a TarInfo each is kept in memory
+MAX_LINK_HOPS = 40  # as Linux follows at most
+NAME_MAX, PATH_MAX = 255, 4096
 
 
 class FilesRestoreResult(BaseModel):
@@ -28,39 +48,156 @@ class FilesRestoreResult(BaseModel):
     files: list[str]
 
 
-def refusals(members: list[tarfile.TarInfo], roots: list[str]) -> list[str]:
-    """Return why each unacceptable entry is refused (an empty list: all may be written)."""
+def refusals(members: list[tarfile.TarInfo], roots: list[str], target: Path | None = None) -> list[str]:
+    """Return why each unacceptable entry is refused (an empty list: all may be written); with
+    ``target``, also those that what is on disk under it would carry out of their root."""
     allowed = [root.strip("/") for root in roots]
-    links: set[str] = set()
+    links = {posixpath.normpath(m.name): m.linkname for m in members if m.issym()}
+    files = {posixpath.normpath(m.name) for m in members if not m.isdir() and not m.issym()}
+    seen: dict[str, str] = {}
     found = []
     for member in members:
-        reason = _refusal(member, allowed, links)
+        reason = _refusal(member, allowed, links, seen) or _below(member, links, files)
+        if reason is None and target is not None:
+            reason = _disk_refusal(member, allowed, links, target)
         if reason:
             found.append(f"{member.name}: {reason}")
-        if member.issym():
-            links.add(posixpath.normpath(member.name))
     return found
 
 
-def _refusal(member: tarfile.TarInfo, roots: list[str], links: set[str]) -> str | None:
+def _refusal(
+    member: tarfile.TarInfo, roots: list[str], links: dict[str, str], seen: dict[str, str]
+) -> str | None:
+    """Return why ``member`` may not be written whatever is on disk, or None."""
     name = member.name
-    if name.startswith("/") or ".." in name.split("/"):
-        return "absolute or climbing path"
+    problem = _name_problem(name)
+    if problem:
+        return problem
     if member.type not in ALLOWED_TYPES:
-        return "not a file, folder or symlink"
-    parents = posixpath.normpath(name).split("/")[:-1]
-    if any("/".join(parents[: i + 1]) in links for i in range(len(parents))):
-        return "below a symlink of the same archive"
-    root = _root_of(name, roots)
+        return (
+            TYPE_NAMES.get(member.type, f"an entry of type {member.type!r}")
+            + ", not a file, folder or symlink"
+        )
+    normal = posixpath.normpath(name)
+    root = _root_of(normal, roots)
     if root is None:
         return f"outside the backed-up roots {', '.join('/' + r for r in roots)}"
-    if member.issym():
-        if member.linkname.startswith("/"):
-            return f"link to an absolute path {member.linkname}"
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
-        if _root_of(resolved, [root]) is None:
-            return f"link pointing out of {'/' + root}: {member.linkname}"
+    kind = "symlink" if member.issym() else "folder" if member.isdir() else "file"
+    earlier, seen[normal] = seen.get(normal), kind
+    if earlier is not None and (earlier != kind or kind == "symlink"):  # a file or folder twice: fine
+        return f"appears twice in the archive (as a {earlier} and a {kind})"
+    if kind == "symlink":
+        return _link_problem(normal, member.linkname, root, links)
     return None
+
+
+def _below(member: tarfile.TarInfo, links: dict[str, str], files: set[str]) -> str | None:
+    """Return why ``member`` cannot go where its folder is a symlink or a file of the archive."""
+    parents = posixpath.normpath(member.name).split("/")[:-1]
+    for i in range(len(parents)):
+        folder = "/".join(parents[: i + 1])
+        if folder in links:
+            return "below a symlink of the same archive"
+        if folder in files:
+            return f"below {folder}, a file of the same archive"
+    return None
+
+
+def _name_problem(name: str) -> str | None:
+    if not name or "\0" in name:
+        return "an empty name or one with a NUL byte"
+    if name.startswith("/"):
+        return "absolute or climbing path (absolute)"
+    parts = name.split("/")
+    if ".." in parts:
+        return "absolute or climbing path (..)"
+    if "." in parts or "" in parts:
+        return "a name with empty or '.' parts (never in our archives)"
+    try:
+        encoded = [os.fsencode(part) for part in parts]
+    except UnicodeError:
+        return "a name the file system cannot hold"
+    if sum(len(part) + 1 for part in encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded):
+        return "a name too long for the file system"
+    return None
+
+
+def _link_problem(name: str, linkname: str, root: str, links: dict[str, str]) -> str | None:
+    if name == root:
+        return "the backed-up root itself as a symlink"
+    if not linkname or "\0" in linkname:
+        return "a symlink to an empty name or one with a NUL byte"
+    if linkname.startswith("/"):
+        return f"link to an absolute path {linkname}"
+    if resolve_link(name, linkname, root, links) is None:
+        return f"link pointing out of {'/' + root}: {linkname}"
+    return None
+
+
+def resolve_link(name: str, linkname: str, root: str, links: dict[str, str]) -> str | None:
+    """Given a symlink ``name`` -> ``linkname`` below ``root`` and the archive's symlinks (name ->
+    target), return where it leads, following those symlinks; None if it climbs above ``root`` on
+    the way, leads to an absolute path, or goes round (more than MAX_LINK_HOPS links)."""
+    floor = len(root.split("/"))
+    resolved = posixpath.dirname(name).split("/")
+    pending = linkname.split("/")[::-1]  # a stack: the next component last
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(resolved) <= floor:
+                return None
+            resolved.pop()
+            continue
+        resolved.append(part)
+        target = links.get("/".join(resolved))
+        if target is not None:
+            hops += 1
+            if hops > MAX_LINK_HOPS or target.startswith("/") or not target:
+                return None
+            resolved.pop()
+            pending.extend(target.split("/")[::-1])
+    return "/".join(resolved)
+
+
+def _disk_refusal(
+    member: tarfile.TarInfo, roots: list[str], links: dict[str, str], target: Path
+) -> str | None:
+    """Return why what is on disk under ``target`` would carry ``member`` out of its root, or would
+    stop it half way (a file where a folder goes), or None."""
+    normal = posixpath.normpath(member.name)
+    root = _root_of(normal, roots)
+    assert root is not None  # _refusal checked it
+    top = os.path.realpath(target / root)
+    path = target / normal
+    if normal != root:
+        folder = os.path.realpath(target / posixpath.dirname(normal))
+        if not _inside(folder, top):
+            return f"its folder leads out of {'/' + root} on disk (to {folder})"
+        existing = Path(folder)
+        while not os.path.lexists(existing):
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} on disk is not a folder"
+    if member.isdir():
+        if path.is_symlink() and not _inside(os.path.realpath(path), top):
+            return f"a symlink on disk to {os.path.realpath(path)} stands where the folder goes"
+        if os.path.lexists(path) and not path.is_dir():
+            return "a file on disk stands where the folder goes"
+    elif path.is_dir() and not path.is_symlink():
+        return f"a folder on disk stands where the {'symlink' if member.issym() else 'file'} goes"
+    if member.issym():
+        leads = resolve_link(normal, member.linkname, root, links)
+        real = os.path.realpath(target / leads) if leads is not None else None
+        if real is None or not _inside(real, top):
+            return f"link leads out of {'/' + root} on disk (to {real})"
+    return None
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _root_of(name: str, roots: list[str]) -> str | None:
@@ -72,59 +209,112 @@ def _root_of(name: str, roots: list[str]) -> str | None:
 
 
 def read_members(archive: Path) -> list[tarfile.TarInfo]:
-    """Return the entries of a (possibly compressed) tar, read as a stream."""
+    """Return the entries of a (possibly compressed) tar, read as a stream. Raise PermanentError
+    for one that cannot be read or holds more than MAX_ENTRIES entries."""
+    members = []
     try:
         with open_tar_stream(archive) as tar:
-            return list(tar)
-    except (tarfile.TarError, OSError, EOFError, DamagedStream) as exc:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # stream mode keeps every TarInfo otherwise: kept once, here
+                members.append(member)
+                if len(members) > MAX_ENTRIES:
+                    raise PermanentError(
+                        f"{archive.name} holds more than {MAX_ENTRIES} entries: refused, nothing was written"
+                    )
+    except (tarfile.TarError, OSError, EOFError, DamagedStream, UnicodeError) as exc:
         raise PermanentError(f"{archive.name} cannot be read as a tar archive: {exc}") from None
+    return members
 
 
 def restore_files(archive: Path, roots: list[str], target: Path) -> FilesRestoreResult:
     """Extract ``archive`` under ``target`` (entries keep their paths below it, modes kept).
     Raise PermanentError listing every refused entry, having written nothing."""
     members = read_members(archive)
-    refused = refusals(members, roots)
+    refused = refusals(members, roots, target)
     if refused:
         raise PermanentError(
             f"refusing to restore {archive.name}; nothing was written: " + "; ".join(refused)
         )
     target.mkdir(parents=True, exist_ok=True)
-    keep_modes = _extraction_filter(roots)
+    allowed = [root.strip("/") for root in roots]
+    folders: list[tuple[Path, int]] = []
     with open_tar_stream(archive) as tar:
-        for member in tar:  # checked above; the tar filter still guards against what slipped by
-            tar.extract(member, target, filter=keep_modes)
+        while (member := tar.next()) is not None:  # each checked above; checked again where it goes,
+            tar.members.clear()  # in case the disk changed since
+            path = target / _placed(member.name, target, allowed)
+            try:
+                if member.isdir():
+                    folders.append((path, member.mode & 0o777))
+                    tar.extract(
+                        member.replace(mode=member.mode | 0o700, deep=False), target, filter=_keep_modes
+                    )
+                elif member.issym():
+                    _extract_link(tar, member, path)
+                else:
+                    _extract_file(tar, member, target)
+            except tarfile.FilterError as exc:
+                raise PermanentError(f"{archive.name}: {exc} (the disk changed while restoring)") from None
+    for folder, mode in reversed(folders):  # last: a read-only folder must still take its files
+        if not folder.is_symlink():
+            os.chmod(folder, mode)
     return FilesRestoreResult(target=str(target), files=[m.name for m in members])
 
 
-def _extraction_filter(roots: list[str]):
-    """Return tarfile's extraction filter for ``roots``: the ``tar`` filter's checks, the entry's
-    permission bits (group write included) but never setuid, setgid or sticky, and the entry's
-    folder must really lie under its root on disk (a link already there must not carry it away)."""
-    allowed = [root.strip("/") for root in roots]
+def _placed(name: str, target: Path, roots: list[str]) -> str:
+    """Return ``name`` if its folder really lies under its root below ``target`` now. Raise
+    PermanentError if not (a link put there since the check)."""
+    root = _root_of(name, roots)
+    folder = posixpath.dirname(name)
+    top = os.path.realpath(target / (root or ""))
+    if root is None or (name != root and not _inside(os.path.realpath(target / folder), top)):
+        raise PermanentError(f"{name}: its folder leads out of its root (the disk changed while restoring)")
+    return name
 
-    def keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-        checked = tarfile.tar_filter(member, dest)
-        root = _root_of(member.name, allowed)
-        if root is None or posixpath.normpath(member.name) != root:
-            parent = os.path.realpath(os.path.join(dest, posixpath.dirname(member.name)))
-            top = os.path.realpath(os.path.join(dest, root or ""))
-            if root is None or not (parent + "/").startswith(top + "/"):
-                raise tarfile.OutsideDestinationError(member, parent)
-        return checked.replace(mode=member.mode & 0o777, deep=False)
 
-    return keep_modes
+def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """The ``tar`` extraction filter, keeping the entry's permission bits (group write included)
+    but never setuid, setgid or sticky."""
+    return tarfile.tar_filter(member, dest).replace(mode=member.mode & 0o777, deep=False)
+
+
+def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """Write a regular file beside its place under a name of its own, then rename it over its
+    place: a symlink or hard link there is replaced, never written through."""
+    folder, base = posixpath.split(member.name)
+    temporary = posixpath.join(folder, f".{base[:200]}.vq-restore-{uuid.uuid4().hex[:12]}")
+    try:
+        tar.extract(member.replace(name=temporary, deep=False), target, filter=_keep_modes)
+        os.replace(target / temporary, target / member.name)
+    finally:
+        with contextlib.suppress(OSError):
+            (target / temporary).unlink(missing_ok=True)
+
+
+def _extract_link(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+    """Make the symlink, replacing what is there (never a folder: refused before)."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(member.linkname, path)
+    tar.chown(member, str(path), numeric_owner=False)  # as tar does: only when run as root
 
 
 def changed_files(archive: Path, target: Path) -> list[str]:
-    """Return the regular files of ``archive`` whose copy under ``target`` is missing or differs."""
+    """Return the regular files of ``archive`` whose copy under ``target`` is missing, differs or
+    is a symlink (which a restore replaces); entries with absolute or climbing names are left out
+    (a restore refuses them) and never read from disk."""
     changed = []
     with open_tar_stream(archive) as tar:
-        for member in tar:
-            if not member.isfile():
+        while (member := tar.next()) is not None:
+            tar.members.clear()
+            if not member.isfile() or _name_problem(member.name):
                 continue
             on_disk = target / member.name
-            if not on_disk.is_file() or _sha256_file(on_disk) != _sha256_member(tar, member):
+            if (
+                on_disk.is_symlink()
+                or not on_disk.is_file()
+                or _sha256_file(on_disk) != _sha256_member(tar, member)
+            ):
                 changed.append("/" + member.name if str(target) == "/" else str(on_disk))
     return changed
 

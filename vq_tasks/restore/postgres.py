@@ -12,12 +12,22 @@ settings, grants, connection limit and comment) is carried over from the live da
 Here: the public functions, creating the new database, loading and checking it. The swap and the
 carry-over are in postgres_swap.py, the role scan of a dump in postgres_roles.py, connections and
 errors in postgres_connect.py.
+
+The dump may not be what the manifest says: before anything is created it must be a complete plain
+dump by pg_dump (its header and closing line), and psql runs it in restricted mode under a key of
+our own (``\\restrict``, psql 13.22, 14.19, 15.14, 16.10, 17.6 or newer): no backslash command in it
+runs, so a forged dump cannot reach the worker's shell (``\\!``) or files (``\\o``, ``\\copy``). The
+dump's own ``\\restrict``/``\\unrestrict`` lines (pg_dump's, with its key) become comments on the way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import re
+import secrets
 import subprocess
 import tempfile
 import time
@@ -34,8 +44,10 @@ from vq_tasks.errors import PermanentError
 from vq_tasks.restore.postgres_connect import connect, database_row, db_where, psql_failure
 from vq_tasks.restore.postgres_roles import missing_roles_error
 from vq_tasks.restore.postgres_swap import carry_over, derived_name, drop_previous, drop_quietly, swap_in
+from vq_tasks.safety import SQL_HEAD, check_sql_dump
 from vq_tasks.settings import Settings
 from vq_tasks.sources.postgres import STDERR_KEPT, pg_environment, pg_tool
+from vq_tasks.streams import CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +57,12 @@ TABLES_QUERY = r"""SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.rel
           WHERE e.classid = 'pg_class'::regclass AND e.objid = c.oid AND e.deptype = 'e')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema' ORDER BY 3"""
+_DUMP_KEY = re.compile(rb"^\\restrict ([A-Za-z0-9]+)$", re.M)  # pg_dump's own, in its header
+NO_RESTRICT = (
+    "{psql} cannot run a dump in restricted mode (\\restrict: psql 13.22, 14.19, 15.14, 16.10, 17.6 or"
+    " newer), without which a dump could run shell commands on this worker: set PG_BIN_DIR to a newer"
+    " PostgreSQL client; nothing was changed"
+)
 
 
 class DatabaseRestoreResult(BaseModel):
@@ -85,6 +103,9 @@ def restore_database(
     TransientError, the new database dropped and the target as it was, if any step before the swap fails."""
     started = time.monotonic()
     path = _readable(Path(sql_path))
+    check_sql_dump(path)  # before anything is created
+    if not knows_restrict(pg_tool(settings, "psql")):
+        raise PermanentError(NO_RESTRICT.format(psql=pg_tool(settings, "psql")))
     target = target_db or settings.db_name
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
     new = derived_name(target, "restore", stamp) if swap else target
@@ -236,25 +257,21 @@ def _load_and_check(
 
 
 def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) -> None:
-    """Run psql on the file (it streams it): one transaction, stop at the first error."""
-    argv = [
-        pg_tool(settings, "psql"),
-        "-X",
-        "--quiet",
-        "--no-password",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "--single-transaction",
-        "-f",
-        str(path),
-    ]
+    """Run psql on the file, streamed through its stdin (pg_dump's own restrict lines made comments),
+    in restricted mode under a new random key: one transaction, stop at the first error."""
+    psql = pg_tool(settings, "psql")
+    if not knows_restrict(psql):
+        raise PermanentError(NO_RESTRICT.format(psql=psql))
+    argv = [psql, "-X", "--quiet", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction"]
+    argv += ["-c", f"\\restrict {secrets.token_hex(24)}", "-f", "-"]
     env = pg_environment(_scoped(settings, dbname))  # the name through PGDATABASE: never parsed as conninfo
     logger.info("loading %s into %s", path.name, db_where(settings, dbname))
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, env=env
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors, env=env
         )
         try:
+            feed_dump(path, process.stdin)
             returncode = process.wait()
         except BaseException:
             process.kill()
@@ -268,6 +285,45 @@ def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) 
     if missing:
         error = missing_roles_error(settings, maintenance_db, path, missing)
     raise error
+
+
+@functools.lru_cache(maxsize=8)
+def knows_restrict(psql: str) -> bool:
+    """Return whether this psql has ``\\restrict`` (its list of backslash commands names it)."""
+    try:
+        listed = subprocess.run(
+            [psql, "--help=commands"], capture_output=True, timeout=30, env={"LC_ALL": "C"}, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return b"\\restrict" in listed
+
+
+def feed_dump(path: Path, stdin) -> None:
+    """Write the dump at ``path`` to psql's ``stdin`` in chunks, and close it; the lines
+    ``\\restrict KEY`` and ``\\unrestrict KEY`` with the key of the dump's header become comments
+    (line numbers stay). Stop quietly if psql has exited (its error is what counts)."""
+    with open(path, "rb") as dump:
+        head = dump.read(SQL_HEAD)
+        found = _DUMP_KEY.search(head)
+        key = found.group(1) if found else None
+        needles = [b"\n\\restrict " + key, b"\n\\unrestrict " + key] if key else []
+        keep = max((len(n) for n in needles), default=1) - 1
+        carry, chunk = b"", head
+        try:
+            while chunk:
+                data = carry + chunk
+                for needle in needles:
+                    data = data.replace(needle, b"\n-- " + needle[1:])
+                cut = max(0, len(data) - keep)
+                stdin.write(data[:cut])
+                carry, chunk = data[cut:], dump.read(CHUNK_SIZE)
+            stdin.write(carry)
+        except BrokenPipeError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
 
 
 def _count_tables(conn: psycopg.Connection) -> list[tuple[str, int, bool]]:

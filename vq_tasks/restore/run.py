@@ -7,6 +7,10 @@ component is restored in turn (database, redis, config, logs) and then checked: 
 against the manifest, Redis keys per database against what the restore put there, files and
 modes against the archive, and APP_HEALTHCHECK_URL. A backup that fails verification is never
 restored. The work folder (under BACKUP_STAGING_DIR) is always removed.
+
+The manifest may be forged: it must name only its own backup's files (vq_tasks.safety). Before the
+first component is restored, the dump and the RDB must be what it says and no archive entry may be
+refused (restore/files.py): otherwise nothing is restored.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from vq_tasks.restore.redis import (
     redis_key_counts,
     restore_redis,
 )
+from vq_tasks.safety import check_contents, check_manifest
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify import report_rows, resolve_backup_id, verify_backup
@@ -113,10 +118,13 @@ class RestoreReport(BaseModel):
 
 def choose_components(requested: Iterable[str] | str | None) -> list[str]:
     """Given the components asked for (None: database, redis and config), return them in restore
-    order without repeats. Raise PermanentError for an unknown name or an empty list."""
+    order without repeats. Raise PermanentError for an unknown name, an empty list, or anything
+    but names (a task's arguments are JSON)."""
     if requested is None:
         return list(DEFAULT_COMPONENTS)
-    names = [requested] if isinstance(requested, str) else list(requested)
+    names = [requested] if isinstance(requested, str) else requested
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise PermanentError(f"components must be a list of names: choose from {', '.join(COMPONENTS)}")
     unknown = [n for n in names if n not in COMPONENTS]
     if unknown:
         shown = ", ".join(_with_hint(n) for n in unknown)
@@ -186,14 +194,18 @@ def _restore(
     settings: Settings, storage: Storage, backup_id: str, components, force: bool, say: Say, started: float
 ) -> RestoreReport:
     chosen = choose_components(components)
+    if not isinstance(backup_id, str) or not isinstance(force, bool):  # a task's arguments are JSON
+        raise PermanentError("backup_id must be a backup id or 'latest', and force true or false")
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, backup_id)
     plan = results = integrity = None
     with restore_lock(settings, backup_id) if force else contextlib.nullcontext():
         manifest = verified_manifest(storage, settings, backup_id, chosen, say)
         with work_folder(settings.backup_staging_dir) as folder:
             files = {c: folder / local_name(c, manifest.components[c]) for c in chosen}
-            extract_to(storage, manifest, files, say)
+            extract_to(storage, manifest, files, say, settings=settings)
+            check_contents(manifest, files)
             if force:
+                check_archives(settings, manifest, files)
                 results = apply_restore(settings, manifest, files, say)
                 integrity = check_integrity(settings, manifest, results, files, say)
             else:
@@ -215,6 +227,7 @@ def verified_manifest(
 ) -> Manifest:
     """Verify the backup and return its manifest. Raise PermanentError naming the failed checks,
     or a chosen component the backup does not have."""
+    check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     say(f"verifying {backup_id} (every stored file is read once)")
     report = verify_backup(storage, settings, backup_id)
     failed = [f"{row[0]} {row[1]} ({row[3]})" for row in report_rows(report) if row[-1] == "MISMATCH"]
@@ -223,7 +236,7 @@ def verified_manifest(
             f"backup {backup_id} failed verification, nothing was restored: {'; '.join(failed)}"
         )
     say(f"{backup_id} verified")
-    manifest = load_manifest(storage, backup_id)
+    manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     missing = [c for c in chosen if c not in manifest.components]
     if missing:
         raise PermanentError(f"backup {backup_id} has no {', '.join(missing)} component")
@@ -266,8 +279,27 @@ def files_plan(archive: Path, roots: list[str], target: Path) -> FilesPlan:
         target=str(target),
         files=sum(m.isfile() for m in members),
         changed=changed_files(archive, target),
-        refused=refusals(members, roots),
+        refused=refusals(members, roots, target),
     )
+
+
+def check_archives(settings: Settings, manifest: Manifest, files: dict[str, Path]) -> None:
+    """Raise PermanentError, before any component is restored, if the config or logs archive among
+    ``files`` has an entry its restore would refuse, or the logs target overlaps the live logs."""
+    refused = []
+    for component in ("config", "logs"):
+        if component not in files:
+            continue
+        if component == "logs":
+            check_logs_target(settings.backup_restore_logs_dir, settings.backup_log_paths)
+        target = config_target(settings) if component == "config" else settings.backup_restore_logs_dir
+        roots = trusted_roots(settings, manifest, component)
+        found = refusals(read_members(files[component]), roots, target)
+        refused += [f"{component} {reason}" for reason in found]
+    if refused:
+        raise PermanentError(
+            f"refusing to restore {manifest.backup_id}, nothing was restored: " + "; ".join(refused)
+        )
 
 
 def plan_restore(settings: Settings, manifest: Manifest, files: dict[str, Path], say: Say) -> RestorePlan:

@@ -1,4 +1,5 @@
-"""Config and log files as tar streams: modes kept, symlinks stored as symlinks, files streamed.
+"""Config and log files as tar streams: modes kept, symlinks stored as symlinks, files streamed,
+hard-linked files stored as copies (never as tar hard links, which a restore refuses).
 
 Entries are named by their absolute path without the leading slash (``etc/vq/app.conf``), so a
 restore knows where each one came from. A file that changes while it is read is stored with the
@@ -96,6 +97,8 @@ def _add(tar: tarfile.TarFile, path: str, st: os.stat_result, facts: FilesFacts,
         return
     with open(path, "rb") as stream:
         info = tar.gettarinfo(arcname=arcname, fileobj=stream)
+        if info.islnk():  # a second name of a hard-linked file: a copy of its own (restore refuses links)
+            info.type, info.linkname, info.size = tarfile.REGTYPE, "", os.fstat(stream.fileno()).st_size
         reader = _ExactReader(stream, info.size)
         tar.addfile(info, reader)
     if reader.padded:

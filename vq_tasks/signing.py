@@ -1,0 +1,127 @@
+"""Signed manifests: workers sign each manifest with an Ed25519 key (BACKUP_SIGNING_KEY_FILE);
+`vq-backup verify`, restores and drills check it against BACKUP_SIGNING_PUBLIC_KEYS, so a manifest
+that was changed, or forged by someone who can write to the storage, is refused — by anyone
+holding the public key, no decryption key needed. The manifest names the stored files' SHA-256,
+so signing it covers every byte of the backup.
+
+What is signed is the manifest without its ``signature`` field, as canonical JSON (sorted keys,
+no spaces, UTF-8). Public keys are written as base64 of their 32 raw bytes; a key's id is the
+first 16 hex digits of the SHA-256 of those bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import Manifest, ManifestSignature
+
+RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    ok: bool
+    expected: str
+    actual: str
+
+
+def canonical_bytes(manifest: Manifest) -> bytes:
+    """Return the bytes a signature covers: the manifest without its signature, canonical JSON."""
+    document = manifest.model_dump(mode="json", exclude={"signature"})
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    """Return the form BACKUP_SIGNING_PUBLIC_KEYS takes: base64 of the 32 raw bytes."""
+    return base64.b64encode(key.public_bytes(*RAW)).decode()
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(key.public_bytes(*RAW)).hexdigest()[:16]
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Return the Ed25519 private key in the PEM file ``path`` (from `vq-backup signing-key` or
+    `openssl genpkey -algorithm ed25519`). Raise PermanentError naming the file, never its content."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise PermanentError(f"BACKUP_SIGNING_KEY_FILE {path}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise PermanentError(
+            f"BACKUP_SIGNING_KEY_FILE {path} is not an unencrypted PEM private key"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PermanentError(f"BACKUP_SIGNING_KEY_FILE {path} holds a key that is not Ed25519")
+    return key
+
+
+def parse_public_keys(values: Iterable[str]) -> dict[str, Ed25519PublicKey]:
+    """Return the public keys by key id. Raise ValueError naming each entry that is no key."""
+    keys, bad = {}, []
+    for position, text in enumerate(values, start=1):
+        try:
+            raw = base64.b64decode(text, validate=True)
+            key = Ed25519PublicKey.from_public_bytes(raw)
+        except (binascii.Error, ValueError):
+            bad.append(f"entry {position} is not the base64 of a 32-byte Ed25519 public key")
+            continue
+        keys[key_id(key)] = key
+    if bad:
+        raise ValueError("; ".join(bad))
+    return keys
+
+
+def sign(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
+    """Return ``manifest`` carrying its signature by ``key``."""
+    value = base64.b64encode(key.sign(canonical_bytes(manifest))).decode()
+    signature = ManifestSignature(key_id=key_id(key.public_key()), value=value)
+    return manifest.model_copy(update={"signature": signature})
+
+
+def check(manifest: Manifest, public_keys: dict[str, Ed25519PublicKey]) -> SignatureCheck:
+    """Check the manifest's signature against the trusted ``public_keys`` (by id). With none
+    configured nothing can be checked, which is reported, not failed."""
+    signed = manifest.signature
+    if not public_keys:
+        shown = f"signed by {signed.key_id}, not checked" if signed else "unsigned"
+        return SignatureCheck(True, "not checked: BACKUP_SIGNING_PUBLIC_KEYS is not set", shown)
+    expected = f"Ed25519 by {', '.join(sorted(public_keys))}"
+    if signed is None:
+        return SignatureCheck(False, expected, "unsigned")
+    key = public_keys.get(signed.key_id)
+    if key is None:
+        return SignatureCheck(False, expected, f"signed by unknown key {signed.key_id}")
+    try:
+        key.verify(base64.b64decode(signed.value, validate=True), canonical_bytes(manifest))
+    except (InvalidSignature, binascii.Error, ValueError):
+        return SignatureCheck(False, expected, "signature does not match: changed after signing, or forged")
+    return SignatureCheck(True, expected, f"valid, by {signed.key_id}")
+
+
+def new_signing_key(path: Path) -> Ed25519PublicKey:
+    """Write a new Ed25519 private key to ``path`` (PEM, mode 600; an existing file is never
+    replaced) and return its public key."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise PermanentError(f"{path} exists already: a signing key is never overwritten") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    return key.public_key()
