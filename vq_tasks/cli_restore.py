@@ -101,7 +101,9 @@ def print_restore_outcome(report) -> None:
 def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
+    from vq_tasks import signing
     from vq_tasks.catalog import load_manifest
+    from vq_tasks.errors import PermanentError
     from vq_tasks.restore.extract import component_named, extract_one
     from vq_tasks.safety import check_manifest
     from vq_tasks.verify import resolve_backup_id
@@ -109,6 +111,9 @@ def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
     storage = storage_of(args, settings)
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, args.backup_id)
     manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
+    signed = signing.check(manifest, signing.trusted_keys(settings))
+    if not signed.ok:
+        raise PermanentError(f"{backup_id}: manifest signature: {signed.actual} (expected {signed.expected})")
     component = component_named(manifest, args.component)
     path = Path(args.output)
     extract_one(

@@ -56,6 +56,10 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """Return the Ed25519 private key in the PEM file ``path`` (from `vq-backup signing-key` or
     `openssl genpkey -algorithm ed25519`). Raise PermanentError naming the file, never its content."""
     try:
+        if path.stat().st_mode & 0o077:
+            raise PermanentError(
+                f"BACKUP_SIGNING_KEY_FILE {path} can be read by others than its owner: chmod 600 it"
+            )
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
         raise PermanentError(f"BACKUP_SIGNING_KEY_FILE {path}: {exc.strerror}") from None
@@ -81,6 +85,16 @@ def parse_public_keys(values: Iterable[str]) -> dict[str, Ed25519PublicKey]:
         keys[key_id(key)] = key
     if bad:
         raise ValueError("; ".join(bad))
+    return keys
+
+
+def trusted_keys(settings) -> dict[str, Ed25519PublicKey]:
+    """Return the keys whose signatures count: BACKUP_SIGNING_PUBLIC_KEYS, and the public half of
+    BACKUP_SIGNING_KEY_FILE (a worker that signs also checks, without a list of its own)."""
+    keys = parse_public_keys(settings.backup_signing_public_keys)
+    if settings.backup_signing_key_file is not None:
+        own = load_signing_key(settings.backup_signing_key_file).public_key()
+        keys[key_id(own)] = own
     return keys
 
 

@@ -5,7 +5,7 @@ at once. Arguments and results hold ids, names and redacted messages, never a se
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import chord, group
@@ -17,13 +17,16 @@ from vq_tasks.alerts import AlertEvent, deliver, retention_event
 from vq_tasks.app import app
 from vq_tasks.audit import audit
 from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
+from vq_tasks.manifest import parse_backup_id
 from vq_tasks.pruning import prune_all
-from vq_tasks.schedule import scheduled_slot
+from vq_tasks.schedule import SLOT_SEARCH, scheduled_slot
 from vq_tasks.settings import get_settings
 from vq_tasks.storage import open_storage
 
 logger = get_task_logger(__name__)
 MAX_BACKOFF = 600
+SLOT_EARLY = timedelta(seconds=5)
+SLOT_CLAIM_TTL = int((SLOT_SEARCH + timedelta(days=1)).total_seconds())
 
 
 def _countdown(retries: int) -> float:
@@ -45,7 +48,11 @@ def backup(self, origin: str = "celery", requested_by: str | None = None) -> dic
     settings = get_settings()
     who = origin_of(origin, requested_by)
     if origin == "beat":
-        _claim_scheduled_slot(settings, self.request.id)
+        try:
+            _claim_scheduled_slot(settings, self.request.id)
+        except pipeline.BackupRefused as refused:
+            audit(settings, "backup", "refused", task_id=self.request.id, origin=who, error=str(refused))
+            raise
     try:
         start = pipeline.start_backup(settings, self.request.id, scheduled=origin == "beat")
         if not start.already_started:
@@ -66,15 +73,25 @@ def backup(self, origin: str = "celery", requested_by: str | None = None) -> dic
 def _claim_scheduled_slot(settings, task_id: str) -> None:
     """Claim the scheduled time this beat-sent backup belongs to. Raise BackupRefused when another
     task has it: two beats by mistake, or a restarted beat sending its slot again."""
-    slot = scheduled_slot(settings.backup_schedule, datetime.now(UTC), settings.backup_timezone)
+    now = datetime.now(UTC) + SLOT_EARLY  # this worker's clock may be a little behind beat's
+    slot = scheduled_slot(settings.backup_schedule, now, settings.backup_timezone)
     if slot is None:
         return  # sent by beat, but no scheduled time matches: nothing to deduplicate against
-    first = coordination.claim_for(coordination.client(settings), f"beat-slot:{slot.isoformat()}", task_id)
+    r = coordination.client(settings)
+    first = coordination.claim_for(r, f"beat-slot:{slot.isoformat()}", task_id, ttl=SLOT_CLAIM_TTL)
     if first is not None:
         raise pipeline.BackupRefused(
             f"the backup scheduled for {slot:%Y-%m-%d %H:%M} UTC was started already by task {first} "
             "(is more than one beat running?)"
         )
+
+
+def _checked_id(settings, backup_id: str) -> None:
+    """Refuse a task argument that is not a backup id of this deployment (a path, another prefix)."""
+    try:
+        parse_backup_id(backup_id, settings.backup_name_prefix)
+    except (TypeError, ValueError) as exc:
+        raise PermanentError(str(exc)) from None
 
 
 def _count_start_failure(settings, task_id: str, exc: BaseException) -> None:
@@ -260,6 +277,7 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
     from vq_tasks import offsite
 
     settings = get_settings()
+    _checked_id(settings, backup_id)
     r = coordination.client(settings)
     try:
         with coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl):

@@ -112,14 +112,19 @@ def resolve_backup_id(storage: Storage, prefix: str, requested: str) -> str:
 
 
 def verify_backup(
-    storage: Storage, settings: Settings, backup_id: str, now: datetime | None = None
+    storage: Storage,
+    settings: Settings,
+    backup_id: str,
+    now: datetime | None = None,
+    manifest: Manifest | None = None,
 ) -> VerifyReport:
     """Given a backup id or ``latest``, read every file its manifest names once and return the
-    report of every check. Raise PermanentError for a bad id or a backup without a manifest."""
+    report of every check. Raise PermanentError for a bad id or a backup without a manifest.
+    Given ``manifest`` (read by the caller, who goes on to use it), that very copy is checked."""
     now = now or datetime.now(UTC)
     prefix = settings.backup_name_prefix
     backup_id = resolve_backup_id(storage, prefix, backup_id)
-    manifest = load_manifest(storage, backup_id)
+    manifest = manifest or load_manifest(storage, backup_id)
     days = settings.backup_logs_retention_days
     retired = days if now - parse_backup_id(backup_id, prefix) > timedelta(days=days) else None
     files = [_manifest_report(manifest, backup_id, settings)]
@@ -156,7 +161,7 @@ def _manifest_report(manifest: Manifest, backup_id: str, settings: Settings) -> 
     """The manifest's own checks: it names this backup, and its signature (BACKUP_SIGNING_PUBLIC_KEYS)."""
     same = manifest.backup_id == backup_id
     named = Check(check="backup id", expected=backup_id, actual=manifest.backup_id, ok=same)
-    signed = signing.check(manifest, signing.parse_public_keys(settings.backup_signing_public_keys))
+    signed = signing.check(manifest, signing.trusted_keys(settings))
     signature = Check(check="signature", expected=signed.expected, actual=signed.actual, ok=signed.ok)
     return FileReport(name=manifest_name(backup_id), checks=[named, signature])
 

@@ -54,3 +54,7 @@ def test_a_changed_or_forged_manifest_is_refused_by_verify_and_restore(
     assert "signature" in refused.stderr + refused.stdout and "unknown key" in refused.stderr + refused.stdout
     assert row_counts(database) == before
     assert "Traceback" not in refused.stderr
+    extracted = tmp_path / "database.sql"
+    refused_extract = run_cli(checking, "extract", backup_id, "database", "-o", str(extracted))
+    assert refused_extract.returncode == 1 and "unknown key" in refused_extract.stderr
+    assert not extracted.exists()

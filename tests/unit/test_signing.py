@@ -91,6 +91,9 @@ def test_the_signing_key_command_writes_a_private_file_once_and_prints_the_publi
 def test_bad_keys_stop_start_up_without_showing_them(tmp_path, key_pair):
     not_a_key = tmp_path / "wrong.pem"
     not_a_key.write_text("secret-looking-text\n")
+    with pytest.raises(ConfigError, match="can be read by others than its owner: chmod 600 it"):
+        load_settings(**BROKER, backup_signing_key_file=not_a_key)
+    not_a_key.chmod(0o600)
     with pytest.raises(ConfigError) as caught:
         load_settings(**BROKER, backup_signing_key_file=not_a_key, backup_signing_public_keys="AAAA,bm9wZQ==")
     text = str(caught.value)

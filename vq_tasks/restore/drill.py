@@ -52,6 +52,7 @@ from vq_tasks.restore.postgres_swap import derived_name
 from vq_tasks.restore.redis import redis_key_counts, restore_redis
 from vq_tasks.restore.redis_server import HOST, Throwaway, server_binary_path, server_binary_version
 from vq_tasks.restore.run import facts_of, redis_progress, restore_lock, verified_manifest
+from vq_tasks.safety import check_contents
 from vq_tasks.settings import LOOPBACK_NAMES, Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify import resolve_backup_id
@@ -148,6 +149,7 @@ class _Drill:
             with work_folder(self.settings.backup_staging_dir, FOLDER_PREFIX) as folder:
                 files = {c: folder / local_name(c, manifest.components[c]) for c in DRILL_COMPONENTS}
                 extract_to(storage, manifest, files, self.say, settings=self.settings)
+                check_contents(manifest, files)  # the dump's and the RDB's versions, as a restore does
                 self.stage = "drill"
                 self.attempt("database", lambda: self.database(manifest, files["database"]))
                 self.attempt("redis", lambda: self.redis(manifest, files["redis"]))

@@ -227,16 +227,15 @@ def verified_manifest(
 ) -> Manifest:
     """Verify the backup and return its manifest. Raise PermanentError naming the failed checks,
     or a chosen component the backup does not have."""
-    check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
+    manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     say(f"verifying {backup_id} (every stored file is read once)")
-    report = verify_backup(storage, settings, backup_id)
+    report = verify_backup(storage, settings, backup_id, manifest=manifest)  # the copy used below
     failed = [f"{row[0]} {row[1]} ({row[3]})" for row in report_rows(report) if row[-1] == "MISMATCH"]
     if failed:
         raise PermanentError(
             f"backup {backup_id} failed verification, nothing was restored: {'; '.join(failed)}"
         )
     say(f"{backup_id} verified")
-    manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     missing = [c for c in chosen if c not in manifest.components]
     if missing:
         raise PermanentError(f"backup {backup_id} has no {', '.join(missing)} component")
