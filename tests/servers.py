@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import redis
@@ -39,6 +40,24 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT, group
     except subprocess.TimeoutExpired:
         send(signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """Mount a real tmpfs of ``size`` (e.g. "8m") on the new folder ``folder`` for the block (the
+    tests run as root, as in CI); fail the test, never skip it, when that is not possible."""
+    import pytest
+
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {done.stderr.decode()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import BROKER_PASSWORD, Mailbox, run_cli
-from tests.servers import free_port
+from tests.servers import free_port, tmpfs
 from tests.unit.test_pruning import plant as plant_backup
 from vq_tasks.alerts import AlertEvent, deliver, retention_event
 from vq_tasks.errors import BackupError, TransientError
@@ -211,15 +211,8 @@ def test_no_complete_backup_within_the_window_is_stale_until_one_completes(alert
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 8 MiB tmpfs for the backups folder."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {done.stderr.decode()}")
-    try:
+    with tmpfs(tmp_path / "small", "8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_nearly_full_local_disk_alerts_once_and_resolves_when_space_is_freed(

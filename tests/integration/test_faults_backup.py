@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from tests.integration.test_faults import (
     table_locked,
     wait_until,
 )
-from tests.servers import free_port
+from tests.servers import free_port, tmpfs
 
 pytestmark = pytest.mark.integration
 STEPS = [("dump_database", "dump_redis"), ("archive_config", "archive_logs"), ("finalize_backup",)]
@@ -288,15 +287,8 @@ def test_source_redis_down_fails_clearly_with_one_alert(base_env, layout, start_
 @pytest.fixture
 def small_staging(tmp_path) -> Iterator[Path]:
     """A real 4 MiB tmpfs for BACKUP_STAGING_DIR (the tests run as root, as in CI)."""
-    mount = tmp_path / "small-staging"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {done.stderr.decode()}")
-    try:
+    with tmpfs(tmp_path / "small-staging", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_staging_disk_fails_clearly_and_staging_is_cleaned(

@@ -11,7 +11,6 @@ import json
 import subprocess
 import tarfile
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.unit.test_verify import (
     BROKER,
     NOW,
     STARTED,
+    manifest_of,
     rdb,
     sql_dump,
     stage,
@@ -36,9 +36,7 @@ from vq_tasks.catalog import backup_sets
 from vq_tasks.encryption import KeyUnavailable, fingerprint, load_identities, parse_recipients
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
-    BUNDLED,
     COMPONENTS,
-    ComponentEntry,
     Manifest,
     bundle_name,
     data_names,
@@ -123,26 +121,7 @@ def make_encrypted(tmp_path: Path, compressed: bool = True) -> Encrypted:
         lambda out: copy_staged(parts["logs"], out),
         recipients,
     )
-    manifest = Manifest(
-        backup_id=BACKUP_ID,
-        kind="manual",
-        started_at=STARTED,
-        finished_at=STARTED + timedelta(minutes=1),
-        duration_seconds=60.0,
-        tool_version="test",
-        compression="gzip" if compressed else "none",
-        files=[bundle, logs_file],
-        components={
-            c: ComponentEntry(
-                member=parts[c].member,
-                stored_in=bundle.name if c in BUNDLED else logs_file.name,
-                content=parts[c].content,
-                facts=parts[c].facts,
-            )
-            for c in COMPONENTS
-        },
-        encryption=encryption.info_of(recipients),
-    )
+    manifest = manifest_of(parts, bundle, logs_file, compressed, encryption=encryption.info_of(recipients))
     with storage.open_write(manifest_name(BACKUP_ID)) as out:
         out.write(manifest.model_dump_json(indent=2).encode())
     return Encrypted(settings, storage, manifest, operator, escrow, keys)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_restore_run import with_targets
 from tests.unit.test_verify import (
     BACKUP_ID,
     Backup,
@@ -48,15 +49,7 @@ ROOT = "/etc/vq"
 
 
 def targets(backup: Backup, tmp_path: Path) -> Settings:
-    return backup.settings.model_copy(
-        update={
-            "backup_restore_config_dir": tmp_path / "restored-config",
-            "backup_restore_logs_dir": tmp_path / "restored-logs",
-            "backup_log_paths": [str(tmp_path / "log" / "vq")],
-            "backup_config_paths": [str(tmp_path / "etc" / "vq")],
-            "backup_audit_log": tmp_path / "audit.jsonl",
-        }
-    )
+    return with_targets(backup, tmp_path).model_copy(update={"backup_audit_log": tmp_path / "audit.jsonl"})
 
 
 @pytest.fixture

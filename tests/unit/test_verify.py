@@ -151,7 +151,16 @@ def store(settings: Settings, parts: dict[str, StagedPart]) -> Manifest:
 
     bundle = put(storage, bundle_name(BACKUP_ID, compressed), write_bundle)
     logs = put(storage, parts["logs"].member, lambda out: copy_staged(parts["logs"], out))
-    manifest = Manifest(
+    manifest = manifest_of(parts, bundle, logs, compressed)
+    write_manifest(storage, manifest)
+    return manifest
+
+
+def manifest_of(
+    parts: dict[str, StagedPart], bundle: StoredFile, logs: StoredFile, compressed: bool, **extra
+) -> Manifest:
+    """The manifest finalize writes for ``parts`` stored as ``bundle`` and ``logs``."""
+    return Manifest(
         backup_id=BACKUP_ID,
         kind="manual",
         started_at=STARTED,
@@ -169,9 +178,8 @@ def store(settings: Settings, parts: dict[str, StagedPart]) -> Manifest:
             )
             for c in COMPONENTS
         },
+        **extra,
     )
-    write_manifest(storage, manifest)
-    return manifest
 
 
 def put(storage: LocalStorage, name: str, write: Callable[[Writer], None]) -> StoredFile:
