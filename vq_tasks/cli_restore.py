@@ -87,8 +87,13 @@ def plan_lines(plan) -> list[str]:
 def print_restore_outcome(report) -> None:
     """Print what a forced restore did and its integrity report (vq_tasks.restore.run.RestoreReport)."""
     results = report.results
-    if results.database is not None and results.database.previous_name:
-        print(f"the replaced database is kept as {results.database.previous_name}: drop it once satisfied")
+    if results.database is not None:
+        for warning in results.database.warnings:
+            print(f"warning: {warning}")
+        if results.database.previous_name:
+            print(
+                f"the replaced database is kept as {results.database.previous_name}: drop it once satisfied"
+            )
     if results.redis is not None:
         print(f"redis: restored {per_db(results.redis.restored)}, removed {per_db(results.redis.removed)}")
     rows = [(c.check, c.expected, c.actual, "OK" if c.ok else "FAILED") for c in report.integrity.checks]

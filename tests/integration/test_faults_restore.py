@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ def restore_calls(server: RedisServer) -> int:
     return int(server.client().info("commandstats").get("cmdstat_restore", {}).get("calls", 0))
 
 
+def queued_in_a_transaction(server: RedisServer) -> int:
+    """The most commands a client of the server has queued in an open MULTI (CLIENT LIST multi=)."""
+    return max((int(c["multi"]) for c in server.client().client_list()), default=-1)
+
+
 @dataclass
 class Interrupted:
     """One restore SIGKILLed part way, and what it left."""
@@ -86,7 +92,8 @@ class Interrupted:
     database: object = None  # the live database's state after the kill (or why it is unreadable)
     database_accepts: bool | None = None
     redis: dict[int, dict[bytes, object]] = field(default_factory=dict)
-    restored_when_killed: int = 0
+    queued_when_killed: int = 0  # commands the restore had queued in its transaction
+    restored_when_killed: int = 0  # RESTORE commands the target had run
     lock: tuple[str | None, int] = (None, -2)  # the restore lock just after the kill, and its TTL
 
 
@@ -154,6 +161,32 @@ def psql_loading(database: str) -> bool:
         )
 
 
+@contextlib.contextmanager
+def database_locked(database: str) -> Iterator[None]:
+    """Hold, in an open transaction of another database, a lock on ``database`` (COMMENT ON DATABASE
+    takes one) that makes the swap's RENAME wait inside its transaction; roll back afterwards."""
+    with pg_connect() as conn:
+        conn.execute("BEGIN")
+        conn.execute(f"COMMENT ON DATABASE \"{database}\" IS 'held by the test'")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+
+
+def rename_waiting(database: str, state: str | None = "active") -> bool:
+    """Whether a session runs (``state``; None: is in any state) an ALTER DATABASE ... RENAME of
+    ``database``: the swap, inside its transaction."""
+    with pg_connect() as conn:
+        return bool(
+            conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE %s"
+                " AND (%s::text IS NULL OR state = %s) AND pid <> pg_backend_pid()",
+                (f'ALTER DATABASE "{database}" RENAME%', state, state),
+            ).fetchone()[0]
+        )
+
+
 def wait_for_the_lock_to_expire(s: Services) -> None:
     wait_until(lambda: not s.coordination().exists("vq:restore:lock"), "the restore lock never expired", 30)
 
@@ -163,6 +196,7 @@ def restore_faults(tmp_path_factory) -> Iterator[RestoreFaults]:
     """Play every interruption once, in turn, on one backup (see the module's docstring)."""
     folder = tmp_path_factory.mktemp("restore-faults")
     extra = {"backup_lock_ttl": LOCK_TTL, "redis_server_bin": redis_server_binary()}
+    throwaways_before = set(throwaway_folders())
     with own_services(folder, **extra) as s, _cleanup(s) as left:
         with pg_connect(s.database) as conn:
             conn.execute("CREATE TABLE bulk (id int PRIMARY KEY, v text)")
@@ -188,16 +222,22 @@ def restore_faults(tmp_path_factory) -> Iterator[RestoreFaults]:
         wait_until(lambda: not psql_loading(s.database), "the orphaned psql never ended", 60)
         wait_for_the_lock_to_expire(s)
 
-        during_copy = restore_killed_when(s, backup_id, ["redis"], lambda: restore_calls(s.source) > 0)
+        queued = [-1]  # the last count seen before the kill
+
+        def half_queued() -> bool:
+            queued[0] = queued_in_a_transaction(s.source)
+            return queued[0] > KEYS // 2
+
+        during_copy = restore_killed_when(s, backup_id, ["redis"], half_queued)
+        during_copy.queued_when_killed = queued[0]
         during_copy.restored_when_killed = restore_calls(s.source)
         during_copy.redis = redis_state(s.source)
         during_copy.database = database_state(s.database)
         wait_for_the_lock_to_expire(s)
 
-        with pg_connect(s.database):  # a session the swap must end, polling every 0.1 s: the window
-            at_swap = restore_killed_when(
-                s, backup_id, ["database"], lambda: not accepts_connections(s.database)
-            )
+        with pg_connect(s.database), database_locked(s.database):  # a session to end; a lock to wait on
+            at_swap = restore_killed_when(s, backup_id, ["database"], lambda: rename_waiting(s.database))
+        wait_until(lambda: not rename_waiting(s.database, state=None), "the orphaned swap never ended", 30)
         at_swap.database_accepts = accepts_connections(s.database)
         try:
             at_swap.database = database_state(s.database)
@@ -221,9 +261,15 @@ def restore_faults(tmp_path_factory) -> Iterator[RestoreFaults]:
             following=following,
             after=after,
             left_processes=[f"{p.pid} {p.name()}" for p in left if alive(p)],
-            left_folders=sorted(p.name for p in s.layout["staging"].glob(".restore-*")),
+            left_folders=sorted(p.name for p in s.layout["staging"].glob(".restore-*"))
+            + sorted(set(throwaway_folders()) - throwaways_before),
             left_databases=[d for d in derived_databases(s.database) if "_restore_" in d],
         )
+
+
+def throwaway_folders() -> list[str]:
+    """The folders of throwaway redis-servers in the temp folder (their config holds a password)."""
+    return [p.name for p in Path(tempfile.gettempdir()).glob("vq-redis-restore-*")]
 
 
 def alive(process: psutil.Process) -> bool:
@@ -284,72 +330,36 @@ def test_a_killed_restore_holds_the_lock_until_it_expires_then_a_restore_works(r
     assert r.after[1] == r.backup[1]
 
 
-def test_killed_while_keys_are_copied_no_key_is_lost_and_a_rerun_restores_all(restore_faults):
-    """Fault: the restore is SIGKILLed while it copies keys into the live Redis (RESTORE ...
-    REPLACE in batches of 1000; the sweep of keys the backup lacks comes after). Expected, as
-    restore/redis.py promises: every key is at its live value or its backup value, none is lost
-    or damaged, the keys the backup lacks are still there, the database is untouched; and the
-    following restore brings Redis exactly to the backup (test above)."""
+def test_killed_while_keys_are_queued_redis_is_as_it_was(restore_faults):
+    """Fault: the restore is SIGKILLed while it queues the key copy in the live Redis (one
+    MULTI ... EXEC: UNLINK of the keys the backup lacks, RESTORE ... REPLACE of every key).
+    Expected: the live Redis is exactly as it was (the server dropped the queue with the
+    connection; not one RESTORE ran), the database is untouched; and the following restore brings
+    Redis exactly to the backup (test above)."""
     r = restore_faults
     copy = r.during_copy
     assert copy.code == -signal.SIGKILL, copy.output
-    assert 0 < copy.restored_when_killed < KEYS
-    (before_db, before), (_, backup) = r.before, r.backup
-    for db in (0, 1):
-        assert set(copy.redis[db]) == set(before[db]), "a key was lost or added"
-        for key, value in copy.redis[db].items():
-            assert value in (before[db][key], backup[db].get(key)), key
-    assert copy.database == before_db
+    assert copy.queued_when_killed > KEYS // 2 and copy.restored_when_killed == 0
+    assert copy.redis == r.before[1]
+    assert copy.database == r.before[0]
 
 
-REDIS_RESTORE_IS_NOT_ATOMIC = (
-    "vq_tasks/restore/redis.py restore_redis(): keys are copied into the live Redis in batches "
-    "(RESTORE ... REPLACE) and swept after, by design (its docstring): a restore killed part way "
-    "leaves some keys at the backup's values and the others at the live values"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=REDIS_RESTORE_IS_NOT_ATOMIC)
-def test_killed_while_keys_are_copied_redis_is_as_it_was_or_fully_restored(restore_faults):
-    """Fault: the restore is SIGKILLed while it copies keys into the live Redis. Expected (the
-    issue's rule): the live Redis is as it was, or fully restored; never half."""
-    r = restore_faults
-    assert r.during_copy.redis in (r.before[1], r.backup[1])
-
-
-SWAP_LEAVES_CONNECTIONS_OFF = (
-    "vq_tasks/restore/postgres_swap.py swap_in(): ALTER DATABASE <live> WITH ALLOW_CONNECTIONS false "
-    "is committed on its own, before _rename() ends the sessions (polling every 0.1 s) and renames "
-    "in one transaction; a restore killed in between leaves the live database refusing every "
-    "connection until someone runs ALTER DATABASE ... ALLOW_CONNECTIONS true (or restores again)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SWAP_LEAVES_CONNECTIONS_OFF)
-def test_killed_during_the_swap_the_live_database_is_as_it_was_or_restored(restore_faults):
-    """Fault: the restore is SIGKILLed in the swap, after the live database stopped taking
-    connections and while its sessions are being ended. Expected: the live database is as it
-    was (and takes connections) or is the restored one."""
+def test_killed_during_the_swap_the_live_database_is_as_it_was_and_takes_connections(restore_faults):
+    """Fault: the restore is SIGKILLed in the swap, inside its one transaction: after it ended the
+    live database's sessions, while its RENAME waits for a lock. Expected: the transaction rolls
+    back when PostgreSQL finds the client gone; the live database is as it was and takes
+    connections."""
     r = restore_faults
     assert r.at_swap.code == -signal.SIGKILL, r.at_swap.output
     assert r.at_swap.database_accepts, r.at_swap.database
-    assert r.at_swap.database in (r.before[0], r.backup[0])
+    assert r.at_swap.database == r.before[0]
 
 
-KILLED_RESTORE_LEAVES_DEBRIS = (
-    "vq_tasks/restore/redis_server.py Throwaway: the throwaway redis-server (every key of the backup "
-    "in memory) is not tied to its parent and runs on after a SIGKILL, its /tmp/vq-redis-restore-* "
-    "folder (config with its password) too; vq_tasks/restore/extract.py work_folder(): the "
-    ".restore-* folder with the extracted dump and RDB stays in BACKUP_STAGING_DIR "
-    "(staging.remove_stale skips it); vq_tasks/restore/postgres.py restore_database(): the "
-    "<DB_NAME>_restore_<stamp> database of a killed restore stays; no later restore or prune removes them"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KILLED_RESTORE_LEAVES_DEBRIS)
 def test_a_killed_restore_leaves_no_process_folder_or_database_behind(restore_faults):
-    """Fault: restores SIGKILLed part way, then one that succeeds. Expected: once the following
-    restore is done, nothing of the killed ones remains: no process, no work folder with a copy
-    of the data, no half-loaded database."""
+    """Fault: restores SIGKILLed part way, then one that succeeds. Expected: the throwaway
+    redis-server and psql die with the killed restore (Linux's parent-death signal); the following
+    restore removes their work folders (their lock is free) and scratch databases (under the
+    restore lock): no process, no copy of the data, no half-loaded database remains."""
     r = restore_faults
     assert (r.left_processes, r.left_folders, r.left_databases) == ([], [], [])
+    assert "left by a restore that was killed" in r.following.stdout + r.following.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,6 +295,42 @@ def test_sessions_on_the_live_database_are_ended_and_the_swap_succeeds(live, tmp
         locking.close()
     assert result.row_counts == facts.tables
     assert database_row_counts(settings) == facts.tables
+
+
+def test_an_application_that_reconnects_at_once_does_not_stop_the_swap(live, tmp_path):
+    """Two clients reconnect as soon as their session is ended (a connection pool): the swap's
+    RENAME holds the database's lock, so they wait for its commit and then find the restored one."""
+    create_live(live)
+    settings = settings_for(live)
+    facts = dump(settings, tmp_path / "database.sql")
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    stop, sessions = threading.Event(), []
+
+    def keep_connected() -> None:
+        while not stop.is_set():
+            try:
+                with pg_connect(live) as conn:
+                    while not stop.is_set():
+                        conn.execute("SELECT count(*) FROM people")
+                        sessions.append(conn.info.backend_pid)
+                        time.sleep(0.01)
+            except psycopg.OperationalError:
+                continue
+
+    clients = [threading.Thread(target=keep_connected) for _ in range(2)]
+    for client in clients:
+        client.start()
+    try:
+        result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+        seen = len(sessions)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert result.row_counts == facts.tables and database_row_counts(settings) == facts.tables
+    assert len(sessions) > seen and len(set(sessions)) > 2, "the clients did not reconnect"
 
 
 def test_missing_roles_are_all_listed(live, tmp_path, roles):

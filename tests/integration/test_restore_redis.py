@@ -19,6 +19,7 @@ from tests.integration.conftest import fill_redis, redis_value
 from tests.servers import RedisServer, redis_server_binaries, redis_settings, start_redis
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.restore.redis import plan_redis_restore, redis_key_counts, restore_redis
+from vq_tasks.restore.redis_transaction import Transaction
 from vq_tasks.settings import Settings
 from vq_tasks.sources.redis import dump_redis
 
@@ -142,7 +143,8 @@ def test_round_trip_restores_every_key_and_removes_the_others(tmp_path: Path, ve
     assert result.expired == {"0": 0, "1": 0}
     assert result.removed == {"0": 2, "1": 1, "3": 2}
     assert result.target == f"Redis 127.0.0.1:{target.port}" and result.rdb_version >= 9
-    assert ("restored", "0", source_counts["0"]) in seen and ("removed", "3", 2) in seen
+    assert ("queued", "0", source_counts["0"]) in seen and ("removed", "3", 2) in seen
+    assert seen[-1][:2] == ("applying", ""), "one transaction applies it all, after everything is queued"
 
 
 @needs_both
@@ -351,7 +353,7 @@ def _last_launch(record: Path) -> list[str]:
 
 def test_target_lost_mid_copy_is_transient_and_says_so(tmp_path: Path):
     def kill_target(stage: str, db: str, count: int) -> None:
-        if stage == "restored":
+        if stage == "queued":
             target.kill()
 
     with (
@@ -369,4 +371,89 @@ def test_target_lost_mid_copy_is_transient_and_says_so(tmp_path: Path):
                 batch_size=100,
             )
     message = str(caught.value)
-    assert f"127.0.0.1:{target.port}" in message and "stopped part way" in message
+    assert f"127.0.0.1:{target.port}" in message and "nothing was written" in message
+
+
+def test_a_restore_stopped_while_it_queues_leaves_the_target_as_it_was(tmp_path: Path):
+    """The throwaway (the backup's side) is killed when half the keys are queued in the target's
+    transaction: the restore fails saying nothing was written, and the target is exactly as it was
+    (the server dropped the queue with the connection); a rerun then restores everything."""
+    throwaways: list[psutil.Process] = []
+
+    def kill_the_throwaway(stage: str, db: str, count: int) -> None:
+        if stage == "queued" and count >= 1000 and not throwaways:
+            ours = {source.process.pid, target.process.pid}
+            throwaways.extend(p for p in psutil.Process().children() if p.pid not in ours)
+            for process in throwaways:
+                process.kill()
+
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        fill_source(source)
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        before = state(target)
+        settings = redis_settings(target.port, TARGET_PASSWORD)
+        with pytest.raises(TransientError, match="nothing was written"):
+            restore_redis(settings, rdb, source_binary(source), progress=kill_the_throwaway, batch_size=100)
+        assert throwaways, "the throwaway was never killed"
+        assert state(target) == before
+        assert target.client().info("commandstats").get("cmdstat_restore") is None, "a RESTORE ran"
+        restore_redis(settings, rdb, source_binary(source), batch_size=100)
+        assert_same(source, target, by_dump=True)
+
+
+def test_a_target_without_room_for_the_transaction_refuses_it_and_is_as_it_was(tmp_path: Path):
+    """maxmemory (noeviction) leaves the target room for its own keys, not for the queued restore
+    (about 6 MB of payloads): refused with a clear message, nothing written."""
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        with source.client(0) as client:
+            client.mset({f"large:{i}": os.urandom(100_000) for i in range(60)})
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        fill_target(target)
+        before = state(target)
+        with target.client() as client:
+            used = int(client.info("memory")["used_memory"])
+            client.config_set("maxmemory", used + (2 << 20))
+            client.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(PermanentError) as caught:
+            restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source))
+        assert state(target) == before
+    message = str(caught.value)
+    assert "no room for the restore (maxmemory)" in message and "nothing was written" in message
+
+
+def test_a_command_failing_inside_exec_is_reported_as_a_partial_restore(tmp_path: Path):
+    """Redis rolls nothing back inside EXEC: a payload the target refuses only then (a damaged
+    one) fails that command alone, and the message says the target is partly restored."""
+    with start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target:
+        settings = redis_settings(target.port, TARGET_PASSWORD)
+        transaction = Transaction(settings, TARGET_PASSWORD)
+        try:
+            transaction.use("0")
+            transaction.queue("SET", "applied", "yes")
+            transaction.queue("RESTORE", "damaged", 0, b"\x00not a payload", "REPLACE")
+            with pytest.raises(PermanentError) as caught:
+                transaction.execute()
+        finally:
+            transaction.close()
+        assert target.client(0).get("applied") == b"yes" and not target.client(0).exists("damaged")
+    message = str(caught.value)
+    assert "1 of its 3 commands failed" in message and "partly restored" in message
+    assert TARGET_PASSWORD not in message
+
+
+def test_a_transaction_closed_before_exec_writes_nothing(tmp_path: Path):
+    with start_redis(tmp_path / "target") as target:
+        transaction = Transaction(redis_settings(target.port), None, batch=2)
+        transaction.use("1")
+        for i in range(5):
+            transaction.queue("SET", f"k{i}", i)
+        assert transaction.queued == 6  # SELECT and five SETs, sent in three batches of two
+        transaction.close()
+        assert target.client(1).dbsize() == 0

@@ -18,9 +18,9 @@ from vq_tasks.restore.drill import (
     run_drill,
     scratch_database_name,
     scratch_settings,
-    stale_drill_databases,
 )
 from vq_tasks.restore.integrity import IntegrityCheck, IntegrityReport
+from vq_tasks.restore.postgres_swap import left_over
 from vq_tasks.settings import load_settings
 
 AT = datetime(2024, 2, 1, 4, 0, 7, tzinfo=UTC)
@@ -64,8 +64,8 @@ def test_only_scratch_databases_of_this_database_count_as_stale():
         "other_drill_20240101040000",
         "virtualqueue_2_drill_20240101040000",
     ]
-    assert stale_drill_databases(names, "virtualqueue") == ["virtualqueue_drill_20240101040000"]
-    assert stale_drill_databases(["a.b_drill_20240101040000", "aXb_drill_20240101040000"], "a.b") == [
+    assert left_over(names, "virtualqueue", "drill") == ["virtualqueue_drill_20240101040000"]
+    assert left_over(["a.b_drill_20240101040000", "aXb_drill_20240101040000"], "a.b", "drill") == [
         "a.b_drill_20240101040000"
     ]
 

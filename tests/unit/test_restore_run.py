@@ -16,7 +16,8 @@ import pytest
 from tests.unit.test_verify import BACKUP_ID, Backup, flip, make_backup, write_manifest
 from vq_tasks.cli import main
 from vq_tasks.errors import PermanentError
-from vq_tasks.restore.extract import component_named, extract_one, extract_to, local_name, work_folder
+from vq_tasks.leftovers import owned_folder
+from vq_tasks.restore.extract import component_named, extract_one, extract_to, local_name
 from vq_tasks.restore.files import restore_files
 from vq_tasks.restore.integrity import files_check, health_check, keys_checks, rows_check, shown_url
 from vq_tasks.restore.redis import RedisRestoreResult
@@ -113,7 +114,7 @@ def test_extract_writes_checked_members_under_names_of_its_own(tmp_path, compres
     manifest = backup.manifest
     suffix = ".tar.gz" if compressed else ".tar"
     lines: list[str] = []
-    with work_folder(backup.settings.backup_staging_dir) as folder:
+    with owned_folder(backup.settings.backup_staging_dir, ".restore-") as folder:
         assert folder.stat().st_mode & 0o777 == 0o700
         files = {c: folder / local_name(c, manifest.components[c]) for c in manifest.components}
         extract_to(backup.storage, manifest, files, lines.append)
@@ -206,7 +207,7 @@ def test_keys_checks_compare_with_what_the_restore_put_there_and_report_the_mani
 
 
 def test_files_check_sees_content_modes_and_links(backup, tmp_path):
-    with work_folder(tmp_path / "staging") as folder:
+    with owned_folder(tmp_path / "staging", ".restore-") as folder:
         archive = folder / "config.tar.gz"
         extract_to(backup.storage, backup.manifest, {"config": archive})
         target = tmp_path / "restored"

@@ -20,7 +20,6 @@ server, whose address is checked not to be the live one's.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -35,8 +34,9 @@ from vq_tasks import coordination
 from vq_tasks.alerts import AlertEvent, deliver
 from vq_tasks.audit import audit
 from vq_tasks.errors import BackupError, PermanentError, redact
+from vq_tasks.leftovers import owned_folder
 from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
-from vq_tasks.restore.extract import extract_to, local_name, work_folder
+from vq_tasks.restore.extract import extract_to, local_name
 from vq_tasks.restore.files import restore_files
 from vq_tasks.restore.integrity import (
     IntegrityCheck,
@@ -48,7 +48,7 @@ from vq_tasks.restore.integrity import (
 )
 from vq_tasks.restore.postgres import database_row_counts, restore_database
 from vq_tasks.restore.postgres_connect import connect
-from vq_tasks.restore.postgres_swap import derived_name
+from vq_tasks.restore.postgres_swap import derived_name, left_over
 from vq_tasks.restore.redis import redis_key_counts, restore_redis
 from vq_tasks.restore.redis_server import HOST, Throwaway, server_binary_path, server_binary_version
 from vq_tasks.restore.run import facts_of, redis_progress, restore_lock, verified_manifest
@@ -62,7 +62,6 @@ logger = logging.getLogger(__name__)
 Say = Callable[[str], object]
 DRILL_COMPONENTS = ("database", "redis", "config")
 FOLDER_PREFIX = ".drill-"
-STAMP_DIGITS = 14
 
 
 def _quiet(line: str) -> None:
@@ -95,14 +94,6 @@ def scratch_database_name(db_name: str, stamp: str) -> str:
     if name == db_name:  # cannot happen (the suffix is never empty), but this is the line never to cross
         raise PermanentError(f"the drill's scratch database would be the live {db_name}")
     return name
-
-
-def stale_drill_databases(names: list[str], db_name: str) -> list[str]:
-    """Given database names and DB_NAME, return those that are scratch databases of a drill of
-    DB_NAME (``<DB_NAME>_drill_<14 digits>``): left by a drill whose worker died."""
-    base = scratch_database_name(db_name, "0" * STAMP_DIGITS)[:-STAMP_DIGITS]
-    pattern = re.compile(re.escape(base) + rf"\d{{{STAMP_DIGITS}}}")
-    return [name for name in names if pattern.fullmatch(name)]
 
 
 def scratch_settings(settings: Settings, port: int, password: str) -> Settings:
@@ -146,7 +137,7 @@ class _Drill:
         self.stage = "extract"
         folder: Path | None = None
         try:
-            with work_folder(self.settings.backup_staging_dir, FOLDER_PREFIX) as folder:
+            with owned_folder(self.settings.backup_staging_dir, FOLDER_PREFIX) as folder:
                 files = {c: folder / local_name(c, manifest.components[c]) for c in DRILL_COMPONENTS}
                 extract_to(storage, manifest, files, self.say, settings=self.settings)
                 check_contents(manifest, files)  # the dump's and the RDB's versions, as a restore does
@@ -250,7 +241,7 @@ class _Drill:
         except BackupError as exc:
             self.warnings.append(f"could not look for scratch databases of earlier drills: {exc}")
             return
-        for name in stale_drill_databases(names, self.settings.db_name):
+        for name in left_over(names, self.settings.db_name, "drill"):
             problem = self._drop_database(name)
             if problem:
                 self.warnings.append(f"a scratch database of an earlier drill: {problem}")

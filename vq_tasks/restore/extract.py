@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tarfile
-import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,18 +56,6 @@ def component_named(manifest: Manifest, name: str) -> str:
             return component
     choices = ", ".join(f"{c} ({e.member})" for c, e in manifest.components.items())
     raise PermanentError(f"backup {manifest.backup_id} has no component {name!r}; it has: {choices}")
-
-
-@contextlib.contextmanager
-def work_folder(staging_dir: Path, prefix: str = ".restore-") -> Iterator[Path]:
-    """Yield a new private folder (mode 700, named ``prefix`` and a random part) under
-    ``staging_dir``, removed with all it holds however the block ends."""
-    staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_dir))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def extract_to(

@@ -41,9 +41,17 @@ from psycopg import sql
 from pydantic import BaseModel, Field
 
 from vq_tasks.errors import PermanentError
+from vq_tasks.leftovers import die_with_parent
 from vq_tasks.restore.postgres_connect import connect, database_row, db_where, psql_failure
 from vq_tasks.restore.postgres_roles import missing_roles_error
-from vq_tasks.restore.postgres_swap import carry_over, derived_name, drop_previous, drop_quietly, swap_in
+from vq_tasks.restore.postgres_swap import (
+    carry_over,
+    derived_name,
+    drop_left_over,
+    drop_previous,
+    drop_quietly,
+    swap_in,
+)
 from vq_tasks.safety import SQL_HEAD, check_sql_dump
 from vq_tasks.settings import Settings
 from vq_tasks.sources.postgres import STDERR_KEPT, pg_environment, pg_tool
@@ -100,7 +108,8 @@ def restore_database(
     and put it in place of ``target_db`` (default DB_NAME), keeping the replaced one as
     ``<name>_before_<stamp>`` unless not ``keep_previous``; without ``swap``, load it straight into a
     new database ``target_db`` (a drill). Return what was restored. Raise PermanentError or
-    TransientError, the new database dropped and the target as it was, if any step before the swap fails."""
+    TransientError, the new database dropped and the target as it was, if any step before the swap fails.
+    With ``swap``, call it under the restore lock: the new databases of killed restores go first."""
     started = time.monotonic()
     path = _readable(Path(sql_path))
     check_sql_dump(path)  # before anything is created
@@ -109,6 +118,7 @@ def restore_database(
     target = target_db or settings.db_name
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
     new = derived_name(target, "restore", stamp) if swap else target
+    left = drop_left_over(settings, maintenance_db, target, "restore") if swap else []
     live = _prepare(settings, maintenance_db, target, new, swap)
     try:
         counts = _load_and_check(settings, path, new, expected_tables, maintenance_db)
@@ -117,6 +127,7 @@ def restore_database(
     except BaseException as exc:
         drop_quietly(settings, maintenance_db, new, exc)
         raise
+    warnings += [f"dropped {name}, left by a restore that was killed" for name in left]
     if previous and not keep_previous:
         problems = drop_previous(settings, maintenance_db, previous)
         warnings += problems
@@ -268,7 +279,12 @@ def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) 
     logger.info("loading %s into %s", path.name, db_where(settings, dbname))
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors, env=env
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            env=env,
+            preexec_fn=die_with_parent(),  # killed with us: its transaction rolls back
         )
         try:
             feed_dump(path, process.stdin)

@@ -2,26 +2,28 @@
 
 What: the names (``<DB_NAME>_restore_<stamp>``, ``<DB_NAME>_before_<stamp>``), the carry-over of what
 a dump of a database's contents does not hold (settings, grants, connection limit, comment), the
-swap, and the drops. Why apart: this is the only part that changes the live database, so its one
-rename transaction and the undo on every failure before it commits are kept together.
+swap, and the drops. Why apart: this is the only part that changes the live database, and it does
+so in one rename transaction: a failure, or the restore killed, before the commit changes nothing.
+The new database of a killed restore is dropped by the next restore (drop_left_over).
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import re
 
 import psycopg
 from psycopg import sql
 
-from vq_tasks.errors import BackupError, PermanentError, TransientError
+from vq_tasks.errors import BackupError, TransientError
 from vq_tasks.restore.postgres_connect import connect, database_row, db_where
 from vq_tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+STAMP_DIGITS = 14  # YYYYMMDDHHMMSS, the stamp of derived names
 NAME_LIMIT = 63  # bytes (NAMEDATALEN - 1): PostgreSQL cuts longer names silently
-SESSION_END_TIMEOUT = 30.0
+LOCK_TIMEOUT = 30.0  # seconds the swap waits for another session's lock on a database
 RENAME_ATTEMPTS = 3
 LIST_SETTINGS = {"search_path", "temp_tablespaces", "local_preload_libraries", "session_preload_libraries"}
 ACL_QUERY = """SELECT a.privilege_type,
@@ -40,6 +42,27 @@ def derived_name(base: str, kind: str, stamp: str) -> str:
     suffix = f"_{kind}_{stamp}"
     room = NAME_LIMIT - len(suffix.encode())
     return base.encode()[:room].decode("utf-8", "ignore") + suffix
+
+
+def left_over(names: list[str], base: str, kind: str) -> list[str]:
+    """Given database names, return those derived_name makes for ``base`` and ``kind`` with any
+    stamp (``<base>_<kind>_<14 digits>``): the scratch databases of restores or drills of ``base``."""
+    prefix = derived_name(base, kind, "0" * STAMP_DIGITS)[:-STAMP_DIGITS]
+    pattern = re.compile(re.escape(prefix) + rf"\d{{{STAMP_DIGITS}}}")
+    return [name for name in names if pattern.fullmatch(name)]
+
+
+def drop_left_over(settings: Settings, maintenance_db: str, base: str, kind: str) -> list[str]:
+    """Drop the scratch databases ``<base>_<kind>_<stamp>`` that killed runs left; return their names.
+    Call only under the restore lock, which tells that no restore or drill runs that would still use
+    one. Raise TransientError or PermanentError as connect does."""
+    with connect(settings, maintenance_db) as admin:
+        names = [row[0] for row in admin.execute("SELECT datname FROM pg_database").fetchall()]
+        dropped = left_over(names, base, kind)
+        for name in dropped:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            logger.warning("dropped %s, left by a %s that was killed", db_where(settings, name), kind)
+    return dropped
 
 
 def setting_statement(dbname: str, role: str | None, setting: str) -> sql.Composed:
@@ -102,22 +125,12 @@ def _carry_over_statements(admin: psycopg.Connection, live: str, new: str) -> li
 
 def swap_in(settings: Settings, maintenance_db: str, target: str, new: str, stamp: str) -> str | None:
     """Put ``new`` in place of ``target``; return the name the replaced database now has (None if
-    there was none). On failure the target takes connections again, unchanged."""
+    there was none). One transaction does it all, so a failure, or this process killed, before the
+    commit leaves the target as it was and taking connections (only its sessions ended)."""
     previous = derived_name(target, "before", stamp)
     with connect(settings, maintenance_db) as admin:
         exists = database_row(admin, target) is not None
-        try:
-            _allow_connections(admin, new, False)
-            if exists:
-                _allow_connections(admin, target, False)
-            _rename(admin, settings, target, new, previous if exists else None)
-        except BaseException as exc:
-            if exists and not _reallow(settings, maintenance_db, target) and isinstance(exc, Exception):
-                raise PermanentError(
-                    f"{exc}; and {db_where(settings, target)} still refuses connections: run "
-                    f'ALTER DATABASE "{target}" WITH ALLOW_CONNECTIONS true'
-                ) from exc
-            raise
+        _rename(admin, settings, target, new, previous if exists else None)
     previous = previous if exists else None
     logger.info("swapped %s in (the replaced database: %s)", db_where(settings, target), previous)
     return previous
@@ -126,31 +139,32 @@ def swap_in(settings: Settings, maintenance_db: str, target: str, new: str, stam
 def _rename(
     admin: psycopg.Connection, settings: Settings, target: str, new: str, previous: str | None
 ) -> None:
-    """End the sessions on both databases, then rename and re-allow connections in one transaction."""
+    """In one transaction: end the sessions on both databases, rename, and let the target take
+    connections. Why no ALLOW_CONNECTIONS false first: committed on its own, it outlives a killed
+    restore. RENAME takes the database's lock, which a new session waits for and then finds the
+    name moved on; a session that slipped in before it makes RENAME fail (ObjectInUse, after
+    PostgreSQL waited 5 s for it to go), and the whole transaction is tried again."""
     for attempt in range(RENAME_ATTEMPTS):
-        _end_sessions(admin, settings, [target, new])
         try:
             with admin.transaction():
+                admin.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT}s")))
+                admin.execute(END_SESSIONS, [[target, new]])
                 if previous is not None:
                     _rename_one(admin, target, previous)
-                    _allow_connections(admin, previous, True)
                 _rename_one(admin, new, target)
                 _allow_connections(admin, target, True)
             return
-        except psycopg.errors.ObjectInUse:  # a session came back between the two steps
+        except psycopg.errors.ObjectInUse:  # a session came in before the rename's lock
             if attempt == RENAME_ATTEMPTS - 1:
-                raise
-
-
-def _end_sessions(admin: psycopg.Connection, settings: Settings, names: list[str]) -> None:
-    deadline = time.monotonic() + SESSION_END_TIMEOUT
-    while admin.execute(END_SESSIONS, [names]).fetchone()[0]:
-        if time.monotonic() > deadline:
+                raise TransientError(
+                    f"sessions on {db_where(settings, target)} kept coming back during the swap, which was"
+                    f" tried {RENAME_ATTEMPTS} times; stop the application's connections and try again"
+                ) from None
+        except psycopg.errors.LockNotAvailable:
             raise TransientError(
-                f"sessions on {db_where(settings, names[0])} did not end within "
-                f"{SESSION_END_TIMEOUT:.0f} s; try again"
-            )
-        time.sleep(0.1)
+                f"another session holds a lock on {db_where(settings, target)} (such as an open "
+                f"ALTER or COMMENT ON DATABASE): the swap waited {LOCK_TIMEOUT:.0f} s; try again"
+            ) from None
 
 
 def _rename_one(admin: psycopg.Connection, old: str, new: str) -> None:
@@ -160,16 +174,6 @@ def _rename_one(admin: psycopg.Connection, old: str, new: str) -> None:
 def _allow_connections(admin: psycopg.Connection, name: str, allow: bool) -> None:
     statement = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
     admin.execute(statement.format(sql.Identifier(name), sql.SQL("true" if allow else "false")))
-
-
-def _reallow(settings: Settings, maintenance_db: str, name: str) -> bool:
-    try:
-        with connect(settings, maintenance_db) as admin:
-            _allow_connections(admin, name, True)
-        return True
-    except BackupError as exc:
-        logger.error("could not re-allow connections to %s: %s", db_where(settings, name), exc)
-        return False
 
 
 def drop_quietly(settings: Settings, maintenance_db: str, name: str, cause: BaseException) -> None:

@@ -1,33 +1,34 @@
 """Restore an RDB file into the application's Redis, which the worker reaches only over the network.
 
 How: a throwaway ``redis-server`` on the worker loads the RDB (redis_server.py: the server, and the
-version checks done before anything is written). Every key of every database is then copied into
-the target in pipelined batches: SCAN COUNT 1000, DUMP and PTTL on the throwaway, ``RESTORE key ttl
-payload REPLACE`` on the target (the remaining TTL, so a key that expired since the backup is not
-restored). DUMP/RESTORE carries every type whole, binary keys and values, and streams with their
-consumer groups and pending entries. Last, each database of the target is swept: a key the backup
-lacks is unlinked, and a database the backup has no keys in ends up empty.
+version checks done before anything is written). Then one transaction (redis_transaction.py) is
+queued in the target: for each database, UNLINK of the keys the backup lacks (the target scanned,
+each key looked up in the throwaway), then for every key of the backup ``RESTORE key ttl payload
+REPLACE`` (SCAN COUNT 1000, DUMP and PTTL on the throwaway; the remaining TTL, so a key that expired
+since the backup is not restored). DUMP/RESTORE carries every type whole, binary keys and values, and
+streams with their consumer groups and pending entries. EXEC applies it all at once.
 
-Why sweep after copying rather than FLUSHDB first: a copy can fail half way (a lost connection, the
-target's maxmemory, a killed worker). After FLUSHDB first, the live Redis would hold only part of
-the backup, most of the application's keys gone. Copying first leaves every key either at its
-backup value or at its live value, nothing lost that the backup would not replace, and a rerun
-converges on the backup. The cost: the target needs memory for its extra keys until the sweep,
-and the sweep scans the target once. It never needs FLUSHDB (often renamed away in production).
-Stop the application's writers while restoring: a key written meanwhile may be kept or removed.
+Why one transaction: the live Redis must end as it was or fully restored, never half. A copy can
+fail part way (a lost connection, the target's maxmemory, a killed worker); until EXEC the target
+has only queued commands, which it drops with the connection. It never needs FLUSHDB (often
+renamed away in production). The cost: the target holds the queued commands (the backup's size and
+about 250 bytes a key) until EXEC, and answers no other client while EXEC runs; a TTL counts from
+the moment its key was queued, so it ends up to the restore's duration late. Stop the application's
+writers while restoring: a key written meanwhile may be kept or removed.
 
-Versions: before the copy, the target is checked to take a payload the throwaway makes; as every
-payload carries the same RDB version, a refusal could only come at the first batch anyway.
+Versions: before queueing, the target is checked to take a payload the throwaway makes; as every
+payload carries the same RDB version, a refusal could only come at EXEC otherwise.
 
 Memory: the throwaway holds the whole data set in the worker's memory while it runs; this process
-holds one pipeline of payloads at a time, at most BATCH_BYTES (as MEMORY USAGE estimates them) or
-one larger key.
+holds one batch of payloads at a time, at most BATCH_BYTES (as MEMORY USAGE estimates them) or one
+larger key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,15 +51,12 @@ from vq_tasks.restore.redis_server import (
     server_binary_version,
     too_new_for_target,
 )
+from vq_tasks.restore.redis_transaction import Transaction
 from vq_tasks.settings import Settings
-from vq_tasks.sources.redis import client_error, server_error, server_facts
+from vq_tasks.sources.redis import client_error, server_facts
 
 BATCH_SIZE = 1000
 BATCH_BYTES = 64 << 20  # the DUMP payloads that one pipeline holds, unless a single key is larger
-PARTIAL = (
-    "the restore stopped part way: the target holds some keys of the backup and keeps its others;"
-    " run it again once the cause is fixed"
-)
 
 
 class RedisPlan(BaseModel):
@@ -219,12 +217,15 @@ def _check_target_takes(session: _Session, facts: _Prepared) -> None:
         return
 
 
-def copy_database(session: _Session, db: str, batch: int, progress: Progress | None) -> tuple[int, int]:
-    """Given a session and a database, copy every key of the throwaway's database into the target's,
-    with its remaining TTL, replacing what is there; return how many keys were restored and how
-    many had expired first. Raise TransientError or PermanentError naming the server."""
+def copy_database(
+    session: _Session, transaction: Transaction, db: str, batch: int, progress: Progress | None
+) -> tuple[int, int]:
+    """Given a session, a transaction and a database, queue a RESTORE ... REPLACE of every key of
+    the throwaway's database, with its remaining TTL; return how many keys were queued and how many
+    had expired first. Raise TransientError or PermanentError naming the server."""
     source = session.source(db)
-    restored = expired = 0
+    transaction.use(db)
+    queued = expired = 0
     cursor = None
     while cursor != 0:
         with session.on_source():
@@ -234,11 +235,11 @@ def copy_database(session: _Session, db: str, batch: int, progress: Progress | N
                 pipe.memory_usage(key)
             sizes = pipe.execute() if keys else []
         for group in groups_by_size(keys, sizes, BATCH_BYTES):
-            done, gone = _copy_keys(session, db, group)
-            restored, expired = restored + done, expired + gone
+            done, gone = _queue_keys(session, transaction, db, group)
+            queued, expired = queued + done, expired + gone
         if progress:
-            progress("restored", db, restored)
-    return restored, expired
+            progress("queued", db, queued)
+    return queued, expired
 
 
 def groups_by_size(keys: list[bytes], sizes: list[int | None], limit: int) -> Iterator[list[bytes]]:
@@ -256,44 +257,35 @@ def groups_by_size(keys: list[bytes], sizes: list[int | None], limit: int) -> It
         yield group
 
 
-def _copy_keys(session: _Session, db: str, keys: list[bytes]) -> tuple[int, int]:
-    """Given a session, a database and keys, copy them with DUMP, PTTL and RESTORE ... REPLACE;
-    return how many were restored and how many had expired. Raise as copy_database does."""
+def _queue_keys(session: _Session, transaction: Transaction, db: str, keys: list[bytes]) -> tuple[int, int]:
+    """Given keys of a database, DUMP them and their PTTL from the throwaway and queue their
+    RESTORE ... REPLACE; return how many were queued and how many had expired."""
     with session.on_source():
         pipe = session.source(db).pipeline(transaction=False)
         for key in keys:
             pipe.dump(key)
             pipe.pttl(key)
         replies = pipe.execute()
-    pipe = session.target(db).pipeline(transaction=False)
+    queued = 0
     for key, payload, ttl in zip(keys, replies[::2], replies[1::2], strict=True):
         if payload is not None and ttl not in (-2, 0):  # 0: expiring this very millisecond
-            pipe.restore(key, 0 if ttl == -1 else ttl, payload, replace=True)
-    with session.on_target():
-        answers = pipe.execute(raise_on_error=False) if len(pipe) else []
-    _raise_first_error(answers, session)
-    return len(answers), len(keys) - len(answers)
-
-
-def _raise_first_error(answers: list[object], session: _Session) -> None:
-    """Given the answers to a batch of RESTOREs, return if none is an error; raise the first."""
-    for answer in answers:
-        if isinstance(answer, Exception):
-            text = redact(str(answer), [session.password] if session.password else [])
-            if "payload version" in text:
-                raise PermanentError(
-                    f"the target {session.where} refused a payload of {session.throwaway.where}: {text}"
-                    " (set REDIS_SERVER_BIN to a redis-server of the target's version)"
-                )
-            raise server_error(text, session.where)
+            transaction.queue("RESTORE", key, 0 if ttl == -1 else ttl, payload, "REPLACE")
+            queued += 1
+    return queued, len(keys) - queued
 
 
 def sweep_database(
-    session: _Session, db: str, in_backup: bool, batch: int, dry_run: bool, progress: Progress | None = None
+    session: _Session,
+    db: str,
+    in_backup: bool,
+    batch: int,
+    remove: Callable[[list[bytes]], object] | None,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
-    """Given a session and a database of the target, delete (unless ``dry_run``) its keys that the
-    backup's database lacks (all if not ``in_backup``); return how many keys the backup has and how
-    many it lacks. Raise TransientError or PermanentError naming the server."""
+    """Given a session and a database of the target, find its keys that the backup's database
+    lacks (all if not ``in_backup``) and pass each batch of them to ``remove`` (None: count only);
+    return how many keys the backup has and how many it lacks. Raise TransientError or
+    PermanentError naming the server."""
     source, target = session.source(db), session.target(db)
     kept = removed = 0
     cursor = None
@@ -307,9 +299,8 @@ def sweep_database(
                 for key in keys:
                     pipe.exists(key)
                 missing = [key for key, found in zip(keys, pipe.execute(), strict=True) if not found]
-        if missing and not dry_run:
-            with session.on_target():
-                target.unlink(*missing)
+        if missing and remove is not None:
+            remove(missing)
         kept, removed = kept + len(keys) - len(missing), removed + len(missing)
         if progress:
             progress("removed", db, removed)
@@ -327,7 +318,7 @@ def plan_redis_restore(settings: Settings, rdb_path: Path, server_binary: str | 
     with _prepared(settings, rdb_path, server_binary, None, LOAD_TIMEOUT) as (session, facts):
         replaced, removed = {}, {}
         for db in _sorted_dbs(facts.target_keys):
-            counts = sweep_database(session, db, db in facts.backup_keys, BATCH_SIZE, dry_run=True)
+            counts = sweep_database(session, db, db in facts.backup_keys, BATCH_SIZE, None)
             replaced[db], removed[db] = counts
         return RedisPlan(
             target=session.where,
@@ -354,19 +345,15 @@ def restore_redis(
     """Given settings naming the target Redis and an RDB file, make every database of the target
     hold exactly the backup's keys, values and remaining TTLs, and return keys restored, expired
     and removed per database and the target's keys afterwards. ``progress`` is called as Progress
-    says. Raise PermanentError or TransientError naming the server, never with a password; before
-    the copy starts nothing is written, after, the message says the restore stopped part way."""
+    says. Raise PermanentError or TransientError naming the server, never with a password; the
+    message says whether nothing was written (the target as it was) or what is known."""
     started = time.monotonic()
-    restored, expired, removed = {}, {}, {}
     with _prepared(settings, rdb_path, server_binary, progress, load_timeout) as (session, facts):
-        try:
-            for db in _sorted_dbs(facts.backup_keys):
-                restored[db], expired[db] = copy_database(session, db, batch_size, progress)
-            for db in _sorted_dbs(facts.backup_keys, redis_key_counts(settings)):
-                in_backup = db in facts.backup_keys
-                removed[db] = sweep_database(session, db, in_backup, batch_size, False, progress)[1]
-        except BackupError as exc:
-            raise type(exc)(f"{exc}; {PARTIAL}") from None
+        transaction, restored, expired, removed = _queued(session, facts, batch_size, progress)
+        with contextlib.closing(transaction):
+            if progress:
+                progress("applying", "", transaction.queued)
+            transaction.execute()
     return RedisRestoreResult(
         target=session.where,
         rdb_version=facts.rdb_version,
@@ -376,6 +363,32 @@ def restore_redis(
         keys=redis_key_counts(settings),
         duration_seconds=round(time.monotonic() - started, 3),
     )
+
+
+def _queued(
+    session: _Session, facts: _Prepared, batch_size: int, progress: Progress | None
+) -> tuple[Transaction, dict[str, int], dict[str, int], dict[str, int]]:
+    """Open a transaction on the target and queue the whole restore in it; return it, and keys
+    restored, expired and removed per database. Raise TransientError or PermanentError saying
+    that nothing was written (the transaction closed, so the target drops what was queued)."""
+    restored, expired, removed = {}, {}, {}
+    transaction = None
+    try:
+        transaction = Transaction(session.settings, session.password, batch_size)
+        for db in _sorted_dbs(facts.backup_keys, redis_key_counts(session.settings)):
+            transaction.use(db)
+            in_backup = db in facts.backup_keys
+            removed[db] = sweep_database(session, db, in_backup, batch_size, transaction.unlink, progress)[1]
+        for db in _sorted_dbs(facts.backup_keys):
+            restored[db], expired[db] = copy_database(session, transaction, db, batch_size, progress)
+        transaction.flush()
+        return transaction, restored, expired, removed
+    except BaseException as exc:
+        if transaction is not None:
+            transaction.close()
+        if isinstance(exc, BackupError):
+            raise type(exc)(f"{exc}; {NOTHING_WRITTEN}") from None
+        raise
 
 
 def redis_key_counts(settings: Settings) -> dict[str, int]:

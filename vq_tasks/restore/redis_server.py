@@ -3,7 +3,8 @@
 Why a server of our own: the worker reaches the application's Redis only over the network, and only
 a redis-server reads an RDB file. It runs on 127.0.0.1 on a free port, ``save ""`` and no AOF, in a
 private temp folder where the RDB is linked as its dbfilename, a random password in a 0600 config
-file, never in argv; ``close`` ends it and removes the folder.
+file, never in argv; ``close`` ends it and removes the folder. Killed with us (leftovers.py): the
+server gets SIGKILL from Linux, and the next throwaway removes the folder.
 
 Versions: a DUMP payload carries the RDB version of the server that made it, and Redis refuses a
 payload newer than its own ("DUMP payload version or checksum are wrong"). So the RDB file's
@@ -18,6 +19,7 @@ real servers by the tests; 5.0, 7.2, 7.4 and 8.0 are RDB_VERSION of their rdb.h.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -34,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from vq_tasks.errors import PermanentError, TransientError, redact
+from vq_tasks.leftovers import die_with_parent, owned_folder
 from vq_tasks.sources.redis import HEADER_SIZE, MAGIC
 
 # (major, minor) of Redis -> the newest RDB version it reads and writes (RDB_VERSION in rdb.h)
@@ -44,9 +47,11 @@ LOAD_TIMEOUT = 1800.0
 STOP_TIMEOUT = 10.0
 START_ATTEMPTS = 3
 NOTHING_WRITTEN = "nothing was written"
+FOLDER_PREFIX = "vq-redis-restore-"  # the throwaway's folder, in the temp folder
 
 Progress = Callable[[str, str, int], object]
-"""progress(stage, db, count): ("loading", "", percent), ("restored" | "removed", db, keys so far)."""
+"""progress(stage, db, count): ("loading", "", percent), ("removed" | "queued", db, keys so far),
+("applying", "", commands in the transaction)."""
 
 
 def rdb_version_of(redis_version: str, who: str = "Redis") -> int | None:
@@ -188,7 +193,8 @@ class Throwaway:
         self.binary = binary
         self.timeout = timeout
         self.password = secrets.token_urlsafe(32)
-        self.dir = Path(tempfile.mkdtemp(prefix="vq-redis-restore-"))
+        self._folder = contextlib.ExitStack()
+        self.dir = self._folder.enter_context(owned_folder(Path(tempfile.gettempdir()), FOLDER_PREFIX))
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._rdb_path = rdb_path.resolve() if rdb_path is not None else None
@@ -219,7 +225,11 @@ class Throwaway:
             config = write_config(self.dir, self.port, self.password)
             with open(self.dir / f"redis-{self.port}.log", "wb") as log:
                 self.process = subprocess.Popen(
-                    [self.binary, str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    [self.binary, str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent(),  # the data set in memory goes when we do
                 )
             if self._wait_loaded(progress):
                 return
@@ -274,4 +284,4 @@ class Throwaway:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._folder.close()

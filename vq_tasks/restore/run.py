@@ -31,8 +31,9 @@ from vq_tasks import coordination
 from vq_tasks.audit import audit
 from vq_tasks.catalog import load_manifest
 from vq_tasks.errors import BackupError, PermanentError, TransientError, is_transient
+from vq_tasks.leftovers import owned_folder
 from vq_tasks.manifest import COMPONENTS, DatabaseFacts, Facts, FilesFacts, Manifest, RedisFacts
-from vq_tasks.restore.extract import extract_to, local_name, work_folder
+from vq_tasks.restore.extract import extract_to, local_name
 from vq_tasks.restore.files import (
     FilesRestoreResult,
     changed_files,
@@ -73,6 +74,7 @@ Say = Callable[[str], object]
 F = TypeVar("F", DatabaseFacts, RedisFacts, FilesFacts)
 DEFAULT_COMPONENTS = ("database", "redis", "config")
 PROGRESS_INTERVAL = 5.0
+FOLDER_PREFIX = ".restore-"  # the work folder of a restore, under BACKUP_STAGING_DIR
 
 
 def _quiet(line: str) -> None:
@@ -200,7 +202,7 @@ def _restore(
     plan = results = integrity = None
     with restore_lock(settings, backup_id) if force else contextlib.nullcontext():
         manifest = verified_manifest(storage, settings, backup_id, chosen, say)
-        with work_folder(settings.backup_staging_dir) as folder:
+        with owned_folder(settings.backup_staging_dir, FOLDER_PREFIX) as folder:
             files = {c: folder / local_name(c, manifest.components[c]) for c in chosen}
             extract_to(storage, manifest, files, say, settings=settings)
             check_contents(manifest, files)
@@ -366,7 +368,9 @@ def redis_progress(say: Say, interval: float = PROGRESS_INTERVAL) -> Callable[[s
 
     def progress(stage: str, db: str, count: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= interval:
+        if stage == "applying":
+            say(f"  redis: applying the restore ({count} commands) in one transaction")
+        elif now - last[0] >= interval:
             last[0] = now
             say(
                 f"  redis: loading {count}%"

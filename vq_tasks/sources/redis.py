@@ -51,7 +51,7 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
     """
     redis_version, keys, expires = server_facts(settings)
     password = _password(settings)
-    link = _Link(settings)
+    link = Link(settings)
     try:
         reader = ReplyReader(link.recv_into, link.where, secrets=[password] if password else [])
         request_rdb(link.send, reader, password)
@@ -146,16 +146,16 @@ def server_error(reply: str, where: str, secrets: Sequence[str] = ()) -> BackupE
     return PermanentError(f"{where} answered with an error: {text}")
 
 
-def command(*args: str) -> bytes:
+def command(*args: str | bytes | int) -> bytes:
     """Given a command and its arguments, return them encoded in RESP."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg.encode()
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
         parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
     return b"".join(parts)
 
 
-class _Link:
+class Link:
     """A socket to the Redis whose failures become TransientErrors naming the server."""
 
     def __init__(self, settings: Settings):
@@ -179,6 +179,11 @@ class _Link:
         except OSError as exc:
             raise self._error(exc, "lost the connection to") from None
 
+    def set_timeout(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for each send and receive from now on."""
+        self._timeout = seconds
+        self._sock.settimeout(seconds)
+
     def close(self) -> None:
         self._sock.close()
 
@@ -195,13 +200,13 @@ def request_rdb(send: Callable[[bytes], object], reader: ReplyReader, password: 
     command stream after it (older servers refuse that option, which is harmless). Raise the
     server's error as server_error classifies it."""
     if password:
-        _call(send, reader, "AUTH", password)
-    _call(send, reader, "REPLCONF", "capa", "eof")
-    _call(send, reader, "REPLCONF", "rdb-only", "1", optional=True)
+        call(send, reader, "AUTH", password)
+    call(send, reader, "REPLCONF", "capa", "eof")
+    call(send, reader, "REPLCONF", "rdb-only", "1", optional=True)
     send(command("SYNC"))
 
 
-def _call(send: Callable[[bytes], object], reader: ReplyReader, *args: str, optional: bool = False) -> None:
+def call(send: Callable[[bytes], object], reader: ReplyReader, *args: str, optional: bool = False) -> None:
     """Send one command and read its status reply. Raise the server's error, unless ``optional``
     and the server only does not know the option."""
     send(command(*args))
