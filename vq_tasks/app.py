@@ -1,4 +1,6 @@
-"""The Celery app: JSON only, late acknowledgement, one queue per kind of work, time limits.
+"""The Celery app: JSON only, late acknowledgement, one queue per kind of work, time limits. A
+Redis broker is reached through vq_tasks.broker's transport (kombu's, with a workaround that keeps a
+worker running when it loses the broker).
 
 Settings are read when this module is imported; bad configuration stops the process here, with
 every problem listed, before any task can run.
@@ -11,6 +13,7 @@ import sys
 from celery import Celery, signals
 from kombu import Queue
 
+from vq_tasks import broker
 from vq_tasks.logs import redact_handlers
 from vq_tasks.schedule import beat_schedule
 from vq_tasks.settings import ConfigError, Settings, get_settings
@@ -30,6 +33,7 @@ RESULT_TTL = 7 * 86400
 
 def create_app(settings: Settings) -> Celery:
     """Return the Celery app configured from ``settings``."""
+    broker.register()
     app = Celery(
         "vq_tasks",
         broker=settings.celery_broker_url.get_secret_value(),
