@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from itertools import groupby
 from operator import attrgetter
 
+from vq_tasks import signing
 from vq_tasks.errors import BackupError, PermanentError
 from vq_tasks.manifest import Manifest, manifest_name, parse_backup_id, split_object_name
 from vq_tasks.retention import IN_PROGRESS_GRACE, ROLE_ORDER, BackupSet, Deletion, Policy, decide
@@ -59,16 +60,25 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise PermanentError(f"{where} is not a valid manifest: {exc}") from None
 
 
-def readable_manifests(storage: Storage, prefix: str) -> list[Manifest]:
-    """Return the manifests of every complete backup, oldest first; one that cannot be read is
-    logged and left out (it must not stop new backups)."""
+def readable_manifests(
+    storage: Storage, prefix: str, keys: signing.PublicKeys | None = None
+) -> list[Manifest]:
+    """Return the manifests of every complete backup, oldest first; one that cannot be read, or
+    whose signature fails ``keys`` (BACKUP_SIGNING_PUBLIC_KEYS), is logged and left out (it must
+    neither stop new backups nor steer their kind)."""
     found = []
     for entry in backup_sets(storage.list(), prefix):
         if entry.complete:
             try:
-                found.append(load_manifest(storage, entry.backup_id))
+                manifest = load_manifest(storage, entry.backup_id)
             except BackupError as exc:
                 logger.warning("%s", exc)
+                continue
+            problem = signing.distrust(manifest, keys or {})
+            if problem:
+                logger.warning("%s: manifest signature %s; left out", entry.backup_id, problem)
+                continue
+            found.append(manifest)
     return found
 
 
@@ -103,23 +113,38 @@ class Plan:
 
 
 def with_kinds(
-    storage: Storage, sets: list[BackupSet], kinds: Mapping[str, str] | None = None
+    storage: Storage,
+    sets: list[BackupSet],
+    kinds: Mapping[str, str] | None = None,
+    keys: signing.PublicKeys | None = None,
 ) -> list[BackupSet]:
     """Given backup sets, return them with the kind of each complete one: from ``kinds`` (id ->
-    kind) when given, else from its manifest in ``storage``. A kind that cannot be known stays
-    None (retention then keeps the backup as if monthly); an unreadable manifest is logged."""
+    kind, recorded by our own runs) when given, else from its manifest in ``storage``. A kind that
+    cannot be known stays None (retention then keeps the backup as if monthly); an unreadable
+    manifest is logged. One whose signature fails ``keys`` is kept as if monthly and marked
+    untrusted, so that it cannot count as the newest backup."""
     found = []
     for entry in sets:
-        kind = None
+        kind, trusted = None, True
         if entry.complete and kinds is not None:
             kind = kinds.get(entry.backup_id)
         elif entry.complete:
             try:
-                kind = load_manifest(storage, entry.backup_id).kind
+                manifest = load_manifest(storage, entry.backup_id)
             except BackupError as exc:
                 logger.warning("%s; kept as a monthly backup", exc)
-        found.append(replace(entry, kind=kind))
+            else:
+                problem = signing.distrust(manifest, keys or {})
+                kind, trusted = (None, False) if problem else (manifest.kind, True)
+                if problem:
+                    logger.warning("%s: manifest signature %s; kept as monthly", entry.backup_id, problem)
+        found.append(replace(entry, kind=kind, trusted=trusted))
     return found
+
+
+def _kinded_sets(storage: Storage, settings: Settings, kinds: Mapping[str, str] | None) -> list[BackupSet]:
+    sets = backup_sets(storage.list(), settings.backup_name_prefix)
+    return with_kinds(storage, sets, kinds, signing.trusted_keys(settings))
 
 
 def plan(
@@ -132,7 +157,7 @@ def plan(
     """Given a storage and settings, return what the retention policy deletes there at ``now``.
     ``kinds`` (backup id -> kind) spares reading the manifests when the caller has them; ``ended``
     holds the ids of runs known to have failed (their debris goes at once)."""
-    sets = with_kinds(storage, backup_sets(storage.list(), settings.backup_name_prefix), kinds)
+    sets = _kinded_sets(storage, settings, kinds)
     return Plan(sets, decide(sets, now, policy(settings), ended))
 
 
@@ -152,7 +177,7 @@ def prune(
     goes at once instead of after the grace; ``kinds`` as for ``plan``. ``on_deleted`` is called
     with the deletions of each backup once done (also those done before a failure). Return what
     was (or would be) deleted and why. Raise what a storage raises."""
-    sets = with_kinds(storage, backup_sets(storage.list(), settings.backup_name_prefix), kinds)
+    sets = _kinded_sets(storage, settings, kinds)
     incomplete = [b.backup_id for b in sets if not b.complete]
     ended = frozenset(failed_runs(incomplete)) if failed_runs and incomplete else frozenset()
     deletions = decide(sets, now, policy(settings), ended)

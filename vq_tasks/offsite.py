@@ -22,6 +22,7 @@ from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name
 from vq_tasks.retention import Policy, add_months
 from vq_tasks.safety import check_manifest
+from vq_tasks.signing import PublicKeys, distrust
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams import HashStage, pump
 
@@ -39,11 +40,14 @@ class CopyResult:
     size: int = 0
 
 
-def copy_backup(source: Storage, target: Storage, backup_id: str, say: Say = logger.info) -> int:
+def copy_backup(
+    source: Storage, target: Storage, backup_id: str, say: Say = logger.info, keys: PublicKeys | None = None
+) -> int:
     """Copy the complete backup ``backup_id`` from ``source`` to ``target``, its manifest last;
     return the bytes copied (0 if the target already holds it complete). Raise PermanentError if
     the source is incomplete or differs from its manifest (nothing is then committed for that
-    file), StorageError if either storage fails."""
+    file), or its manifest's signature fails ``keys`` (BACKUP_SIGNING_PUBLIC_KEYS: nothing is
+    copied), StorageError if either storage fails."""
     name = manifest_name(backup_id)
     if target.stat(name) is not None:
         return 0
@@ -54,6 +58,9 @@ def copy_backup(source: Storage, target: Storage, backup_id: str, say: Say = log
     prefix = backup_id.rsplit("_", 2)[0]  # <prefix>_YYYYMMDD_HHMMSS
     manifest = parse_manifest(document, f"{name} in {source.describe()}")
     manifest = check_manifest(manifest, backup_id, prefix)  # it names only this backup's files
+    problem = distrust(manifest, keys or {})
+    if problem:
+        raise PermanentError(f"{name} in {source.describe()}: manifest signature {problem}; not copied")
     logs_file = manifest.components["logs"].stored_in if "logs" in manifest.components else None
     copied = 0
     for stored in manifest.files:
@@ -109,15 +116,21 @@ def missing_backups(source: Storage, target: Storage, prefix: str, since: dateti
 
 
 def sync(
-    source: Storage, target: Storage, prefix: str, since: datetime, say: Say = logger.info
+    source: Storage,
+    target: Storage,
+    prefix: str,
+    since: datetime,
+    say: Say = logger.info,
+    keys: PublicKeys | None = None,
 ) -> CopyResult:
     """Copy every complete backup of ``source`` since ``since`` that ``target`` lacks, newest
-    first; return what was copied and, by id, the backups that could not be (a damaged source).
+    first; return what was copied and, by id, the backups that could not be (a damaged source,
+    or a manifest whose signature fails ``keys``).
     A storage failure (StorageError) stops the sync and is raised."""
     result = CopyResult()
     for backup_id in missing_backups(source, target, prefix, since):
         try:
-            size = copy_backup(source, target, backup_id, say)
+            size = copy_backup(source, target, backup_id, say, keys)
         except PermanentError as exc:  # one damaged backup must not keep the older ones from copying
             result.failed[backup_id] = str(exc)
             continue

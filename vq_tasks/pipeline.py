@@ -15,7 +15,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from vq_tasks import coordination, encryption
+from vq_tasks import coordination, encryption, signing
 from vq_tasks.age import X25519Recipient
 from vq_tasks.bundle import BundleWriter, copy_staged
 from vq_tasks.catalog import load_manifest, readable_manifests
@@ -96,8 +96,9 @@ def start_backup(
         storage = open_storage(settings)
         if ended or storage.stat(manifest_name(backup_id)) is not None:  # a run in this same second
             raise BackupRefused(f"backup {backup_id} exists already; try again in a second")
-        manifests = readable_manifests(storage, settings.backup_name_prefix)
-        kind = kind_for(started, scheduled, [m.started_at for m in manifests if m.kind != "manual"])
+        manifests = readable_manifests(storage, settings.backup_name_prefix, signing.trusted_keys(settings))
+        earlier = [m.started_at for m in manifests if m.kind != "manual" and m.started_at < started]
+        kind = kind_for(started, scheduled, earlier)
         coordination.record(r, backup_id, status="running", kind=kind, started_at=started.isoformat())
     except BaseException:
         coordination.release_lock(r, backup_id)

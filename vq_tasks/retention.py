@@ -35,6 +35,8 @@ IN_PROGRESS_GRACE = timedelta(days=1)
 KINDS = ("daily", "weekly", "monthly", "manual")
 ROLE_ORDER = {"manifest": 0, "bundle": 1, "logs": 2, "partial": 3}
 
+CLOCK_SKEW = timedelta(days=1)  # a backup id later than now by more is forged or from a wrong clock
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -55,6 +57,7 @@ class BackupSet:
     started: datetime
     roles: dict[str, list[str]] = field(default_factory=dict)
     kind: str | None = None
+    trusted: bool = True  # False: its manifest's signature fails BACKUP_SIGNING_PUBLIC_KEYS
 
     @property
     def complete(self) -> bool:
@@ -112,10 +115,13 @@ def decide(
     """Given the stored backups, the time and the policy, return what to delete, sorted by backup
     and with each manifest before its other files. Never the newest complete backup, never a
     backup within its retention, never a backup without a manifest that is younger than the
-    policy's grace (it may be in progress) unless its id is in ``ended`` (its run failed)."""
+    policy's grace (it may be in progress) unless its id is in ``ended`` (its run failed). The
+    newest is chosen among the trusted backups not dated after ``now`` + CLOCK_SKEW (when there are
+    any): a forged or future-dated manifest must not leave the real last backup unprotected."""
     backups = list(backups)
     complete = [b for b in backups if b.complete]
-    newest = max(complete, key=lambda b: (b.started, b.backup_id)).backup_id if complete else None
+    believable = [b for b in complete if b.trusted and b.started <= now + CLOCK_SKEW] or complete
+    newest = max(believable, key=lambda b: (b.started, b.backup_id)).backup_id if complete else None
     deletions: list[Deletion] = []
     for backup in backups:
         if backup.backup_id != newest:

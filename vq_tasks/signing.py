@@ -28,6 +28,7 @@ from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import Manifest, ManifestSignature
 
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+PublicKeys = dict[str, Ed25519PublicKey]  # by key id
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,13 @@ def check(manifest: Manifest, public_keys: dict[str, Ed25519PublicKey]) -> Signa
     except (InvalidSignature, binascii.Error, ValueError):
         return SignatureCheck(False, expected, "signature does not match: changed after signing, or forged")
     return SignatureCheck(True, expected, f"valid, by {signed.key_id}")
+
+
+def distrust(manifest: Manifest, public_keys: PublicKeys) -> str | None:
+    """Return why ``manifest`` is not to be trusted under ``public_keys`` (its signature), or None;
+    always None when no keys are configured."""
+    signed = check(manifest, public_keys)
+    return None if signed.ok else signed.actual
 
 
 def new_signing_key(path: Path) -> Ed25519PublicKey:

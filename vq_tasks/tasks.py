@@ -12,7 +12,7 @@ from celery import chord, group
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
-from vq_tasks import catalog, coordination, pipeline
+from vq_tasks import catalog, coordination, pipeline, signing
 from vq_tasks.alerts import AlertEvent, deliver, retention_event
 from vq_tasks.app import app
 from vq_tasks.audit import audit
@@ -282,9 +282,10 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
     try:
         with coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl):
             source, target = open_storage(settings), open_storage(settings, "offsite")
-            size = offsite.copy_backup(source, target, backup_id, say=logger.info)
+            keys = signing.trusted_keys(settings)
+            size = offsite.copy_backup(source, target, backup_id, logger.info, keys)
             since = offsite.retention_start(datetime.now(UTC), catalog.policy(settings))
-            caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, say=logger.info)
+            caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, logger.info, keys)
     except Exception as exc:
         failure = exc
     else:

@@ -13,6 +13,7 @@ Memory stays bounded by a few chunks whatever the size of the backup.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -34,6 +35,7 @@ from vq_tasks.manifest import (
     plain_name,
     split_object_name,
 )
+from vq_tasks.retention import CLOCK_SKEW
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify_scan import (
@@ -52,6 +54,8 @@ from vq_tasks.verify_scan import (
 
 NOT_CHECKED = "NOT CHECKED"
 Outcome = Literal["ok", "mismatch", "not checked"]
+
+logger = logging.getLogger(__name__)
 
 
 class _Checked(BaseModel):
@@ -96,14 +100,22 @@ class VerifyReport(BaseModel):
         return "ok" if all(c.ok for c in checks) else "not checked"
 
 
-def resolve_backup_id(storage: Storage, prefix: str, requested: str) -> str:
-    """Given a backup id or ``latest``, return the backup id. Raise PermanentError for a string
+def resolve_backup_id(storage: Storage, prefix: str, requested: str, now: datetime | None = None) -> str:
+    """Given a backup id or ``latest``, return the backup id: for ``latest`` the newest complete
+    backup not dated after ``now`` + CLOCK_SKEW (a later id is forged or from a wrong clock; its
+    signature, if keys are set, is checked by whoever uses it). Raise PermanentError for a string
     that is not a backup id (such as one with ``../``), or ``latest`` with no complete backup."""
     if requested == "latest":
+        limit = (now or datetime.now(UTC)) + CLOCK_SKEW
         complete = [b for b in backup_sets(storage.list(), prefix) if b.complete]
-        if not complete:
+        for ahead in (b for b in complete if b.started > limit):
+            logger.warning(
+                "latest: %s is dated in the future, not taken for the latest backup", ahead.backup_id
+            )
+        believable = [b for b in complete if b.started <= limit]
+        if not believable:
             raise PermanentError(f"no complete backup in {storage.describe()}")
-        return complete[-1].backup_id
+        return believable[-1].backup_id
     try:
         parse_backup_id(requested, prefix)
     except ValueError as exc:

@@ -8,11 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.unit.test_verify import BACKUP_ID, make_backup
+from vq_tasks.catalog import backup_sets, readable_manifests, with_kinds
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.manifest import manifest_name
 from vq_tasks.offsite import copy_backup, missing_backups, sync
+from vq_tasks.signing import key_id, new_signing_key
 from vq_tasks.storage.local import LocalStorage
-from vq_tasks.verify import verify_backup
+from vq_tasks.verify import resolve_backup_id, verify_backup
 
 
 def test_copy_is_identical_and_verifies(tmp_path):
@@ -101,3 +103,36 @@ def test_sync_goes_on_past_a_damaged_backup(tmp_path):
     )
     assert result.copied == [] and list(result.failed) == [BACKUP_ID]
     assert "does not match its manifest" in result.failed[BACKUP_ID]
+
+
+def test_with_signing_keys_a_manifest_that_fails_its_signature_is_never_copied(tmp_path):
+    """The backup is unsigned (as a forged one would be) and BACKUP_SIGNING_PUBLIC_KEYS holds a
+    key: the copy refuses it before reading any file, the sync lists it as failed."""
+    backup = make_backup(tmp_path)
+    public = new_signing_key(tmp_path / "signing.pem")
+    keys = {key_id(public): public}
+    target = LocalStorage(tmp_path / "offsite")
+    with pytest.raises(PermanentError, match="manifest signature unsigned; not copied"):
+        copy_backup(backup.storage, target, BACKUP_ID, keys=keys)
+    result = sync(backup.storage, target, "virtualqueue_backup", datetime(2000, 1, 1, tzinfo=UTC), keys=keys)
+    assert list(result.failed) == [BACKUP_ID] and target.list() == []
+    assert copy_backup(backup.storage, target, BACKUP_ID) > 0, "without keys nothing is checked"
+
+
+def test_latest_and_the_next_kind_ignore_forged_and_future_dated_manifests(tmp_path, caplog):
+    """A manifest dated in 2099 is not the latest; with signing keys an unsigned manifest neither
+    counts for the next backup's kind (it would make it a daily instead of a monthly) nor is
+    believed for retention (kept as monthly, never the newest)."""
+    backup = make_backup(tmp_path)
+    prefix = backup.settings.backup_name_prefix
+    future = "virtualqueue_backup_20990101_000000"
+    with backup.storage.open_write(manifest_name(future)) as out:
+        out.write(backup.storage.read_bytes(manifest_name(BACKUP_ID)))
+    assert resolve_backup_id(backup.storage, prefix, "latest") == BACKUP_ID
+    assert f"{future} is dated in the future" in caplog.text
+    public = new_signing_key(tmp_path / "signing.pem")
+    keys = {key_id(public): public}
+    assert [m.backup_id for m in readable_manifests(backup.storage, prefix)] == [BACKUP_ID, BACKUP_ID]
+    assert readable_manifests(backup.storage, prefix, keys) == []
+    sets = with_kinds(backup.storage, backup_sets(backup.storage.list(), prefix), keys=keys)
+    assert [(s.kind, s.trusted) for s in sets] == [(None, False), (None, False)]

@@ -241,9 +241,12 @@ def retained(backup: BackupSet, now: datetime, policy: Policy) -> bool:
     return kind in ("monthly", None) and now <= backup.started + relativedelta(months=policy.monthly_months)
 
 
-def newest_complete(backups: list[BackupSet]) -> str | None:
+def newest_complete(backups: list[BackupSet], now: datetime) -> str | None:
+    """The backup kept as the newest: the newest complete one not dated more than a day after
+    ``now`` (any complete one when there is none such)."""
     complete = [b for b in backups if b.complete]
-    return max(complete, key=lambda b: b.started).backup_id if complete else None
+    believable = [b for b in complete if b.started <= now + timedelta(days=1)] or complete
+    return max(believable, key=lambda b: b.started).backup_id if complete else None
 
 
 def names(deletions: list[Deletion]) -> set[str]:
@@ -269,7 +272,7 @@ PROPERTY = settings(max_examples=200, deadline=None)
 def test_the_newest_complete_and_retained_backups_stay(scenario):
     backups, now, policy, ended = scenario
     by_id = {d.backup_id for d in decide(backups, now, policy, ended) if d.order <= 1}  # manifest or bundle
-    newest = newest_complete(backups)
+    newest = newest_complete(backups, now)
     for b in backups:
         if b.complete and (b.backup_id == newest or retained(b, now, policy)):
             assert b.backup_id not in by_id
@@ -283,7 +286,7 @@ def test_what_is_past_retention_goes_whole_manifest_first(scenario):
     backups, now, policy, ended = scenario
     deletions = decide(backups, now, policy, ended)
     for b in backups:
-        if b.complete and b.backup_id != newest_complete(backups) and not retained(b, now, policy):
+        if b.complete and b.backup_id != newest_complete(backups, now) and not retained(b, now, policy):
             mine = [d.name for d in deletions if d.backup_id == b.backup_id]
             assert set(mine) == {n for found in b.roles.values() for n in found}
             assert mine[0].endswith("_manifest.json")
@@ -295,7 +298,7 @@ def test_a_kept_backup_loses_its_logs_and_partial_uploads_on_time(scenario):
     backups, now, policy, ended = scenario
     gone = names(decide(backups, now, policy, ended))
     for b in backups:
-        if b.complete and b.backup_id != newest_complete(backups) and retained(b, now, policy):
+        if b.complete and b.backup_id != newest_complete(backups, now) and retained(b, now, policy):
             age = now - b.started
             logs_go = age > timedelta(days=policy.logs_retention_days)
             assert all((n in gone) is logs_go for n in b.roles.get("logs", []))
@@ -340,3 +343,16 @@ def test_later_deletes_more_and_how_often_prune_ran_does_not_matter(scenario, da
     assert names(early) <= names(once)
     twice = applied(applied(backups, early), decide(applied(backups, early), later, policy, ended))
     assert twice == applied(backups, once)
+
+
+def test_a_forged_or_future_dated_backup_never_takes_the_newest_backups_protection():
+    """Backups stopped 40 days ago; then a forged manifest (untrusted: its signature fails) from
+    yesterday and one dated next year appear. The real last backup stays protected as the newest;
+    without either, the forged one would be "newest" and the real one deleted as a daily."""
+    last_real = stored(NOW - timedelta(days=40), "daily")
+    forged = replace(stored(NOW - timedelta(days=1), None), trusted=False)
+    future = stored(NOW + timedelta(days=365), "daily")
+    deletions = decide([last_real, forged, future], NOW, GFS)
+    assert last_real.backup_id not in {d.backup_id for d in deletions}
+    honest = decide([last_real, replace(forged, trusted=True)], NOW, GFS)
+    assert last_real.backup_id in {d.backup_id for d in honest}, "the test must show the difference"
