@@ -66,6 +66,8 @@ class Scan:
 Decrypt = Callable[[HashingReader], BinaryIO]
 
 
+MAX_NAMES = 10_000  # member names kept of a tar whose expected names are not known (the bundle)
+
 # what reading a damaged stream raises: our own, tarfile's, zlib's, and storage read errors
 READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, OSError, EOFError, ValueError, BackupError)
 
@@ -76,12 +78,15 @@ def scan_archive(
     probes: dict[str, MemberProbe] | None = None,
     content_checksums: bool = False,
     decrypt: Decrypt | None = None,
+    max_names: int = MAX_NAMES,
 ) -> Scan:
     """Read ``source``, a tar stream (gzip-compressed if ``compressed``, encrypted if ``decrypt``
     is given), to its very end, handing each member named in ``probes`` to its probe; return what
     was found, with the checksums of the tar stream itself if ``content_checksums``. A stream that
     cannot be read to the end is reported in the result's ``error``, one whose key is missing or
-    wrong in ``unchecked``; the raw bytes are counted all the same."""
+    wrong in ``unchecked``; the raw bytes are counted all the same. Past ``max_names`` members
+    the names are not kept: a line saying so takes their place (a forged archive of millions of
+    entries must not fill the memory), which no manifest lists."""
     raw = HashingReader(source, keep=0 if compressed or decrypt else WINDOW)
     members: list[str] = []
     error = unchecked = None
@@ -92,7 +97,7 @@ def scan_archive(
             hashed = content_checksums and not compressed
             plain = HashingReader(decrypt(raw), keep=0 if compressed else WINDOW, hashed=hashed)
         content = HashingReader(GunzipReader(plain), WINDOW, content_checksums) if compressed else plain
-        end = _read_tar(content, probes or {}, members)
+        end = _read_tar(content, probes or {}, members, max_names)
         _check_end(content, end)
     except KeyUnavailable as exc:
         unchecked = exc.reason
@@ -108,12 +113,18 @@ def scan_archive(
     return Scan(stored, found, members, error, unchecked)
 
 
-def _read_tar(content: HashingReader, probes: dict[str, MemberProbe], members: list[str]) -> int:
-    """Read the tar's members, append their names, feed the probes; return the tar's end offset."""
+def _read_tar(
+    content: HashingReader, probes: dict[str, MemberProbe], members: list[str], max_names: int
+) -> int:
+    """Read the tar's members, append their names (the first ``max_names``), feed the probes;
+    return the tar's end offset."""
     with tarfile.open(fileobj=content, mode="r|", bufsize=TAR_BUFSIZE) as tar:
         while (info := tar.next()) is not None:
             tar.members.clear()  # stream mode keeps every TarInfo otherwise
-            members.append(info.name)
+            if len(members) < max_names:
+                members.append(info.name)
+            elif len(members) == max_names:
+                members.append(f"(more than {max_names} entries, the rest not listed)")
             probe = probes.get(info.name)
             if probe is not None and info.isfile() and not probe.found:
                 stream = tar.extractfile(info)
@@ -181,8 +192,9 @@ def names_check(check: str, expected: list[str], actual: list[str]) -> Check:
         return Check(
             check=check, expected=f"entries: {len(expected)}", actual=f"entries: {len(actual)}", ok=True
         )
-    missing = [n for n in expected if n not in set(actual)]
-    extra = [n for n in actual if n not in set(expected)]
+    expected_names, actual_names = set(expected), set(actual)
+    missing = [n for n in expected if n not in actual_names]
+    extra = [n for n in actual if n not in expected_names]
     found = [f"missing: {_few(missing)}"] if missing else []
     found += [f"unexpected: {_few(extra)}"] if extra else []
     shown = "; ".join(found) or "another order or repeated entries"
@@ -295,7 +307,8 @@ class ArchiveProbe(MemberProbe):
 
     def read(self, stream: BinaryIO) -> None:
         self.found = True
-        self._scan = scan_archive(stream, self._compressed)
+        listed = self.entry.facts.files if isinstance(self.entry.facts, FilesFacts) else []
+        self._scan = scan_archive(stream, self._compressed, max_names=len(listed) + 1)
 
     def checks(self) -> list[Check]:
         if self._scan is None:

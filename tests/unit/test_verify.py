@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import random
+import tarfile
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from vq_tasks.streams import (
     gzip_member,
 )
 from vq_tasks.verify import VerifyReport, verify_backup
-from vq_tasks.verify_scan import probe_for, scan_archive
+from vq_tasks.verify_scan import names_check, probe_for, scan_archive
 
 BACKUP_ID = "virtualqueue_backup_20240115_020000"
 STARTED = datetime(2024, 1, 15, 2, tzinfo=UTC)
@@ -487,3 +488,18 @@ def test_cli_prints_a_table_and_exits_1_on_a_mismatch(tmp_path, monkeypatch, cap
     assert any(backup.bundle.name in line and "sha256" in line and "MISMATCH" in line for line in lines)
     assert main(["verify", "../../etc/passwd"]) == 1
     assert "is not a backup id" in capsys.readouterr().err
+
+
+def test_an_archive_of_more_entries_than_expected_keeps_only_that_many_names():
+    """A forged archive of many entries: past the expected number the names are not kept (memory),
+    and the one line saying so fails the names check."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(5000):
+            tar.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
+    buffer.seek(0)
+    scan = scan_archive(buffer, compressed=False, max_names=11)
+    assert scan.error is None and len(scan.members) == 12
+    assert scan.members[-1] == "(more than 11 entries, the rest not listed)"
+    check = names_check("files", [f"f{i}" for i in range(11)], scan.members)
+    assert not check.ok and "unexpected: (more than 11 entries" in check.actual
