@@ -41,13 +41,16 @@ def scheduled_slot(expression: str, now: datetime, timezone: str) -> datetime | 
     """Return the scheduled time (a minute matched by the cron ``expression`` in ``timezone``, as
     beat matches it: every field must match) that a task started at ``now`` belongs to: the latest
     such minute not after ``now``; None if none in the last two months. Two beats by mistake, or a
-    restarted one, send the same slot twice: the backup task claims the slot once."""
+    restarted one, send the same slot twice: the backup task claims the slot once. The search walks
+    real (UTC) minutes, each read on the local clock: across a DST change, local minutes repeat or
+    are skipped, and walking local minutes would skip or invent them."""
     cron = crontab_from_expression(expression)
-    minute = now.astimezone(ZoneInfo(timezone)).replace(second=0, microsecond=0)
+    zone = ZoneInfo(timezone)
+    minute = now.astimezone(UTC).replace(second=0, microsecond=0)
     earliest = minute - SLOT_SEARCH
     while minute >= earliest:
-        if _matches(cron, minute):
-            return minute.astimezone(UTC)
+        if _matches(cron, minute.astimezone(zone)):
+            return minute
         minute -= timedelta(minutes=1)
     return None
 

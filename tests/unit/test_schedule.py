@@ -88,3 +88,19 @@ def test_a_task_belongs_to_the_latest_scheduled_minute_before_it_ran():
     assert scheduled_slot("0 2 * * *", at, "Europe/Berlin") == datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
     assert scheduled_slot("*/15 * * * *", at, "UTC") == datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
     assert scheduled_slot("0 2 29 2 *", at, "UTC") is None  # none within two months
+
+
+def test_the_slot_search_walks_real_minutes_across_daylight_saving_changes():
+    """Berlin leaves summer time at 03:00 CEST on 2026-10-25 (01:00 UTC): 02:30 happens twice. A
+    task of the second 02:30 (01:30 UTC) belongs to that one, not the first (00:30 UTC); in spring
+    (2026-03-29) 02:30 does not exist, and a task at 03:10 CEST belongs to the day before."""
+    from datetime import UTC
+
+    from vq_tasks.schedule import scheduled_slot
+
+    second = datetime(2026, 10, 25, 1, 31, tzinfo=UTC)
+    assert scheduled_slot("30 2 * * *", second, "Europe/Berlin") == datetime(2026, 10, 25, 1, 30, tzinfo=UTC)
+    first = datetime(2026, 10, 25, 0, 45, tzinfo=UTC)
+    assert scheduled_slot("30 2 * * *", first, "Europe/Berlin") == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    spring = datetime(2026, 3, 29, 1, 10, tzinfo=UTC)  # 03:10 CEST, just after the skipped hour
+    assert scheduled_slot("30 2 * * *", spring, "Europe/Berlin") == datetime(2026, 3, 28, 1, 30, tzinfo=UTC)
