@@ -299,26 +299,30 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _destinations_valid(self) -> Settings:
-        if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
-            raise ValueError("BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none")
-        offsite, primary = self.destination("offsite"), self.destination()
-        if offsite is not None and offsite.same_place(primary):
-            raise ValueError("BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere")
-        return self
-
-    @model_validator(mode="after")
-    def _encryption_valid(self) -> Settings:
-        """Recipients parse (a bad one named by position, never echoed); enabled needs one; the
-        identity file reads and is mode 600 or stricter (refused otherwise, like ssh's keys)."""
+    def _fit_together(self) -> Settings:
+        """Check what no single field tells, every area at once, so that start-up lists every problem."""
         from vq_tasks.encryption import settings_problems
 
-        if problems := settings_problems(self):
+        problems = [
+            *self._destination_problems(),
+            *settings_problems(self),
+            *self._service_problems(),
+            *self._signing_problems(),
+        ]
+        if problems:
             raise ValueError("\n".join(problems))
         return self
 
-    @model_validator(mode="after")
-    def _celery_not_on_backed_up_redis(self) -> Settings:
+    def _destination_problems(self) -> list[str]:
+        if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
+            return ["BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none"]
+        offsite, primary = self.destination("offsite"), self.destination()
+        if offsite is not None and offsite.same_place(primary):
+            return ["BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere"]
+        return []
+
+    def _service_problems(self) -> list[str]:
+        """SMTP's TLS and login, and Celery's URLs (never the Redis that is backed up)."""
         problems = []
         if self.smtp_ssl and self.smtp_starttls:
             problems.append("SMTP_SSL and SMTP_STARTTLS exclude each other")
@@ -346,12 +350,9 @@ class Settings(BaseSettings):
                     f"{name} points at the Redis that is backed up ({self.redis_host}:"
                     f"{self.redis_port}); restoring it would wipe Celery's state: use another Redis"
                 )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        return problems
 
-    @model_validator(mode="after")
-    def _signing_keys_valid(self) -> Settings:
+    def _signing_problems(self) -> list[str]:
         from vq_tasks.errors import PermanentError
         from vq_tasks.signing import load_signing_key, parse_public_keys
 
@@ -365,9 +366,7 @@ class Settings(BaseSettings):
             parse_public_keys(self.backup_signing_public_keys)
         except ValueError as exc:
             problems.append(f"BACKUP_SIGNING_PUBLIC_KEYS: {exc}")
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        return problems
 
     def _is_backed_up_redis(self, url: str) -> bool:
         parts = urlsplit(url)

@@ -52,6 +52,21 @@ def test_every_problem_is_listed_at_once(monkeypatch):
     assert "unknown time zone" in text
 
 
+def test_problems_of_several_areas_that_fit_badly_together_are_listed_at_once(monkeypatch, tmp_path):
+    """Each area's cross-field check used to stop the ones after it: now start-up lists all."""
+    found = problems(
+        monkeypatch,
+        BACKUP_OFFSITE_PROVIDER="Local",  # without BACKUP_OFFSITE_PATH
+        BACKUP_ENCRYPTION_ENABLED="true",  # without recipients
+        SMTP_SSL="true",
+        SMTP_STARTTLS="true",
+        BACKUP_SIGNING_KEY_FILE=str(tmp_path / "missing.pem"),
+    )
+    text = "\n".join(found)
+    assert "go together" in text and "STARTTLS exclude each other" in text, text
+    assert "BACKUP_ENCRYPTION_RECIPIENTS" in text and "missing.pem" in text, text
+
+
 @pytest.mark.parametrize(
     ("name", "value", "fragment"),
     [
