@@ -19,6 +19,7 @@ from tests.integration.conftest import fill_redis, redis_value
 from tests.servers import RedisServer, redis_server_binaries, redis_settings, start_redis
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.restore.redis import plan_redis_restore, redis_key_counts, restore_redis
+from vq_tasks.restore.redis_server import FOLDER_PREFIX
 from vq_tasks.restore.redis_transaction import Transaction
 from vq_tasks.settings import Settings
 from vq_tasks.sources.redis import dump_redis
@@ -382,8 +383,9 @@ def test_a_restore_stopped_while_it_queues_leaves_the_target_as_it_was(tmp_path:
 
     def kill_the_throwaway(stage: str, db: str, count: int) -> None:
         if stage == "queued" and count >= 1000 and not throwaways:
-            ours = {source.process.pid, target.process.pid}
-            throwaways.extend(p for p in psutil.Process().children() if p.pid not in ours)
+            throwaways.extend(  # redis-server runs in its folder; never another child (an emulator)
+                p for p in psutil.Process().children() if FOLDER_PREFIX in p.cwd()
+            )
             for process in throwaways:
                 process.kill()
 
