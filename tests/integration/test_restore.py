@@ -217,6 +217,6 @@ def test_extract_and_every_refusal_leave_everything_as_it_was(
     assert corrupted.returncode == 1 and "failed verification, nothing was restored" in corrupted.stderr
     outcome = call_restore(env, monkeypatch, backup_id=backup_id, force=True)
     assert isinstance(outcome, Exception) and "failed verification" in str(outcome)
-    assert f"{backup_id}.tar.gz sha256" in str(outcome)
+    assert f"{backup_id}.tar.gz cannot be read to its end" in str(outcome)
     assert snapshot(database, source_redis, layout["config"]) == before
     assert lock.get("vq:restore:lock") is None  # released after the refusal

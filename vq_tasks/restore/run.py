@@ -27,7 +27,7 @@ from typing import TypeVar
 import redis
 from pydantic import BaseModel, computed_field
 
-from vq_tasks import coordination
+from vq_tasks import coordination, signing
 from vq_tasks.audit import audit
 from vq_tasks.catalog import load_manifest
 from vq_tasks.errors import BackupError, PermanentError, TransientError, is_transient
@@ -201,11 +201,18 @@ def _restore(
     backup_id = resolve_backup_id(storage, settings.backup_name_prefix, backup_id)
     plan = results = integrity = None
     with restore_lock(settings, backup_id) if force else contextlib.nullcontext():
-        manifest = verified_manifest(storage, settings, backup_id, chosen, say)
+        manifest = trusted_manifest(storage, settings, backup_id, chosen)
         with owned_folder(settings.backup_staging_dir, FOLDER_PREFIX) as folder:
             files = {c: folder / local_name(c, manifest.components[c]) for c in chosen}
-            extract_to(storage, manifest, files, say, settings=settings)
-            check_contents(manifest, files)
+            say(f"verifying {backup_id} as its files are read (each once)")
+            try:
+                extract_to(storage, manifest, files, say, settings=settings)
+                check_contents(manifest, files)
+            except PermanentError as exc:
+                raise PermanentError(
+                    f"backup {backup_id} failed verification, nothing was restored: {exc}"
+                ) from None
+            say(f"{backup_id} verified")
             if force:
                 check_archives(settings, manifest, files)
                 results = apply_restore(settings, manifest, files, say)
@@ -224,11 +231,30 @@ def _restore(
     )
 
 
+def trusted_manifest(storage: Storage, settings: Settings, backup_id: str, chosen: list[str]) -> Manifest:
+    """Return the backup's manifest, once it names only its own backup's files, its signature
+    holds (BACKUP_SIGNING_PUBLIC_KEYS) and it has every chosen component; nothing else is read.
+    A restore then checks every file it reads against it (extract_to): one read, not two. Raise
+    PermanentError otherwise."""
+    manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
+    signed = signing.check(manifest, signing.trusted_keys(settings))
+    if not signed.ok:
+        raise PermanentError(
+            f"backup {backup_id} failed verification, nothing was restored: manifest signature"
+            f" {signed.actual} (expected {signed.expected})"
+        )
+    missing = [c for c in chosen if c not in manifest.components]
+    if missing:
+        raise PermanentError(f"backup {backup_id} has no {', '.join(missing)} component")
+    return manifest
+
+
 def verified_manifest(
     storage: Storage, settings: Settings, backup_id: str, chosen: list[str], say: Say
 ) -> Manifest:
-    """Verify the backup and return its manifest. Raise PermanentError naming the failed checks,
-    or a chosen component the backup does not have."""
+    """Verify the whole backup (every stored file, as `vq-backup verify` does) and return its
+    manifest: the drill's first step. Raise PermanentError naming the failed checks, or a chosen
+    component the backup does not have."""
     manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     say(f"verifying {backup_id} (every stored file is read once)")
     report = verify_backup(storage, settings, backup_id, manifest=manifest)  # the copy used below
