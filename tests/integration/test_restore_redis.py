@@ -161,8 +161,9 @@ def test_upgrade_from_a_62_backup_into_a_70_target(tmp_path: Path):
         assert_same(source, target, by_dump=False)
 
 
-def test_large_values_are_copied_in_groups_of_bounded_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("vq_tasks.restore.redis.BATCH_BYTES", 1 << 20)
+def test_large_values_are_copied_whole(tmp_path: Path):
+    """Payloads of 700 kB (larger than the reader's buffer is not needed: each is assembled whole
+    from its chunks), a long list, and small keys beside them."""
     with (
         start_redis(tmp_path / "source") as source,
         start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
@@ -435,7 +436,7 @@ def test_a_command_failing_inside_exec_is_reported_as_a_partial_restore(tmp_path
     one) fails that command alone, and the message says the target is partly restored."""
     with start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target:
         settings = redis_settings(target.port, TARGET_PASSWORD)
-        transaction = Transaction(settings, TARGET_PASSWORD)
+        transaction = Transaction(settings)
         try:
             transaction.use("0")
             transaction.queue("SET", "applied", "yes")
@@ -452,7 +453,7 @@ def test_a_command_failing_inside_exec_is_reported_as_a_partial_restore(tmp_path
 
 def test_a_transaction_closed_before_exec_writes_nothing(tmp_path: Path):
     with start_redis(tmp_path / "target") as target:
-        transaction = Transaction(redis_settings(target.port), None, batch=2)
+        transaction = Transaction(redis_settings(target.port), batch=2)
         transaction.use("1")
         for i in range(5):
             transaction.queue("SET", f"k{i}", i)

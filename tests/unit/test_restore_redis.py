@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.restore.redis import groups_by_size
 from vq_tasks.restore.redis_server import (
     check_versions,
     config_text,
@@ -158,10 +157,3 @@ def test_binary_version_is_parsed(tmp_path: Path):
     fake.write_text("#!/bin/sh\necho 'Redis server v=7.2.4 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64'\n")
     fake.chmod(0o755)
     assert server_binary_version(str(fake)) == "7.2.4"
-
-
-def test_groups_by_size_caps_what_one_pipeline_holds():
-    keys = [b"a", b"b", b"c", b"d", b"e"]
-    assert list(groups_by_size(keys, [40, 50, 20, 200, None], 100)) == [[b"a", b"b"], [b"c"], [b"d"], [b"e"]]
-    assert list(groups_by_size(keys, [1] * 5, 100)) == [keys]
-    assert list(groups_by_size([], [], 100)) == []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
-from vq_tasks.sources.redis import Link, ReplyReader, call, command, server_error
+from vq_tasks.sources.redis import Connection, command, server_error
 
 BATCH_COMMANDS = 1000
 BATCH_BYTES = 16 << 20  # the queued commands sent at once, unless a single one is larger
@@ -39,11 +39,11 @@ class Transaction:
     ``execute``; ``close`` before that discards them. Raises TransientError or PermanentError
     naming the server, never with the password."""
 
-    def __init__(self, settings: Settings, password: str | None, batch: int = BATCH_COMMANDS):
-        self._secrets = [password] if password else []
-        self._link = Link(settings)
-        self.where = self._link.where
-        self._reader = ReplyReader(self._link.recv_into, self.where, self._secrets)
+    def __init__(self, settings: Settings, batch: int = BATCH_COMMANDS):
+        self._connection = Connection(settings)
+        self.where = self._connection.where
+        self._secrets = list(self._connection.reader.secrets)
+        self._reader = self._connection.reader
         self._batch = batch
         self._timeout = settings.redis_timeout
         self._pending: list[bytes] = []
@@ -51,9 +51,7 @@ class Transaction:
         self._db: str | None = None
         self.queued = 0
         try:
-            if password:
-                call(self._link.send, self._reader, "AUTH", password)
-            call(self._link.send, self._reader, "MULTI")
+            self._connection.call("MULTI")
         except BaseException:
             self.close()
             raise
@@ -82,8 +80,8 @@ class Transaction:
         partly restored if a command failed inside it; TransientError saying the outcome is unknown
         if the answer does not come in time (REDIS_TIMEOUT, and at least EXEC_RATE commands a second)."""
         self.flush()
-        self._link.send(command("EXEC"))
-        self._link.set_timeout(self._timeout + self.queued / EXEC_RATE)
+        self._connection.send(command("EXEC"))
+        self._connection.link.set_timeout(self._timeout + self.queued / EXEC_RATE)
         try:
             head = self._reader.line()
             if head.startswith(b"-"):  # EXECABORT: a command was refused while queued
@@ -108,13 +106,13 @@ class Transaction:
 
     def close(self) -> None:
         """Close the connection; a transaction not executed is discarded by the server."""
-        self._link.close()
+        self._connection.close()
 
     def flush(self) -> None:
         """Send the commands not sent yet and read their answers, which must all be QUEUED."""
         if not self._pending:
             return
-        self._link.send(b"".join(self._pending))
+        self._connection.send(b"".join(self._pending))
         for _ in self._pending:
             reply = self._reader.line()
             if reply != b"+QUEUED":

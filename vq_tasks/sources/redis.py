@@ -151,7 +151,7 @@ def command(*args: str | bytes | int) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
 
 
@@ -192,6 +192,34 @@ class Link:
             return TransientError(f"{self.where} did not answer within {self._timeout:g} s (REDIS_TIMEOUT)")
         reason = exc.strerror or str(exc) or type(exc).__name__
         return TransientError(f"{doing} {self.where} (check REDIS_HOST, REDIS_PORT): {reason}")
+
+
+class Connection:
+    """A connection of our own to the Redis of ``settings`` (named ``where`` in messages, if given),
+    authenticated: raw commands go out with ``send``, replies are read one at a time from
+    ``reader``. For streams of many commands, where redis-py's per-command work is the cost."""
+
+    def __init__(self, settings: Settings, where: str | None = None):
+        password = _password(settings)
+        self.link = Link(settings)
+        self.where = self.link.where = where or self.link.where
+        self.reader = ReplyReader(self.link.recv_into, self.where, [password] if password else [])
+        try:
+            if password:
+                self.call("AUTH", password)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, data: bytes) -> None:
+        self.link.send(data)
+
+    def call(self, *args: str) -> None:
+        """Send one command and read its status reply. Raise the server's error."""
+        call(self.link.send, self.reader, *args)
+
+    def close(self) -> None:
+        self.link.close()
 
 
 def request_rdb(send: Callable[[bytes], object], reader: ReplyReader, password: str | None) -> None:
@@ -277,6 +305,33 @@ class ReplyReader:
                 yield self._view[self._start : self._end - size]
                 self._start = self._end - size
             self._fill()
+
+    def bulk(self) -> bytes | None:
+        """Return the next reply, a bulk string (None for nil), whole. Raise the server's error."""
+        line = self._reply(b"$")
+        if line == b"$-1":
+            return None
+        if not line[1:].isdigit():
+            raise self.unexpected(line)
+        data = b"".join([bytes(view) for view in self.exactly(int(line[1:]) + 2)])
+        return data[:-2]
+
+    def integer(self) -> int:
+        """Return the next reply, an integer. Raise the server's error."""
+        line = self._reply(b":")
+        try:
+            return int(line[1:])
+        except ValueError:
+            raise self.unexpected(line) from None
+
+    def _reply(self, kind: bytes) -> bytes:
+        """Return the next reply line, which must be of ``kind``. Raise the server's error."""
+        line = self.line()
+        if line.startswith(b"-"):
+            raise server_error(line[1:].decode(errors="replace"), self.where, self.secrets)
+        if not line.startswith(kind):
+            raise self.unexpected(line)
+        return line
 
     def unexpected(self, reply: bytes) -> PermanentError:
         """Given a reply that is not Redis's, return the error to raise."""
