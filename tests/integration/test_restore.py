@@ -220,3 +220,19 @@ def test_extract_and_every_refusal_leave_everything_as_it_was(
     assert f"{backup_id}.tar.gz cannot be read to its end" in str(outcome)
     assert snapshot(database, source_redis, layout["config"]) == before
     assert lock.get("vq:restore:lock") is None  # released after the refusal
+
+
+def test_database_and_redis_restore_together_and_a_failure_names_what_was_restored(
+    env, database, derived_databases, source_redis, layout, start_worker, tmp_path
+):
+    """The database and Redis are restored at the same time; Redis fails (REDIS_SERVER_BIN is no
+    redis-server) while the database is restored: the message names both."""
+    fill_database(database, customers=20)
+    start_worker(env)
+    backup_id, _ = make_backup(env, layout["storage"])
+    broken = {**env, "REDIS_SERVER_BIN": str(tmp_path / "no-redis-server")}
+    args = ("restore", backup_id, "--force", "--yes", "--component", "database", "--component", "redis")
+    failed = run_cli(broken, *args)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "redis restore failed" in failed.stderr and "restored: database" in failed.stderr, failed.stderr
+    assert "restoring database" in failed.stdout and "restoring redis" in failed.stdout

@@ -21,6 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -160,7 +161,7 @@ def restore_backup(
     and return the plan (nothing changed) or, with ``force``, restore them and return the results
     and the integrity report. Raise PermanentError for a bad id or component, a backup that fails
     verification, another restore or a backup running; a component that fails stops the restore
-    (the message names those restored before it)."""
+    (the message names those restored)."""
     started = time.monotonic()
     try:
         report = _restore(settings, storage, backup_id, components, force, say, started)
@@ -351,24 +352,46 @@ def plan_restore(settings: Settings, manifest: Manifest, files: dict[str, Path],
 
 
 def apply_restore(settings: Settings, manifest: Manifest, files: dict[str, Path], say: Say) -> RestoreResults:
-    """Restore each of ``files`` (by component) in turn; return the results. Raise the first
-    failure, its message naming the components restored before it."""
+    """Restore ``files`` (by component): the database and Redis at the same time (psql's load keeps
+    PostgreSQL busy, the key copy this process: on two cores they overlap), then config and logs
+    in turn; return the results. Raise the first failure, its message naming the components
+    restored (the other of the pair is still waited for, never abandoned half way)."""
     results = RestoreResults()
-    for component in files:
-        say(f"restoring {component}")
-        try:
-            setattr(results, component, _restore_one(settings, manifest, component, files[component], say))
-        except (BackupError, OSError) as exc:
-            done = [c for c in files if getattr(results, c) is not None]
-            before = (
-                f"; restored before it: {', '.join(done)}" if done else "; nothing was restored before it"
-            )
-            if results.database is not None and results.database.previous_name:
-                before += f" (the replaced database is kept as {results.database.previous_name})"
-            error = TransientError if is_transient(exc) else PermanentError
-            raise error(f"{component} restore failed: {exc}{before}") from None
-        say(f"{component} restored")
+    together = [c for c in ("database", "redis") if c in files]
+    steps = [together] + [[c] for c in files if c not in together]
+    for step in steps:
+        with ThreadPoolExecutor(max_workers=max(1, len(step))) as pool:
+            futures = {c: pool.submit(_restore_step, settings, manifest, c, files[c], say) for c in step}
+        failed = None
+        for component, future in futures.items():
+            try:
+                setattr(results, component, future.result())
+            except (BackupError, OSError) as exc:
+                failed = failed or (component, exc)
+        if failed:
+            raise _restore_failed(*failed, files, results)
     return results
+
+
+def _restore_step(
+    settings: Settings, manifest: Manifest, component: str, path: Path, say: Say
+) -> DatabaseRestoreResult | RedisRestoreResult | FilesRestoreResult:
+    say(f"restoring {component}")
+    result = _restore_one(settings, manifest, component, path, say)
+    say(f"{component} restored")
+    return result
+
+
+def _restore_failed(
+    component: str, exc: BaseException, files: dict[str, Path], results: RestoreResults
+) -> BackupError:
+    """Return the error for ``component`` failing, naming the components restored."""
+    done = [c for c in files if getattr(results, c) is not None]
+    restored = f"; restored: {', '.join(done)}" if done else "; nothing else was restored"
+    if results.database is not None and results.database.previous_name:
+        restored += f" (the replaced database is kept as {results.database.previous_name})"
+    error = TransientError if is_transient(exc) else PermanentError
+    return error(f"{component} restore failed: {exc}{restored}")
 
 
 def _restore_one(
