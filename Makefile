@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 AZURITE_VERSION ?= 3.35.0
 AZURITE := .emulators/node_modules/.bin/azurite-blob
 
-.PHONY: install emulators demo test test-unit lint bench clean
+.PHONY: install emulators demo test test-unit lint bench bench-scaling clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check vq_tasks tests bench
 	$(BIN)/ruff format --check vq_tasks tests bench
 
-bench: $(STAMP)  ## peak memory of a worker backing up a 1 GB database (docs/PERFORMANCE.md)
-	$(BIN)/python bench/memory.py
+bench: $(STAMP)  ## VQ Backup against a hand-written backup and restore script, 1 GiB data set, 2 rounds (BENCH_ARGS="--reuse ...")
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-scaling: $(STAMP)  ## the same at 0.25, 1 and 4 GiB: time against size, worker memory flat (data sets kept)
+	$(BIN)/python bench/run.py --sizes 0.25,1,4 --reuse $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .emulators build *.egg-info

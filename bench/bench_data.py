@@ -144,39 +144,41 @@ def database_size(pg: PgServer, name: str = DB_NAME) -> int | None:
     return int(found[0]) if found else None
 
 
-def reusable(pg: PgServer, size_gb: float) -> bool:
-    """Whether vq_bench exists, was completely generated for ``size_gb``, and has about that size."""
-    size = database_size(pg)
+def reusable(pg: PgServer, size_gb: float, name: str = DB_NAME) -> bool:
+    """Whether database ``name`` exists, was completely generated for ``size_gb``, and has about
+    that size."""
+    size = database_size(pg, name)
     if size is None:
         return False
     with pg.connect() as conn:
         comment = conn.execute(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (DB_NAME,)
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
         ).fetchone()[0]
     target = size_gb * (1 << 30)
     return comment == MARKER.format(size_gb=size_gb) and abs(size - target) <= SIZE_TOLERANCE * target
 
 
-def drop_database(pg: PgServer) -> None:
-    """Drop vq_bench, disconnecting whoever is still connected."""
+def drop_database(pg: PgServer, name: str = DB_NAME) -> None:
+    """Drop database ``name`` (vq_bench), disconnecting whoever is still connected."""
     with pg.connect() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def generate_database(pg: PgServer, size_gb: float) -> DatabaseInfo:
-    """(Re)create vq_bench and fill it to ``size_gb`` GiB; return what was made and how long it took."""
+def generate_database(pg: PgServer, size_gb: float, name: str = DB_NAME) -> DatabaseInfo:
+    """(Re)create database ``name`` (vq_bench) and fill it to ``size_gb`` GiB; return what was made
+    and how long it took."""
     started = time.monotonic()
-    drop_database(pg)
+    drop_database(pg, name)
     with pg.connect() as conn:
-        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    with pg.connect(DB_NAME) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    with pg.connect(name) as conn:
         conn.execute("SET synchronous_commit = off")
         conn.execute(SCHEMA)
         rounds = fill_to_size(conn, int(size_gb * (1 << 30)))
         conn.execute("DROP FUNCTION bench_words(int)")
         conn.execute("VACUUM (ANALYZE)")
-        conn.execute(f"COMMENT ON DATABASE \"{DB_NAME}\" IS '{MARKER.format(size_gb=size_gb)}'")
-    info = describe_database(pg, reused=False, rounds=rounds)
+        conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{MARKER.format(size_gb=size_gb)}'")
+    info = describe_database(pg, reused=False, rounds=rounds, name=name)
     info.generation_seconds = round(time.monotonic() - started, 1)
     return info
 
@@ -202,13 +204,15 @@ def _current_size(conn: psycopg.Connection) -> int:
     return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
 
 
-def describe_database(pg: PgServer, reused: bool, rounds: int | None = None) -> DatabaseInfo:
-    """Return the size, rows per table and server version of vq_bench."""
-    with pg.connect(DB_NAME) as conn:
+def describe_database(
+    pg: PgServer, reused: bool, rounds: int | None = None, name: str = DB_NAME
+) -> DatabaseInfo:
+    """Return the size, rows per table and server version of database ``name`` (vq_bench)."""
+    with pg.connect(name) as conn:
         rows = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("queues", *INSERTS)}
         version = conn.execute("SHOW server_version").fetchone()[0]
         size = _current_size(conn)
-    return DatabaseInfo(DB_NAME, size, reused, None, rounds, rows, version)
+    return DatabaseInfo(name, size, reused, None, rounds, rows, version)
 
 
 def fill_app_redis(client: redis.Redis, keys: int, seed: int = 1) -> dict[str, int]:
@@ -247,6 +251,70 @@ def _write_key(pipe: redis.client.Pipeline, rng: random.Random, kind: str, i: in
         pipe.xadd(f"events:{i}", {"kind": "called", "ticket": str(i), "token": token})
 
 
+FILL_LUA = """
+local first, count = tonumber(ARGV[1]), tonumber(ARGV[2])
+math.randomseed(tonumber(ARGV[3]))
+local states = {'waiting', 'called', 'served', 'left'}
+local counts = {0, 0, 0, 0, 0, 0}
+local function hex(groups)
+  local parts = {}
+  for j = 1, groups do parts[j] = string.format('%06x', math.random(0, 16777215)) end
+  return table.concat(parts)
+end
+for i = first, first + count - 1 do
+  local r, token = math.random(100), hex(4)
+  if r <= 50 then
+    local key = 'session:' .. i .. ':' .. string.sub(token, 1, 6)
+    local value = string.format('{"ticket": %d, "token": "%s", "eta": %.1f, "desk": %d}',
+      i, token, math.random() * 900, i % 40)
+    if i % 10 == 0 then redis.call('SET', key, value, 'EX', 2592000) else redis.call('SET', key, value) end
+    counts[1] = counts[1] + 1
+  elseif r <= 70 then
+    redis.call('HSET', 'ticket:' .. i, 'state', states[math.random(4)], 'name', 'Customer ' .. i,
+      'token', token, 'queue', i % 50, 'issued', i * 37)
+    counts[2] = counts[2] + 1
+  elseif r <= 80 then
+    local items = {}
+    for j = 1, 10 do items[j] = 't' .. math.random(0, 9999999) end
+    redis.call('RPUSH', 'queue:' .. i .. ':waiting', unpack(items))
+    counts[3] = counts[3] + 1
+  elseif r <= 90 then
+    local members = {}
+    for j = 1, 8 do members[j] = hex(1) end
+    redis.call('SADD', 'open:' .. i, unpack(members))
+    counts[4] = counts[4] + 1
+  elseif r <= 96 then
+    local scored = {}
+    for j = 1, 8 do
+      scored[2 * j - 1] = string.format('%.2f', math.random() * 900)
+      scored[2 * j] = 't' .. math.random(0, 9999999)
+    end
+    redis.call('ZADD', 'eta:' .. i, unpack(scored))
+    counts[5] = counts[5] + 1
+  else
+    redis.call('XADD', 'events:' .. i, '*', 'kind', 'called', 'ticket', tostring(i), 'token', token)
+    counts[6] = counts[6] + 1
+  end
+end
+return counts
+"""
+KEY_TYPES = ("string", "hash", "list", "set", "zset", "stream")
+
+
+def fill_app_redis_fast(client: redis.Redis, keys: int, seed: int = 1, batch: int = 50_000) -> dict[str, int]:
+    """Write ``keys`` keys of mixed types into database 0 as fill_app_redis does (half strings, a
+    tenth of them with a 30-day TTL; hashes, lists, sets, sorted sets, streams), generated on the
+    server by a Lua script in batches of ``batch`` keys: a million keys take seconds, not minutes.
+    Return how many of each type."""
+    script = client.register_script(FILL_LUA)
+    counts = dict.fromkeys(KEY_TYPES, 0)
+    for number, first in enumerate(range(0, keys, batch)):
+        made = script(args=[first, min(batch, keys - first), seed * 100_003 + number])
+        for kind, count in zip(KEY_TYPES, made, strict=True):
+            counts[kind] += int(count)
+    return counts
+
+
 LOG_LINES = (
     "INFO  queue.api     GET /api/queues/{q}/tickets 200 {ms}ms req={token}",
     "INFO  queue.notify  sms sent to ticket {t} (desk {d}) id={token}",
@@ -259,12 +327,7 @@ LOG_LINES = (
 def make_files(root: Path, log_mb: float, seed: int = 2) -> dict[str, Path]:
     """Create a config folder (a few small files, a symlink) and a log folder of about ``log_mb``
     MiB of realistic log lines under ``root``; return their paths."""
-    config = root / "etc" / "virtualqueue"
-    (config / "conf.d").mkdir(parents=True)
-    (config / "app.yaml").write_text("queues: 50\ndisplays: 40\nsecret_ref: vault://vq/app\n" * 20)
-    (config / "conf.d" / "tls.conf").write_text("ciphers HIGH:!aNULL\nprotocols TLSv1.2 TLSv1.3\n")
-    (config / "conf.d" / "desks.conf").write_text("".join(f"desk {d} floor {d % 4}\n" for d in range(40)))
-    (config / "current.yaml").symlink_to("app.yaml")
+    config = make_config(root)
     logs = root / "log" / "virtualqueue"
     logs.mkdir(parents=True)
     rng = random.Random(seed)
@@ -272,6 +335,17 @@ def make_files(root: Path, log_mb: float, seed: int = 2) -> dict[str, Path]:
     for name in names:
         _write_log(logs / name, int(log_mb * (1 << 20) / len(names)), rng)
     return {"config": config, "logs": logs}
+
+
+def make_config(root: Path) -> Path:
+    """Create the config folder root/etc/virtualqueue (a few small files, a symlink); return it."""
+    config = root / "etc" / "virtualqueue"
+    (config / "conf.d").mkdir(parents=True)
+    (config / "app.yaml").write_text("queues: 50\ndisplays: 40\nsecret_ref: vault://vq/app\n" * 20)
+    (config / "conf.d" / "tls.conf").write_text("ciphers HIGH:!aNULL\nprotocols TLSv1.2 TLSv1.3\n")
+    (config / "conf.d" / "desks.conf").write_text("".join(f"desk {d} floor {d % 4}\n" for d in range(40)))
+    (config / "current.yaml").symlink_to("app.yaml")
+    return config
 
 
 def _write_log(path: Path, size: int, rng: random.Random) -> None:
@@ -292,3 +366,69 @@ def _write_log(path: Path, size: int, rng: random.Random) -> None:
         written += len(line)
     path.write_text("".join(lines))
     os.utime(path)
+
+
+MORE_LOG_LINES = (
+    'INFO  queue.http    {ip} - "GET /api/displays/{d}/state HTTP/1.1" 200 {size} "{agent}" {ms}ms',
+    "INFO  queue.worker  task notify_customer[{uuid}] succeeded in {sec:.3f}s",
+    "WARN  queue.db      slow query ({ms}ms): SELECT * FROM tickets WHERE queue_id = {q} AND state = 'left'",
+    "INFO  queue.auth    agent{d}@site{q}.example.org signed in from {ip}",
+)
+AGENTS = ("Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0", "VQ-Kiosk/3.2 (Android 12)", "curl/7.88.1")
+TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/app/queue/api.py", line {line}, in create_ticket\n'
+    "    ticket = service.issue(queue_id={q}, customer_id={t})\n"
+    "TimeoutError: upstream did not answer within 5s (req={token})\n"
+)
+LOG_FILE_BYTES = 64 << 20
+
+
+def write_logs(folder: Path, total_bytes: int, seed: int = 2) -> list[Path]:
+    """Write about ``total_bytes`` of application log lines under ``folder`` in rotated files of at
+    most 64 MiB (app.log, app.log.1, ...): timestamps a few milliseconds apart, a dozen kinds of
+    line with ids, addresses, durations and the odd traceback. Like real logs they compress about
+    5:1, and no two lines are alike. Return the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    count = max(1, -(-total_bytes // LOG_FILE_BYTES))
+    clock = datetime.now(UTC) - timedelta(days=1)
+    paths = [folder / ("app.log" if n == 0 else f"app.log.{n}") for n in range(count)]
+    for path in reversed(paths):  # the oldest rotation first, so that time runs on
+        clock = _write_log_file(path, total_bytes // count, rng, clock)
+    return paths
+
+
+def _write_log_file(path: Path, size: int, rng: random.Random, clock: datetime) -> datetime:
+    templates = LOG_LINES + MORE_LOG_LINES
+    written = 0
+    with open(path, "w") as out:
+        while written < size:
+            lines = []
+            for _ in range(5000):
+                clock += timedelta(microseconds=rng.randrange(40_000))
+                lines.append(f"{clock.isoformat(timespec='milliseconds')} {_log_text(rng, templates)}\n")
+            chunk = "".join(lines)
+            out.write(chunk)
+            written += len(chunk)
+    return clock
+
+
+def _log_text(rng: random.Random, templates: tuple[str, ...]) -> str:
+    values = {
+        "q": rng.randrange(50),
+        "t": rng.randrange(10**6),
+        "d": rng.randrange(40),
+        "ms": rng.randrange(2000),
+        "token": f"{rng.getrandbits(64):016x}",
+        "ip": f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)}",
+        "size": rng.randrange(200, 9000),
+        "agent": rng.choice(AGENTS),
+        "uuid": f"{rng.getrandbits(128):032x}",
+        "sec": rng.random() * 3,
+        "line": rng.randrange(40, 400),
+    }
+    text = rng.choice(templates).format(**values)
+    if text.startswith("ERROR") and rng.random() < 0.3:
+        text += "\n" + TRACEBACK.format(**values).rstrip("\n")
+    return text
