@@ -58,7 +58,7 @@ class PeakWatcher:
 
 def dump_once(settings: Settings, staging: Path, round_number: int) -> int:
     """Stage one dump of the database and remove it; return the bytes dumped."""
-    area = StagingArea(staging, f"round{round_number}")
+    area = StagingArea(staging, f"round{round_number}_20260101_000000")
     try:
         produce = lambda out: dump_database(settings, out)  # noqa: E731
         return stage_part(settings, area, "database", "database.sql", produce).content.size

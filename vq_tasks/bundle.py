@@ -10,14 +10,13 @@ finished fails the backup instead of entering it.
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from datetime import datetime
 from pathlib import Path
 
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import StagedPart
-from vq_tasks.streams import CHUNK_SIZE, Writer, gzip_member
+from vq_tasks.streams import CHUNK_SIZE, HashStage, Nowhere, Writer, gzip_member
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
@@ -54,10 +53,9 @@ class BundleWriter:
 
 def copy_staged(part: StagedPart, out: Writer) -> None:
     """Copy a staged part into ``out``, checking its size and SHA-256 against its record.
-    Raise PermanentError if the part is missing or differs."""
+    Raise PermanentError if the part is missing or differs. The check's SHA-256 runs on a thread
+    of its own, beside whatever ``out`` does with the bytes (hashing them again, writing them)."""
     path = Path(part.path)
-    digest = hashlib.sha256()
-    size = 0
     try:
         stream = open(path, "rb")  # noqa: SIM115 - closed below, errors translated
     except FileNotFoundError:
@@ -65,12 +63,17 @@ def copy_staged(part: StagedPart, out: Writer) -> None:
             f"the {part.component} part staged by worker {part.worker} at {path} is not visible on "
             "this worker: BACKUP_STAGING_DIR must be one volume shared by every worker"
         ) from None
-    with stream:
-        while chunk := stream.read(CHUNK_SIZE):
-            digest.update(chunk)
-            size += len(chunk)
-            out.write(chunk)
-    if size != part.staged_size or digest.hexdigest() != part.staged_sha256:
+    check = HashStage(Nowhere(), md5=False, background=True)
+    try:
+        with stream:
+            while chunk := stream.read(CHUNK_SIZE):
+                check.write(chunk)
+                out.write(chunk)
+        check.close()
+    finally:
+        check.abort()
+    size = check.size
+    if size != part.staged_size or check.sha256 != part.staged_sha256:
         raise PermanentError(
             f"the staged {part.component} part at {path} changed after it was written "
             f"({size} bytes, expected {part.staged_size}): refusing to store it"

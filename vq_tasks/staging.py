@@ -85,12 +85,13 @@ def stage_part(
         try:
             staged = HashStage(_StagingFile(sink, settings), md5=False)
             compressed = _compression(settings, staged, member_level)
-            content = HashStage(compressed)
+            content = HashStage(compressed, background=True)  # digests beside compression, not before
             head: Stage = ProgressStage(content, progress) if progress else content
             try:
                 facts = produce(head)
                 head.close()
             except BaseException:
+                content.abort()
                 if isinstance(compressed, GzipStage):
                     compressed.abort()
                 raise

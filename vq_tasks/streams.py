@@ -5,6 +5,10 @@ A stage passes every chunk on to the next one after looking at it (hashing, coun
 progress) or transforming it (compressing into independent gzip members, in parallel threads: zlib
 releases the GIL). Members concatenate into a valid gzip stream, which is what lets a bundle be
 assembled later by copying bytes, never compressing twice.
+
+Compression is what a dump spends its CPU on: zlib level 6 runs at 35-50 MB/s per core on a plain
+SQL dump, zlib-ng's deflate (the same format and levels) at about 93 MB/s, so zlib-ng compresses;
+anything zlib reads, gzip(1) and tar(1) included, reads its members.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from pydantic import BaseModel
+from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, two to three times faster
 
 CHUNK_SIZE = 1 << 20
 GZIP_BLOCK_SIZE = 1 << 20
 GZIP_WBITS = 31  # zlib writes a gzip header and trailer
+HASH_IN_FLIGHT = 4  # chunks handed to a background HashStage and not hashed yet
+SHARED_PIECE = 64 << 10  # bytes at least this long go into gzip blocks by reference, not copied
+Buffer = bytes | bytearray | memoryview
 
 
 class Writer(Protocol):
@@ -54,26 +62,61 @@ class Stage:
 
 
 class HashStage(Stage):
-    """Count bytes and compute MD5 and SHA-256 of everything that passes."""
+    """Count bytes and compute MD5 and SHA-256 of everything that passes.
 
-    def __init__(self, downstream: Writer, md5: bool = True):
+    With ``background``, the digests are computed on a thread of their own (hashlib releases the
+    GIL), in order, at most HASH_IN_FLIGHT chunks behind: the thread that writes only hands chunks
+    on. ``close`` (or ``abort``) ends the thread; the digests are complete once ``close`` returns.
+    """
+
+    def __init__(self, downstream: Writer, md5: bool = True, background: bool = False):
         super().__init__(downstream)
         self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self._sha256 = hashlib.sha256()
         self.size = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hash") if background else None
+        self._pending: collections.deque[Future[None]] = collections.deque()
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
+        if self._thread is None:
+            self._update(data)
+        else:
+            if not isinstance(data, bytes):
+                data = bytes(data)  # the caller may reuse its buffer once write returns
+            self._pending.append(self._thread.submit(self._update, data))
+            if len(self._pending) > HASH_IN_FLIGHT:
+                self._pending.popleft().result()
+        self.downstream.write(data)
+
+    def _update(self, data: bytes) -> None:
         if self._md5 is not None:
             self._md5.update(data)
         self._sha256.update(data)
-        self.downstream.write(data)
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self.abort()
+        super().close()
+
+    def abort(self) -> None:
+        """Stop the hashing thread, if any, without waiting for what is pending (after an error)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
 
     @property
     def sha256(self) -> str:
+        self._drain()
         return self._sha256.hexdigest()
 
     def checksums(self) -> Checksums:
+        self._drain()
         md5 = self._md5.hexdigest() if self._md5 is not None else ""
         return Checksums(size=self.size, md5=md5, sha256=self._sha256.hexdigest())
 
@@ -115,14 +158,24 @@ class ProgressStage(Stage):
 
 def gzip_member(data: bytes, level: int) -> bytes:
     """Return ``data`` compressed as one complete gzip member."""
-    compressor = zlib.compressobj(level, zlib.DEFLATED, GZIP_WBITS)
-    return compressor.compress(data) + compressor.flush()
+    return b"".join(_deflate_member([data], level))
+
+
+def _deflate_member(pieces: list[Buffer], level: int) -> list[bytes]:
+    """Compress the concatenation of ``pieces`` into one gzip member, returned in parts (no join)."""
+    compressor = DEFLATE.compressobj(level, zlib.DEFLATED, GZIP_WBITS)
+    out = [compressor.compress(piece) for piece in pieces]
+    out.append(compressor.flush())
+    return [part for part in out if part]
 
 
 class GzipStage(Stage):
     """Compress blocks into independent gzip members on ``threads`` threads, written in order.
 
-    At most ``2 * threads`` blocks are in flight, so memory is bounded by a few block sizes.
+    At most ``2 * threads`` blocks are in flight, so memory is bounded by a few block sizes. A block
+    is a list of pieces that the threads compress one after the other: large ``bytes`` written to the
+    stage are cut into it by reference (memoryview slices), never copied; small writes and mutable
+    buffers (which a caller may reuse once ``write`` returns) are copied and gathered.
     """
 
     def __init__(self, downstream: Writer, level: int, threads: int, block_size: int = GZIP_BLOCK_SIZE):
@@ -131,28 +184,42 @@ class GzipStage(Stage):
         self._block_size = block_size
         self._max_in_flight = 2 * threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
-        self._pending: collections.deque[Future[bytes]] = collections.deque()
-        self._buffer = bytearray()
+        self._pending: collections.deque[Future[list[bytes]]] = collections.deque()
+        self._pieces: list[Buffer] = []
+        self._buffered = 0
 
-    def write(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._block_size:
-            block = bytes(self._buffer[: self._block_size])
-            del self._buffer[: self._block_size]
-            self._submit(block)
+    def write(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        shared = isinstance(data, bytes) and len(view) >= SHARED_PIECE  # immutable: kept by reference
+        while view:
+            take = min(len(view), self._block_size - self._buffered)
+            piece, view = view[:take], view[take:]
+            if shared:
+                self._pieces.append(piece)
+            elif self._pieces and isinstance(self._pieces[-1], bytearray):
+                self._pieces[-1] += piece
+            else:
+                self._pieces.append(bytearray(piece))
+            self._buffered += take
+            if self._buffered == self._block_size:
+                self._submit()
 
-    def _submit(self, block: bytes) -> None:
-        self._pending.append(self._pool.submit(gzip_member, block, self._level))
+    def _submit(self) -> None:
+        block, self._pieces, self._buffered = self._pieces, [], 0
+        self._pending.append(self._pool.submit(_deflate_member, block, self._level))
         while len(self._pending) >= self._max_in_flight:
-            self.downstream.write(self._pending.popleft().result())
+            self._write_member(self._pending.popleft())
+
+    def _write_member(self, member: Future[list[bytes]]) -> None:
+        for part in member.result():
+            self.downstream.write(part)
 
     def close(self) -> None:
         try:
-            if self._buffer:
-                self._submit(bytes(self._buffer))
-                self._buffer.clear()
+            if self._pieces:
+                self._submit()
             while self._pending:
-                self.downstream.write(self._pending.popleft().result())
+                self._write_member(self._pending.popleft())
         finally:
             self.abort()
         super().close()
@@ -162,6 +229,7 @@ class GzipStage(Stage):
         for future in self._pending:
             future.cancel()
         self._pending.clear()
+        self._pieces = []
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

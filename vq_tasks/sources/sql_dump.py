@@ -5,7 +5,7 @@ newlines inside values), so the counts match the data restored from this dump ex
 second query and no second read. A COPY statement counts only right after pg_dump's own
 ``Type: TABLE DATA`` comment, so text that merely looks like one (in a function body, a comment
 or a default) is never taken for table data. Work per chunk is a few ``bytes.find``/``count``
-calls in C.
+calls and one literal ``re`` search, all in C.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ TAIL_LIMIT = 512
 STATEMENT_LIMIT = 4 << 20  # a COPY statement with 1600 long column names is far shorter
 _DUMPED_FROM = re.compile(rb"^-- Dumped from database version (\S+)", re.M)
 _DUMPED_BY = re.compile(rb"^-- Dumped by pg_dump version (\S+)", re.M)
+_COPY_END = re.compile(re.escape(COPY_END))  # re's literal search runs faster than bytes.find here
 
 
 class SqlDumpInspector:
@@ -77,7 +78,8 @@ class SqlDumpInspector:
         return end + len(COPY_STATEMENT_END) - 1, False  # on the newline: an empty table ends there
 
     def _count_rows(self, data: bytes, position: int) -> tuple[int, bool]:
-        end = data.find(COPY_END, position)
+        found = _COPY_END.search(data, position)
+        end = found.start() if found else -1
         if end < 0:
             keep_from = max(position, len(data) - len(COPY_END) + 1)
             self.tables[self._table] += data.count(b"\n", position, keep_from)
