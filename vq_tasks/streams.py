@@ -292,11 +292,12 @@ class HashingReader:
 
 class GunzipReader:
     """Read the data of concatenated gzip members from ``source``, inflating at most CHUNK_SIZE
-    at a time. Raise DamagedStream for data that is not gzip or ends inside a member."""
+    at a time (zlib-ng: about 1.5 times zlib's speed). Raise DamagedStream for data that is not
+    gzip or ends inside a member."""
 
     def __init__(self, source: HashingReader):
         self._source = source
-        self._inflate = zlib.decompressobj(GZIP_WBITS)
+        self._inflate = DEFLATE.decompressobj(GZIP_WBITS)
         self._input = b""
         self._in_member = False
         self._buffer = bytearray()
@@ -320,12 +321,12 @@ class GunzipReader:
                 return self._end_of_input()
         try:
             self._buffer += self._inflate.decompress(self._input, CHUNK_SIZE)
-        except zlib.error as exc:
+        except DEFLATE.error as exc:
             self._fail(f"damaged gzip data at byte {self._source.position} or before ({exc})")
         self._in_member = not self._inflate.eof
         if self._inflate.eof:
             self._input = self._inflate.unused_data
-            self._inflate = zlib.decompressobj(GZIP_WBITS)
+            self._inflate = DEFLATE.decompressobj(GZIP_WBITS)
         else:
             self._input = self._inflate.unconsumed_tail
         return True
@@ -337,7 +338,7 @@ class GunzipReader:
         if not self._inflate.eof:
             self._fail(f"the gzip data ends inside a member at byte {self._source.position}: truncated")
         self._in_member = False
-        self._inflate = zlib.decompressobj(GZIP_WBITS)
+        self._inflate = DEFLATE.decompressobj(GZIP_WBITS)
         return True
 
     def _fail(self, reason: str) -> None:
