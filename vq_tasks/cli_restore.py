@@ -38,7 +38,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 def confirm_restore(settings: Settings, backup_id: str, components: list[str]) -> bool:
     """Say what a restore replaces; return whether the operator typed the backup id."""
-    from vq_tasks.restore.run import config_target
+    from vq_tasks.restore.apply import config_target
 
     replaced = {
         "database": f"database {settings.db_name} on {settings.db_host}:{settings.db_port} (kept, renamed)",

@@ -35,7 +35,7 @@ from vq_tasks.manifest import (
     parse_backup_id,
     split_object_name,
 )
-from vq_tasks.restore import run
+from vq_tasks.restore import apply, run
 from vq_tasks.restore.files import changed_files, restore_files
 from vq_tasks.restore.run import restore_backup
 from vq_tasks.safety import check_manifest, rdb_problem, sql_dump_problem
@@ -284,7 +284,7 @@ def test_a_sql_file_that_is_not_a_pg_dump_is_refused_before_psql(tmp_path, monke
     backup = make_backup(tmp_path, database=evil)
     assert backup.verify().ok
     called = []
-    monkeypatch.setattr(run, "plan_database_restore", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(apply, "plan_database_restore", lambda *a, **k: called.append(a))
     with pytest.raises(PermanentError, match=r"database\.sql is not a plain dump by pg_dump") as caught:
         restore_backup(targets(backup, tmp_path), backup.storage, BACKUP_ID, ["database"])
     assert "does not start with pg_dump's header" in str(caught.value) and "psql was not run" in str(
@@ -315,7 +315,7 @@ def test_an_rdb_of_another_version_than_the_manifest_says_is_refused_before_load
     store(backup.settings, backup.parts)
     assert backup.verify().ok  # its CRC64 holds: only the version differs from the manifest
     called = []
-    monkeypatch.setattr(run, "plan_redis_restore", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(apply, "plan_redis_restore", lambda *a, **k: called.append(a))
     with pytest.raises(
         PermanentError, match=r"redis\.rdb is not the backup's RDB: its header says RDB version 9"
     ):
@@ -558,7 +558,7 @@ def test_a_hostile_config_archive_stops_the_restore_before_any_component(tmp_pat
     assert backup.verify().ok
     settings = targets(backup, tmp_path).model_copy(update={"backup_config_paths": [ROOT]})
     restored = []
-    monkeypatch.setattr(run, "restore_database", lambda *a, **k: restored.append("database"))
+    monkeypatch.setattr(apply, "restore_database", lambda *a, **k: restored.append("database"))
     monkeypatch.setattr(run, "restore_lock", lambda *a: contextlib.nullcontext())
     with pytest.raises(PermanentError, match="nothing was restored: config etc/vq/out: link to an absolute"):
         restore_backup(settings, backup.storage, BACKUP_ID, ["database", "config"], force=True)

@@ -264,7 +264,7 @@ def test_shown_url_drops_credentials_and_query():
 
 
 def test_roots_come_from_the_settings_not_the_manifest_alone(backup, tmp_path):
-    from vq_tasks.restore.run import trusted_roots
+    from vq_tasks.restore.apply import trusted_roots
 
     settings = with_targets(backup, tmp_path)
     assert trusted_roots(settings, backup.manifest, "config") == [str(tmp_path / "etc" / "vq")]

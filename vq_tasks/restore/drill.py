@@ -36,6 +36,7 @@ from vq_tasks.audit import audit
 from vq_tasks.errors import BackupError, PermanentError, redact
 from vq_tasks.leftovers import owned_folder
 from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
+from vq_tasks.restore.apply import facts_of, redis_progress
 from vq_tasks.restore.extract import extract_to, local_name
 from vq_tasks.restore.files import restore_files
 from vq_tasks.restore.integrity import (
@@ -51,7 +52,7 @@ from vq_tasks.restore.postgres_connect import connect
 from vq_tasks.restore.postgres_swap import derived_name, left_over
 from vq_tasks.restore.redis import redis_key_counts, restore_redis
 from vq_tasks.restore.redis_server import HOST, Throwaway, server_binary_path, server_binary_version
-from vq_tasks.restore.run import facts_of, redis_progress, restore_lock, verified_manifest
+from vq_tasks.restore.run import restore_lock, verified_manifest
 from vq_tasks.safety import check_contents
 from vq_tasks.settings import LOOPBACK_NAMES, Settings
 from vq_tasks.storage.base import Storage
