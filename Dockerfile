@@ -38,7 +38,7 @@ RUN set -eux; \
     apt-get install -y --no-install-recommends \
         "postgresql-client-${PG_MAJOR}" \
         "redis-tools=5:${REDIS_SERVER_VERSION}.*" "redis-server=5:${REDIS_SERVER_VERSION}.*" \
-        tar tini; \
+        tar tini zstd; \
     apt-get purge -y --auto-remove curl; \
     rm -rf /var/lib/apt/lists/*; \
     "/usr/lib/postgresql/${PG_MAJOR}/bin/pg_dump" --version; \

@@ -3,7 +3,8 @@
 A ``.tar.gz`` is a tar stream inside concatenated gzip members. The bundle is written as: for each
 part, one small member holding its tar header, then the part's own members (compressed by its
 dump task), then a small member with the padding to the next 512-byte block; at the end a member
-with the end-of-archive blocks. ``tar -tzf`` reads the result like any other archive. Each staged
+with the end-of-archive blocks. ``tar -tzf`` reads the result like any other archive. A ``.tar.zst``
+is made the same way of zstd frames (``tar --zstd -tf`` reads it). Each staged
 part's size and SHA-256 are checked while it is copied, so a part changed or cut after its task
 finished fails the backup instead of entering it.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import StagedPart
-from vq_tasks.streams import CHUNK_SIZE, HashStage, Nowhere, Writer, gzip_member
+from vq_tasks.streams import CHUNK_SIZE, HashStage, Nowhere, Writer, gzip_member, zstd_frame
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
@@ -24,16 +25,20 @@ SMALL_MEMBER_LEVEL = 6
 
 
 class BundleWriter:
-    """Write a tar (gzip-compressed or plain) of staged parts into ``out``."""
+    """Write a tar (gzip- or zstd-compressed, or plain) of staged parts into ``out``."""
 
-    def __init__(self, out: Writer, compressed: bool, mtime: datetime):
+    def __init__(self, out: Writer, compression: str, mtime: datetime):
         self._out = out
-        self._compressed = compressed
+        self._compression = compression
         self._mtime = int(mtime.timestamp())
         self._pending_padding = 0
 
     def _emit_small(self, data: bytes) -> None:
-        self._out.write(gzip_member(data, SMALL_MEMBER_LEVEL) if self._compressed else data)
+        if self._compression == "gzip":
+            data = gzip_member(data, SMALL_MEMBER_LEVEL)
+        elif self._compression == "zstd":
+            data = zstd_frame(data, SMALL_MEMBER_LEVEL)
+        self._out.write(data)
 
     def add(self, part: StagedPart) -> None:
         """Append ``part`` under its member name."""

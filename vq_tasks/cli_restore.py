@@ -145,7 +145,7 @@ def add_restore_commands(commands: argparse._SubParsersAction) -> None:
     restore.set_defaults(handler=cmd_restore)
     extract = commands.add_parser("extract", help="write one component of a backup to a file")
     extract.add_argument("backup_id", help="a backup id, or 'latest'")
-    extract.add_argument("component", help="database.sql, redis.rdb, config.tar.gz, logs, ...")
+    extract.add_argument("component", help="database.sql, redis.rdb, config.tar.gz (.tar.zst), logs, ...")
     extract.add_argument("-o", "--output", required=True, help="the file to write (must not exist)")
     add_destination_flag(extract)
     extract.set_defaults(handler=cmd_extract)

@@ -28,17 +28,14 @@ SHA256_HEX = r"^[0-9a-f]{64}$"
 BACKUP_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]*_[0-9]{8}_[0-9]{6}$"
 Count = Annotated[int, Field(ge=0)]
 ENCRYPTED_SUFFIX = ".age"  # after the plain name of an encrypted file: <id>.tar.gz.age
+Compression = Literal["gzip", "zstd", "none"]
+COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")
+TAR_SUFFIX = {"gzip": ".tar.gz", "zstd": ".tar.zst", "none": ".tar"}  # an archive's, by compression
 # every name a backup stores, by suffix and role; longest suffixes first so that they match first
 SUFFIX_ROLES = {
     "_manifest.json": "manifest",
-    "_logs.tar.gz.age": "logs",
-    "_logs.tar.age": "logs",
-    "_logs.tar.gz": "logs",
-    "_logs.tar": "logs",
-    ".tar.gz.age": "bundle",
-    ".tar.age": "bundle",
-    ".tar.gz": "bundle",
-    ".tar": "bundle",
+    **{f"_logs{TAR_SUFFIX[c]}{age}": "logs" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
+    **{f"{TAR_SUFFIX[c]}{age}": "bundle" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
 }
 
 
@@ -87,7 +84,9 @@ class StagedPart(BaseModel):
     )
     path: str
     worker: str
-    compressed: bool = Field(description="gzip members (COMPRESSION_ENABLED of the worker that dumped)")
+    compression: Compression = Field(
+        description="gzip members, zstd frames or none (COMPRESSION_ENABLED and _ALGORITHM of the worker)"
+    )
     staged_size: int = Field(ge=0)
     staged_sha256: str = Field(pattern=SHA256_HEX)
     content: Checksums = Field(description="the uncompressed member")
@@ -146,7 +145,7 @@ class Manifest(BaseModel):
     finished_at: datetime
     duration_seconds: float
     tool_version: str
-    compression: Literal["gzip", "none"]
+    compression: Compression
     files: list[StoredFile]
     components: dict[Component, ComponentEntry]
     encryption: EncryptionInfo | None = Field(
@@ -205,27 +204,27 @@ def plain_name(name: str) -> str:
     return name.removesuffix(ENCRYPTED_SUFFIX)
 
 
-def bundle_name(backup_id: str, compressed: bool, encrypted: bool = False) -> str:
-    return stored_name(f"{backup_id}.tar.gz" if compressed else f"{backup_id}.tar", encrypted)
+def bundle_name(backup_id: str, compression: Compression, encrypted: bool = False) -> str:
+    return stored_name(f"{backup_id}{TAR_SUFFIX[compression]}", encrypted)
 
 
-def logs_name(backup_id: str, compressed: bool, encrypted: bool = False) -> str:
-    return stored_name(f"{backup_id}_logs.tar.gz" if compressed else f"{backup_id}_logs.tar", encrypted)
+def logs_name(backup_id: str, compression: Compression, encrypted: bool = False) -> str:
+    return stored_name(f"{backup_id}_logs{TAR_SUFFIX[compression]}", encrypted)
 
 
 def manifest_name(backup_id: str) -> str:
     return f"{backup_id}_manifest.json"
 
 
-def member_name(component: Component, backup_id: str, compressed: bool) -> str:
+def member_name(component: Component, backup_id: str, compression: Compression) -> str:
     """Return the name a component has inside the bundle (or, for logs, in storage)."""
     if component == "database":
         return "database.sql"
     if component == "redis":
         return "redis.rdb"
     if component == "config":
-        return "config.tar.gz" if compressed else "config.tar"
-    return logs_name(backup_id, compressed)
+        return f"config{TAR_SUFFIX[compression]}"
+    return logs_name(backup_id, compression)
 
 
 def kind_for(started: datetime, scheduled: bool, earlier: list[datetime]) -> Kind:

@@ -46,7 +46,7 @@ from vq_tasks.sources.redis import dump_redis
 from vq_tasks.staging import Producer, StagingArea, stage_part
 from vq_tasks.storage import open_storage
 from vq_tasks.storage.base import Storage, StorageError
-from vq_tasks.streams import GzipStage, HashStage, Writer
+from vq_tasks.streams import GzipStage, HashStage, Writer, ZstdStage, compression_stage
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def dump_component(settings: Settings, backup_id: str, component: Component) -> 
         raise RunEnded(f"backup {backup_id} has already {status}; {component} is not dumped again")
     area = StagingArea(settings.backup_staging_dir, backup_id)
     report(settings, backup_id, **{f"state:{component}": "running"})
-    member = member_name(component, backup_id, settings.compression_enabled)
+    member = member_name(component, backup_id, settings.compression)
     produce, level = _producer(settings, component)
 
     def progress(size: int) -> None:
@@ -150,7 +150,7 @@ def report(settings: Settings, backup_id: str, **fields: object) -> None:
 
 
 def _producer(settings: Settings, component: Component) -> tuple[Producer, int | None]:
-    """Return what writes ``component``'s content, and the gzip level of its wrapping members."""
+    """Return what writes ``component``'s content, and the level of its wrapping members (frames)."""
     if component == "database":
         return (lambda out: dump_database(settings, out)), None
     if component == "redis":
@@ -159,16 +159,18 @@ def _producer(settings: Settings, component: Component) -> tuple[Producer, int |
         return (
             lambda out: archive_logs(settings.backup_log_paths, out, settings.backup_logs_window_days)
         ), None
-    if not settings.compression_enabled:
+    if settings.compression == "none":
         return (lambda out: archive_config(settings.backup_config_paths, out)), None
     return _compressed_config(settings), 0
 
 
 def _compressed_config(settings: Settings) -> Producer:
-    """config.tar.gz: the tar is compressed here; the bundle's members around it only store it."""
+    """config.tar.gz (.zst): the tar is compressed here; the bundle's members around it only store it."""
 
     def produce(out: Writer):
-        inner = GzipStage(out, settings.compression_level, settings.compression_threads)
+        level, threads = settings.effective_compression_level, settings.compression_threads
+        inner = compression_stage(out, settings.compression, level, threads)
+        assert isinstance(inner, GzipStage | ZstdStage)
         try:
             facts = archive_config(settings.backup_config_paths, inner)
             inner.close()
@@ -200,16 +202,16 @@ def finalize(
     storage = open_storage(settings)
     if storage.stat(manifest_name(backup_id)) is not None:
         return load_manifest(storage, backup_id)
-    parts = _parts_by_component(records, settings.compression_enabled)
+    parts = _parts_by_component(records, settings.compression)
     _check_staged_paths(parts, StagingArea(settings.backup_staging_dir, backup_id))
     started = datetime.fromisoformat(started_at)
-    compressed = settings.compression_enabled
+    compression = settings.compression
     recipients = encryption.recipients_of(settings)  # None: stored as is
     with coordination.heartbeat(coordination.client(settings), backup_id, settings.backup_lock_ttl):
         bundle = _store(
             storage,
-            bundle_name(backup_id, compressed, encrypted=bool(recipients)),
-            lambda out: _write_bundle(out, parts, compressed, started),
+            bundle_name(backup_id, compression, encrypted=bool(recipients)),
+            lambda out: _write_bundle(out, parts, compression, started),
             recipients,
         )
         logs_stored_as = stored_name(parts["logs"].member, encrypted=bool(recipients))
@@ -222,7 +224,7 @@ def finalize(
         finished_at=finished,
         duration_seconds=round((finished - started).total_seconds(), 3),
         tool_version=tool_version(),
-        compression="gzip" if compressed else "none",
+        compression=compression,
         files=[bundle, logs],
         components={
             c: ComponentEntry(
@@ -244,18 +246,18 @@ def finalize(
     return manifest
 
 
-def _parts_by_component(records: list[dict], compressed: bool) -> dict[str, StagedPart]:
+def _parts_by_component(records: list[dict], compression: str) -> dict[str, StagedPart]:
     """Return the staged parts by component. Raise PermanentError if one is missing or was
-    staged with another COMPRESSION_ENABLED than this worker's (workers must agree)."""
+    staged with another compression than this worker's (workers must agree)."""
     parts = {p.component: p for p in (StagedPart.model_validate(r) for r in records)}
     missing = [c for c in COMPONENTS if c not in parts]
     if missing:
         raise PermanentError(f"finalize got no record for {', '.join(missing)}")
-    mixed = [p.component for p in parts.values() if p.compressed != compressed]
+    mixed = [f"{p.component} ({p.compression})" for p in parts.values() if p.compression != compression]
     if mixed:
         raise PermanentError(
-            f"{', '.join(mixed)} staged with COMPRESSION_ENABLED={not compressed}, unlike this worker: "
-            "every worker must have the same settings"
+            f"{', '.join(mixed)} staged with another compression than this worker's ({compression}): "
+            "every worker must have the same COMPRESSION_ENABLED and COMPRESSION_ALGORITHM"
         )
     return parts
 
@@ -269,8 +271,8 @@ def _check_staged_paths(parts: dict[str, StagedPart], area: StagingArea) -> None
         raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
 
 
-def _write_bundle(out: Writer, parts: dict[str, StagedPart], compressed: bool, started: datetime) -> None:
-    bundle = BundleWriter(out, compressed, started)
+def _write_bundle(out: Writer, parts: dict[str, StagedPart], compression: str, started: datetime) -> None:
+    bundle = BundleWriter(out, compression, started)
     for component in BUNDLED:
         bundle.add(parts[component])
     bundle.close()

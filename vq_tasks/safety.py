@@ -14,7 +14,15 @@ import re
 from pathlib import Path
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import BUNDLED, DatabaseFacts, Manifest, RedisFacts, member_name, split_object_name
+from vq_tasks.manifest import (
+    BUNDLED,
+    COMPRESSIONS,
+    DatabaseFacts,
+    Manifest,
+    RedisFacts,
+    member_name,
+    split_object_name,
+)
 
 PG_DUMP_HEADER = b"--\n-- PostgreSQL database dump\n--\n"
 PG_DUMP_CLOSING = b"-- PostgreSQL database dump complete"
@@ -51,7 +59,7 @@ def manifest_problems(manifest: Manifest, backup_id: str, prefix: str) -> list[s
             if split_object_name(entry.member, prefix) != (backup_id, "logs"):
                 found.append(f"logs' member is {entry.member!r}, not a logs archive of {backup_id}")
             continue
-        names = {member_name(component, backup_id, True), member_name(component, backup_id, False)}  # type: ignore[arg-type]
+        names = {member_name(component, backup_id, c) for c in COMPRESSIONS}  # type: ignore[arg-type]
         if entry.member not in names:
             found.append(f"{component}'s member is {entry.member!r}, not {' or '.join(sorted(names))}")
     return found

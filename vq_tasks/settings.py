@@ -12,7 +12,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -86,6 +86,10 @@ class SecretFileSource(PydanticBaseSettingsSource):
         return values
 
 
+COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 19)}  # zstd's 20-22 need far more memory
+DEFAULT_COMPRESSION_LEVEL = {"gzip": 6, "zstd": 3}
+
+
 class Settings(BaseSettings):
     """Every setting of VQ Backup; field ``x_y`` is read from the environment variable ``X_Y``."""
 
@@ -108,7 +112,8 @@ class Settings(BaseSettings):
     backup_storage_path: str = "/var/backups/virtualqueue"
     backup_staging_dir: Path = Path("/var/tmp/vq-backup/staging")
     compression_enabled: bool = True
-    compression_level: int = Field(6, ge=1, le=9)
+    compression_algorithm: Literal["gzip", "zstd"] = "gzip"
+    compression_level: int | None = Field(None, ge=1, le=22)  # unset: the algorithm's default
     compression_threads: int = Field(2, ge=1, le=64)
     backup_upload_part_size_mb: int = Field(8, ge=5, le=4096)
     backup_upload_concurrency: int = Field(4, ge=1, le=32)
@@ -257,6 +262,11 @@ class Settings(BaseSettings):
         crontab_from_expression(value)
         return value
 
+    @field_validator("compression_algorithm", mode="before")
+    @classmethod
+    def _algorithm_lowercase(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("backup_timezone")
     @classmethod
     def _timezone_known(cls, value: str) -> str:
@@ -308,10 +318,28 @@ class Settings(BaseSettings):
             *settings_problems(self),
             *self._service_problems(),
             *self._signing_problems(),
+            *self._compression_problems(),
         ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _compression_problems(self) -> list[str]:
+        low, high = COMPRESSION_LEVELS[self.compression_algorithm]
+        level = self.compression_level
+        if level is not None and not low <= level <= high:
+            return [f"COMPRESSION_LEVEL={level}: {self.compression_algorithm} takes {low} to {high}"]
+        return []
+
+    @property
+    def compression(self) -> Literal["gzip", "zstd", "none"]:
+        """What parts are compressed with: COMPRESSION_ALGORITHM, or none if not COMPRESSION_ENABLED."""
+        return self.compression_algorithm if self.compression_enabled else "none"
+
+    @property
+    def effective_compression_level(self) -> int:
+        """COMPRESSION_LEVEL, or when unset the algorithm's default: 6 for gzip, 3 for zstd."""
+        return self.compression_level or DEFAULT_COMPRESSION_LEVEL[self.compression_algorithm]
 
     def _destination_problems(self) -> list[str]:
         if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):

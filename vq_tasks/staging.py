@@ -22,7 +22,7 @@ from typing import BinaryIO
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedPart, parse_backup_id
 from vq_tasks.settings import Settings
-from vq_tasks.streams import GzipStage, HashStage, ProgressStage, Stage, Writer
+from vq_tasks.streams import GzipStage, HashStage, ProgressStage, Stage, Writer, ZstdStage, compression_stage
 
 Producer = Callable[[Writer], Facts]
 
@@ -73,8 +73,8 @@ def stage_part(
 ) -> StagedPart:
     """Run ``produce`` into the chain for ``component`` and return the record of the staged part.
 
-    ``member_level`` overrides the gzip level of the wrapping members (0 for data that is
-    already compressed, such as config.tar.gz)."""
+    ``member_level`` overrides the level of the wrapping gzip members or zstd frames (0 for data
+    that is already compressed, such as config.tar.gz: stored)."""
     final = area.part_path(component)
     began = time.monotonic()
     temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
@@ -92,7 +92,7 @@ def stage_part(
                 head.close()
             except BaseException:
                 content.abort()
-                if isinstance(compressed, GzipStage):
+                if isinstance(compressed, GzipStage | ZstdStage):
                     compressed.abort()
                 raise
             with _staging_errors(settings):
@@ -111,7 +111,7 @@ def stage_part(
         member=member,
         path=str(final),
         worker=socket.gethostname(),
-        compressed=settings.compression_enabled,
+        compression=settings.compression,
         staged_size=staged.size,
         staged_sha256=staged.sha256,
         content=content.checksums(),
@@ -142,7 +142,5 @@ def _staging_errors(settings: Settings) -> Iterator[None]:
 
 
 def _compression(settings: Settings, downstream: Writer, level: int | None) -> Writer:
-    if not settings.compression_enabled:
-        return downstream
-    chosen = settings.compression_level if level is None else level
-    return GzipStage(downstream, chosen, settings.compression_threads)
+    chosen = settings.effective_compression_level if level is None else level
+    return compression_stage(downstream, settings.compression, chosen, settings.compression_threads)

@@ -17,13 +17,15 @@ import collections
 import contextlib
 import hashlib
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NoReturn, Protocol
 
+import zstandard
 from pydantic import BaseModel
 from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, two to three times faster
 
@@ -261,7 +263,7 @@ class HashingReader:
     """Read from ``source``, hashing every byte read (unless not ``hashed``) and keeping the last
     ``keep`` bytes or more."""
 
-    def __init__(self, source: BinaryIO | GunzipReader, keep: int = 0, hashed: bool = True):
+    def __init__(self, source: BinaryIO | GunzipReader | UnzstdReader, keep: int = 0, hashed: bool = True):
         self._source = source
         self._keep = keep
         self.hash = HashStage(Nowhere()) if hashed else None
@@ -351,11 +353,187 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 @contextlib.contextmanager
 def open_tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
-    """Open a plain or gzip-compressed tar file for reading as a stream. Python's own ``r|gz``
-    stops after the first gzip member; our archives are many members, read by GunzipReader."""
+    """Open a plain, gzip- or zstd-compressed tar file for reading as a stream. Python's own
+    ``r|gz`` stops after the first gzip member; our archives are many members, read by GunzipReader
+    (or UnzstdReader)."""
     with open(path, "rb") as raw:
-        compressed = raw.read(2) == GZIP_MAGIC
+        magic = raw.read(4)
         raw.seek(0)
-        source = GunzipReader(HashingReader(raw, hashed=False)) if compressed else raw
+        compression = "gzip" if magic[:2] == GZIP_MAGIC else "zstd" if magic == ZSTD_MAGIC else "none"
+        source = decompressing(HashingReader(raw, hashed=False), compression)
         with tarfile.open(fileobj=source, mode="r|") as tar:
             yield tar
+
+
+# zstd: the same design as gzip above (independent frames made in parallel blocks, which
+# concatenate into one valid zstd stream), in classes of its own.
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_BLOCK_SIZE = 1 << 20
+ZSTD_MAX_FRAME = 16 << 20  # the largest frame content a reader accepts (ours are ZSTD_BLOCK_SIZE)
+ZSTD_HEADER_MAX = 18  # bytes of the longest frame header
+ZSTD_RAW_BLOCK = 1 << 17  # the largest block of a frame
+
+
+def zstd_frame(data: bytes, level: int) -> bytes:
+    """Return ``data`` as one complete zstd frame with its size and checksum; level 0 stores it
+    in raw blocks (for data already compressed)."""
+    if level == 0:
+        return _stored_zstd_frame(data)
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+
+
+def _stored_zstd_frame(data: bytes) -> bytes:
+    """A zstd frame of raw (uncompressed) blocks: single segment, 4-byte content size."""
+    frame = bytearray(ZSTD_MAGIC + b"\xa0" + len(data).to_bytes(4, "little"))
+    offset = 0
+    while True:
+        block = data[offset : offset + ZSTD_RAW_BLOCK]
+        offset += len(block)
+        last = offset >= len(data)
+        frame += ((len(block) << 3) | last).to_bytes(3, "little") + block
+        if last:
+            return bytes(frame)
+
+
+class ZstdStage(Stage):
+    """Compress blocks into independent zstd frames on ``threads`` threads (zstd releases the
+    GIL), written in order; level 0 stores them. At most ``2 * threads`` blocks are in flight."""
+
+    def __init__(self, downstream: Writer, level: int, threads: int, block_size: int = ZSTD_BLOCK_SIZE):
+        super().__init__(downstream)
+        self._level = level
+        self._block_size = block_size
+        self._max_in_flight = 2 * threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zstd")
+        self._pending: collections.deque[Future[bytes]] = collections.deque()
+        self._buffer = bytearray()
+        self._local = threading.local()  # one compressor per thread: a compressor is not shared
+
+    def _frame(self, block: bytes) -> bytes:
+        if self._level == 0:
+            return _stored_zstd_frame(block)
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True)
+            self._local.compressor = compressor
+        return compressor.compress(block)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        if self._buffer:  # fill the block begun by earlier writes first
+            take = self._block_size - len(self._buffer)
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) < self._block_size:
+                return
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        while len(view) >= self._block_size:  # whole blocks straight from ``data``, copied once
+            self._submit(bytes(view[: self._block_size]))
+            view = view[self._block_size :]
+        self._buffer += view
+
+    def _submit(self, block: bytes) -> None:
+        self._pending.append(self._pool.submit(self._frame, block))
+        while len(self._pending) >= self._max_in_flight:
+            self.downstream.write(self._pending.popleft().result())
+
+    def close(self) -> None:
+        try:
+            if self._buffer:
+                self._submit(bytes(self._buffer))
+                self._buffer.clear()
+            while self._pending:
+                self.downstream.write(self._pending.popleft().result())
+        finally:
+            self.abort()
+        super().close()
+
+    def abort(self) -> None:
+        """Stop the threads without writing what is pending (after an error)."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class UnzstdReader:
+    """Read the data of concatenated zstd frames from ``source``, one frame at a time. Raise
+    DamagedStream for data that is not zstd, fails a frame's checksum, ends inside a frame, or
+    has a frame without its size or larger than ZSTD_MAX_FRAME (memory stays bounded)."""
+
+    def __init__(self, source: HashingReader):
+        self._source = source
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame: zstandard.ZstdDecompressionObj | None = None
+        self._input = b""
+        self._buffer = bytearray()
+        self._failure = ""
+
+    def read(self, size: int = -1) -> bytes:
+        while (size < 0 or len(self._buffer) < size) and self._decompress_some():
+            pass
+        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _decompress_some(self) -> bool:
+        """Decompress more into the buffer; return False at the end of the last frame."""
+        if self._failure:
+            raise DamagedStream(self._failure)
+        if self._frame is None:
+            while len(self._input) < ZSTD_HEADER_MAX and (more := self._source.read(CHUNK_SIZE)):
+                self._input += more
+            if not self._input:
+                return False
+            self._start_frame()
+        if not self._input:
+            self._input = self._source.read(CHUNK_SIZE)
+            if not self._input:
+                self._fail(f"the zstd data ends inside a frame at byte {self._source.position}: truncated")
+        assert self._frame is not None
+        try:
+            self._buffer += self._frame.decompress(self._input)
+        except zstandard.ZstdError as exc:
+            self._fail(f"damaged zstd data at byte {self._source.position} or before ({exc})")
+        if self._frame.eof:
+            self._input = self._frame.unused_data
+            self._frame = None
+        else:
+            self._input = b""
+        return True
+
+    def _start_frame(self) -> None:
+        where = f"at byte {self._source.position - len(self._input)}"
+        try:
+            size = zstandard.frame_content_size(self._input)
+        except zstandard.ZstdError:
+            self._fail(f"damaged zstd data {where}: not a zstd frame header")
+        if size < 0 or size > ZSTD_MAX_FRAME:
+            self._fail(f"zstd frame {where} does not say its size or is larger than {ZSTD_MAX_FRAME} bytes")
+        self._frame = self._decompressor.decompressobj()
+
+    def _fail(self, reason: str) -> NoReturn:
+        self._failure = reason
+        raise DamagedStream(reason)
+
+
+def compression_stage(downstream: Writer, compression: str, level: int, threads: int) -> Writer:
+    """Return the stage compressing into ``downstream`` ("gzip" or "zstd"), or ``downstream``
+    itself ("none")."""
+    if compression == "gzip":
+        return GzipStage(downstream, level, threads)
+    if compression == "zstd":
+        return ZstdStage(downstream, level, threads)
+    return downstream
+
+
+def decompressing(source: HashingReader, compression: str) -> HashingReader | GunzipReader | UnzstdReader:
+    """Return the reader of the data inside ``source`` compressed as ``compression``."""
+    if compression == "gzip":
+        return GunzipReader(source)
+    if compression == "zstd":
+        return UnzstdReader(source)
+    return source

@@ -201,17 +201,17 @@ def _verify_file(
             n: _component_report(n, e, [absent_check(e, "not read", False)]) for n, e in entries.items()
         }
         return FileReport(name=stored.name, checks=[bad]), unread
-    compressed = manifest.compression == "gzip"
+    compression = manifest.compression
     whole = {n: e for n, e in entries.items() if is_whole(e)}  # the logs: the tar stream itself
-    probes = {e.member: probe_for(n, e, compressed) for n, e in entries.items() if n not in whole}
+    probes = {e.member: probe_for(n, e, compression) for n, e in entries.items() if n not in whole}
     try:
         with storage.open_read(stored.name) as stream:
-            scan = scan_archive(stream, compressed, probes, content_checksums=bool(whole), decrypt=decrypt)
+            scan = scan_archive(stream, compression, probes, content_checksums=bool(whole), decrypt=decrypt)
     except FileNotFoundError:
         return _missing_file(stored, entries, retired if role[1] == "logs" else None)
     if scan.unchecked:
-        return _unchecked_file(stored, scan, entries, compressed)
-    checks = [*checksum_checks(stored, scan.stored), readable_check(scan.error, compressed, bool(decrypt))]
+        return _unchecked_file(stored, scan, entries, compression)
+    checks = [*checksum_checks(stored, scan.stored), readable_check(scan.error, compression, bool(decrypt))]
     if probes:
         checks.append(names_check("members", list(probes), scan.members))
     found = {
@@ -227,12 +227,12 @@ def _verify_file(
 
 
 def _unchecked_file(
-    stored: StoredFile, scan: Scan, entries: dict[str, ComponentEntry], compressed: bool
+    stored: StoredFile, scan: Scan, entries: dict[str, ComponentEntry], compression: str
 ) -> tuple[FileReport, dict[str, ComponentReport]]:
     """The report of an encrypted file whose key is missing or wrong: its stored bytes checked,
     its contents and components NOT CHECKED (which is not OK: a restore refuses it)."""
     assert scan.unchecked is not None
-    what = readable_check(None, compressed, encrypted=True).expected
+    what = readable_check(None, compression, encrypted=True).expected
     checks = [*checksum_checks(stored, scan.stored), unchecked_check("contents", what, scan.unchecked)]
     found = {
         n: _component_report(n, e, [unchecked_check("contents", f"{e.member} checked", scan.unchecked)])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import zstandard
 from pydantic import BaseModel
 
 from vq_tasks.encryption import KeyUnavailable
@@ -29,10 +30,10 @@ from vq_tasks.streams import (
     CHUNK_SIZE,
     Checksums,
     DamagedStream,
-    GunzipReader,
     HashingReader,
     HashStage,
     Nowhere,
+    decompressing,
 )
 
 BLOCK = tarfile.BLOCKSIZE
@@ -68,25 +69,35 @@ Decrypt = Callable[[HashingReader], BinaryIO]
 
 MAX_NAMES = 10_000  # member names kept of a tar whose expected names are not known (the bundle)
 
-# what reading a damaged stream raises: our own, tarfile's, zlib's, and storage read errors
-READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, OSError, EOFError, ValueError, BackupError)
+# what reading a damaged stream raises: our own, tarfile's, zlib's, zstd's, and storage read errors
+READ_ERRORS = (
+    DamagedStream,
+    tarfile.TarError,
+    zlib.error,
+    zstandard.ZstdError,
+    OSError,
+    EOFError,
+    ValueError,
+    BackupError,
+)
 
 
 def scan_archive(
     source: BinaryIO,
-    compressed: bool,
+    compression: str,
     probes: dict[str, MemberProbe] | None = None,
     content_checksums: bool = False,
     decrypt: Decrypt | None = None,
     max_names: int = MAX_NAMES,
 ) -> Scan:
-    """Read ``source``, a tar stream (gzip-compressed if ``compressed``, encrypted if ``decrypt``
+    """Read ``source``, a tar stream (compressed as ``compression`` says, encrypted if ``decrypt``
     is given), to its very end, handing each member named in ``probes`` to its probe; return what
     was found, with the checksums of the tar stream itself if ``content_checksums``. A stream that
     cannot be read to the end is reported in the result's ``error``, one whose key is missing or
     wrong in ``unchecked``; the raw bytes are counted all the same. Past ``max_names`` members
     the names are not kept: a line saying so takes their place (a forged archive of millions of
     entries must not fill the memory), which no manifest lists."""
+    compressed = compression != "none"
     raw = HashingReader(source, keep=0 if compressed or decrypt else WINDOW)
     members: list[str] = []
     error = unchecked = None
@@ -96,7 +107,10 @@ def scan_archive(
         if decrypt is not None:
             hashed = content_checksums and not compressed
             plain = HashingReader(decrypt(raw), keep=0 if compressed else WINDOW, hashed=hashed)
-        content = HashingReader(GunzipReader(plain), WINDOW, content_checksums) if compressed else plain
+        if compressed:
+            content = HashingReader(decompressing(plain, compression), WINDOW, content_checksums)
+        else:
+            content = plain
         end = _read_tar(content, probes or {}, members, max_names)
         _check_end(content, end)
     except KeyUnavailable as exc:
@@ -175,8 +189,8 @@ def checksum_checks(expected: Checksums | StoredFile, actual: Checksums) -> list
     ]
 
 
-def readable_check(error: str | None, compressed: bool, encrypted: bool = False) -> Check:
-    what = "gzip and tar read to the end" if compressed else "tar read to the end"
+def readable_check(error: str | None, compression: str, encrypted: bool = False) -> Check:
+    what = f"{compression} and tar read to the end" if compression != "none" else "tar read to the end"
     what = f"age decrypted, {what}" if encrypted else what
     return Check(check="readable", expected=what, actual=error or "read to the end", ok=error is None)
 
@@ -298,24 +312,24 @@ class RdbProbe(MemberProbe):
 
 
 class ArchiveProbe(MemberProbe):
-    """config.tar.gz (or config.tar): an archive of its own, read to its end, listing its files."""
+    """config.tar.gz (.tar.zst, .tar): an archive of its own, read to its end, listing its files."""
 
-    def __init__(self, entry: ComponentEntry, compressed: bool):
+    def __init__(self, entry: ComponentEntry, compression: str):
         super().__init__(entry)
-        self._compressed = compressed
+        self._compression = compression
         self._scan: Scan | None = None
 
     def read(self, stream: BinaryIO) -> None:
         self.found = True
         listed = self.entry.facts.files if isinstance(self.entry.facts, FilesFacts) else []
-        self._scan = scan_archive(stream, self._compressed, max_names=len(listed) + 1)
+        self._scan = scan_archive(stream, self._compression, max_names=len(listed) + 1)
 
     def checks(self) -> list[Check]:
         if self._scan is None:
             return [absent_check(self.entry, "missing", False)]
         return [
             *checksum_checks(self.entry.content, self._scan.stored),
-            readable_check(self._scan.error, self._compressed),
+            readable_check(self._scan.error, self._compression),
             *files_checks(self.entry, self._scan.members),
         ]
 
@@ -331,11 +345,11 @@ def absent_check(entry: ComponentEntry, actual: str, ok: bool) -> Check:
     return Check(check="present", expected=f"{entry.member} in {where}", actual=actual, ok=ok)
 
 
-def probe_for(component: str, entry: ComponentEntry, compressed: bool) -> MemberProbe:
+def probe_for(component: str, entry: ComponentEntry, compression: str) -> MemberProbe:
     if component == "database":
         return SqlProbe(entry)
     if component == "redis":
         return RdbProbe(entry)
     if component == "config":
-        return ArchiveProbe(entry, compressed)
+        return ArchiveProbe(entry, compression)
     return MemberProbe(entry)

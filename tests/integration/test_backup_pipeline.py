@@ -6,7 +6,6 @@ import hashlib
 import json
 import stat
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from tests.integration.conftest import (
 )
 from tests.servers import free_port, start_redis
 from vq_tasks.cli import unsubscribe
+from vq_tasks.manifest import TAR_SUFFIX
+from vq_tasks.streams import HashingReader, decompressing, open_tar_stream
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
@@ -42,9 +43,12 @@ def run_backup(env) -> tuple[str, subprocess.CompletedProcess]:
     return backup_id, result
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
 def test_full_backup_is_complete_checked_and_restorable(
-    base_env, database, source_redis, layout, start_worker, tmp_path
+    base_env, database, source_redis, layout, start_worker, tmp_path, compression
 ):
+    base_env = {**base_env, "COMPRESSION_ALGORITHM": compression}
+    suffix = TAR_SUFFIX[compression]
     expected_rows = fill_database(database)
     old_debris = layout["storage"] / "virtualqueue_backup_20000101_000000.tar.gz"
     layout["storage"].mkdir(parents=True)
@@ -57,14 +61,22 @@ def test_full_backup_is_complete_checked_and_restorable(
 
     storage = layout["storage"]
     bundle, logs, manifest_file = (
-        storage / f"{backup_id}{s}" for s in (".tar.gz", "_logs.tar.gz", "_manifest.json")
+        storage / f"{backup_id}{s}" for s in (suffix, f"_logs{suffix}", "_manifest.json")
     )
     manifest = json.loads(manifest_file.read_text())
     assert manifest["status"] == "complete" and manifest["kind"] == "manual"
+    assert manifest["compression"] == compression
 
-    # The bundle lists with tar -tzf, and every stored file's checksums match md5sum/sha256sum.
-    listing = subprocess.run(["tar", "-tzf", str(bundle)], capture_output=True, text=True, check=True)
-    assert listing.stdout.split() == ["database.sql", "redis.rdb", "config.tar.gz"]
+    # The bundle lists with tar -tzf (tar --zstd -tf, zstd -dc | tar -t), and every stored file's
+    # checksums match md5sum/sha256sum.
+    members = ["database.sql", "redis.rdb", f"config{suffix}"]
+    flag = ["-z"] if compression == "gzip" else ["--zstd"]
+    listing = subprocess.run(["tar", *flag, "-tf", str(bundle)], capture_output=True, text=True, check=True)
+    assert listing.stdout.split() == members
+    if compression == "zstd":
+        plain = subprocess.run(["zstd", "-dc", str(bundle)], capture_output=True, check=True).stdout
+        listing = subprocess.run(["tar", "-t"], input=plain, capture_output=True, check=True)
+        assert listing.stdout.decode().split() == members
     for entry in manifest["files"]:
         path = storage / entry["name"]
         assert entry["size"] == path.stat().st_size
@@ -72,18 +84,18 @@ def test_full_backup_is_complete_checked_and_restorable(
         assert entry["sha256"] == command_digest("sha256sum", path)
 
     extracted = tmp_path / "extracted"
-    with tarfile.open(bundle) as tar:
+    with open_tar_stream(bundle) as tar:
         tar.extractall(extracted, filter="data")
     for name, component in manifest["components"].items():
         member = extracted / component["member"] if name != "logs" else logs
-        content = member.read_bytes() if name != "logs" else _gunzip(member)
+        content = member.read_bytes() if name != "logs" else _unpacked(member)
         assert hashlib.sha256(content).hexdigest() == component["content"]["sha256"], name
         assert len(content) == component["content"]["size"], name
 
     _check_database_restores(extracted / "database.sql", expected_rows, manifest)
     _check_rdb_loads(extracted / "redis.rdb", source_redis, tmp_path, manifest)
-    _check_config_archive(extracted / "config.tar.gz", layout)
-    with tarfile.open(logs) as tar:
+    _check_config_archive(extracted / f"config{suffix}", layout)
+    with open_tar_stream(logs) as tar:
         names = tar.getnames()
     assert any(n.endswith("log/virtualqueue/app.log") for n in names)
     assert not any(n.endswith("app.log.10") for n in names)  # older than the 7-day window
@@ -104,10 +116,11 @@ def test_full_backup_is_complete_checked_and_restorable(
         assert secret not in everything
 
 
-def _gunzip(path: Path) -> bytes:
-    import gzip
-
-    return gzip.decompress(path.read_bytes())
+def _unpacked(path: Path) -> bytes:
+    """The content of a gzip or zstd file, read as the restore reads it."""
+    with open(path, "rb") as raw:
+        compression = "gzip" if path.name.endswith(".gz") else "zstd"
+        return decompressing(HashingReader(raw), compression).read()
 
 
 def _check_database_restores(sql: Path, expected_rows: dict[str, int], manifest: dict) -> None:
@@ -161,7 +174,7 @@ def _check_rdb_loads(rdb: Path, source, tmp_path: Path, manifest: dict) -> None:
 
 
 def _check_config_archive(archive: Path, layout: dict[str, Path]) -> None:
-    with tarfile.open(archive) as tar:
+    with open_tar_stream(archive) as tar:
         members = {m.name: m for m in tar.getmembers()}
     root = str(layout["config"]).lstrip("/")
     assert members[f"{root}/current.yaml"].issym()

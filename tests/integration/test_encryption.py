@@ -17,6 +17,7 @@ import pytest
 from tests.integration.conftest import fill_database, run_cli
 from tests.integration.test_restore import TABLES, change_everything, snapshot
 from tests.servers import redis_server_binary
+from vq_tasks.manifest import TAR_SUFFIX
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw", "AGE-SECRET-KEY")
@@ -36,10 +37,14 @@ def keygen(path: Path) -> str:
 
 
 def age_list(key: Path, bundle: Path) -> list[str]:
-    """`age -d -i key < bundle | tar -tz`: the names in an encrypted bundle, by the CLIs alone."""
+    """`age -d -i key < bundle | tar -tz` (`tar --zstd -t`): the names in an encrypted bundle, by
+    the CLIs alone."""
+    flag = "--zstd" if bundle.name.endswith(".zst.age") else "-z"
     with open(bundle, "rb") as stored:
         age = subprocess.Popen([tool("age"), "-d", "-i", str(key)], stdin=stored, stdout=subprocess.PIPE)
-        listing = subprocess.run(["tar", "-tz"], stdin=age.stdout, capture_output=True, text=True, timeout=60)
+        listing = subprocess.run(
+            ["tar", flag, "-t"], stdin=age.stdout, capture_output=True, text=True, timeout=60
+        )
         assert age.stdout is not None
         age.stdout.close()
         assert age.wait(timeout=60) == 0
@@ -47,8 +52,9 @@ def age_list(key: Path, bundle: Path) -> list[str]:
     return listing.stdout.split()
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
 def test_an_encrypted_backup_opens_with_age_verifies_and_restores_only_with_its_key(
-    base_env, database, derived_databases, source_redis, layout, start_worker, tmp_path
+    base_env, database, derived_databases, source_redis, layout, start_worker, tmp_path, compression
 ):
     keys = tmp_path / "keys"
     keys.mkdir()
@@ -60,7 +66,9 @@ def test_an_encrypted_backup_opens_with_age_verifies_and_restores_only_with_its_
         "REDIS_SERVER_BIN": redis_server_binary(),
         "BACKUP_ENCRYPTION_ENABLED": "true",
         "BACKUP_ENCRYPTION_RECIPIENTS": f"{operator},{escrow}",
+        "COMPRESSION_ALGORITHM": compression,
     }  # the workers': public keys only
+    suffix = TAR_SUFFIX[compression]
     with_key = {**env, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(operator_key)}
     wrong_key = {**env, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(stranger_key)}
     expected_rows = fill_database(database, customers=150)
@@ -71,13 +79,13 @@ def test_an_encrypted_backup_opens_with_age_verifies_and_restores_only_with_its_
     backup_id = made.stdout.strip().splitlines()[-1]
     storage = layout["storage"]
     bundle, logs, manifest_file = (
-        storage / f"{backup_id}{s}" for s in (".tar.gz.age", "_logs.tar.gz.age", "_manifest.json")
+        storage / f"{backup_id}{s}" for s in (f"{suffix}.age", f"_logs{suffix}.age", "_manifest.json")
     )
     assert sorted(p.name for p in storage.iterdir()) == sorted(p.name for p in (bundle, logs, manifest_file))
 
     # the age CLI alone opens the bundle, with either recipient's key; sha256sum matches the manifest
-    assert age_list(operator_key, bundle) == ["database.sql", "redis.rdb", "config.tar.gz"]
-    assert age_list(escrow_key, bundle) == ["database.sql", "redis.rdb", "config.tar.gz"]
+    assert age_list(operator_key, bundle) == ["database.sql", "redis.rdb", f"config{suffix}"]
+    assert age_list(escrow_key, bundle) == ["database.sql", "redis.rdb", f"config{suffix}"]
     assert bundle.read_bytes().startswith(b"age-encryption.org/v1\n")
     manifest_text = manifest_file.read_text()
     manifest = json.loads(manifest_text)
@@ -126,12 +134,14 @@ def test_an_encrypted_backup_opens_with_age_verifies_and_restores_only_with_its_
     assert config["app.yaml"][1] == "queues: 3\nsecret_ref: vault://x\n"
     assert source_redis.client(0).get("queue:0:counter") == b"42"
 
-    extracted = tmp_path / "logs.tar.gz"
+    extracted = tmp_path / f"logs{suffix}"
     out = run_cli(with_key, "extract", backup_id, "logs", "-o", str(extracted))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert extracted.read_bytes()[:2] == b"\x1f\x8b"  # the plaintext archive, decrypted on the fly
+    magic = b"\x1f\x8b" if compression == "gzip" else b"\x28\xb5\x2f\xfd"
+    assert extracted.read_bytes()[: len(magic)] == magic  # the plaintext archive, decrypted on the fly
     content = manifest["components"]["logs"]["content"]
-    inflated = subprocess.run(["gzip", "-dc", str(extracted)], capture_output=True, check=True).stdout
+    unpack = "gzip" if compression == "gzip" else "zstd"
+    inflated = subprocess.run([unpack, "-dc", str(extracted)], capture_output=True, check=True).stdout
     assert hashlib.sha256(inflated).hexdigest() == content["sha256"]
 
     everything = worker.log_text() + made.stdout + made.stderr + keyless.stdout + good.stdout

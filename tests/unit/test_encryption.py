@@ -9,11 +9,11 @@ import gzip
 import hashlib
 import json
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.unit.test_age import tool
 from tests.unit.test_verify import (
@@ -37,6 +37,9 @@ from vq_tasks.encryption import KeyUnavailable, fingerprint, load_identities, pa
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
     COMPONENTS,
+    COMPRESSIONS,
+    TAR_SUFFIX,
+    Compression,
     Manifest,
     bundle_name,
     data_names,
@@ -51,6 +54,7 @@ from vq_tasks.settings import ConfigError, Settings, load_settings
 from vq_tasks.sources.files import archive_logs
 from vq_tasks.storage import open_storage
 from vq_tasks.storage.local import LocalStorage
+from vq_tasks.streams import open_tar_stream
 from vq_tasks.verify import report_rows, summary, verify_backup
 
 
@@ -81,7 +85,7 @@ class Encrypted:
         return self.storage.root / name
 
 
-def make_encrypted(tmp_path: Path, compressed: bool = True) -> Encrypted:
+def make_encrypted(tmp_path: Path, compression: Compression = "gzip") -> Encrypted:
     """Stage the four parts as dump tasks do, then store them as finalize does (its _store and
     bundle writer, the manifest as it builds it), encrypted to two recipients."""
     operator, escrow = X25519Identity.generate(), X25519Identity.generate()
@@ -89,7 +93,8 @@ def make_encrypted(tmp_path: Path, compressed: bool = True) -> Encrypted:
     settings = load_settings(
         backup_staging_dir=tmp_path / "staging",
         backup_storage_path=str(tmp_path / "backups"),
-        compression_enabled=compressed,
+        compression_enabled=compression != "none",
+        compression_algorithm="gzip" if compression == "none" else compression,
         backup_encryption_enabled=True,
         backup_encryption_recipients=f"{operator.recipient}, {escrow.recipient}",
         backup_encryption_identity_file=str(keys),
@@ -111,8 +116,8 @@ def make_encrypted(tmp_path: Path, compressed: bool = True) -> Encrypted:
     recipients = encryption.recipients_of(settings)
     bundle = pipeline._store(
         storage,
-        bundle_name(BACKUP_ID, compressed, encrypted=True),
-        lambda out: pipeline._write_bundle(out, parts, compressed, STARTED),
+        bundle_name(BACKUP_ID, compression, encrypted=True),
+        lambda out: pipeline._write_bundle(out, parts, compression, STARTED),
         recipients,
     )
     logs_file = pipeline._store(
@@ -121,7 +126,7 @@ def make_encrypted(tmp_path: Path, compressed: bool = True) -> Encrypted:
         lambda out: copy_staged(parts["logs"], out),
         recipients,
     )
-    manifest = manifest_of(parts, bundle, logs_file, compressed, encryption=encryption.info_of(recipients))
+    manifest = manifest_of(parts, bundle, logs_file, compression, encryption=encryption.info_of(recipients))
     with storage.open_write(manifest_name(BACKUP_ID)) as out:
         out.write(manifest.model_dump_json(indent=2).encode())
     return Encrypted(settings, storage, manifest, operator, escrow, keys)
@@ -136,10 +141,19 @@ def results(rows) -> dict[tuple[str, str], tuple[str, str]]:
     return {(row[0], row[1]): (row[3], row[4]) for row in rows}
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_stored_files_are_age_files_named_dot_age_with_checksums_of_their_bytes(tmp_path, compressed):
-    backup = make_encrypted(tmp_path, compressed)
-    suffix = ".tar.gz" if compressed else ".tar"
+def unpacked(data: bytes, compression: str) -> bytes:
+    """The data inside gzip members or zstd frames (or ``data`` itself)."""
+    if compression == "gzip":
+        return gzip.decompress(data)
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+    return data
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_stored_files_are_age_files_named_dot_age_with_checksums_of_their_bytes(tmp_path, compression):
+    backup = make_encrypted(tmp_path, compression)
+    suffix = TAR_SUFFIX[compression]
     names = sorted(p.name for p in backup.storage.root.iterdir())
     assert names == sorted(
         [f"{BACKUP_ID}{suffix}.age", f"{BACKUP_ID}_logs{suffix}.age", manifest_name(BACKUP_ID)]
@@ -154,7 +168,7 @@ def test_stored_files_are_age_files_named_dot_age_with_checksums_of_their_bytes(
     for identity in (backup.operator, backup.escrow):
         with open(bundle, "rb") as f:
             plain = AgeReader(f, [identity]).read()
-        opened = gzip.decompress(plain) if compressed else plain
+        opened = unpacked(plain, compression)
         assert opened[257:262] == b"ustar" and b"database.sql" in opened[:512]
     logs = backup.manifest.components["logs"]
     assert logs.member == f"{BACKUP_ID}_logs{suffix}" and logs.stored_in == logs.member + ".age"
@@ -174,11 +188,18 @@ def test_the_manifest_is_plain_json_with_fingerprints_and_no_key(backup):
 
 
 def test_age_names_belong_to_their_backup_everywhere():
-    for suffix, role in ((".tar.gz.age", "bundle"), (".tar.age", "bundle"), ("_logs.tar.gz.age", "logs")):
+    for suffix, role in (
+        (".tar.gz.age", "bundle"),
+        (".tar.zst.age", "bundle"),
+        (".tar.age", "bundle"),
+        ("_logs.tar.gz.age", "logs"),
+        ("_logs.tar.zst.age", "logs"),
+    ):
         assert split_object_name(BACKUP_ID + suffix, "virtualqueue_backup") == (BACKUP_ID, role)
-    names = {bundle_name(BACKUP_ID, True, True), logs_name(BACKUP_ID, False, True)}
+    names = {bundle_name(BACKUP_ID, c, True) for c in COMPRESSIONS} | {logs_name(BACKUP_ID, "none", True)}
     assert names <= set(data_names(BACKUP_ID))
-    assert bundle_name(BACKUP_ID, True) == f"{BACKUP_ID}.tar.gz"
+    assert bundle_name(BACKUP_ID, "gzip") == f"{BACKUP_ID}.tar.gz"
+    assert bundle_name(BACKUP_ID, "zstd", True) == f"{BACKUP_ID}.tar.zst.age"
 
 
 def test_catalog_and_the_clean_up_of_an_incomplete_run_see_the_age_files(backup):
@@ -189,9 +210,9 @@ def test_catalog_and_the_clean_up_of_an_incomplete_run_see_the_age_files(backup)
     assert backup.storage.list() == []
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_verify_with_the_key_checks_the_decrypted_contents(tmp_path, compressed):
-    backup = make_encrypted(tmp_path, compressed)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_verify_with_the_key_checks_the_decrypted_contents(tmp_path, compression):
+    backup = make_encrypted(tmp_path, compression)
     report = verify_backup(backup.storage, backup.settings, BACKUP_ID, now=NOW)
     assert report.ok and report.outcome == "ok", [r for r in report_rows(report) if r[-1] != "OK"]
     found = results(report_rows(report))
@@ -250,9 +271,9 @@ def test_a_changed_encrypted_bundle_is_a_mismatch_with_or_without_the_key(backup
     assert results(report_rows(without))[(bundle.name, "sha256")][1] == "MISMATCH"
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_extract_decrypts_on_the_fly_and_checks_every_component(tmp_path, compressed):
-    backup = make_encrypted(tmp_path, compressed)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_extract_decrypts_on_the_fly_and_checks_every_component(tmp_path, compression):
+    backup = make_encrypted(tmp_path, compression)
     out = tmp_path / "out"
     out.mkdir()
     targets = {c: out / c for c in COMPONENTS}
@@ -261,9 +282,9 @@ def test_extract_decrypts_on_the_fly_and_checks_every_component(tmp_path, compre
     for component, path in targets.items():
         content = backup.manifest.components[component].content
         data = path.read_bytes()
-        plain = gzip.decompress(data) if component == "logs" and compressed else data
+        plain = unpacked(data, compression) if component == "logs" else data
         assert hashlib.sha256(plain).hexdigest() == content.sha256, component
-    with tarfile.open(targets["logs"]) as tar:
+    with open_tar_stream(targets["logs"]) as tar:
         assert any(name.endswith("app.log") for name in tar.getnames())
     assert any("checksums OK" in line for line in lines)
 

@@ -548,7 +548,7 @@ def test_the_plan_never_reads_files_named_by_climbing_entries(tmp_path):
 
 def test_a_hostile_config_archive_stops_the_restore_before_any_component(tmp_path, monkeypatch):
     """database comes before config: a refused config archive must stop it from being restored."""
-    backup = make_backup(tmp_path, compressed=False)
+    backup = make_backup(tmp_path, "none")
     hostile = archive_of(tmp_path / "hostile.tar", entry("etc/vq/out", tarfile.SYMTYPE, "/etc/shadow"))
     with tarfile.open(hostile) as tar:
         facts = FilesFacts(roots=[ROOT], files=tar.getnames())

@@ -17,6 +17,7 @@ from tests.unit.test_verify import BACKUP_ID, Backup, flip, make_backup, write_m
 from vq_tasks.cli import main
 from vq_tasks.errors import PermanentError
 from vq_tasks.leftovers import owned_folder
+from vq_tasks.manifest import COMPRESSIONS, TAR_SUFFIX
 from vq_tasks.restore.extract import component_named, extract_one, extract_to, local_name
 from vq_tasks.restore.files import restore_files
 from vq_tasks.restore.integrity import files_check, health_check, keys_checks, rows_check, shown_url
@@ -108,11 +109,11 @@ def test_bad_and_unknown_ids_are_refused(backup, tmp_path, backup_id):
         restore_backup(with_targets(backup, tmp_path), backup.storage, backup_id, ["config"])
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_extract_writes_checked_members_under_names_of_its_own(tmp_path, compressed):
-    backup = make_backup(tmp_path, compressed=compressed)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_extract_writes_checked_members_under_names_of_its_own(tmp_path, compression):
+    backup = make_backup(tmp_path, compression)
     manifest = backup.manifest
-    suffix = ".tar.gz" if compressed else ".tar"
+    suffix = TAR_SUFFIX[compression]
     lines: list[str] = []
     with owned_folder(backup.settings.backup_staging_dir, ".restore-") as folder:
         assert folder.stat().st_mode & 0o777 == 0o700

@@ -75,7 +75,9 @@ def test_problems_of_several_areas_that_fit_badly_together_are_listed_at_once(mo
         ("BACKUP_STORAGE_PROVIDER", "AWS_S4", "unknown provider"),
         ("BACKUP_LOGS_RETENTION_DAYS", "0", "greater than or equal to 1"),
         ("BACKUP_NAME_PREFIX", "../x", "pattern"),
-        ("COMPRESSION_LEVEL", "10", "less than or equal to 9"),
+        ("COMPRESSION_LEVEL", "10", "gzip takes 1 to 9"),
+        ("COMPRESSION_LEVEL", "23", "less than or equal to 22"),
+        ("COMPRESSION_ALGORITHM", "lz4", "'gzip' or 'zstd'"),
         ("REDIS_PORT", "0", "greater than or equal to 1"),
         ("CELERY_BROKER_URL", "http://x", "must be a redis://"),
     ],
@@ -84,6 +86,20 @@ def test_single_problems(monkeypatch, name, value, fragment):
     env = {"CELERY_BROKER_URL": OK["celery_broker_url"], name: value}
     found = problems(monkeypatch, **env)
     assert len(found) == 1 and name in found[0] and fragment in found[0]
+
+
+def test_compression_level_defaults_and_ranges_follow_the_algorithm(monkeypatch):
+    monkeypatch.setenv("CELERY_BROKER_URL", OK["celery_broker_url"])
+    assert (load_settings().compression, load_settings().effective_compression_level) == ("gzip", 6)
+    monkeypatch.setenv("COMPRESSION_ALGORITHM", "ZSTD")
+    assert (load_settings().compression, load_settings().effective_compression_level) == ("zstd", 3)
+    monkeypatch.setenv("COMPRESSION_LEVEL", "19")
+    assert load_settings().effective_compression_level == 19
+    monkeypatch.setenv("COMPRESSION_LEVEL", "20")
+    assert "zstd takes 1 to 19" in problems(monkeypatch)[0]
+    monkeypatch.setenv("COMPRESSION_LEVEL", "")
+    monkeypatch.setenv("COMPRESSION_ENABLED", "false")
+    assert load_settings().compression == "none"
 
 
 def test_broker_on_the_backed_up_redis_is_refused(monkeypatch):

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from vq_tasks.bundle import BundleWriter, copy_staged
 from vq_tasks.cli import main
@@ -21,7 +22,9 @@ from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
     BUNDLED,
     COMPONENTS,
+    COMPRESSIONS,
     ComponentEntry,
+    Compression,
     DatabaseFacts,
     Facts,
     Manifest,
@@ -32,6 +35,7 @@ from vq_tasks.manifest import (
     manifest_name,
     member_name,
 )
+from vq_tasks.restore.extract import extract_to
 from vq_tasks.settings import Settings, load_settings
 from vq_tasks.sources.files import archive_config, archive_logs
 from vq_tasks.sources.redis import CRC64
@@ -42,11 +46,14 @@ from vq_tasks.storage.local import LocalStorage
 from vq_tasks.streams import (
     DamagedStream,
     GunzipReader,
-    GzipStage,
     HashingReader,
     HashStage,
+    UnzstdReader,
     Writer,
+    ZstdStage,
+    compression_stage,
     gzip_member,
+    zstd_frame,
 )
 from vq_tasks.verify import VerifyReport, verify_backup
 from vq_tasks.verify_scan import names_check, probe_for, scan_archive
@@ -87,7 +94,7 @@ class Backup:
 
     @property
     def bundle(self) -> Path:
-        return self.path(bundle_name(BACKUP_ID, self.settings.compression_enabled))
+        return self.path(bundle_name(BACKUP_ID, self.settings.compression))
 
     @property
     def logs(self) -> Path:
@@ -108,7 +115,7 @@ def writing(data: bytes, facts: Facts) -> Callable[[Writer], Facts]:
 
 def stage(settings: Settings, component: str, produce, level: int | None = None) -> StagedPart:
     area = StagingArea(settings.backup_staging_dir, BACKUP_ID)
-    member = member_name(component, BACKUP_ID, settings.compression_enabled)  # type: ignore[arg-type]
+    member = member_name(component, BACKUP_ID, settings.compression)  # type: ignore[arg-type]
     return stage_part(settings, area, component, member, produce, member_level=level)  # type: ignore[arg-type]
 
 
@@ -127,11 +134,11 @@ def stage_redis(settings: Settings, data: bytes) -> StagedPart:
 
 
 def stage_config(settings: Settings, folder: Path) -> StagedPart:
-    if not settings.compression_enabled:
+    if settings.compression == "none":
         return stage(settings, "config", lambda out: archive_config([str(folder)], out))
 
     def produce(out: Writer) -> Facts:  # as the pipeline does: config.tar.gz, stored as is in the bundle
-        inner = GzipStage(out, 6, 2)
+        inner = compression_stage(out, settings.compression, settings.effective_compression_level, 2)
         facts = archive_config([str(folder)], inner)
         inner.close()
         return facts
@@ -142,23 +149,23 @@ def stage_config(settings: Settings, folder: Path) -> StagedPart:
 def store(settings: Settings, parts: dict[str, StagedPart]) -> Manifest:
     """Store the bundle, the logs archive and, last, the manifest, as finalize does."""
     storage = open_storage(settings)
-    compressed = settings.compression_enabled
+    compression = settings.compression
 
     def write_bundle(out: Writer) -> None:
-        bundle = BundleWriter(out, compressed, STARTED)
+        bundle = BundleWriter(out, compression, STARTED)
         for component in BUNDLED:
             bundle.add(parts[component])
         bundle.close()
 
-    bundle = put(storage, bundle_name(BACKUP_ID, compressed), write_bundle)
+    bundle = put(storage, bundle_name(BACKUP_ID, compression), write_bundle)
     logs = put(storage, parts["logs"].member, lambda out: copy_staged(parts["logs"], out))
-    manifest = manifest_of(parts, bundle, logs, compressed)
+    manifest = manifest_of(parts, bundle, logs, compression)
     write_manifest(storage, manifest)
     return manifest
 
 
 def manifest_of(
-    parts: dict[str, StagedPart], bundle: StoredFile, logs: StoredFile, compressed: bool, **extra
+    parts: dict[str, StagedPart], bundle: StoredFile, logs: StoredFile, compression: Compression, **extra
 ) -> Manifest:
     """The manifest finalize writes for ``parts`` stored as ``bundle`` and ``logs``."""
     return Manifest(
@@ -168,7 +175,7 @@ def manifest_of(
         finished_at=STARTED + timedelta(minutes=1),
         duration_seconds=60.0,
         tool_version="test",
-        compression="gzip" if compressed else "none",
+        compression=compression,
         files=[bundle, logs],
         components={
             c: ComponentEntry(
@@ -196,11 +203,12 @@ def write_manifest(storage: LocalStorage, manifest: Manifest) -> None:
         out.write(manifest.model_dump_json(indent=2).encode())
 
 
-def make_backup(tmp_path: Path, compressed: bool = True, database: bytes | None = None) -> Backup:
+def make_backup(tmp_path: Path, compression: Compression = "gzip", database: bytes | None = None) -> Backup:
     settings = load_settings(
         backup_staging_dir=tmp_path / "staging",
         backup_storage_path=str(tmp_path / "backups"),
-        compression_enabled=compressed,
+        compression_enabled=compression != "none",
+        compression_algorithm="gzip" if compression == "none" else compression,
         compression_threads=2,
         **BROKER,
     )
@@ -239,9 +247,9 @@ def flip(path: Path, position: int) -> None:
         f.write(bytes([byte[0] ^ 0x40]))
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_a_good_backup_passes_every_check(tmp_path, compressed):
-    backup = make_backup(tmp_path, compressed)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_a_good_backup_passes_every_check(tmp_path, compression):
+    backup = make_backup(tmp_path, compression)
     report = backup.verify()
     assert report.ok, failed(report)
     bundle, logs = backup.bundle.name, backup.logs.name
@@ -265,29 +273,30 @@ def test_a_good_backup_passes_every_check(tmp_path, compressed):
     assert backup.verify(backup_id="latest").backup_id == BACKUP_ID
 
 
-def test_a_flipped_byte_in_the_compressed_bundle_is_a_mismatch(tmp_path):
-    backup = make_backup(tmp_path)
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_flipped_byte_in_the_compressed_bundle_is_a_mismatch(tmp_path, compression):
+    backup = make_backup(tmp_path, compression)
     flip(backup.bundle, backup.bundle.stat().st_size // 2)
     report = backup.verify()
     name = backup.bundle.name
     assert not report.ok
     assert {(name, "md5"), (name, "sha256"), (name, "readable")} <= failed(report)
     assert (name, "size") not in failed(report)
-    assert "gzip" in checks_of(report)[(name, "readable")].actual
+    assert compression in checks_of(report)[(name, "readable")].actual
     assert {(backup.logs.name, "sha256"), ("logs", "sha256")}.isdisjoint(failed(report))
 
 
 def test_a_flipped_byte_in_a_plain_bundle_names_the_member(tmp_path):
-    backup = make_backup(tmp_path, compressed=False)
+    backup = make_backup(tmp_path, "none")
     flip(backup.bundle, backup.bundle.read_bytes().index(b"ticket", 100_000))  # inside database.sql
     report = backup.verify()
     name = backup.bundle.name
     assert failed(report) == {(name, "md5"), (name, "sha256"), ("database", "md5"), ("database", "sha256")}
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_a_truncated_bundle_is_a_mismatch_with_the_reason(tmp_path, compressed):
-    backup = make_backup(tmp_path, compressed)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_a_truncated_bundle_is_a_mismatch_with_the_reason(tmp_path, compression):
+    backup = make_backup(tmp_path, compression)
     size = backup.bundle.stat().st_size
     with open(backup.bundle, "r+b") as f:
         f.truncate(size // 2)
@@ -303,7 +312,7 @@ def test_a_truncated_bundle_is_a_mismatch_with_the_reason(tmp_path, compressed):
 
 
 def test_a_plain_bundle_without_its_end_blocks_is_unreadable(tmp_path):
-    backup = make_backup(tmp_path, compressed=False)
+    backup = make_backup(tmp_path, "none")
     size = backup.bundle.stat().st_size
     with open(backup.bundle, "r+b") as f:
         f.truncate(size - 1024)
@@ -381,7 +390,7 @@ def test_a_member_missing_from_the_bundle(tmp_path):
 
 
 def _bundle_without_redis(out: Writer, parts: dict[str, StagedPart]) -> None:
-    writer = BundleWriter(out, True, STARTED)
+    writer = BundleWriter(out, "gzip", STARTED)
     writer.add(parts["database"])
     writer.add(parts["config"])
     writer.close()
@@ -443,16 +452,16 @@ def test_latest_is_the_newest_complete_backup(tmp_path):
     assert backup.verify(backup_id="latest").backup_id == BACKUP_ID
 
 
-@pytest.mark.parametrize("compressed", [True, False])
-def test_memory_stays_bounded_whatever_the_size(tmp_path, compressed):
-    backup = make_backup(tmp_path, compressed, database=sql_dump(3_000_000))  # ~65 MB of SQL
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_memory_stays_bounded_whatever_the_size(tmp_path, compression):
+    backup = make_backup(tmp_path, compression, database=sql_dump(3_000_000))  # ~65 MB of SQL
     assert backup.manifest.components["database"].content.size > 60 << 20
-    gz = compressed
-    probes = {e.member: probe_for(n, e, gz) for n, e in backup.manifest.components.items() if n != "logs"}
+    components = backup.manifest.components.items()
+    probes = {e.member: probe_for(n, e, compression) for n, e in components if n != "logs"}
     tracemalloc.start()  # the bundle's scan: load_manifest's read_bytes alone allocates 16 MiB
     try:
         with open(backup.bundle, "rb") as stream:
-            scan = scan_archive(stream, compressed, probes)
+            scan = scan_archive(stream, compression, probes)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -473,6 +482,71 @@ def test_gunzip_reader_reads_concatenated_members_and_refuses_damage():
     for damaged in (stream[:-3], stream + b"garbage", b"not gzip at all"):
         with pytest.raises(DamagedStream):
             GunzipReader(HashingReader(io.BytesIO(damaged))).read()
+
+
+def test_unzstd_reader_reads_concatenated_frames_and_refuses_damage():
+    data = random.Random(2).randbytes(1_000_000) + b"SELECT 1;\n" * 300_000
+    out = io.BytesIO()
+    stage = ZstdStage(out, 3, 2, block_size=700_000)
+    for i in range(0, len(data), 100_000):
+        stage.write(data[i : i + 100_000])
+    stage.close()
+    stream = out.getvalue() + zstd_frame(b"", 3) + zstd_frame(b"end", 0)  # frames concatenate
+    reader = UnzstdReader(HashingReader(io.BytesIO(stream)))
+    pieces = []
+    while piece := reader.read(10_240):
+        assert len(piece) <= 10_240
+        pieces.append(piece)
+    assert b"".join(pieces) == data + b"end"
+    damaged = bytearray(stream)
+    damaged[len(stream) // 2] ^= 0x40
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    unsized_frame = unsized.compress(b"x" * 1000) + unsized.flush()
+    for bad, reason in (
+        (stream[:-3], "truncated"),
+        (stream + b"garbage", "not a zstd frame header"),
+        (b"not zstd at all at all", "not a zstd frame header"),
+        (bytes(damaged), "damaged zstd data"),
+        (unsized_frame, "does not say its size"),
+    ):
+        with pytest.raises(DamagedStream, match=reason):
+            UnzstdReader(HashingReader(io.BytesIO(bad))).read()
+
+
+def test_a_damaged_zstd_frame_is_refused_naming_the_file(tmp_path):
+    backup = make_backup(tmp_path, "zstd")
+    flip(backup.bundle, backup.bundle.stat().st_size // 2)
+    with pytest.raises(PermanentError, match=rf"{backup.bundle.name} cannot be read to its end: .*zstd"):
+        extract_to(backup.storage, backup.manifest, {"database": tmp_path / "db.sql"})
+    assert not (tmp_path / "db.sql").exists()
+    readable = checks_of(backup.verify())[(backup.bundle.name, "readable")]
+    assert not readable.ok and readable.expected == "zstd and tar read to the end", readable
+
+
+def test_an_old_gzip_backup_verifies_with_zstd_settings(tmp_path):
+    backup = make_backup(tmp_path, "gzip")
+    settings = backup.settings.model_copy(update={"compression_algorithm": "zstd"})
+    assert verify_backup(backup.storage, settings, BACKUP_ID, now=NOW).ok
+
+
+def test_zstd_stage_keeps_a_fixed_number_of_blocks_in_flight():
+    sizes: list[int] = []
+
+    class Counting:
+        def write(self, data: bytes) -> None:
+            sizes.append(len(data))
+
+    data = random.Random(3).randbytes(40 << 20)
+    tracemalloc.start()
+    try:
+        stage = ZstdStage(Counting(), 3, 2)
+        for i in range(0, len(data), 1 << 20):
+            stage.write(data[i : i + (1 << 20)])
+        stage.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(sizes) == 40 and peak < 12 << 20, f"peak {peak / 2**20:.1f} MiB"
 
 
 def test_cli_prints_a_table_and_exits_1_on_a_mismatch(tmp_path, monkeypatch, capsys):
@@ -498,7 +572,7 @@ def test_an_archive_of_more_entries_than_expected_keeps_only_that_many_names():
         for i in range(5000):
             tar.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
     buffer.seek(0)
-    scan = scan_archive(buffer, compressed=False, max_names=11)
+    scan = scan_archive(buffer, "none", max_names=11)
     assert scan.error is None and len(scan.members) == 12
     assert scan.members[-1] == "(more than 11 entries, the rest not listed)"
     check = names_check("files", [f"f{i}" for i in range(11)], scan.members)

@@ -1,7 +1,8 @@
 """Take components of a stored backup out of storage, checking every byte on the way.
 
 The bundle is read once, as a stream: storage -> HashingReader (its raw bytes, compared with the
-manifest's entry for the stored file) -> GunzipReader when compressed -> tarfile in stream mode.
+manifest's entry for the stored file) -> GunzipReader or UnzstdReader when compressed -> tarfile in
+stream mode.
 Each wanted member is written to a file whose name the caller chose (never the member's own name),
 hashed as it is written and compared with the manifest's checksums of that component; every other
 member is skipped. The logs archive is copied as stored, its raw bytes and its tar stream both
@@ -20,18 +21,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import zstandard
+
 from vq_tasks import encryption
 from vq_tasks.age import X25519Identity
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import ComponentEntry, Manifest, StoredFile, is_encrypted, plain_name
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage.base import Storage
-from vq_tasks.streams import CHUNK_SIZE, Checksums, DamagedStream, GunzipReader, HashingReader, HashStage
+from vq_tasks.streams import (
+    CHUNK_SIZE,
+    Checksums,
+    DamagedStream,
+    GunzipReader,
+    HashingReader,
+    HashStage,
+    UnzstdReader,
+    decompressing,
+)
 
 Say = Callable[[str], object]
 TAR_BUFSIZE = 64 * 1024
 PROGRESS_INTERVAL = 5.0
-READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, EOFError)
+READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, zstandard.ZstdError, EOFError)
 
 
 def _quiet(line: str) -> None:
@@ -40,11 +52,11 @@ def _quiet(line: str) -> None:
 
 def local_name(component: str, entry: ComponentEntry) -> str:
     """Given a component and its manifest entry, return the file name it gets in a work folder:
-    ``database.sql``, ``redis.rdb``, ``config.tar[.gz]`` or ``logs.tar[.gz]``."""
+    ``database.sql``, ``redis.rdb``, ``config.tar[.gz|.zst]`` or ``logs.tar[.gz|.zst]``."""
     fixed = {"database": "database.sql", "redis": "redis.rdb"}
     if component in fixed:
         return fixed[component]
-    suffix = ".tar.gz" if entry.member.endswith(".gz") else ".tar"
+    suffix = next((s for s in (".tar.gz", ".tar.zst") if entry.member.endswith(s)), ".tar")
     return f"{'config' if component == 'config' else 'logs'}{suffix}"
 
 
@@ -80,13 +92,13 @@ def extract_to(
             if stored is None:
                 raise PermanentError(f"{stored_name} is not among the files of {manifest.backup_id}")
             group = {c: (e, targets[c]) for c, e in entries.items() if e.stored_in == stored_name}
-            compressed = manifest.compression == "gzip"
+            compression = manifest.compression
             if any(e.member == plain_name(stored_name) for e, _ in group.values()):
                 entry, path = next(iter(group.values()))
-                _copy_whole(storage, stored, compressed, entry, path, say, opener)
+                _copy_whole(storage, stored, compression, entry, path, say, opener)
             else:
                 wanted = {e.member: (c, e, p) for c, (e, p) in group.items()}
-                _read_bundle(storage, stored, compressed, wanted, say, opener)
+                _read_bundle(storage, stored, compression, wanted, say, opener)
     except BaseException as exc:
         for path in targets.values():
             path.unlink(missing_ok=True)
@@ -195,7 +207,7 @@ def _mib(size: float) -> str:
     return f"{size:.1f} GiB"
 
 
-def _drain(reader: HashingReader | GunzipReader) -> None:
+def _drain(reader: HashingReader | GunzipReader | UnzstdReader) -> None:
     while reader.read(CHUNK_SIZE):
         pass
 
@@ -212,7 +224,7 @@ def _compare(what: str, expected: Checksums | StoredFile, actual: Checksums | No
 def _read_bundle(
     storage: Storage,
     stored: StoredFile,
-    compressed: bool,
+    compression: str,
     wanted: dict[str, tuple[str, ComponentEntry, Path]],
     say: Say,
     opener: _Opener,
@@ -223,7 +235,7 @@ def _read_bundle(
     with _opened(storage, stored.name) as stream:
         raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
         plain = opener.plaintext(raw, stored)
-        content = GunzipReader(plain) if compressed else plain
+        content = decompressing(plain, compression)
         try:
             with tarfile.open(fileobj=content, mode="r|", bufsize=TAR_BUFSIZE) as tar:
                 while (info := tar.next()) is not None:
@@ -267,7 +279,7 @@ def _write_member(
 def _copy_whole(
     storage: Storage,
     stored: StoredFile,
-    compressed: bool,
+    compression: str,
     entry: ComponentEntry,
     path: Path,
     say: Say,
@@ -280,8 +292,9 @@ def _copy_whole(
         raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
         plain = opener.plaintext(raw, stored)  # the key is checked before the file is created
         with _create(path) as out:
+            compressed = compression != "none"
             copied = HashingReader(_Tee(plain, out), hashed=not compressed)  # type: ignore[arg-type]
-            content = HashingReader(GunzipReader(copied)) if compressed else copied
+            content = HashingReader(decompressing(copied, compression)) if compressed else copied
             try:
                 _drain(content)
                 _drain(copied)
