@@ -283,17 +283,13 @@ def _store(storage: Storage, name: str, write, recipients: list[X25519Recipient]
     checksums are then those of the encrypted bytes, as stored), and check that storage holds
     exactly that size."""
     with storage.open_write(name) as out:
-        hashed = HashStage(out, background=True)  # md5 and SHA-256 on a thread of their own
-        try:
-            if recipients:
-                sealed = encryption.encrypting(hashed, recipients)
-                write(sealed)
-                sealed.close()
-            else:
-                write(hashed)
-            hashed.close()
-        finally:
-            hashed.abort()
+        hashed = HashStage(out)  # in this thread: a background one would hold its chunks in flight
+        if recipients:
+            sealed = encryption.encrypting(hashed, recipients)
+            write(sealed)
+            sealed.close()
+        else:
+            write(hashed)
     checks = hashed.checksums()
     stored = storage.stat(name)
     if stored is None or stored.size != checks.size:
