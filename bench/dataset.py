@@ -160,8 +160,8 @@ def _make_rdb(folder: Path, keys: int) -> dict[str, int]:
     with start_redis(workdir) as server:
         client = server.client()
         counts = fill_app_redis_fast(client, keys)
-        saver = redis.Redis(server.host, server.port, password=server.password)  # SAVE of millions of keys
-        saver.save()  # takes longer than the test client's 10 s timeout
+        saver = redis.Redis(server.host, server.port, password=server.password, socket_timeout=900)
+        saver.save()  # of millions of keys: longer than the test client's 10 s timeout
         saver.close()
     (workdir / "dump.rdb").rename(folder / "app.rdb")
     shutil.rmtree(workdir)
