@@ -292,31 +292,49 @@ class HashingReader:
         return self.hash.checksums() if self.hash is not None else None
 
 
-class GunzipReader:
-    """Read the data of concatenated gzip members from ``source``, inflating at most CHUNK_SIZE
-    at a time (zlib-ng: about 1.5 times zlib's speed). Raise DamagedStream for data that is not
-    gzip or ends inside a member."""
+class _Decoder:
+    """What the readers of compressed streams share: a buffer of decoded data that ``read``
+    serves, filled by the subclass's ``_decode_some``, and a failure that stays."""
 
     def __init__(self, source: HashingReader):
         self._source = source
-        self._inflate = DEFLATE.decompressobj(GZIP_WBITS)
         self._input = b""
-        self._in_member = False
         self._buffer = bytearray()
         self._failure = ""
 
     def read(self, size: int = -1) -> bytes:
-        while (size < 0 or len(self._buffer) < size) and self._inflate_some():
+        while (size < 0 or len(self._buffer) < size) and self._more():
             pass
         size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
 
-    def _inflate_some(self) -> bool:
-        """Inflate more into the buffer; return False at the end of the last member."""
+    def _more(self) -> bool:
         if self._failure:
             raise DamagedStream(self._failure)
+        return self._decode_some()
+
+    def _decode_some(self) -> bool:
+        """Decode more into the buffer; return False at the end of the stream."""
+        raise NotImplementedError
+
+    def _fail(self, reason: str) -> NoReturn:
+        self._failure = reason
+        raise DamagedStream(reason)
+
+
+class GunzipReader(_Decoder):
+    """Read the data of concatenated gzip members from ``source``, inflating at most CHUNK_SIZE
+    at a time (zlib-ng: about 1.5 times zlib's speed). Raise DamagedStream for data that is not
+    gzip or ends inside a member."""
+
+    def __init__(self, source: HashingReader):
+        super().__init__(source)
+        self._inflate = DEFLATE.decompressobj(GZIP_WBITS)
+        self._in_member = False
+
+    def _decode_some(self) -> bool:
         if not self._input:
             self._input = self._source.read(CHUNK_SIZE)
             if not self._input:
@@ -342,10 +360,6 @@ class GunzipReader:
         self._in_member = False
         self._inflate = DEFLATE.decompressobj(GZIP_WBITS)
         return True
-
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
-        raise DamagedStream(reason)
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -458,31 +472,17 @@ class ZstdStage(Stage):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class UnzstdReader:
+class UnzstdReader(_Decoder):
     """Read the data of concatenated zstd frames from ``source``, one frame at a time. Raise
     DamagedStream for data that is not zstd, fails a frame's checksum, ends inside a frame, or
     has a frame without its size or larger than ZSTD_MAX_FRAME (memory stays bounded)."""
 
     def __init__(self, source: HashingReader):
-        self._source = source
+        super().__init__(source)
         self._decompressor = zstandard.ZstdDecompressor()
         self._frame: zstandard.ZstdDecompressionObj | None = None
-        self._input = b""
-        self._buffer = bytearray()
-        self._failure = ""
 
-    def read(self, size: int = -1) -> bytes:
-        while (size < 0 or len(self._buffer) < size) and self._decompress_some():
-            pass
-        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def _decompress_some(self) -> bool:
-        """Decompress more into the buffer; return False at the end of the last frame."""
-        if self._failure:
-            raise DamagedStream(self._failure)
+    def _decode_some(self) -> bool:
         if self._frame is None:
             while len(self._input) < ZSTD_HEADER_MAX and (more := self._source.read(CHUNK_SIZE)):
                 self._input += more
@@ -514,10 +514,6 @@ class UnzstdReader:
         if size < 0 or size > ZSTD_MAX_FRAME:
             self._fail(f"zstd frame {where} does not say its size or is larger than {ZSTD_MAX_FRAME} bytes")
         self._frame = self._decompressor.decompressobj()
-
-    def _fail(self, reason: str) -> NoReturn:
-        self._failure = reason
-        raise DamagedStream(reason)
 
 
 def compression_stage(downstream: Writer, compression: str, level: int, threads: int) -> Writer:
