@@ -20,7 +20,8 @@ Versions: before queueing, the target is checked to take a payload the throwaway
 payload carries the same RDB version, a refusal could only come at EXEC otherwise.
 
 Memory: the throwaway holds the whole data set in the worker's memory while it runs; this process
-holds one payload at a time (copy_database), and one batch of key names.
+holds one payload being read, the transaction's unsent commands (redis_transaction.BATCH_BYTES,
+16 MiB, or one larger command) and one batch of key names.
 """
 
 from __future__ import annotations
@@ -247,8 +248,9 @@ def copy_database(
     had expired first. Raise TransientError or PermanentError naming the server.
 
     How: SCAN a batch of keys, send DUMP and PTTL of all of them at once over a connection of our
-    own, and turn each pair of replies into a RESTORE as it arrives: one payload in memory at a
-    time, whatever the batch. (redis-py's pipeline spent about 10 µs of Python per command, and
+    own, and turn each pair of replies into a RESTORE as it arrives: whatever the batch, one
+    payload is read at a time, and the transaction holds what it has not sent yet (BATCH_BYTES, or
+    one larger command). (redis-py's pipeline spent about 10 µs of Python per command, and
     needed MEMORY USAGE of every key first to bound a batch's memory: 31 s for a million keys.)"""
     source, connection = session.source(db), session.dump_connection(db)
     transaction.use(db)
