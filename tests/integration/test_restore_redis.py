@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 import traceback
 from pathlib import Path
 
@@ -460,3 +461,29 @@ def test_a_transaction_closed_before_exec_writes_nothing(tmp_path: Path):
         assert transaction.queued == 6  # SELECT and five SETs, sent in three batches of two
         transaction.close()
         assert target.client(1).dbsize() == 0
+
+
+def test_a_key_that_expires_in_the_throwaway_during_the_restore_is_removed_from_the_target(tmp_path: Path):
+    """ "short" is copied, then its TTL runs out in the throwaway before the sweep looks: the target
+    must not keep it (its UNLINK comes after its RESTORE in the transaction). When the sweep came
+    first, the target's live "short" stayed."""
+    waited = []
+
+    def wait_for_expiry(stage: str, db: str, count: int) -> None:
+        if stage == "queued" and not waited:
+            waited.append(True)
+            time.sleep(2.5)  # the key's TTL ends meanwhile
+
+    with (
+        start_redis(tmp_path / "source") as source,
+        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
+    ):
+        source.client(0).set("short", "from the backup", px=2000)
+        source.client(0).set("kept", "from the backup")
+        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+        target.client(0).set("short", "live")
+        result = restore_redis(
+            redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source), progress=wait_for_expiry
+        )
+        assert not target.client(0).exists("short") and target.client(0).get("kept") == b"from the backup"
+    assert (result.restored, result.removed) == ({"0": 2}, {"0": 1}), result

@@ -6,6 +6,7 @@ are checked against the manifest.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from vq_tasks.restore.redis import (
 from vq_tasks.settings import Settings
 
 Say = Callable[[str], object]
+logger = logging.getLogger(__name__)
 
 F = TypeVar("F", DatabaseFacts, RedisFacts, FilesFacts)
 PROGRESS_INTERVAL = 5.0
@@ -177,7 +179,9 @@ def apply_restore(settings: Settings, manifest: Manifest, files: dict[str, Path]
         for component, future in futures.items():
             try:
                 setattr(results, component, future.result())
-            except (BackupError, OSError) as exc:
+            except Exception as exc:  # any: the other component's outcome must still be told
+                if not isinstance(exc, BackupError | OSError):
+                    logger.error("%s restore failed unexpectedly", component, exc_info=exc)
                 failed = failed or (component, exc)
         if failed:
             raise _restore_failed(*failed, files, results)

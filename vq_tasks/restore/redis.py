@@ -2,11 +2,12 @@
 
 How: a throwaway ``redis-server`` on the worker loads the RDB (redis_server.py: the server, and the
 version checks done before anything is written). Then one transaction (redis_transaction.py) is
-queued in the target: for each database, UNLINK of the keys the backup lacks (the target scanned,
-each key looked up in the throwaway), then for every key of the backup ``RESTORE key ttl payload
-REPLACE`` (SCAN COUNT 1000, DUMP and PTTL on the throwaway; the remaining TTL, so a key that expired
-since the backup is not restored). DUMP/RESTORE carries every type whole, binary keys and values, and
-streams with their consumer groups and pending entries. EXEC applies it all at once.
+queued in the target: for every key of the backup ``RESTORE key ttl payload REPLACE`` (SCAN COUNT
+1000, DUMP and PTTL on the throwaway; the remaining TTL, so a key that expired since the backup is
+not restored), then for each database UNLINK of the target's keys the throwaway lacks (looked up
+after the copy, so a key that expired meanwhile goes too). DUMP/RESTORE carries every type whole,
+binary keys and values, and streams with their consumer groups and pending entries. EXEC applies
+it all at once.
 
 Why one transaction: the live Redis must end as it was or fully restored, never half. A copy can
 fail part way (a lost connection, the target's maxmemory, a killed worker); until EXEC the target
@@ -355,7 +356,7 @@ def restore_redis(
         restored=restored,
         expired=expired,
         removed=removed,
-        keys=redis_key_counts(settings),
+        keys=_counts_after(settings),
         duration_seconds=round(time.monotonic() - started, 3),
     )
 
@@ -370,12 +371,14 @@ def _queued(
     transaction = None
     try:
         transaction = Transaction(session.settings, batch_size)
+        for db in _sorted_dbs(facts.backup_keys):
+            restored[db], expired[db] = copy_database(session, transaction, db, batch_size, progress)
         for db in _sorted_dbs(facts.backup_keys, redis_key_counts(session.settings)):
+            # after the copy: a key that expired in the throwaway meanwhile goes too (its UNLINK
+            # comes after its RESTORE in the transaction)
             transaction.use(db)
             in_backup = db in facts.backup_keys
             removed[db] = sweep_database(session, db, in_backup, batch_size, transaction.unlink, progress)[1]
-        for db in _sorted_dbs(facts.backup_keys):
-            restored[db], expired[db] = copy_database(session, transaction, db, batch_size, progress)
         transaction.flush()
         return transaction, restored, expired, removed
     except BaseException as exc:
@@ -384,6 +387,15 @@ def _queued(
         if isinstance(exc, BackupError):
             raise type(exc)(f"{exc}; {NOTHING_WRITTEN}") from None
         raise
+
+
+def _counts_after(settings: Settings) -> dict[str, int]:
+    """The target's keys per database after EXEC; {} if it cannot say (the restore is done: a
+    failed count must not report it failed; the integrity check counts again)."""
+    try:
+        return redis_key_counts(settings)
+    except BackupError:
+        return {}
 
 
 def redis_key_counts(settings: Settings) -> dict[str, int]:

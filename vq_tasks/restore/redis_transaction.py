@@ -28,6 +28,7 @@ from vq_tasks.sources.redis import Connection, command, server_error
 BATCH_COMMANDS = 1000
 BATCH_BYTES = 16 << 20  # the queued commands sent at once, unless a single one is larger
 EXEC_RATE = 20_000  # commands a second EXEC is given at the least (a small server does 100,000+)
+EXEC_BYTES_RATE = 20 << 20  # and bytes of payloads a second: large values take longer than many keys
 UNKNOWN = (
     "the restore was sent as one transaction but its answer did not come: the target is either as it"
     " was or fully restored (INFO keyspace tells); restore again if it is as it was"
@@ -50,6 +51,7 @@ class Transaction:
         self._pending_bytes = 0
         self._db: str | None = None
         self.queued = 0
+        self.queued_bytes = 0
         try:
             self._connection.call("MULTI")
         except BaseException:
@@ -78,11 +80,13 @@ class Transaction:
         """Send EXEC and count the answers; return how many commands ran. Raise PermanentError,
         nothing written, if the server refused the transaction; PermanentError saying the target is
         partly restored if a command failed inside it; TransientError saying the outcome is unknown
-        if the answer does not come in time (REDIS_TIMEOUT, and at least EXEC_RATE commands a second)."""
+        if the answer does not come in time (REDIS_TIMEOUT, and at least EXEC_RATE commands and
+        EXEC_BYTES_RATE bytes a second) or cannot be read."""
         self.flush()
-        self._connection.send(command("EXEC"))
-        self._connection.link.set_timeout(self._timeout + self.queued / EXEC_RATE)
+        wait = self._timeout + self.queued / EXEC_RATE + self.queued_bytes / EXEC_BYTES_RATE
         try:
+            self._connection.send(command("EXEC"))
+            self._connection.link.set_timeout(wait)
             head = self._reader.line()
             if head.startswith(b"-"):  # EXECABORT: a command was refused while queued
                 raise self._refused(head)
@@ -94,7 +98,9 @@ class Transaction:
                 if reply.startswith(b"-"):
                     failed, first = failed + 1, first or reply[1:].decode(errors="replace")
                 elif reply[:1] not in (b"+", b":"):
-                    raise self._unexpected(reply)
+                    raise PermanentError(
+                        f"{self._unexpected(reply)}; the transaction ran, its answer is unreadable"
+                    )
         except TransientError as exc:
             raise TransientError(f"{exc}; {UNKNOWN}") from None
         if failed:
@@ -118,6 +124,7 @@ class Transaction:
             if reply != b"+QUEUED":
                 raise self._refused(reply) if reply.startswith(b"-") else self._unexpected(reply)
         self.queued += len(self._pending)
+        self.queued_bytes += self._pending_bytes
         self._pending.clear()
         self._pending_bytes = 0
 
