@@ -182,7 +182,9 @@ class TestS3Errors:
 
     def test_download_that_stops_is_transient(self, s3, bucket):
         storage = open_s3(s3, bucket, backup_storage_timeout=1, backup_storage_retries=1)
-        write(storage, "large.bin", os.urandom(48 * MIB), chunk=8 * MIB)
+        # more than loopback TCP can buffer (tcp_rmem's 32 MiB and tcp_wmem's 4 MiB here): with 48 MiB a
+        # quiet machine had the whole rest in buffers before the freeze, and the read never stopped
+        write(storage, "large.bin", os.urandom(128 * MIB), chunk=8 * MIB)
         try:
             with (
                 pytest.raises(StorageError, match="cannot reach") as failure,
