@@ -55,7 +55,7 @@ from vq_tasks.restore.redis_server import (
 )
 from vq_tasks.restore.redis_transaction import Transaction
 from vq_tasks.settings import Settings
-from vq_tasks.sources.redis import Connection, client_error, server_facts
+from vq_tasks.sources.redis import Connection, client_error, password_of, server_facts
 
 BATCH_SIZE = 1000
 DUMP_AND_PTTL = b"*2\r\n$4\r\nDUMP\r\n$%d\r\n%b\r\n*2\r\n$4\r\nPTTL\r\n$%d\r\n%b\r\n"  # of one key, in RESP
@@ -102,8 +102,7 @@ class _Session:
         self.settings = settings
         self.throwaway = throwaway
         self.where = target_where(settings)
-        secret = settings.redis_password
-        self.password = (secret.get_secret_value() or None) if secret is not None else None
+        self.password = password_of(settings)
         self._clients: dict[tuple[str, str], redis.Redis] = {}
         self._raw: dict[str, Connection] = {}
 

@@ -50,7 +50,7 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
     not an RDB).
     """
     redis_version, keys, expires = server_facts(settings)
-    password = _password(settings)
+    password = password_of(settings)
     link = Link(settings)
     try:
         reader = ReplyReader(link.recv_into, link.where, secrets=[password] if password else [])
@@ -70,7 +70,7 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
 def server_facts(settings: Settings) -> tuple[str, dict[str, int], dict[str, int]]:
     """Given settings naming a Redis, return its version and its keys and expiring keys per
     database (keyed by the database number as a string). Raise as dump_redis does."""
-    password = _password(settings)
+    password = password_of(settings)
     client = redis.Redis(
         host=settings.redis_host,
         port=settings.redis_port,
@@ -98,7 +98,7 @@ def _where(settings: Settings) -> str:
     return f"Redis [{host}]:{settings.redis_port}" if ":" in host else f"Redis {host}:{settings.redis_port}"
 
 
-def _password(settings: Settings) -> str | None:
+def password_of(settings: Settings) -> str | None:
     secret = settings.redis_password
     if secret is None:
         return None
@@ -200,7 +200,7 @@ class Connection:
     ``reader``. For streams of many commands, where redis-py's per-command work is the cost."""
 
     def __init__(self, settings: Settings, where: str | None = None):
-        password = _password(settings)
+        password = password_of(settings)
         self.link = Link(settings)
         self.where = self.link.where = where or self.link.where
         self.reader = ReplyReader(self.link.recv_into, self.where, [password] if password else [])
