@@ -261,12 +261,19 @@ class Nowhere:
 
 class HashingReader:
     """Read from ``source``, hashing every byte read (unless not ``hashed``) and keeping the last
-    ``keep`` bytes or more."""
+    ``keep`` bytes or more. With ``background`` the digests are computed on a thread of their own
+    (beside the decompression that usually reads from or feeds this reader); ``close`` ends it."""
 
-    def __init__(self, source: BinaryIO | GunzipReader | UnzstdReader, keep: int = 0, hashed: bool = True):
+    def __init__(
+        self,
+        source: BinaryIO | GunzipReader | UnzstdReader,
+        keep: int = 0,
+        hashed: bool = True,
+        background: bool = False,
+    ):
         self._source = source
         self._keep = keep
-        self.hash = HashStage(Nowhere()) if hashed else None
+        self.hash = HashStage(Nowhere(), background=background) if hashed else None
         self.position = 0
         self._recent = bytearray()
 
@@ -290,6 +297,17 @@ class HashingReader:
 
     def checksums(self) -> Checksums | None:
         return self.hash.checksums() if self.hash is not None else None
+
+    def close(self) -> None:
+        """End the hashing thread, if any (the digests are lost if not read before)."""
+        if self.hash is not None:
+            self.hash.abort()
+
+    def __enter__(self) -> HashingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Decoder:

@@ -5,6 +5,7 @@ line and row counts, an RDB's CRC64, an inner archive's file list). Used by ``ve
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tarfile
 import zlib
@@ -98,32 +99,38 @@ def scan_archive(
     the names are not kept: a line saying so takes their place (a forged archive of millions of
     entries must not fill the memory), which no manifest lists."""
     compressed = compression != "none"
-    raw = HashingReader(source, keep=0 if compressed or decrypt else WINDOW)
-    members: list[str] = []
-    error = unchecked = None
-    content = None
-    try:
-        plain = raw
-        if decrypt is not None:
-            hashed = content_checksums and not compressed
-            plain = HashingReader(decrypt(raw), keep=0 if compressed else WINDOW, hashed=hashed)
-        if compressed:
-            content = HashingReader(decompressing(plain, compression), WINDOW, content_checksums)
-        else:
-            content = plain
-        end = _read_tar(content, probes or {}, members, max_names)
-        _check_end(content, end)
-    except KeyUnavailable as exc:
-        unchecked = exc.reason
-    except READ_ERRORS as exc:
-        error = _reason(exc)
-    try:
-        _drain(raw)
-    except READ_ERRORS as exc:
-        error = error or _reason(exc)
-    stored = raw.checksums()
-    assert stored is not None
-    found = content.checksums() if content_checksums and content is not None and not unchecked else None
+    with contextlib.ExitStack() as readers:  # each hashes on a thread of its own, ended on the way out
+        raw = readers.enter_context(
+            HashingReader(source, keep=0 if compressed or decrypt else WINDOW, background=True)
+        )
+        members: list[str] = []
+        error = unchecked = None
+        content = None
+        try:
+            plain = raw
+            if decrypt is not None:
+                hashed = content_checksums and not compressed
+                reader = HashingReader(decrypt(raw), 0 if compressed else WINDOW, hashed, background=True)
+                plain = readers.enter_context(reader)
+            if compressed:
+                reader = HashingReader(decompressing(plain, compression), WINDOW, content_checksums, True)
+                content = readers.enter_context(reader)
+            else:
+                content = plain
+            end = _read_tar(content, probes or {}, members, max_names)
+            _check_end(content, end)
+        except KeyUnavailable as exc:
+            unchecked = exc.reason
+        except READ_ERRORS as exc:
+            error = _reason(exc)
+        try:
+            _drain(raw)
+        except READ_ERRORS as exc:
+            error = error or _reason(exc)
+        stored = raw.checksums()
+        assert stored is not None
+        wanted = content_checksums and content is not None and not unchecked
+        found = content.checksums() if wanted else None
     return Scan(stored, found, members, error, unchecked)
 
 

@@ -101,6 +101,12 @@ def test_a_damaged_bundle_is_refused_naming_the_failed_checks(backup, tmp_path):
         restore_backup(settings, backup.storage, BACKUP_ID, ["config"])
     assert f"{backup.bundle.name} cannot be read to its end: damaged gzip data" in str(caught.value)
     assert not (tmp_path / "restored-config").exists()
+    assert hash_threads() == []
+
+
+def hash_threads() -> list[str]:
+    """The hashing threads still alive (a restore must end every one it started)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("hash")]
 
 
 @pytest.mark.parametrize("backup_id", ["../x", "virtualqueue_backup_19990101_000000"])
@@ -131,6 +137,7 @@ def test_extract_writes_checked_members_under_names_of_its_own(tmp_path, compres
                 )
         assert files["logs"].read_bytes() == backup.logs.read_bytes()  # as stored
     assert not folder.exists()
+    assert hash_threads() == []  # the digests were computed on threads of their own, now ended
     assert any("database: database.sql" in line and "checksums OK" in line for line in lines)
 
 
@@ -146,6 +153,7 @@ def test_extract_refuses_a_member_that_differs_from_the_manifest_and_removes_wha
     ):
         extract_to(backup.storage, manifest, targets)
     assert list(out.iterdir()) == []
+    assert hash_threads() == []
 
 
 def test_extract_one_refuses_to_overwrite_and_names_components_by_member(backup, tmp_path):

@@ -16,7 +16,7 @@ from vq_tasks import streams
 from vq_tasks.manifest import FilesFacts
 from vq_tasks.settings import load_settings
 from vq_tasks.staging import StagingArea, stage_part
-from vq_tasks.streams import GzipStage, HashStage, Nowhere, gzip_member
+from vq_tasks.streams import GzipStage, HashingReader, HashStage, Nowhere, gzip_member
 
 BLOCK = 64 << 10
 
@@ -129,6 +129,20 @@ def test_background_hashing_is_bounded_and_ends_with_close_or_abort():
     stage = HashStage(Nowhere(), background=True)
     stage.write(b"x" * 100_000)
     stage.abort()
+    assert not [t for t in threading.enumerate() if t.name.startswith("hash")]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_hashing_reader_checksums_what_was_read_and_close_ends_its_thread(background):
+    with HashingReader(io.BytesIO(DATA), background=background) as reader:
+        read = [reader.read(size) for size in (1, 100_000, 3, 1 << 20, 1 << 20)]
+        checks = reader.checksums()
+    assert b"".join(read) == DATA
+    assert (checks.size, checks.md5, checks.sha256) == (
+        len(DATA),
+        hashlib.md5(DATA).hexdigest(),
+        hashlib.sha256(DATA).hexdigest(),
+    )
     assert not [t for t in threading.enumerate() if t.name.startswith("hash")]
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import random
 import tarfile
+import threading
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,6 +310,7 @@ def test_a_truncated_bundle_is_a_mismatch_with_the_reason(tmp_path, compression)
     assert (name, "members") in failed(report)
     assert checks[("config", "present")].actual == "missing"  # the last member was cut off
     assert not checks[("config", "present")].ok
+    assert not [t for t in threading.enumerate() if t.name.startswith("hash")]  # each reader's ended
 
 
 def test_a_plain_bundle_without_its_end_blocks_is_unreadable(tmp_path):

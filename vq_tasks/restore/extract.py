@@ -232,8 +232,10 @@ def _read_bundle(
     """Read the bundle once; write each wanted member (by member name) to its file, checked."""
     say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
     found: set[str] = set()
-    with _opened(storage, stored.name) as stream:
-        raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
+    with (
+        _opened(storage, stored.name) as stream,
+        HashingReader(_Source(stream, stored, say), background=True) as raw,  # type: ignore[arg-type]
+    ):
         plain = opener.plaintext(raw, stored)
         content = decompressing(plain, compression)
         try:
@@ -247,10 +249,11 @@ def _read_bundle(
             _drain(raw)
         except READ_ERRORS as exc:
             raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
+        checks = raw.checksums()
     missing = [member for member in wanted if member not in found]
     if missing:
         raise PermanentError(f"{stored.name} lacks {', '.join(missing)}; nothing was restored")
-    _compare(stored.name, stored, raw.checksums())
+    _compare(stored.name, stored, checks)
 
 
 def _write_member(
@@ -269,11 +272,15 @@ def _write_member(
     stream = tar.extractfile(info)
     assert stream is not None  # a regular file always has a stream
     with _create(path) as out:
-        hashed = HashStage(out)
-        while chunk := stream.read(CHUNK_SIZE):
-            hashed.write(chunk)
-    _compare(f"{component} ({entry.member})", entry.content, hashed.checksums())
-    say(f"  {component}: {entry.member}, {_mib(hashed.size)}, checksums OK")
+        hashed = HashStage(out, background=True)  # digests beside the decompression
+        try:
+            while chunk := stream.read(CHUNK_SIZE):
+                hashed.write(chunk)
+            checks = hashed.checksums()
+        finally:
+            hashed.abort()
+    _compare(f"{component} ({entry.member})", entry.content, checks)
+    say(f"  {component}: {entry.member}, {_mib(checks.size)}, checksums OK")
 
 
 def _copy_whole(
