@@ -46,7 +46,7 @@ from vq_tasks.sources.redis import dump_redis
 from vq_tasks.staging import Producer, StagingArea, stage_part
 from vq_tasks.storage import open_storage
 from vq_tasks.storage.base import Storage, StorageError
-from vq_tasks.streams import GzipStage, HashStage, Writer, ZstdStage, compression_stage
+from vq_tasks.streams import BlockStage, HashStage, Writer, compression_stage
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _compressed_config(settings: Settings) -> Producer:
     def produce(out: Writer):
         level, threads = settings.effective_compression_level, settings.compression_threads
         inner = compression_stage(out, settings.compression, level, threads)
-        assert isinstance(inner, GzipStage | ZstdStage)
+        assert isinstance(inner, BlockStage)
         try:
             facts = archive_config(settings.backup_config_paths, inner)
             inner.close()

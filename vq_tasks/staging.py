@@ -22,7 +22,7 @@ from typing import BinaryIO
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedPart, parse_backup_id
 from vq_tasks.settings import Settings
-from vq_tasks.streams import GzipStage, HashStage, ProgressStage, Stage, Writer, ZstdStage, compression_stage
+from vq_tasks.streams import BlockStage, HashStage, ProgressStage, Stage, Writer, compression_stage
 
 Producer = Callable[[Writer], Facts]
 
@@ -92,7 +92,7 @@ def stage_part(
                 head.close()
             except BaseException:
                 content.abort()
-                if isinstance(compressed, GzipStage | ZstdStage):
+                if isinstance(compressed, BlockStage):
                     compressed.abort()
                 raise
             with _staging_errors(settings):

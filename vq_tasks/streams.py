@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import tarfile
 import threading
@@ -171,21 +172,29 @@ def _deflate_member(pieces: list[Buffer], level: int) -> list[bytes]:
     return [part for part in out if part]
 
 
-class GzipStage(Stage):
-    """Compress blocks into independent gzip members on ``threads`` threads, written in order.
+class BlockStage(Stage):
+    """Compress blocks independently on ``threads`` threads (zlib-ng and zstd release the GIL) and
+    write the results in order: what GzipStage and ZstdStage share.
 
     At most ``2 * threads`` blocks are in flight, so memory is bounded by a few block sizes. A block
-    is a list of pieces that the threads compress one after the other: large ``bytes`` written to the
-    stage are cut into it by reference (memoryview slices), never copied; small writes and mutable
-    buffers (which a caller may reuse once ``write`` returns) are copied and gathered.
+    is a list of pieces handed to ``compress_block``: large ``bytes`` written to the stage are cut
+    into it by reference (memoryview slices), never copied; small writes and mutable buffers (which
+    a caller may reuse once ``write`` returns) are copied and gathered.
     """
 
-    def __init__(self, downstream: Writer, level: int, threads: int, block_size: int = GZIP_BLOCK_SIZE):
+    def __init__(
+        self,
+        downstream: Writer,
+        threads: int,
+        block_size: int,
+        compress_block: Callable[[list[Buffer]], list[bytes]],
+        name: str,
+    ):
         super().__init__(downstream)
-        self._level = level
+        self._compress_block = compress_block
         self._block_size = block_size
         self._max_in_flight = 2 * threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
         self._pending: collections.deque[Future[list[bytes]]] = collections.deque()
         self._pieces: list[Buffer] = []
         self._buffered = 0
@@ -208,12 +217,12 @@ class GzipStage(Stage):
 
     def _submit(self) -> None:
         block, self._pieces, self._buffered = self._pieces, [], 0
-        self._pending.append(self._pool.submit(_deflate_member, block, self._level))
+        self._pending.append(self._pool.submit(self._compress_block, block))
         while len(self._pending) >= self._max_in_flight:
-            self._write_member(self._pending.popleft())
+            self._write_block(self._pending.popleft())
 
-    def _write_member(self, member: Future[list[bytes]]) -> None:
-        for part in member.result():
+    def _write_block(self, compressed: Future[list[bytes]]) -> None:
+        for part in compressed.result():
             self.downstream.write(part)
 
     def close(self) -> None:
@@ -221,7 +230,7 @@ class GzipStage(Stage):
             if self._pieces:
                 self._submit()
             while self._pending:
-                self._write_member(self._pending.popleft())
+                self._write_block(self._pending.popleft())
         finally:
             self.abort()
         super().close()
@@ -233,6 +242,15 @@ class GzipStage(Stage):
         self._pending.clear()
         self._pieces = []
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class GzipStage(BlockStage):
+    """Compress blocks into independent gzip members on ``threads`` threads, written in order."""
+
+    def __init__(self, downstream: Writer, level: int, threads: int, block_size: int = GZIP_BLOCK_SIZE):
+        super().__init__(
+            downstream, threads, block_size, functools.partial(_deflate_member, level=level), "gzip"
+        )
 
 
 def pump(source: BinaryIO, sink: Writer, chunk_size: int = CHUNK_SIZE) -> int:
@@ -428,66 +446,24 @@ def _stored_zstd_frame(data: bytes) -> bytes:
             return bytes(frame)
 
 
-class ZstdStage(Stage):
-    """Compress blocks into independent zstd frames on ``threads`` threads (zstd releases the
-    GIL), written in order; level 0 stores them. At most ``2 * threads`` blocks are in flight."""
+class ZstdStage(BlockStage):
+    """Compress blocks into independent zstd frames on ``threads`` threads, written in order;
+    level 0 stores them."""
 
     def __init__(self, downstream: Writer, level: int, threads: int, block_size: int = ZSTD_BLOCK_SIZE):
-        super().__init__(downstream)
         self._level = level
-        self._block_size = block_size
-        self._max_in_flight = 2 * threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zstd")
-        self._pending: collections.deque[Future[bytes]] = collections.deque()
-        self._buffer = bytearray()
         self._local = threading.local()  # one compressor per thread: a compressor is not shared
+        super().__init__(downstream, threads, block_size, self._frame, "zstd")
 
-    def _frame(self, block: bytes) -> bytes:
+    def _frame(self, pieces: list[Buffer]) -> list[bytes]:
+        block = b"".join(pieces)  # on the compressing thread (a large join releases the GIL)
         if self._level == 0:
-            return _stored_zstd_frame(block)
+            return [_stored_zstd_frame(block)]
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:
             compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True)
             self._local.compressor = compressor
-        return compressor.compress(block)
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        if self._buffer:  # fill the block begun by earlier writes first
-            take = self._block_size - len(self._buffer)
-            self._buffer += view[:take]
-            view = view[take:]
-            if len(self._buffer) < self._block_size:
-                return
-            self._submit(bytes(self._buffer))
-            self._buffer.clear()
-        while len(view) >= self._block_size:  # whole blocks straight from ``data``, copied once
-            self._submit(bytes(view[: self._block_size]))
-            view = view[self._block_size :]
-        self._buffer += view
-
-    def _submit(self, block: bytes) -> None:
-        self._pending.append(self._pool.submit(self._frame, block))
-        while len(self._pending) >= self._max_in_flight:
-            self.downstream.write(self._pending.popleft().result())
-
-    def close(self) -> None:
-        try:
-            if self._buffer:
-                self._submit(bytes(self._buffer))
-                self._buffer.clear()
-            while self._pending:
-                self.downstream.write(self._pending.popleft().result())
-        finally:
-            self.abort()
-        super().close()
-
-    def abort(self) -> None:
-        """Stop the threads without writing what is pending (after an error)."""
-        for future in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        return [compressor.compress(block)]
 
 
 class UnzstdReader(_Decoder):
