@@ -30,7 +30,7 @@ from vq_tasks.settings import ConfigError, Settings, get_settings
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.25  # how often `run --wait` reads the run record: a few small reads a second
 
 
 def human_size(size: float) -> str:
