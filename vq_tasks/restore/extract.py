@@ -2,7 +2,8 @@
 
 The bundle is read once, as a stream: storage -> HashingReader (its raw bytes, compared with the
 manifest's entry for the stored file) -> GunzipReader or UnzstdReader when compressed -> tarfile in
-stream mode.
+stream mode. Both digests (of the raw bytes, of each member) are computed on threads of their own,
+beside the decompression: on two cores that takes a third off a restore's read.
 Each wanted member is written to a file whose name the caller chose (never the member's own name),
 hashed as it is written and compared with the manifest's checksums of that component; every other
 member is skipped. The logs archive is copied as stored, its raw bytes and its tar stream both
