@@ -7,7 +7,8 @@ A killed process runs no cleanup, so everything it creates says whether its owne
 - work folders hold an flock on themselves for as long as their owner's process is alive; the kernel
   drops it when the process dies, so a folder whose lock can be taken is abandoned
   (``owned_folder``, ``remove_abandoned``). A folder is locked before it gets its final name, so no
-  cleaner ever sees one of a living owner unlocked. flock is per host: share a work folder only
+  cleaner ever sees one of a living owner unlocked; a claiming folder (empty, between its creation
+  and its lock) is removed only once it is older than CLAIM_GRACE. flock is per host: share a work folder only
   between workers of one machine (a local or Docker volume; on NFS it depends on the mount).
 - scratch databases are held by a PostgreSQL advisory lock (restore/postgres_swap.py).
 """
@@ -24,12 +25,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-CLAIMING = ".claiming"  # a folder being locked, before its final name; never taken for abandoned
+CLAIMING = ".claiming"  # a folder being locked, before its final name; abandoned only after CLAIM_GRACE
+CLAIM_GRACE = 60.0  # seconds after which an unlocked claiming folder is one of a killed process
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
@@ -89,6 +92,29 @@ def remove_abandoned(parent: Path, prefix: str) -> list[str]:
             os.close(lock)
         removed.append(folder.name)
         logger.warning("removed %s, left by a run that was killed", folder)
+    return removed + _remove_stale_claims(parent, prefix)
+
+
+def _remove_stale_claims(parent: Path, prefix: str) -> list[str]:
+    """Remove the claiming folders of ``prefix`` older than CLAIM_GRACE whose lock is free (their
+    process was killed between creating and locking one, milliseconds); return their names. Such a
+    folder is empty: one holding anything stays."""
+    removed = []
+    cutoff = time.time() - CLAIM_GRACE
+    for folder in sorted(parent.glob(glob.escape(CLAIMING + prefix) + "*")) if parent.is_dir() else []:
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_mtime > cutoff:
+                continue
+            lock = _lock(folder, blocking=False)
+        except OSError:  # held (BlockingIOError), or gone meanwhile
+            continue
+        try:
+            os.rmdir(folder)
+        except OSError:
+            continue
+        finally:
+            os.close(lock)
+        removed.append(folder.name)
     return removed
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from vq_tasks.leftovers import owned_folder, remove_abandoned
+from vq_tasks.leftovers import CLAIM_GRACE, CLAIMING, _lock, owned_folder, remove_abandoned
 
 HOLDER = textwrap.dedent(
     """
@@ -82,3 +82,29 @@ def test_a_new_folder_removes_the_abandoned_ones_of_its_prefix_only(tmp_path: Pa
         assert inner == [] and folder.exists(), "its own folder is held"
     assert not folder.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".drill-old", ".restore-link"]
+
+
+def test_a_claiming_folder_goes_once_it_is_old_empty_and_unlocked(tmp_path: Path):
+    """A process killed between creating its claiming folder and locking it leaves it empty."""
+    old = time.time() - CLAIM_GRACE - 5
+
+    def claiming(name: str, age: float | None = old) -> Path:
+        folder = tmp_path / f"{CLAIMING}.restore-{name}"
+        folder.mkdir()
+        if age is not None:
+            os.utime(folder, (age, age))
+        return folder
+
+    abandoned, fresh, held, full = claiming("a"), claiming("b", None), claiming("c"), claiming("d")
+    (full / "x").write_bytes(b"x")
+    os.utime(full, (old, old))
+    other = tmp_path / f"{CLAIMING}.drill-e"
+    other.mkdir()
+    os.utime(other, (old, old))
+    lock = _lock(held, blocking=True)  # its owner is locking it right now
+    try:
+        assert remove_abandoned(tmp_path, ".restore-") == [abandoned.name]
+    finally:
+        os.close(lock)
+    assert not abandoned.exists()
+    assert fresh.is_dir() and held.is_dir() and full.is_dir() and other.is_dir()
