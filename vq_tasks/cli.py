@@ -195,7 +195,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.verify import resolve_backup_id
 
     storage = storage_of(args, settings)
-    manifest = load_manifest(storage, resolve_backup_id(storage, settings.backup_name_prefix, args.backup_id))
+    manifest = load_manifest(storage, resolve_backup_id(storage, settings, args.backup_id))
     if args.json:
         print(manifest.model_dump_json(indent=2))
         return 0

@@ -24,7 +24,7 @@ from vq_tasks import encryption, signing
 from vq_tasks.age import X25519Identity
 from vq_tasks.audit import audit
 from vq_tasks.catalog import backup_sets, load_manifest
-from vq_tasks.errors import PermanentError
+from vq_tasks.errors import BackupError, PermanentError
 from vq_tasks.manifest import (
     ComponentEntry,
     Manifest,
@@ -100,11 +100,15 @@ class VerifyReport(BaseModel):
         return "ok" if all(c.ok for c in checks) else "not checked"
 
 
-def resolve_backup_id(storage: Storage, prefix: str, requested: str, now: datetime | None = None) -> str:
+def resolve_backup_id(
+    storage: Storage, settings: Settings, requested: str, now: datetime | None = None
+) -> str:
     """Given a backup id or ``latest``, return the backup id: for ``latest`` the newest complete
-    backup not dated after ``now`` + CLOCK_SKEW (a later id is forged or from a wrong clock; its
-    signature, if keys are set, is checked by whoever uses it). Raise PermanentError for a string
-    that is not a backup id (such as one with ``../``), or ``latest`` with no complete backup."""
+    backup not dated after ``now`` + CLOCK_SKEW (a later id is forged or from a wrong clock) and,
+    with BACKUP_SIGNING_PUBLIC_KEYS, whose manifest's signature holds (a forged newest manifest
+    must not stand in the way of restoring the real one). Raise PermanentError for a string that
+    is not a backup id (such as one with ``../``), or ``latest`` with no such backup."""
+    prefix, keys = settings.backup_name_prefix, signing.trusted_keys(settings)
     if requested == "latest":
         limit = (now or datetime.now(UTC)) + CLOCK_SKEW
         complete = [b for b in backup_sets(storage.list(), prefix) if b.complete]
@@ -112,15 +116,31 @@ def resolve_backup_id(storage: Storage, prefix: str, requested: str, now: dateti
             logger.warning(
                 "latest: %s is dated in the future, not taken for the latest backup", ahead.backup_id
             )
-        believable = [b for b in complete if b.started <= limit]
-        if not believable:
-            raise PermanentError(f"no complete backup in {storage.describe()}")
-        return believable[-1].backup_id
+        believable = [b.backup_id for b in complete if b.started <= limit]
+        latest = next(
+            (i for i in reversed(believable) if not keys or _signature_holds(storage, i, keys)), None
+        )
+        if latest is None:
+            signed = " whose manifest signature holds" if keys and believable else ""
+            raise PermanentError(f"no complete backup{signed} in {storage.describe()}")
+        return latest
     try:
         parse_backup_id(requested, prefix)
     except ValueError as exc:
         raise PermanentError(f"{exc} (or 'latest')") from None
     return requested
+
+
+def _signature_holds(storage: Storage, backup_id: str, keys: signing.PublicKeys) -> bool:
+    """Whether ``backup_id``'s manifest can be read and its signature holds; log why not."""
+    try:
+        distrusted = signing.distrust(load_manifest(storage, backup_id), keys)
+        problem = distrusted and f"manifest signature {distrusted}"
+    except BackupError as exc:
+        problem = str(exc)
+    if problem:
+        logger.warning("latest: %s is not taken for the latest backup: %s", backup_id, problem)
+    return not problem
 
 
 def verify_backup(
@@ -135,7 +155,7 @@ def verify_backup(
     Given ``manifest`` (read by the caller, who goes on to use it), that very copy is checked."""
     now = now or datetime.now(UTC)
     prefix = settings.backup_name_prefix
-    backup_id = resolve_backup_id(storage, prefix, backup_id)
+    backup_id = resolve_backup_id(storage, settings, backup_id)
     manifest = manifest or load_manifest(storage, backup_id)
     days = settings.backup_logs_retention_days
     retired = days if now - parse_backup_id(backup_id, prefix) > timedelta(days=days) else None

@@ -128,7 +128,7 @@ def test_latest_and_the_next_kind_ignore_forged_and_future_dated_manifests(tmp_p
     future = "virtualqueue_backup_20990101_000000"
     with backup.storage.open_write(manifest_name(future)) as out:
         out.write(backup.storage.read_bytes(manifest_name(BACKUP_ID)))
-    assert resolve_backup_id(backup.storage, prefix, "latest") == BACKUP_ID
+    assert resolve_backup_id(backup.storage, backup.settings, "latest") == BACKUP_ID
     assert f"{future} is dated in the future" in caplog.text
     public = new_signing_key(tmp_path / "signing.pem")
     keys = {key_id(public): public}

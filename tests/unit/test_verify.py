@@ -38,6 +38,7 @@ from vq_tasks.manifest import (
 )
 from vq_tasks.restore.extract import extract_to
 from vq_tasks.settings import Settings, load_settings
+from vq_tasks.signing import load_signing_key, new_signing_key, public_key_text, sign
 from vq_tasks.sources.files import archive_config, archive_logs
 from vq_tasks.sources.redis import CRC64
 from vq_tasks.sources.sql_dump import SqlDumpInspector
@@ -56,7 +57,7 @@ from vq_tasks.streams import (
     gzip_member,
     zstd_frame,
 )
-from vq_tasks.verify import VerifyReport, verify_backup
+from vq_tasks.verify import VerifyReport, resolve_backup_id, verify_backup
 from vq_tasks.verify_scan import names_check, probe_for, scan_archive
 
 BACKUP_ID = "virtualqueue_backup_20240115_020000"
@@ -452,6 +453,23 @@ def test_latest_is_the_newest_complete_backup(tmp_path):
     newer = "virtualqueue_backup_20240116_020000"
     (backup.storage.root / f"{newer}.tar.gz").write_bytes(b"no manifest: not a backup yet")
     assert backup.verify(backup_id="latest").backup_id == BACKUP_ID
+
+
+def test_with_signing_keys_latest_passes_over_a_newer_manifest_whose_signature_fails(tmp_path, caplog):
+    """A forged (unsigned) newest manifest must not stand in the way of `restore latest`."""
+    backup = make_backup(tmp_path)
+    key = tmp_path / "signing.pem"
+    public = new_signing_key(key)
+    write_manifest(backup.storage, sign(backup.manifest, load_signing_key(key)))
+    newer = "virtualqueue_backup_20240116_020000"
+    write_manifest(backup.storage, backup.manifest.model_copy(update={"backup_id": newer}))
+    assert resolve_backup_id(backup.storage, backup.settings, "latest") == newer  # no keys: newest
+    keyed = backup.settings.model_copy(update={"backup_signing_public_keys": [public_key_text(public)]})
+    assert resolve_backup_id(backup.storage, keyed, "latest") == BACKUP_ID
+    assert f"{newer} is not taken for the latest backup: manifest signature unsigned" in caplog.text
+    write_manifest(backup.storage, backup.manifest)  # now no manifest is signed
+    with pytest.raises(PermanentError, match="no complete backup whose manifest signature holds"):
+        resolve_backup_id(backup.storage, keyed, "latest")
 
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)

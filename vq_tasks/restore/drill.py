@@ -289,7 +289,7 @@ def run_drill(
     run_id = run_id or f"drill-{uuid.uuid4().hex[:12]}"
     resolved = backup_id
     try:
-        resolved = resolve_backup_id(storage, settings.backup_name_prefix, backup_id)
+        resolved = resolve_backup_id(storage, settings, backup_id)
         drill.stage = "lock"
         with restore_lock(settings, resolved):
             say(f"restore drill {run_id} of {resolved}: scratch database {drill.database_name}")
