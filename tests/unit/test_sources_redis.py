@@ -317,3 +317,44 @@ def test_an_echoed_password_is_never_shown_even_in_part():
     with pytest.raises(PermanentError, match="is it a Redis server") as caught:
         handshake(echoed, password)
     assert "ppppp" not in str(caught.value)
+
+
+QUEUED = b"+QUEUED\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.integers(0, 40),
+    error=st.sampled_from([b"", b"-OOM command not allowed\r\n", b"-ERR x\r\n"]),
+    after=st.integers(0, 5),
+    points=cuts,
+    size=buffer_sizes,
+)
+def test_repeated_replies_are_skipped_up_to_the_first_other_one(before, error, after, points, size):
+    """A transaction's QUEUED answers, compared many at a time in any chunking: the first other
+    answer (an error) is left for ``line``, and nothing after the count is consumed."""
+    stream = QUEUED * before + error + QUEUED * after + b":7\r\n"
+    reader = ReplyReader(Feed(cut(stream, points)), WHERE, size=size)
+    count = before + (1 if error else 0) + after
+    assert reader.skip_repeated(QUEUED, count) == (before if error else count)
+    if error:
+        assert reader.line() == error[:-2]
+        assert reader.skip_repeated(QUEUED, after) == after
+    assert reader.integer() == 7
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.none(), st.binary(max_size=300)), max_size=20),
+    points=cuts,
+    size=buffer_sizes,
+)
+def test_bulk_and_array_replies_in_any_chunking(values, points, size):
+    """A SCAN-like reply: an array of bulk strings and nils, read whole whatever the receives."""
+    stream = b"*%d\r\n" % len(values) + b"".join(
+        b"$-1\r\n" if v is None else b"$%d\r\n%b\r\n" % (len(v), v) for v in values
+    )
+    reader = ReplyReader(Feed(cut(stream, points)), WHERE, size=size)
+    assert [reader.bulk() for _ in range(reader.array_length())] == values
+    with pytest.raises(TransientError, match="closed the connection"):
+        reader.line()

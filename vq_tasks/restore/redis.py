@@ -55,10 +55,13 @@ from vq_tasks.restore.redis_server import (
 )
 from vq_tasks.restore.redis_transaction import Transaction
 from vq_tasks.settings import Settings
-from vq_tasks.sources.redis import Connection, client_error, password_of, server_facts
+from vq_tasks.sources.redis import Connection, client_error, command, password_of, server_facts
 
 BATCH_SIZE = 1000
 DUMP_AND_PTTL = b"*2\r\n$4\r\nDUMP\r\n$%d\r\n%b\r\n*2\r\n$4\r\nPTTL\r\n$%d\r\n%b\r\n"  # of one key, in RESP
+RESTORE = (
+    b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$7\r\nREPLACE\r\n"  # key ttl payload
+)
 MISSING = (  # of the keys given, those the throwaway lacks: one command for a batch of the sweep
     "local r = {} for _, k in ipairs(KEYS) do"
     " if redis.call('EXISTS', k) == 0 then r[#r + 1] = k end end return r"
@@ -252,24 +255,37 @@ def copy_database(
     payload is read at a time, and the transaction holds what it has not sent yet (BATCH_BYTES, or
     one larger command). (redis-py's pipeline spent about 10 µs of Python per command, and
     needed MEMORY USAGE of every key first to bound a batch's memory: 31 s for a million keys.)"""
-    source, connection = session.source(db), session.dump_connection(db)
+    connection = session.dump_connection(db)
+    reader = connection.reader
     transaction.use(db)
     queued = expired = 0
     cursor = None
     while cursor != 0:
-        with session.on_source():
-            cursor, keys = source.scan(cursor or 0, count=batch)
+        cursor, keys = _scan(connection, cursor or 0, batch)
         connection.send(b"".join([DUMP_AND_PTTL % (len(key), key, len(key), key) for key in keys]))
         for key in keys:
-            payload, ttl = connection.reader.bulk(), connection.reader.integer()
+            payload, ttl = reader.bulk(), reader.integer()
             if payload is None or ttl in (-2, 0):  # gone, or expiring this very millisecond
                 expired += 1
                 continue
-            transaction.queue("RESTORE", key, 0 if ttl == -1 else ttl, payload, "REPLACE")
+            ms = b"%d" % (0 if ttl == -1 else ttl)
+            transaction.queue_encoded(RESTORE % (len(key), key, len(ms), ms, len(payload), payload))
             queued += 1
         if progress:
             progress("queued", db, queued)
     return queued, expired
+
+
+def _scan(connection: Connection, cursor: int, count: int) -> tuple[int, list[bytes]]:
+    """SCAN the connection's database from ``cursor``: return the next cursor and the keys."""
+    connection.send(command("SCAN", cursor, "COUNT", count))
+    reader = connection.reader
+    parts = reader.array_length()
+    following = reader.bulk() if parts == 2 else None
+    if following is None or not following.isdigit():
+        raise PermanentError(f"{connection.where} answered SCAN with no cursor: not a Redis server?")
+    keys = [reader.bulk() for _ in range(reader.array_length())]
+    return int(following), [key for key in keys if key is not None]
 
 
 def sweep_database(

@@ -313,8 +313,41 @@ class ReplyReader:
             return None
         if not line[1:].isdigit():
             raise self.unexpected(line)
-        data = b"".join([bytes(view) for view in self.exactly(int(line[1:]) + 2)])
-        return data[:-2]
+        length = int(line[1:])
+        if self._end - self._start >= length + 2:  # all received already: one copy, no generator
+            data = bytes(self._view[self._start : self._start + length])
+            self._start += length + 2
+            return data
+        return b"".join([bytes(view) for view in self.exactly(length + 2)])[:-2]
+
+    def array_length(self) -> int:
+        """Return the next reply's element count, an array's (the elements follow). Raise the
+        server's error."""
+        line = self._reply(b"*")
+        if not line[1:].isdigit():
+            raise self.unexpected(line)
+        return int(line[1:])
+
+    def skip_repeated(self, reply: bytes, count: int) -> int:
+        """Consume the next replies while they are exactly ``reply`` (such as ``+QUEUED\r\n``),
+        at most ``count`` of them, comparing many at a time; return how many were consumed. The
+        first other reply stays, for ``line`` to read. Raise TransientError if the connection
+        closes first."""
+        size, done = len(reply), 0
+        while done < count:
+            ready = (self._end - self._start) // size
+            if not ready:
+                self._fill()
+                continue
+            take = min(ready, count - done)
+            if self._view[self._start : self._start + take * size] != reply * take:
+                break
+            self._start += take * size
+            done += take
+        while done < count and self._view[self._start : self._start + size] == reply:
+            self._start += size  # the replies before the first other one
+            done += 1
+        return done
 
     def integer(self) -> int:
         """Return the next reply, an integer. Raise the server's error."""
