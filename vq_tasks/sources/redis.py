@@ -337,6 +337,8 @@ class ReplyReader:
         while done < count:
             ready = (self._end - self._start) // size
             if not ready:
+                if self._view[self._start : self._end] != reply[: self._end - self._start]:
+                    break  # another reply has begun: it may be all the server sends
                 self._fill()
                 continue
             take = min(ready, count - done)
