@@ -17,7 +17,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
     storage = storage_of(args, settings)
     components = choose_components(args.component)
-    backup_id = resolve_backup_id(storage, settings, args.backup_id)
+    backup_id = resolve_backup_id(storage, settings, args.backup_id, restorable=True)
     if args.force and not args.yes and not confirm_restore(settings, backup_id, components):
         print("cancelled: nothing was changed", file=sys.stderr)
         return EXIT_FAILED
@@ -114,7 +114,7 @@ def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.verify import resolve_backup_id
 
     storage = storage_of(args, settings)
-    backup_id = resolve_backup_id(storage, settings, args.backup_id)
+    backup_id = resolve_backup_id(storage, settings, args.backup_id, restorable=True)
     manifest = check_manifest(load_manifest(storage, backup_id), backup_id, settings.backup_name_prefix)
     signed = signing.check(manifest, signing.trusted_keys(settings))
     if not signed.ok:

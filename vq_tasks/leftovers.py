@@ -115,6 +115,7 @@ def _remove_stale_claims(parent: Path, prefix: str) -> list[str]:
         finally:
             os.close(lock)
         removed.append(folder.name)
+        logger.warning("removed %s, left by a run killed as it began", folder)
     return removed
 
 

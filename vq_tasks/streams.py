@@ -456,7 +456,7 @@ class ZstdStage(BlockStage):
         super().__init__(downstream, threads, block_size, self._frame, "zstd")
 
     def _frame(self, pieces: list[Buffer]) -> list[bytes]:
-        block = b"".join(pieces)  # on the compressing thread (a large join releases the GIL)
+        block = b"".join(pieces)  # on the compressing thread: ~0.1 ms a MiB, holding the GIL
         if self._level == 0:
             return [_stored_zstd_frame(block)]
         compressor = getattr(self._local, "compressor", None)

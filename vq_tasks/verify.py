@@ -24,7 +24,7 @@ from vq_tasks import encryption, signing
 from vq_tasks.age import X25519Identity
 from vq_tasks.audit import audit
 from vq_tasks.catalog import backup_sets, load_manifest
-from vq_tasks.errors import BackupError, PermanentError
+from vq_tasks.errors import BackupError, PermanentError, is_transient
 from vq_tasks.manifest import (
     ComponentEntry,
     Manifest,
@@ -36,6 +36,7 @@ from vq_tasks.manifest import (
     split_object_name,
 )
 from vq_tasks.retention import CLOCK_SKEW
+from vq_tasks.safety import manifest_problems
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify_scan import (
@@ -101,14 +102,21 @@ class VerifyReport(BaseModel):
 
 
 def resolve_backup_id(
-    storage: Storage, settings: Settings, requested: str, now: datetime | None = None
+    storage: Storage,
+    settings: Settings,
+    requested: str,
+    now: datetime | None = None,
+    restorable: bool = False,
 ) -> str:
     """Given a backup id or ``latest``, return the backup id: for ``latest`` the newest complete
-    backup not dated after ``now`` + CLOCK_SKEW (a later id is forged or from a wrong clock) and,
-    with BACKUP_SIGNING_PUBLIC_KEYS, whose manifest's signature holds (a forged newest manifest
-    must not stand in the way of restoring the real one). Raise PermanentError for a string that
-    is not a backup id (such as one with ``../``), or ``latest`` with no such backup."""
-    prefix, keys = settings.backup_name_prefix, signing.trusted_keys(settings)
+    backup not dated after ``now`` + CLOCK_SKEW (a later id is forged or from a wrong clock). With
+    ``restorable`` (a restore, a fetch), the newest whose manifest can be read, names its own
+    backup's files and, with BACKUP_SIGNING_PUBLIC_KEYS, is signed: a forged newer manifest must not
+    stand in the way of restoring the real one; it is logged. A drill and verify take the newest as
+    it is, so that such a manifest fails them loudly. Raise PermanentError for a string that is not
+    a backup id (such as one with ``../``), or ``latest`` with no such backup; a storage error that
+    may pass is raised as it is."""
+    prefix = settings.backup_name_prefix
     if requested == "latest":
         limit = (now or datetime.now(UTC)) + CLOCK_SKEW
         complete = [b for b in backup_sets(storage.list(), prefix) if b.complete]
@@ -117,13 +125,13 @@ def resolve_backup_id(
                 "latest: %s is dated in the future, not taken for the latest backup", ahead.backup_id
             )
         believable = [b.backup_id for b in complete if b.started <= limit]
-        latest = next(
-            (i for i in reversed(believable) if not keys or _signature_holds(storage, i, keys)), None
-        )
-        if latest is None:
-            signed = " whose manifest signature holds" if keys and believable else ""
-            raise PermanentError(f"no complete backup{signed} in {storage.describe()}")
-        return latest
+        if restorable:
+            keys = signing.trusted_keys(settings)
+            believable = [i for i in believable if _restorable(storage, i, prefix, keys)]
+        if not believable:
+            what = "complete backup" + (" with a trusted manifest" if restorable else "")
+            raise PermanentError(f"no {what} in {storage.describe()}")
+        return believable[-1]
     try:
         parse_backup_id(requested, prefix)
     except ValueError as exc:
@@ -131,16 +139,22 @@ def resolve_backup_id(
     return requested
 
 
-def _signature_holds(storage: Storage, backup_id: str, keys: signing.PublicKeys) -> bool:
-    """Whether ``backup_id``'s manifest can be read and its signature holds; log why not."""
+def _restorable(storage: Storage, backup_id: str, prefix: str, keys: signing.PublicKeys) -> bool:
+    """Whether ``backup_id``'s manifest can be read, names only its own files and its signature
+    holds (``keys``: BACKUP_SIGNING_PUBLIC_KEYS); log why not. Raise a storage error that may pass."""
     try:
-        distrusted = signing.distrust(load_manifest(storage, backup_id), keys)
-        problem = distrusted and f"manifest signature {distrusted}"
+        manifest = load_manifest(storage, backup_id)
     except BackupError as exc:
-        problem = str(exc)
-    if problem:
-        logger.warning("latest: %s is not taken for the latest backup: %s", backup_id, problem)
-    return not problem
+        if is_transient(exc):
+            raise
+        problems = [str(exc)]
+    else:
+        problems = manifest_problems(manifest, backup_id, prefix)
+        distrusted = signing.distrust(manifest, keys)
+        problems += [f"manifest signature {distrusted}"] if distrusted else []
+    if problems:
+        logger.warning("latest: %s is not taken for the latest backup: %s", backup_id, "; ".join(problems))
+    return not problems
 
 
 def verify_backup(

@@ -44,6 +44,7 @@ from vq_tasks.sources.redis import CRC64
 from vq_tasks.sources.sql_dump import SqlDumpInspector
 from vq_tasks.staging import StagingArea, stage_part
 from vq_tasks.storage import open_storage
+from vq_tasks.storage.base import StorageError
 from vq_tasks.storage.local import LocalStorage
 from vq_tasks.streams import (
     DamagedStream,
@@ -455,21 +456,48 @@ def test_latest_is_the_newest_complete_backup(tmp_path):
     assert backup.verify(backup_id="latest").backup_id == BACKUP_ID
 
 
-def test_with_signing_keys_latest_passes_over_a_newer_manifest_whose_signature_fails(tmp_path, caplog):
-    """A forged (unsigned) newest manifest must not stand in the way of `restore latest`."""
+def test_a_restores_latest_passes_over_newer_manifests_it_cannot_trust(tmp_path, caplog):
+    """With signing keys, a forged (unsigned) newest manifest, or a signed one copied under a newer
+    id, must not stand in the way of `restore latest`; a drill and verify still take the newest,
+    which then fails them loudly."""
     backup = make_backup(tmp_path)
     key = tmp_path / "signing.pem"
     public = new_signing_key(key)
-    write_manifest(backup.storage, sign(backup.manifest, load_signing_key(key)))
+    signed = sign(backup.manifest, load_signing_key(key))
+    write_manifest(backup.storage, signed)
     newer = "virtualqueue_backup_20240116_020000"
     write_manifest(backup.storage, backup.manifest.model_copy(update={"backup_id": newer}))
-    assert resolve_backup_id(backup.storage, backup.settings, "latest") == newer  # no keys: newest
     keyed = backup.settings.model_copy(update={"backup_signing_public_keys": [public_key_text(public)]})
-    assert resolve_backup_id(backup.storage, keyed, "latest") == BACKUP_ID
-    assert f"{newer} is not taken for the latest backup: manifest signature unsigned" in caplog.text
+    assert resolve_backup_id(backup.storage, keyed, "latest") == newer  # a drill, verify: the newest
+    assert resolve_backup_id(backup.storage, keyed, "latest", restorable=True) == BACKUP_ID
+    assert f"{newer} is not taken for the latest backup: " in caplog.text
+    assert "manifest signature unsigned" in caplog.text
+    # without keys too: the forged manifest names the other backup's files as its own
+    assert resolve_backup_id(backup.storage, backup.settings, "latest", restorable=True) == BACKUP_ID
+    assert f"is not a data file of {newer}" in caplog.text
+    with backup.storage.open_write(manifest_name(newer)) as out:  # a signed manifest, copied
+        out.write(signed.model_dump_json().encode())
+    assert resolve_backup_id(backup.storage, keyed, "latest", restorable=True) == BACKUP_ID
+    assert f"it names backup {BACKUP_ID!r}, not {newer}" in caplog.text
     write_manifest(backup.storage, backup.manifest)  # now no manifest is signed
-    with pytest.raises(PermanentError, match="no complete backup whose manifest signature holds"):
-        resolve_backup_id(backup.storage, keyed, "latest")
+    with pytest.raises(PermanentError, match="no complete backup with a trusted manifest"):
+        resolve_backup_id(backup.storage, keyed, "latest", restorable=True)
+
+
+def test_a_storage_error_that_may_pass_is_raised_not_taken_for_an_untrusted_manifest(tmp_path):
+    """A blip while reading the newest manifest must not make `restore latest` pick an older one."""
+    backup = make_backup(tmp_path)
+    newer = "virtualqueue_backup_20240116_020000"
+    write_manifest(backup.storage, backup.manifest.model_copy(update={"backup_id": newer}))
+
+    class Blipping(LocalStorage):
+        def read_bytes(self, name: str) -> bytes:
+            if name == manifest_name(newer):
+                raise StorageError("the connection was reset", transient=True)
+            return super().read_bytes(name)
+
+    with pytest.raises(StorageError, match="connection was reset"):
+        resolve_backup_id(Blipping(backup.storage.root), backup.settings, "latest", restorable=True)
 
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)

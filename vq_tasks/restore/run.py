@@ -144,7 +144,7 @@ def _restore(
     chosen = choose_components(components)
     if not isinstance(backup_id, str) or not isinstance(force, bool):  # a task's arguments are JSON
         raise PermanentError("backup_id must be a backup id or 'latest', and force true or false")
-    backup_id = resolve_backup_id(storage, settings, backup_id)
+    backup_id = resolve_backup_id(storage, settings, backup_id, restorable=True)
     plan = results = integrity = None
     with restore_lock(settings, backup_id) if force else contextlib.nullcontext():
         manifest = trusted_manifest(storage, settings, backup_id, chosen)
