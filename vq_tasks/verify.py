@@ -110,7 +110,7 @@ def resolve_backup_id(
 ) -> str:
     """Given a backup id or ``latest``, return the backup id: for ``latest`` the newest complete
     backup not dated after ``now`` + CLOCK_SKEW (a later id is forged or from a wrong clock). With
-    ``restorable`` (a restore, a fetch), the newest whose manifest can be read, names its own
+    ``restorable`` (a restore, an extract), the newest whose manifest can be read, names its own
     backup's files and, with BACKUP_SIGNING_PUBLIC_KEYS, is signed: a forged newer manifest must not
     stand in the way of restoring the real one; it is logged. A drill and verify take the newest as
     it is, so that such a manifest fails them loudly. Raise PermanentError for a string that is not
@@ -124,14 +124,15 @@ def resolve_backup_id(
             logger.warning(
                 "latest: %s is dated in the future, not taken for the latest backup", ahead.backup_id
             )
-        believable = [b.backup_id for b in complete if b.started <= limit]
-        if restorable:
-            keys = signing.trusted_keys(settings)
-            believable = [i for i in believable if _restorable(storage, i, prefix, keys)]
-        if not believable:
+        keys = signing.trusted_keys(settings) if restorable else {}
+        newest_first = (b.backup_id for b in reversed(complete) if b.started <= limit)
+        chosen = next(  # a restore reads manifests from the newest down, to the first it trusts
+            (i for i in newest_first if not restorable or _restorable(storage, i, prefix, keys)), None
+        )
+        if chosen is None:
             what = "complete backup" + (" with a trusted manifest" if restorable else "")
             raise PermanentError(f"no {what} in {storage.describe()}")
-        return believable[-1]
+        return chosen
     try:
         parse_backup_id(requested, prefix)
     except ValueError as exc:
