@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from vq_tasks.manifest import Compression
 from vq_tasks.storage import PROVIDERS
 from vq_tasks.storage.location import (
     ENDPOINT_FIELDS,
@@ -332,7 +333,7 @@ class Settings(BaseSettings):
         return []
 
     @property
-    def compression(self) -> Literal["gzip", "zstd", "none"]:
+    def compression(self) -> Compression:
         """What parts are compressed with: COMPRESSION_ALGORITHM, or none if not COMPRESSION_ENABLED."""
         return self.compression_algorithm if self.compression_enabled else "none"
 

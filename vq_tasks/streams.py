@@ -415,8 +415,8 @@ def open_tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
             yield tar
 
 
-# zstd: the same design as gzip above (independent frames made in parallel blocks, which
-# concatenate into one valid zstd stream), in classes of its own.
+# zstd: the same design as gzip above (independent frames made in parallel blocks by BlockStage,
+# which concatenate into one valid zstd stream).
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_BLOCK_SIZE = 1 << 20

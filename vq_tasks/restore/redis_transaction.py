@@ -126,7 +126,7 @@ class Transaction:
         answered = self._reader.skip_repeated(QUEUED, len(self._pending))
         for _ in range(len(self._pending) - answered):  # the first other answer says what went wrong
             reply = self._reader.line()
-            if reply != b"+QUEUED":
+            if reply + b"\r\n" != QUEUED:
                 raise self._refused(reply) if reply.startswith(b"-") else self._unexpected(reply)
         self.queued += len(self._pending)
         self.queued_bytes += self._pending_bytes
