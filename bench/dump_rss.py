@@ -24,9 +24,9 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from bench_data import DB_NAME, PgServer, database_size  # noqa: E402
 
+from vq_tasks.backup.staging import StagingArea, stage_part  # noqa: E402
 from vq_tasks.settings import Settings, load_settings  # noqa: E402
 from vq_tasks.sources.postgres import dump_database  # noqa: E402
-from vq_tasks.staging import StagingArea, stage_part  # noqa: E402
 
 MIB = 1 << 20
 

@@ -30,14 +30,16 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from bench_data import DB_NAME, PgServer, database_size  # noqa: E402
 
-from vq_tasks import streams  # noqa: E402
-from vq_tasks.bundle import BundleWriter  # noqa: E402
+from vq_tasks.backup.bundle import BundleWriter  # noqa: E402
+from vq_tasks.backup.staging import StagingArea, stage_part  # noqa: E402
+from vq_tasks.clients.pg_tools import pg_environment, pg_tool  # noqa: E402
+from vq_tasks.clients.sql_dump import SqlDumpInspector  # noqa: E402
 from vq_tasks.manifest import StagedPart  # noqa: E402
 from vq_tasks.settings import Settings, load_settings  # noqa: E402
-from vq_tasks.sources.postgres import dump_database, pg_environment, pg_tool  # noqa: E402
-from vq_tasks.sources.sql_dump import SqlDumpInspector  # noqa: E402
-from vq_tasks.staging import StagingArea, stage_part  # noqa: E402
-from vq_tasks.streams import CHUNK_SIZE, GzipStage, HashStage, Nowhere, pump  # noqa: E402
+from vq_tasks.sources.postgres import dump_database  # noqa: E402
+from vq_tasks.streams import compress  # noqa: E402
+from vq_tasks.streams.compress import GzipStage  # noqa: E402
+from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere, pump  # noqa: E402
 
 MIB = 1 << 20
 
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.db}: {size / MIB:.0f} MiB; idle RSS {psutil.Process().memory_info().rss / MIB:.1f} MiB")
     if args.block_kib:
         GzipStage.__init__.__defaults__ = (args.block_kib << 10,)
-    print(f"deflate: {getattr(streams, 'DEFLATE', zlib).__name__}", flush=True)
+    print(f"deflate: {getattr(compress, 'DEFLATE', zlib).__name__}", flush=True)
     staging = Path(tempfile.mkdtemp(prefix="vq-profile-dump-"))
     extra = {"compression_threads": args.threads} if args.threads else {}
     settings = load_settings(db_host=args.db_host, db_name=args.db, backup_staging_dir=staging, **extra)

@@ -16,7 +16,7 @@ import pytest
 
 from vq_tasks.storage.base import Storage, StorageError
 from vq_tasks.storage.upload import PartedStorage
-from vq_tasks.streams import pump
+from vq_tasks.streams.stages import pump
 
 MIB = 1 << 20
 

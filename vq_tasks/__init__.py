@@ -9,7 +9,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name in {"app", "celery"}:
-        from vq_tasks.app import app
+        from vq_tasks.worker.app import app
 
         return app
     raise AttributeError(f"module 'vq_tasks' has no attribute {name!r}")

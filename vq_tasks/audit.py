@@ -12,10 +12,12 @@ import logging
 import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vq_tasks.errors import redact
-from vq_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from vq_tasks.settings import Settings
 
 logger = logging.getLogger("vq_tasks.audit")
 

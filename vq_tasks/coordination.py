@@ -15,11 +15,13 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from vq_tasks.settings import Settings
+if TYPE_CHECKING:
+    from vq_tasks.settings import Settings
+
 
 LOCK_KEY = "vq:backup:lock"
 RUN_KEY = "vq:run:{}"

@@ -13,8 +13,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from vq_tasks.streams import Checksums
-
 MANIFEST_VERSION = 1
 ID_TIME_FORMAT = "%Y%m%d_%H%M%S"
 COMPONENTS = ("database", "redis", "config", "logs")
@@ -37,6 +35,14 @@ SUFFIX_ROLES = {
     **{f"_logs{TAR_SUFFIX[c]}{age}": "logs" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
     **{f"{TAR_SUFFIX[c]}{age}": "bundle" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
 }
+
+
+class Checksums(BaseModel):
+    """Size and digests of a byte stream."""
+
+    size: int
+    md5: str
+    sha256: str
 
 
 def checked_digests(content: Checksums) -> Checksums:
@@ -152,7 +158,7 @@ class Manifest(BaseModel):
         None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
     )
     signature: ManifestSignature | None = Field(
-        None, description="Ed25519 signature of the rest of the manifest (vq_tasks.signing)"
+        None, description="Ed25519 signature of the rest of the manifest (vq_tasks.crypto.signing)"
     )
 
 

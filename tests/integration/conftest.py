@@ -59,9 +59,9 @@ def derived_databases(database) -> Iterator[None]:
 
 
 def fill_database(name: str, customers: int = 500) -> dict[str, int]:
-    """Load the demo's Virtual-Queue-like schema and data (``vq_tasks.demo.SCHEMA``) with
+    """Load the demo's Virtual-Queue-like schema and data (``vq_tasks.cli.demo.SCHEMA``) with
     ``customers`` customers; return rows per table, as pg_dump names them."""
-    from vq_tasks.demo import SCHEMA
+    from vq_tasks.cli.demo import SCHEMA
 
     with pg_connect(name) as conn:
         conn.execute(SCHEMA.format(n=customers))

@@ -16,13 +16,13 @@ import pytest
 
 from tests.integration.conftest import BROKER_PASSWORD, Mailbox, run_cli
 from tests.servers import free_port, tmpfs
-from tests.unit.test_pruning import plant as plant_backup
-from vq_tasks.alerts import AlertEvent, deliver, retention_event
+from tests.unit.retention.test_pruning import plant as plant_backup
 from vq_tasks.errors import BackupError, TransientError
-from vq_tasks.monitor import alert_on
-from vq_tasks.pruning import prune_all
+from vq_tasks.monitoring.alerts import AlertEvent, deliver, retention_event
+from vq_tasks.monitoring.monitor import alert_on
+from vq_tasks.monitoring.status import StatusReader
+from vq_tasks.retention.prune import prune_all
 from vq_tasks.settings import load_settings
-from vq_tasks.status import StatusReader
 
 pytestmark = pytest.mark.integration
 PREFIX = "virtualqueue_backup"
@@ -401,7 +401,7 @@ def test_incident_records_survive_redelivery_and_races_between_senders(alert_set
 
 
 def test_a_notice_left_owed_by_a_task_that_gave_up_is_sent_by_the_exporter(alert_settings, smtp):
-    from vq_tasks.alerts import send_owed
+    from vq_tasks.monitoring.alerts import send_owed
 
     _, mailbox = smtp
     problem = AlertEvent(condition="drill", backup_id="b1", failures={"verify": "sha256 mismatch"})

@@ -21,9 +21,9 @@ from tests.integration.conftest import (
     run_cli,
 )
 from tests.servers import free_port, start_redis
-from vq_tasks.cli import unsubscribe
+from vq_tasks.cli.main import unsubscribe
 from vq_tasks.manifest import TAR_SUFFIX
-from vq_tasks.streams import HashingReader, decompressing, open_tar_stream
+from vq_tasks.streams.readers import HashingReader, decompressing, open_tar_stream
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
@@ -220,8 +220,8 @@ def test_two_backups_at_once_make_exactly_one(base_env, database, layout, start_
     start_worker(base_env, concurrency=4)
     for name, value in base_env.items():
         monkeypatch.setenv(name, value)
-    from vq_tasks.app import create_app
     from vq_tasks.settings import load_settings
+    from vq_tasks.worker.app import create_app
 
     client = create_app(load_settings())
     first = client.send_task("vq_tasks.backup", kwargs={"origin": "cli"})

@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import fill_database, pg_connect, run_cli
 from tests.integration.test_restore import make_backup, redis_contents, row_counts
 from tests.servers import RedisServer, redis_server_binary
-from vq_tasks.cli import unsubscribe
+from vq_tasks.cli.main import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
@@ -49,8 +49,8 @@ def call_drill(env: dict[str, str], monkeypatch, task_id: str | None = None, **k
     its result or the exception it failed with."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    from vq_tasks.app import create_app
     from vq_tasks.settings import load_settings
+    from vq_tasks.worker.app import create_app
 
     client = create_app(load_settings())
     result = client.send_task("vq_tasks.restore_drill", kwargs=kwargs, task_id=task_id)

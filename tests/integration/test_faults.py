@@ -95,7 +95,7 @@ class Services:
 
 WORKER_CODE = """
 import sys
-from vq_tasks.app import app
+from vq_tasks.worker.app import app
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, **OPTIONS}
 app.worker_main(["worker", *sys.argv[1:]])
 """
@@ -400,7 +400,7 @@ def test_broker_restarted_mid_run_ends_in_one_complete_backup(broker_restart):
 
 def test_broker_restarted_mid_run_the_worker_reconnects(broker_restart):
     """Fault: the broker restarted while a dump runs. Expected: the worker process logs the lost
-    connection, reconnects and keeps running (no restart policy needed: vq_tasks.broker works
+    connection, reconnects and keeps running (no restart policy needed: vq_tasks.worker.broker works
     around kombu 5.7.0, whose Redis transport made it exit), and runs the rest of the backup. The
     dump's message, which it cannot acknowledge on the lost connection, stays unacknowledged in
     the broker: not lost, it comes back after the visibility timeout."""

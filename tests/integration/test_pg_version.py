@@ -28,7 +28,7 @@ def system_pg_dump_major() -> int:
 
 
 def test_old_pg_dump_is_named_as_the_problem(tmp_path):
-    from vq_tasks.demo import start_postgres
+    from vq_tasks.cli.demo import start_postgres
 
     if system_pg_dump_major() >= 18:
         pytest.skip("the pg_dump on PATH is not older than the embedded server")

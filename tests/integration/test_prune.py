@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tests.integration.conftest import BROKER_PASSWORD, run_cli, settings_env
-from tests.unit.test_pruning import files_of, names, plant, undeletable
+from tests.unit.retention.test_pruning import files_of, names, plant, undeletable
 from vq_tasks import coordination
 from vq_tasks.manifest import manifest_name
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.conftest import fill_database, pg_connect, redis_value, run_cli
 from tests.servers import RedisServer, redis_server_binary
-from vq_tasks.cli import unsubscribe
+from vq_tasks.cli.main import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
@@ -41,8 +41,8 @@ def call_restore(env: dict[str, str], monkeypatch, **kwargs: Any) -> Any:
     """Send vq_tasks.restore to the worker; return its result or the exception it failed with."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    from vq_tasks.app import create_app
     from vq_tasks.settings import load_settings
+    from vq_tasks.worker.app import create_app
 
     client = create_app(load_settings())
     result = client.send_task("vq_tasks.restore", kwargs=kwargs)

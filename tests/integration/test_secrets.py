@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.integration.conftest import BROKER_PASSWORD, run_cli
-from vq_tasks.signing import new_signing_key
+from vq_tasks.crypto.signing import new_signing_key
 
 pytestmark = pytest.mark.integration
 WRONG_REDIS_PASSWORD = "wrong-redis-pw-4711"

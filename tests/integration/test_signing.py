@@ -11,8 +11,8 @@ import pytest
 from tests.integration.conftest import fill_database, run_cli
 from tests.integration.test_restore import make_backup, row_counts
 from tests.servers import redis_server_binary
+from vq_tasks.crypto.signing import key_id, load_signing_key, new_signing_key, public_key_text, sign
 from vq_tasks.manifest import Manifest, manifest_name
-from vq_tasks.signing import key_id, load_signing_key, new_signing_key, public_key_text, sign
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.integration.conftest import PG_HOST, PG_PORT, PG_USER, pg_connect
-from vq_tasks.sources.sql_dump import SqlDumpInspector
+from vq_tasks.clients.sql_dump import SqlDumpInspector
 
 pytestmark = pytest.mark.integration
 

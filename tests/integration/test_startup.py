@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from vq_tasks import coordination
-from vq_tasks.app import QUEUES
-from vq_tasks.cli import unsubscribe
+from vq_tasks.cli.main import unsubscribe
+from vq_tasks.worker.app import QUEUES
 
 pytestmark = pytest.mark.integration
 
@@ -113,8 +113,8 @@ def test_worker_refuses_pickle(base_env, start_worker, monkeypatch):
     worker = start_worker(base_env)
     for name, value in base_env.items():
         monkeypatch.setenv(name, value)
-    from vq_tasks.app import create_app
     from vq_tasks.settings import load_settings
+    from vq_tasks.worker.app import create_app
 
     client = create_app(load_settings())
     client.conf.accept_content = ["json", "pickle"]
@@ -129,7 +129,7 @@ def test_worker_refuses_pickle(base_env, start_worker, monkeypatch):
 
 
 def test_no_backup_starts_while_a_restore_runs(broker, tmp_path):
-    from vq_tasks.pipeline import BackupRefused, start_backup
+    from vq_tasks.backup.pipeline import BackupRefused, start_backup
     from vq_tasks.settings import load_settings
 
     url = f"redis://:{broker.password}@127.0.0.1:{broker.port}/0"

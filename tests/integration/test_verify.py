@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import fill_database, run_cli
-from vq_tasks.cli import unsubscribe
+from vq_tasks.cli.main import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")
@@ -20,8 +20,8 @@ def call_verify(env: dict[str, str], monkeypatch, backup_id: str) -> tuple[Any, 
     and the queue it was delivered on."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    from vq_tasks.app import create_app
     from vq_tasks.settings import load_settings
+    from vq_tasks.worker.app import create_app
 
     client = create_app(load_settings())
     result = client.send_task("vq_tasks.verify", kwargs={"backup_id": backup_id})

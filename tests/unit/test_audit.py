@@ -33,11 +33,11 @@ def test_an_unwritable_log_does_not_fail_the_operation(tmp_path):
 def test_verify_writes_one_line_with_its_outcome_and_audit_shows_the_recent_ones(
     tmp_path, capsys, monkeypatch
 ):
-    from tests.unit.test_verify import BACKUP_ID, flip, make_backup
-    from vq_tasks.cli import main
-    from vq_tasks.cli_audit import recent
+    from tests.unit.verify.test_verify import BACKUP_ID, flip, make_backup
+    from vq_tasks.cli.audit import recent
+    from vq_tasks.cli.main import main
     from vq_tasks.settings import get_settings
-    from vq_tasks.verify import verify_operation
+    from vq_tasks.verify.run import verify_operation
 
     backup = make_backup(tmp_path)
     log = tmp_path / "audit.jsonl"

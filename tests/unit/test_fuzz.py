@@ -18,16 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tests.unit.test_verify import BACKUP_ID, make_backup
-from vq_tasks.catalog import load_manifest
+from tests.unit.verify.test_verify import BACKUP_ID, make_backup
+from vq_tasks.catalog.listing import load_manifest
+from vq_tasks.catalog.trust import check_manifest
+from vq_tasks.clients.rdb import RdbCheck
 from vq_tasks.errors import BackupError, PermanentError
 from vq_tasks.manifest import Manifest, manifest_name
+from vq_tasks.restore.contents import PG_DUMP_CLOSING, PG_DUMP_HEADER, rdb_problem, sql_dump_problem
 from vq_tasks.restore.files import read_members, refusals, restore_files
 from vq_tasks.restore.redis_server import rdb_file_version
-from vq_tasks.safety import PG_DUMP_CLOSING, PG_DUMP_HEADER, check_manifest, rdb_problem, sql_dump_problem
-from vq_tasks.sources.redis import RdbCheck
 from vq_tasks.storage.local import LocalStorage
-from vq_tasks.verify_scan import scan_archive
+from vq_tasks.verify.scan import scan_archive
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

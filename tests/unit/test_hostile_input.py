@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_restore_run import with_targets
-from tests.unit.test_verify import (
+from tests.unit.restore.test_restore_run import with_targets
+from tests.unit.verify.test_verify import (
     BACKUP_ID,
     Backup,
     make_backup,
@@ -24,8 +24,10 @@ from tests.unit.test_verify import (
     store,
     write_manifest,
 )
-from vq_tasks.catalog import load_manifest
-from vq_tasks.cli import main
+from vq_tasks.catalog.listing import load_manifest
+from vq_tasks.catalog.trust import check_manifest
+from vq_tasks.cli.main import main
+from vq_tasks.clients.rdb import CRC64
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
     FilesFacts,
@@ -36,12 +38,11 @@ from vq_tasks.manifest import (
     split_object_name,
 )
 from vq_tasks.restore import apply, run
+from vq_tasks.restore.contents import rdb_problem, sql_dump_problem
 from vq_tasks.restore.files import changed_files, restore_files
 from vq_tasks.restore.run import restore_backup
-from vq_tasks.safety import check_manifest, rdb_problem, sql_dump_problem
 from vq_tasks.settings import Settings
 from vq_tasks.sources.files import archive_config
-from vq_tasks.sources.redis import CRC64
 from vq_tasks.storage.base import StorageError
 
 OTHER_ID = "virtualqueue_backup_20240114_020000"
@@ -567,7 +568,7 @@ def test_a_hostile_config_archive_stops_the_restore_before_any_component(tmp_pat
 
 
 def test_a_path_given_as_a_backup_id_never_becomes_a_staging_folder(tmp_path):
-    from vq_tasks.staging import StagingArea
+    from vq_tasks.backup.staging import StagingArea
 
     sentinel = tmp_path / "etc"
     sentinel.mkdir()
@@ -578,9 +579,9 @@ def test_a_path_given_as_a_backup_id_never_becomes_a_staging_folder(tmp_path):
 
 
 def test_finalize_refuses_a_record_naming_a_file_outside_its_staging_folder(tmp_path):
+    from vq_tasks.backup.pipeline import _check_staged_paths
+    from vq_tasks.backup.staging import StagingArea
     from vq_tasks.manifest import StagedPart
-    from vq_tasks.pipeline import _check_staged_paths
-    from vq_tasks.staging import StagingArea
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
     good = StagedPart.model_construct(component="redis", path=str(area.part_path("redis")))

@@ -31,12 +31,13 @@ from psycopg import sql
 from pydantic import BaseModel, SecretStr, computed_field
 
 from vq_tasks import coordination
-from vq_tasks.alerts import AlertEvent, deliver
 from vq_tasks.audit import audit
+from vq_tasks.catalog.latest import resolve_backup_id
 from vq_tasks.errors import BackupError, PermanentError, redact
-from vq_tasks.leftovers import owned_folder
 from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
+from vq_tasks.monitoring.alerts import AlertEvent, deliver
 from vq_tasks.restore.apply import facts_of, redis_progress
+from vq_tasks.restore.contents import check_contents
 from vq_tasks.restore.extract import extract_to, local_name
 from vq_tasks.restore.files import restore_files
 from vq_tasks.restore.integrity import (
@@ -47,16 +48,15 @@ from vq_tasks.restore.integrity import (
     keys_checks,
     rows_check,
 )
+from vq_tasks.restore.leftovers import owned_folder
 from vq_tasks.restore.postgres import database_row_counts, restore_database
 from vq_tasks.restore.postgres_connect import connect
 from vq_tasks.restore.postgres_swap import derived_name, left_over
 from vq_tasks.restore.redis import redis_key_counts, restore_redis
 from vq_tasks.restore.redis_server import HOST, Throwaway, server_binary_path, server_binary_version
 from vq_tasks.restore.run import restore_lock, verified_manifest
-from vq_tasks.safety import check_contents
 from vq_tasks.settings import LOOPBACK_NAMES, Settings
 from vq_tasks.storage.base import Storage
-from vq_tasks.verify import resolve_backup_id
 
 DROP_ATTEMPTS = 3
 logger = logging.getLogger(__name__)

@@ -24,22 +24,14 @@ from typing import BinaryIO
 
 import zstandard
 
-from vq_tasks import encryption
-from vq_tasks.age import X25519Identity
+from vq_tasks.crypto import encryption
+from vq_tasks.crypto.age import X25519Identity
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import ComponentEntry, Manifest, StoredFile, is_encrypted, plain_name
+from vq_tasks.manifest import Checksums, ComponentEntry, Manifest, StoredFile, is_encrypted, plain_name
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage.base import Storage
-from vq_tasks.streams import (
-    CHUNK_SIZE,
-    Checksums,
-    DamagedStream,
-    GunzipReader,
-    HashingReader,
-    HashStage,
-    UnzstdReader,
-    decompressing,
-)
+from vq_tasks.streams.readers import DamagedStream, GunzipReader, HashingReader, UnzstdReader, decompressing
+from vq_tasks.streams.stages import CHUNK_SIZE, HashStage
 
 Say = Callable[[str], object]
 TAR_BUFSIZE = 64 * 1024

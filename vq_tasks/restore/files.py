@@ -27,7 +27,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.streams import CHUNK_SIZE, DamagedStream, open_tar_stream
+from vq_tasks.streams.readers import DamagedStream, open_tar_stream
+from vq_tasks.streams.stages import CHUNK_SIZE
 
 ALLOWED_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
 TYPE_NAMES = {

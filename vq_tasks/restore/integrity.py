@@ -23,7 +23,7 @@ from pydantic import BaseModel, computed_field
 from vq_tasks.errors import BackupError
 from vq_tasks.restore.files import changed_files
 from vq_tasks.restore.redis import RedisRestoreResult
-from vq_tasks.streams import open_tar_stream
+from vq_tasks.streams.readers import open_tar_stream
 
 HEALTH_TIMEOUT = 10.0
 SHOWN = 5

@@ -40,8 +40,10 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, Field
 
+from vq_tasks.clients.pg_tools import STDERR_KEPT, pg_environment, pg_tool
 from vq_tasks.errors import PermanentError
-from vq_tasks.leftovers import die_with_parent
+from vq_tasks.restore.contents import SQL_HEAD, check_sql_dump
+from vq_tasks.restore.leftovers import die_with_parent
 from vq_tasks.restore.postgres_connect import connect, database_row, db_where, psql_failure
 from vq_tasks.restore.postgres_roles import missing_roles_error
 from vq_tasks.restore.postgres_swap import (
@@ -52,10 +54,8 @@ from vq_tasks.restore.postgres_swap import (
     drop_quietly,
     swap_in,
 )
-from vq_tasks.safety import SQL_HEAD, check_sql_dump
 from vq_tasks.settings import Settings
-from vq_tasks.sources.postgres import STDERR_KEPT, pg_environment, pg_tool
-from vq_tasks.streams import CHUNK_SIZE
+from vq_tasks.streams.stages import CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
 

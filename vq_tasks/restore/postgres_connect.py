@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import psycopg
 
+from vq_tasks.clients.pg_tools import classify_pg_error
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
-from vq_tasks.sources.postgres import classify_pg_error
 
 APPLICATION_NAME = "vq-backup restore"
 TRANSIENT_STATES = {"55006", "55P03", "40P01", "40001", "57P01", "57P03"}

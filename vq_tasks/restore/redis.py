@@ -38,6 +38,7 @@ from pydantic import BaseModel, SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from vq_tasks.clients.redis_wire import Connection, client_error, command, password_of, server_facts
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.restore.redis_server import (
     HOST,
@@ -55,7 +56,6 @@ from vq_tasks.restore.redis_server import (
 )
 from vq_tasks.restore.redis_transaction import Transaction
 from vq_tasks.settings import Settings
-from vq_tasks.sources.redis import Connection, client_error, command, password_of, server_facts
 
 BATCH_SIZE = 1000
 DUMP_AND_PTTL = b"*2\r\n$4\r\nDUMP\r\n$%d\r\n%b\r\n*2\r\n$4\r\nPTTL\r\n$%d\r\n%b\r\n"  # of one key, in RESP

@@ -35,9 +35,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from vq_tasks.clients.rdb import HEADER_SIZE, MAGIC
 from vq_tasks.errors import PermanentError, TransientError, redact
-from vq_tasks.leftovers import die_with_parent, owned_folder
-from vq_tasks.sources.redis import HEADER_SIZE, MAGIC
+from vq_tasks.restore.leftovers import die_with_parent, owned_folder
 
 # (major, minor) of Redis -> the newest RDB version it reads and writes (RDB_VERSION in rdb.h)
 RDB_VERSIONS = {(5, 0): 9, (6, 0): 9, (6, 2): 9, (7, 0): 10, (7, 2): 11, (7, 4): 12, (8, 0): 12}

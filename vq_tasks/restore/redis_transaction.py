@@ -21,9 +21,9 @@ target answers no other client (1.4 s for a million small keys here).
 
 from __future__ import annotations
 
+from vq_tasks.clients.redis_wire import Connection, command, server_error
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
-from vq_tasks.sources.redis import Connection, command, server_error
 
 BATCH_COMMANDS = 1000
 QUEUED = b"+QUEUED\r\n"  # the answer to each command queued in a transaction

@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterable, Iterator
 import redis
 from pydantic import BaseModel, computed_field
 
-from vq_tasks import coordination, signing
+from vq_tasks import coordination
 from vq_tasks.audit import audit
-from vq_tasks.catalog import load_manifest
+from vq_tasks.catalog.latest import resolve_backup_id
+from vq_tasks.catalog.listing import load_manifest
+from vq_tasks.catalog.trust import check_manifest
+from vq_tasks.crypto import signing
 from vq_tasks.errors import PermanentError, TransientError
-from vq_tasks.leftovers import owned_folder
 from vq_tasks.manifest import COMPONENTS, Manifest
 from vq_tasks.restore.apply import (
     RestorePlan,
@@ -37,12 +39,13 @@ from vq_tasks.restore.apply import (
     check_integrity,
     plan_restore,
 )
+from vq_tasks.restore.contents import check_contents
 from vq_tasks.restore.extract import extract_to, local_name
 from vq_tasks.restore.integrity import IntegrityReport
-from vq_tasks.safety import check_contents, check_manifest
+from vq_tasks.restore.leftovers import owned_folder
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
-from vq_tasks.verify import report_rows, resolve_backup_id, verify_backup
+from vq_tasks.verify.run import report_rows, verify_backup
 
 Say = Callable[[str], object]
 DEFAULT_COMPONENTS = ("database", "redis", "config")

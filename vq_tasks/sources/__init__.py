@@ -1,0 +1,1 @@
+"""The way out of each system: PostgreSQL (postgres), Redis (redis), config and log files (files)."""

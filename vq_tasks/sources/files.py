@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import FilesFacts
-from vq_tasks.streams import CHUNK_SIZE, Writer
+from vq_tasks.streams.stages import CHUNK_SIZE, Writer
 
 
 def archive_config(paths: list[str], out: Writer) -> FilesFacts:

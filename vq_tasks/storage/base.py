@@ -16,7 +16,11 @@ from datetime import datetime
 from typing import BinaryIO, ClassVar
 
 from vq_tasks.errors import BackupError
-from vq_tasks.streams import CHUNK_SIZE, Writer
+from vq_tasks.streams.stages import CHUNK_SIZE, Writer
+
+# a provider that writes an object under a temporary name first (Local: .<name>.partial-<random>)
+# puts this in the name, so that a listing shows such debris as what it is
+PARTIAL_MARKER = ".partial-"
 
 
 class StorageError(BackupError):

@@ -12,10 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from vq_tasks.storage.base import Storage, StorageError, StoredObject
+from vq_tasks.storage.base import PARTIAL_MARKER, Storage, StorageError, StoredObject
 from vq_tasks.storage.location import Destination
 
-PARTIAL_MARKER = ".partial-"
 WRITE_BUFFER = 1 << 20
 
 

@@ -30,7 +30,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
 from vq_tasks.storage.location import Credentials, Destination
 from vq_tasks.storage.upload import MIB, Part, PartedStorage, UploadSums
-from vq_tasks.streams import CHUNK_SIZE
+from vq_tasks.streams.stages import CHUNK_SIZE
 
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 BAD_CREDENTIALS = {

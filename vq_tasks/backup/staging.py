@@ -1,0 +1,131 @@
+"""The staging area shared by all workers: BACKUP_STAGING_DIR/<backup id>/<component>.part.
+
+A dump task writes its part through a chain of stages (content hash, compression in parallel gzip
+members, staged hash) into a hidden temporary file, renamed only when complete: a task killed
+half way leaves no part that looks finished, and a redelivered task simply writes it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedPart
+from vq_tasks.settings import Settings
+from vq_tasks.streams.compress import BlockStage, compression_stage
+from vq_tasks.streams.stages import HashStage, ProgressStage, Stage, Writer
+
+Producer = Callable[[Writer], Facts]
+
+
+class StagingArea:
+    """The folder of one backup's parts."""
+
+    def __init__(self, root: Path, backup_id: str):
+        if not re.fullmatch(BACKUP_ID, backup_id):  # it becomes a folder that remove() deletes
+            raise PermanentError(f"{backup_id!r} is not a backup id: no staging folder for it")
+        self.root = root
+        self.folder = root / backup_id
+
+    def part_path(self, component: str) -> Path:
+        return self.folder / f"{component}.part"
+
+    def remove(self) -> None:
+        """Remove this backup's folder and everything in it; harmless if already gone."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def ensure(self) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def stage_part(
+    settings: Settings,
+    area: StagingArea,
+    component: Component,
+    member: str,
+    produce: Producer,
+    progress: Callable[[int], object] | None = None,
+    member_level: int | None = None,
+) -> StagedPart:
+    """Run ``produce`` into the chain for ``component`` and return the record of the staged part.
+
+    ``member_level`` overrides the level of the wrapping gzip members or zstd frames (0 for data
+    that is already compressed, such as config.tar.gz: stored)."""
+    final = area.part_path(component)
+    began = time.monotonic()
+    temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with _staging_errors(settings):
+            area.ensure()
+            sink = open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")  # noqa: SIM115
+        try:
+            staged = HashStage(_StagingFile(sink, settings), md5=False)
+            compressed = _compression(settings, staged, member_level)
+            content = HashStage(compressed, background=True)  # digests beside compression, not before
+            head: Stage = ProgressStage(content, progress) if progress else content
+            try:
+                facts = produce(head)
+                head.close()
+            except BaseException:
+                content.abort()
+                if isinstance(compressed, BlockStage):
+                    compressed.abort()
+                raise
+            with _staging_errors(settings):
+                sink.flush()
+                os.fsync(sink.fileno())
+                sink.close()
+        finally:
+            with contextlib.suppress(OSError):
+                sink.close()  # after an error: the buffer is dropped with the temporary file
+        with _staging_errors(settings):
+            os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return StagedPart(
+        component=component,
+        member=member,
+        path=str(final),
+        worker=socket.gethostname(),
+        compression=settings.compression,
+        staged_size=staged.size,
+        staged_sha256=staged.sha256,
+        content=content.checksums(),
+        facts=facts,
+        duration_seconds=round(time.monotonic() - began, 3),
+    )
+
+
+class _StagingFile:
+    """The staged file's write, whose OS errors (a full disk) are reported as the staging area's."""
+
+    def __init__(self, stream: BinaryIO, settings: Settings):
+        self._stream = stream
+        self._settings = settings
+
+    def write(self, data: bytes) -> None:
+        with _staging_errors(self._settings):
+            self._stream.write(data)
+
+
+@contextlib.contextmanager
+def _staging_errors(settings: Settings) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PermanentError(f"staging area {settings.backup_staging_dir}: {reason}") from None
+
+
+def _compression(settings: Settings, downstream: Writer, level: int | None) -> Writer:
+    chosen = settings.effective_compression_level if level is None else level
+    return compression_stage(downstream, settings.compression, chosen, settings.compression_threads)

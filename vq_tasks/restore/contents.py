@@ -1,0 +1,116 @@
+"""Checks on what comes from outside this worker: the names a manifest gives (which may be forged),
+and the first and last bytes of a SQL dump or an RDB (which may not be what the manifest says).
+Each returns or raises a message that says what was wrong; none of them reads more than a few KiB.
+
+A manifest is trusted only as far as it names files of its own backup: its ``backup_id`` is the one
+asked for, every stored file is that backup's bundle or logs archive (never another backup's file,
+never a path), every component is stored in one of them, and its member has the name the pipeline
+gives it. Restore and extract then never open a name that the manifest made up.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import (
+    DatabaseFacts,
+    Manifest,
+    RedisFacts,
+)
+
+PG_DUMP_HEADER = b"--\n-- PostgreSQL database dump\n--\n"
+
+
+PG_DUMP_CLOSING = b"-- PostgreSQL database dump complete"
+
+
+SQL_HEAD = 8192  # pg_dump's header (with its \restrict line) is far shorter
+
+
+SQL_TAIL = 512
+
+
+_DUMPED_FROM = re.compile(rb"^-- Dumped from database version (\S+)", re.M)
+
+
+_DUMPED_BY = re.compile(rb"^-- Dumped by pg_dump version (\S+)", re.M)
+
+
+RDB_MAGIC = b"REDIS"
+
+
+RDB_HEADER = 9  # REDIS and four ASCII digits of version
+
+
+def sql_dump_problem(head: bytes, tail: bytes, facts: DatabaseFacts | None = None) -> str | None:
+    """Given the first SQL_HEAD and last SQL_TAIL bytes of a file (and the manifest's facts of the
+    dump, if known), return why it is not a complete plain dump by pg_dump, or None."""
+    if not head.startswith(PG_DUMP_HEADER):
+        return f"it does not start with pg_dump's header ('-- PostgreSQL database dump'): {head[:40]!r}"
+    found = {}
+    for what, pattern in (("server", _DUMPED_FROM), ("pg_dump", _DUMPED_BY)):
+        match = pattern.search(head)
+        if match is None:
+            return f"its header lacks pg_dump's 'Dumped {'from' if what == 'server' else 'by'}' line"
+        found[what] = match.group(1).decode("utf-8", "replace")
+    if PG_DUMP_CLOSING not in tail:
+        return "it lacks pg_dump's closing line ('-- PostgreSQL database dump complete'): incomplete"
+    if facts is not None:
+        for what, recorded in (("server", facts.server_version), ("pg_dump", facts.pg_dump_version)):
+            if recorded != "unknown" and found[what] != recorded:
+                return f"its header says {what} version {found[what]}, the manifest {recorded}"
+    return None
+
+
+def rdb_problem(head: bytes, rdb_version: int | None = None) -> str | None:
+    """Given the first bytes of a file (and the manifest's RDB version, if known), return why it
+    is not an RDB of that version, or None."""
+    digits = head[len(RDB_MAGIC) : RDB_HEADER]
+    if len(head) < RDB_HEADER or not head.startswith(RDB_MAGIC) or not digits.isdigit():
+        return f"it does not start with an RDB header (REDIS and 4 digits): {head[:16]!r}"
+    if rdb_version is not None and int(digits) != rdb_version:
+        return f"its header says RDB version {int(digits)}, the manifest {rdb_version}"
+    return None
+
+
+def head_and_tail(path: Path, head: int, tail: int) -> tuple[bytes, bytes]:
+    """Return the first ``head`` and the last ``tail`` bytes of a file. Raise PermanentError if
+    it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            first = stream.read(head)
+            size = stream.seek(0, 2)
+            stream.seek(max(0, size - tail))
+            return first, stream.read(tail)
+    except OSError as exc:
+        raise PermanentError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def check_sql_dump(path: Path, facts: DatabaseFacts | None = None) -> None:
+    """Raise PermanentError unless ``path`` is a complete plain dump by pg_dump (of the versions
+    ``facts`` records, if given)."""
+    problem = sql_dump_problem(*head_and_tail(path, SQL_HEAD, SQL_TAIL), facts)
+    if problem:
+        raise PermanentError(f"{path.name} is not a plain dump by pg_dump: {problem}; psql was not run")
+
+
+def check_rdb(path: Path, rdb_version: int | None = None) -> None:
+    """Raise PermanentError unless ``path`` starts with an RDB header (of ``rdb_version``, if given)."""
+    problem = rdb_problem(head_and_tail(path, RDB_HEADER, 0)[0], rdb_version)
+    if problem:
+        raise PermanentError(f"{path.name} is not the backup's RDB: {problem}; it was not loaded")
+
+
+def check_contents(manifest: Manifest, files: dict[str, Path]) -> None:
+    """Raise PermanentError if the SQL dump or the RDB among ``files`` (by component) is not what
+    the manifest says it is: a complete dump by pg_dump of its versions, an RDB of its version."""
+    database, redis = manifest.components.get("database"), manifest.components.get("redis")
+    if "database" in files and database is not None and isinstance(database.facts, DatabaseFacts):
+        check_sql_dump(files["database"], database.facts)
+    elif "database" in files:
+        check_sql_dump(files["database"])
+    if "redis" in files:
+        facts = redis.facts if redis is not None else None
+        check_rdb(files["redis"], facts.rdb_version if isinstance(facts, RedisFacts) else None)

@@ -1,0 +1,186 @@
+"""The retention plan of one storage (``plan``) and its application (``prune``): what the policy
+deletes from the backups listed there, and the staging folders that runs of dead workers left."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from itertools import groupby
+from operator import attrgetter
+from pathlib import Path
+
+from vq_tasks.catalog.backup_set import ROLE_ORDER, BackupSet
+from vq_tasks.catalog.listing import backup_sets, load_manifest
+from vq_tasks.crypto import signing
+from vq_tasks.errors import BackupError
+from vq_tasks.manifest import parse_backup_id
+from vq_tasks.retention.policy import IN_PROGRESS_GRACE, Deletion, Policy, decide
+from vq_tasks.settings import Settings
+from vq_tasks.storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+
+def in_progress_grace(settings: Settings) -> timedelta:
+    """How long a backup without a manifest may still be running: a day, or two task time limits."""
+    return max(IN_PROGRESS_GRACE, timedelta(seconds=2 * settings.backup_task_time_limit))
+
+
+def policy(settings: Settings) -> Policy:
+    """Given settings, return the retention policy they set (grandfather-father-son, see retention)."""
+    return Policy(
+        retention_days=settings.backup_retention_days,
+        logs_retention_days=settings.backup_logs_retention_days,
+        weekly_weeks=settings.backup_weekly_retention_weeks,
+        monthly_months=settings.backup_monthly_retention_months,
+        in_progress_grace=in_progress_grace(settings),
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stored backups (with their kinds) and what the retention policy deletes of them."""
+
+    sets: list[BackupSet]
+    deletions: list[Deletion]
+
+    @property
+    def expired(self) -> list[str]:
+        """The ids of the complete backups the plan deletes whole (their manifest goes), oldest first."""
+        gone = {d.backup_id for d in self.deletions if d.order == ROLE_ORDER["manifest"]}
+        return [b.backup_id for b in self.sets if b.complete and b.backup_id in gone]
+
+
+def with_kinds(
+    storage: Storage,
+    sets: list[BackupSet],
+    kinds: Mapping[str, str] | None = None,
+    keys: signing.PublicKeys | None = None,
+) -> list[BackupSet]:
+    """Given backup sets, return them with the kind of each complete one: from ``kinds`` (id ->
+    kind, recorded by our own runs) when given, else from its manifest in ``storage``. A kind that
+    cannot be known stays None (retention then keeps the backup as if monthly); an unreadable
+    manifest is logged. One whose signature fails ``keys`` is kept as if monthly and marked
+    untrusted, so that it cannot count as the newest backup."""
+    found = []
+    for entry in sets:
+        kind, trusted = None, True
+        if entry.complete and kinds is not None:
+            kind = kinds.get(entry.backup_id)
+        elif entry.complete:
+            try:
+                manifest = load_manifest(storage, entry.backup_id)
+            except BackupError as exc:
+                logger.warning("%s; kept as a monthly backup", exc)
+            else:
+                problem = signing.distrust(manifest, keys or {})
+                kind, trusted = (None, False) if problem else (manifest.kind, True)
+                if problem:
+                    logger.warning("%s: manifest signature %s; kept as monthly", entry.backup_id, problem)
+        found.append(replace(entry, kind=kind, trusted=trusted))
+    return found
+
+
+def _kinded_sets(storage: Storage, settings: Settings, kinds: Mapping[str, str] | None) -> list[BackupSet]:
+    sets = backup_sets(storage.list(), settings.backup_name_prefix)
+    return with_kinds(storage, sets, kinds, signing.trusted_keys(settings))
+
+
+def plan(
+    storage: Storage,
+    settings: Settings,
+    now: datetime,
+    kinds: Mapping[str, str] | None = None,
+    ended: frozenset[str] = frozenset(),
+) -> Plan:
+    """Given a storage and settings, return what the retention policy deletes there at ``now``.
+    ``kinds`` (backup id -> kind) spares reading the manifests when the caller has them; ``ended``
+    holds the ids of runs known to have failed (their debris goes at once)."""
+    sets = _kinded_sets(storage, settings, kinds)
+    return Plan(sets, decide(sets, now, policy(settings), ended))
+
+
+def prune(
+    storage: Storage,
+    settings: Settings,
+    now: datetime,
+    dry_run: bool = False,
+    clean_staging: bool = True,
+    failed_runs: Callable[[list[str]], set[str]] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    on_deleted: Callable[[list[Deletion]], object] | None = None,
+) -> PruneResult:
+    """Delete what the retention policy lets go, uploads that never completed, and (with
+    ``clean_staging``) the staging folders of runs that died; nothing with ``dry_run``. Given
+    ``failed_runs`` (ids -> those whose run is known to have failed), the debris of a failed run
+    goes at once instead of after the grace; ``kinds`` as for ``plan``. ``on_deleted`` is called
+    with the deletions of each backup once done (also those done before a failure). Return what
+    was (or would be) deleted and why. Raise what a storage raises."""
+    sets = _kinded_sets(storage, settings, kinds)
+    incomplete = [b.backup_id for b in sets if not b.complete]
+    ended = frozenset(failed_runs(incomplete)) if failed_runs and incomplete else frozenset()
+    deletions = decide(sets, now, policy(settings), ended)
+    if dry_run:
+        return PruneResult(deletions, [], [], sets)
+    grace = in_progress_grace(settings)
+    stale = (
+        remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, grace)
+        if clean_staging
+        else []
+    )
+    apply(storage, deletions, on_deleted)
+    try:
+        aborted = storage.abort_stale_uploads(now - grace)
+    except BackupError as exc:  # e.g. no s3:ListBucketMultipartUploads: the rest of prune still counts
+        logger.warning("could not abort stale uploads in %s: %s", storage.describe(), exc)
+        aborted = []
+    return PruneResult(deletions, stale, aborted, sets)
+
+
+def apply(
+    storage: Storage, deletions: list[Deletion], on_deleted: Callable[[list[Deletion]], object] | None = None
+) -> None:
+    """Delete ``deletions``, sorted by backup as ``decide`` returns them; after each backup's (or
+    a failure in it), call ``on_deleted`` with those of its deletions that were done. A backup
+    whose deletion fails keeps its remaining files and does not spare the others: the first
+    failure is raised once every backup was tried."""
+    failures: list[Exception] = []
+    for _, group in groupby(deletions, key=attrgetter("backup_id")):
+        done: list[Deletion] = []
+        try:
+            for deletion in group:
+                storage.delete(deletion.name)
+                done.append(deletion)
+        except Exception as exc:
+            logger.warning("could not delete %s from %s: %s", deletion.name, storage.describe(), exc)
+            failures.append(exc)
+        if done and on_deleted is not None:
+            on_deleted(done)
+    if failures:
+        raise failures[0]
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    deletions: list[Deletion]
+    stale_staging: list[str]
+    aborted_uploads: list[str] = field(default_factory=list)
+    sets: list[BackupSet] = field(default_factory=list)  # as listed before the prune, with kinds
+
+
+def remove_stale(root: Path, prefix: str, now: datetime, older_than: timedelta) -> list[str]:
+    """Remove the staging folders of backups started more than ``older_than`` before ``now``
+    (left by runs whose workers died); return their names. Folders not named by a backup id stay."""
+    removed = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        try:
+            started = parse_backup_id(folder.name, prefix)
+        except ValueError:
+            continue
+        if now - started > older_than:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed

@@ -1,0 +1,140 @@
+"""The retention decision, a pure function: stored backups + now + policy -> what to delete, why.
+
+Grandfather-father-son. Every backup has a kind, recorded in its manifest when it was made
+(``manifest.kind_for``): the first complete scheduled backup of a month is ``monthly``, the first
+of an ISO week ``weekly``, other scheduled ones ``daily``, and the ones an operator asked for
+``manual``. A complete backup is kept until the latest of the dates its tiers give it:
+
+- every kind: started + BACKUP_RETENTION_DAYS days;
+- ``weekly`` and ``monthly``: started + 7 * BACKUP_WEEKLY_RETENTION_WEEKS days (a monthly backup
+  is also the weekly one of its week);
+- ``monthly``: started + BACKUP_MONTHLY_RETENTION_MONTHS calendar months, the day clamped to the
+  month's length (Jan 31 + 1 month = Feb 28, or 29).
+
+A ``manual`` backup has the daily tier only. A complete backup whose kind is unknown (its manifest
+cannot be read) is kept as if monthly, and the reason says so. The newest complete backup is never
+deleted, whatever its age. A log archive goes after BACKUP_LOGS_RETENTION_DAYS while the rest of
+its backup stays. Files of a backup without a manifest stay for the policy's grace (it may still be
+running) unless its run is known to have failed (``ended``), then go; so do the partial uploads of
+a complete backup once older than the grace. A backup that goes whole loses its manifest first, so
+a half-deleted backup never looks complete.
+
+Ages come from the backup ids (UTC start times), never from file times, and kinds never change
+after the fact: so the decision depends neither on the order of the listing nor on how often
+prune runs (pruning at t1 then at t2 leaves what pruning once at t2 leaves).
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from vq_tasks.catalog.backup_set import CLOCK_SKEW, ROLE_ORDER, BackupSet
+
+IN_PROGRESS_GRACE = timedelta(days=1)
+
+
+KINDS = ("daily", "weekly", "monthly", "manual")
+
+
+@dataclass(frozen=True)
+class Policy:
+    retention_days: int
+    logs_retention_days: int
+    weekly_weeks: int = 0
+    monthly_months: int = 0
+    in_progress_grace: timedelta = IN_PROGRESS_GRACE
+
+
+@dataclass(frozen=True, order=True)
+class Deletion:
+    backup_id: str
+    order: int  # the manifest goes first, so a half-deleted backup never looks complete
+    name: str
+    reason: str
+
+
+def add_months(when: datetime, months: int) -> datetime:
+    """Given a time and a number of months, return the same time that many calendar months later,
+    the day clamped to the length of the month it lands in."""
+    index = when.month - 1 + months
+    year, month = when.year + index // 12, index % 12 + 1
+    return when.replace(year=year, month=month, day=min(when.day, calendar.monthrange(year, month)[1]))
+
+
+def _tiers(backup: BackupSet, policy: Policy) -> list[tuple[datetime, str]]:
+    """Return (kept until, the setting that says so) for each tier that keeps ``backup``."""
+    started, kind, days = backup.started, backup.kind if backup.kind in KINDS else None, policy.retention_days
+    tiers = [(started + timedelta(days=days), f"BACKUP_RETENTION_DAYS={days}")]
+    if kind in ("weekly", "monthly", None):
+        weeks = policy.weekly_weeks
+        tiers.append((started + timedelta(weeks=weeks), f"BACKUP_WEEKLY_RETENTION_WEEKS={weeks}"))
+    if kind in ("monthly", None):
+        months = policy.monthly_months
+        tiers.append((add_months(started, months), f"BACKUP_MONTHLY_RETENTION_MONTHS={months}"))
+    return tiers
+
+
+def keep_until(backup: BackupSet, policy: Policy) -> datetime:
+    """Given a complete backup and the policy, return the time until which its tiers keep it."""
+    return max(until for until, _ in _tiers(backup, policy))
+
+
+def expiry_reason(backup: BackupSet, policy: Policy) -> str:
+    """Given a complete backup, return why it goes once past ``keep_until``: its kind and the
+    tier that kept it longest (the higher tier when two end together)."""
+    tiers = _tiers(backup, policy)
+    latest = max(until for until, _ in tiers)
+    setting = [setting for until, setting in tiers if until == latest][-1]
+    if backup.kind in KINDS:
+        return f"{backup.kind} backup older than {setting}"
+    return f"backup of unknown kind (manifest unreadable, kept as monthly) older than {setting}"
+
+
+def decide(
+    backups: Iterable[BackupSet], now: datetime, policy: Policy, ended: frozenset[str] = frozenset()
+) -> list[Deletion]:
+    """Given the stored backups, the time and the policy, return what to delete, sorted by backup
+    and with each manifest before its other files. Never the newest complete backup, never a
+    backup within its retention, never a backup without a manifest that is younger than the
+    policy's grace (it may be in progress) unless its id is in ``ended`` (its run failed). The
+    newest is chosen among the trusted backups not dated after ``now`` + CLOCK_SKEW (when there are
+    any): a forged or future-dated manifest must not leave the real last backup unprotected."""
+    backups = list(backups)
+    complete = [b for b in backups if b.complete]
+    believable = [b for b in complete if b.trusted and b.started <= now + CLOCK_SKEW] or complete
+    newest = max(believable, key=lambda b: (b.started, b.backup_id)).backup_id if complete else None
+    deletions: list[Deletion] = []
+    for backup in backups:
+        if backup.backup_id != newest:
+            deletions += _decide_one(backup, now, policy, backup.backup_id in ended)
+    return sorted(deletions)
+
+
+def _decide_one(backup: BackupSet, now: datetime, policy: Policy, ended: bool) -> list[Deletion]:
+    age = now - backup.started
+    if not backup.complete:
+        if ended:
+            return _delete(backup, ROLE_ORDER, "no manifest: debris of a run that failed")
+        if age <= policy.in_progress_grace:
+            return []
+        return _delete(backup, ROLE_ORDER, "no manifest: debris of a failed or interrupted run")
+    if now > keep_until(backup, policy):
+        return _delete(backup, ROLE_ORDER, expiry_reason(backup, policy))
+    found = []
+    if age > timedelta(days=policy.logs_retention_days):
+        reason = f"logs older than BACKUP_LOGS_RETENTION_DAYS={policy.logs_retention_days}"
+        found += _delete(backup, ("logs",), reason)
+    if age > policy.in_progress_grace:
+        found += _delete(backup, ("partial",), "unfinished upload")
+    return found
+
+
+def _delete(backup: BackupSet, roles: Iterable[str], reason: str) -> list[Deletion]:
+    return [
+        Deletion(backup.backup_id, ROLE_ORDER[role], name, reason)
+        for role in roles
+        for name in sorted(backup.roles.get(role, []))
+    ]

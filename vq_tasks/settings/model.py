@@ -1,0 +1,505 @@
+"""The one settings model: every environment variable VQ Backup reads, validated at start-up.
+
+Names are the operators' guide's, unchanged. Every secret can also come from a file named by
+``<NAME>_FILE`` (Docker secrets). Bad configuration raises :class:`ConfigError`, which lists every
+problem at once and never echoes a secret.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from vq_tasks.manifest import Compression
+from vq_tasks.storage import PROVIDERS
+from vq_tasks.storage.location import (
+    ENDPOINT_FIELDS,
+    Credentials,
+    Destination,
+    parse_location,
+    without_credentials,
+)
+
+CLOUD_SECRETS = (
+    "aws_secret_access_key",
+    "aws_session_token",
+    "azure_storage_key",
+    "azure_storage_connection_string",
+)
+CREDENTIAL_FIELDS = tuple(Credentials.__dataclass_fields__)
+OFFSITE = "backup_offsite_"
+SECRET_FIELDS = (
+    "db_password",
+    "redis_password",
+    "smtp_password",
+    "celery_broker_url",
+    "celery_result_backend",
+    *CLOUD_SECRETS,
+    *(OFFSITE + name for name in CLOUD_SECRETS),
+)
+CONNECTION_STRING_SECRETS = re.compile(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", re.IGNORECASE)
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+class _Unreadable(str):
+    """Marks a secret whose ``*_FILE`` could not be used; the field validator reports it."""
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """Read ``<NAME>_FILE`` for every secret field; both forms set at once is an error."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in SECRET_FIELDS:
+            env_name = name.upper()
+            path = os.environ.get(f"{env_name}_FILE")
+            if not path:
+                continue
+            if os.environ.get(env_name):
+                values[name] = _Unreadable(f"set {env_name} or {env_name}_FILE, not both")
+                continue
+            try:
+                values[name] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                values[name] = _Unreadable(f"{env_name}_FILE {path}: {exc.strerror}")
+        return values
+
+
+COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 19)}  # zstd's 20-22 need far more memory
+DEFAULT_COMPRESSION_LEVEL = {"gzip": 6, "zstd": 3}
+
+
+class Settings(BaseSettings):
+    """Every setting of VQ Backup; field ``x_y`` is read from the environment variable ``X_Y``."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    # Schedule and retention
+    backup_schedule: str = "0 2 * * *"
+    backup_drill_schedule: str = "0 4 1 * *"
+    backup_prune_schedule: str = "30 */6 * * *"
+    backup_timezone: str = "UTC"
+    backup_retention_days: int = Field(30, ge=1)
+    backup_logs_retention_days: int = Field(7, ge=1)
+    backup_weekly_retention_weeks: int = Field(12, ge=0)
+    backup_monthly_retention_months: int = Field(12, ge=0)
+    backup_logs_window_days: int = Field(7, ge=1)
+    backup_name_prefix: str = Field("virtualqueue_backup", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+    # Storage and staging
+    backup_storage_provider: str = "Local"
+    backup_storage_path: str = "/var/backups/virtualqueue"
+    backup_staging_dir: Path = Path("/var/tmp/vq-backup/staging")
+    compression_enabled: bool = True
+    compression_algorithm: Literal["gzip", "zstd"] = "gzip"
+    compression_level: int | None = Field(None, ge=1, le=22)  # unset: the algorithm's default
+    compression_threads: int = Field(2, ge=1, le=64)
+    backup_upload_part_size_mb: int = Field(8, ge=5, le=4096)
+    backup_upload_concurrency: int = Field(4, ge=1, le=32)
+    backup_storage_retries: int = Field(5, ge=1, le=20)
+    backup_storage_timeout: float = Field(60.0, gt=0)
+
+    # Cloud credentials and endpoints, named as the SDKs name them; unset: the SDK's default chain
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_region: str | None = None
+    aws_endpoint_url: str | None = None
+    azure_storage_account: str | None = None
+    azure_storage_key: SecretStr | None = None
+    azure_storage_connection_string: SecretStr | None = None
+    google_application_credentials: Path | None = None
+    google_cloud_project: str | None = None
+    storage_emulator_host: str | None = None
+
+    # Off-site copy: a second destination; BACKUP_OFFSITE_<NAME> overrides each credential above
+    # (endpoints and the connection string are not taken over: they say where, not who)
+    backup_offsite_provider: str | None = None
+    backup_offsite_path: str | None = None
+    backup_offsite_aws_access_key_id: str | None = None
+    backup_offsite_aws_secret_access_key: SecretStr | None = None
+    backup_offsite_aws_session_token: SecretStr | None = None
+    backup_offsite_aws_region: str | None = None
+    backup_offsite_aws_endpoint_url: str | None = None
+    backup_offsite_azure_storage_account: str | None = None
+    backup_offsite_azure_storage_key: SecretStr | None = None
+    backup_offsite_azure_storage_connection_string: SecretStr | None = None
+    backup_offsite_google_application_credentials: Path | None = None
+    backup_offsite_google_cloud_project: str | None = None
+    backup_offsite_storage_emulator_host: str | None = None
+
+    # Encryption (age format, X25519 recipients: workers hold public keys only) and signed manifests
+    backup_encryption_enabled: bool = False
+    backup_encryption_recipients: CommaList = []
+    backup_encryption_identity_file: Path | None = None
+    backup_signing_key_file: Path | None = None
+    backup_signing_public_keys: CommaList = []
+
+    # What is backed up
+    backup_config_paths: CommaList = ["/etc/virtualqueue"]
+    backup_log_paths: CommaList = ["/var/log/virtualqueue"]
+    db_host: str = "localhost"
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str = "virtualqueue"
+    db_user: str = "postgres"
+    db_password: SecretStr | None = None
+    db_connect_timeout: int = Field(10, ge=1)
+    pg_bin_dir: Path | None = None
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_password: SecretStr | None = None
+    redis_timeout: float = Field(30.0, gt=0)
+
+    # Restore
+    redis_server_bin: Path | None = None
+    db_maintenance_db: str = "postgres"
+    backup_restore_config_dir: Path | None = None
+    backup_restore_logs_dir: Path = Path("/var/tmp/vq-backup/restored-logs")
+    app_healthcheck_url: str | None = None
+    backup_audit_log: Path | None = Path("/var/log/vq-backup/audit.jsonl")
+
+    # Celery: never the Redis that is backed up
+    celery_broker_url: SecretStr = SecretStr("redis://localhost:6380/0")
+    celery_result_backend: SecretStr | None = None
+    backup_task_time_limit: int = Field(6 * 3600, ge=60)
+    backup_lock_ttl: int = Field(1800, ge=5)
+    backup_retry_max: int = Field(3, ge=0)
+    backup_retry_backoff: float = Field(30.0, gt=0)
+
+    # Alerts
+    notification_email: str | None = None
+    backup_alert_on_failure: bool = True
+    backup_alert_email: str | None = None
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_ssl: bool = False
+    smtp_from: str = "vq-backup@localhost"
+    smtp_timeout: float = Field(30.0, gt=0)
+    smtp_ca_file: Path | None = None
+    backup_stale_after_hours: float = Field(26.0, gt=0)
+    backup_storage_min_free_percent: float = Field(10.0, ge=0, lt=100)
+    backup_storage_quota_gb: float | None = Field(None, gt=0)
+    backup_offsite_storage_quota_gb: float | None = Field(None, gt=0)
+
+    # Monitoring: the exporter (vq-backup exporter) and the checks behind alerts and /healthz
+    backup_exporter_host: str = "0.0.0.0"
+    backup_exporter_port: int = Field(8080, ge=1, le=65535)
+    backup_monitor_interval: float = Field(60.0, ge=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, SecretFileSource(settings_cls), env_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """An empty value of an optional variable means unset (compose's ``${AWS_REGION:-}``)."""
+        if not isinstance(data, dict):
+            return data
+        optional = {
+            name
+            for name, field in cls.model_fields.items()
+            if not field.is_required() and type(None) in get_args(field.annotation)
+        }
+        return {
+            key: None if value == "" and key.lower() in optional else value for key, value in data.items()
+        }
+
+    @field_validator(*SECRET_FIELDS, mode="before")
+    @classmethod
+    def _secret_file_usable(cls, value: Any) -> Any:
+        if isinstance(value, _Unreadable):
+            raise ValueError(str(value))
+        return value
+
+    @field_validator(
+        "backup_config_paths",
+        "backup_log_paths",
+        "backup_encryption_recipients",
+        "backup_signing_public_keys",
+        mode="before",
+    )
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("backup_schedule", "backup_drill_schedule", "backup_prune_schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        crontab_from_expression(value)
+        return value
+
+    @field_validator("compression_algorithm", mode="before")
+    @classmethod
+    def _algorithm_lowercase(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("backup_timezone")
+    @classmethod
+    def _timezone_known(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC)") from None
+        return value
+
+    @field_validator("backup_storage_provider", "backup_offsite_provider")
+    @classmethod
+    def _provider_known(cls, value: str | None) -> str | None:
+        if value is None or value in PROVIDERS:
+            return value
+        close = difflib.get_close_matches(value, PROVIDERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown provider {value!r}{hint} (available: {', '.join(PROVIDERS)})")
+
+    @field_validator("celery_broker_url", "celery_result_backend")
+    @classmethod
+    def _celery_url_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in {
+            "redis",
+            "rediss",
+            "amqp",
+            "amqps",
+            "pyamqp",
+            "filesystem",
+        }:
+            raise ValueError("must be a redis://, rediss://, amqp:// or filesystem:// URL")
+        return value
+
+    @field_validator("backup_storage_path", "backup_offsite_path")
+    @classmethod
+    def _path_fits_provider(cls, value: str | None, info: ValidationInfo) -> str | None:
+        provider_field = info.field_name.replace("_path", "_provider")
+        provider = info.data.get(provider_field)  # absent when the provider itself is invalid
+        if value is not None and provider:
+            parse_location(provider, value)
+        return value
+
+    @model_validator(mode="after")
+    def _fit_together(self) -> Settings:
+        """Check what no single field tells, every area at once, so that start-up lists every problem."""
+        from vq_tasks.crypto.encryption import settings_problems
+
+        problems = [
+            *self._destination_problems(),
+            *settings_problems(self),
+            *self._service_problems(),
+            *self._signing_problems(),
+            *self._compression_problems(),
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _compression_problems(self) -> list[str]:
+        low, high = COMPRESSION_LEVELS[self.compression_algorithm]
+        level = self.compression_level
+        if level is not None and not low <= level <= high:
+            return [f"COMPRESSION_LEVEL={level}: {self.compression_algorithm} takes {low} to {high}"]
+        return []
+
+    @property
+    def compression(self) -> Compression:
+        """What parts are compressed with: COMPRESSION_ALGORITHM, or none if not COMPRESSION_ENABLED."""
+        return self.compression_algorithm if self.compression_enabled else "none"
+
+    @property
+    def effective_compression_level(self) -> int:
+        """COMPRESSION_LEVEL, or when unset the algorithm's default: 6 for gzip, 3 for zstd."""
+        return self.compression_level or DEFAULT_COMPRESSION_LEVEL[self.compression_algorithm]
+
+    def _destination_problems(self) -> list[str]:
+        if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
+            return ["BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none"]
+        offsite, primary = self.destination("offsite"), self.destination()
+        if offsite is not None and offsite.same_place(primary):
+            return ["BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere"]
+        return []
+
+    def _service_problems(self) -> list[str]:
+        """SMTP's TLS and login, and Celery's URLs (never the Redis that is backed up)."""
+        problems = []
+        if self.smtp_ssl and self.smtp_starttls:
+            problems.append("SMTP_SSL and SMTP_STARTTLS exclude each other")
+        if (
+            self.smtp_user
+            and not (self.smtp_ssl or self.smtp_starttls)
+            and self.smtp_host not in LOOPBACK_NAMES
+        ):
+            problems.append(
+                f"SMTP_USER is set but neither SMTP_SSL nor SMTP_STARTTLS: the password would cross to "
+                f"{self.smtp_host} in clear text"
+            )
+        if self.smtp_ca_file is not None and not self.smtp_ca_file.is_file():
+            problems.append(f"SMTP_CA_FILE={str(self.smtp_ca_file)!r}: no such file")
+        if urlsplit(self.result_backend_url).scheme not in {"redis", "rediss"}:
+            problems.append(
+                "CELERY_RESULT_BACKEND must be a redis:// URL (it holds the chord state and the run lock)"
+            )
+        urls = {"CELERY_BROKER_URL": self.celery_broker_url}
+        if self.celery_result_backend is not None:  # otherwise it is the broker, checked already
+            urls["CELERY_RESULT_BACKEND"] = self.celery_result_backend
+        for name, url in urls.items():
+            if self._is_backed_up_redis(url.get_secret_value()):
+                problems.append(
+                    f"{name} points at the Redis that is backed up ({self.redis_host}:"
+                    f"{self.redis_port}); restoring it would wipe Celery's state: use another Redis"
+                )
+        return problems
+
+    def _signing_problems(self) -> list[str]:
+        from vq_tasks.crypto.signing import load_signing_key, parse_public_keys
+        from vq_tasks.errors import PermanentError
+
+        problems = []
+        if self.backup_signing_key_file is not None:
+            try:
+                load_signing_key(self.backup_signing_key_file)
+            except PermanentError as exc:
+                problems.append(str(exc))
+        try:
+            parse_public_keys(self.backup_signing_public_keys)
+        except ValueError as exc:
+            problems.append(f"BACKUP_SIGNING_PUBLIC_KEYS: {exc}")
+        return problems
+
+    def _is_backed_up_redis(self, url: str) -> bool:
+        parts = urlsplit(url)
+        if parts.scheme not in {"redis", "rediss"}:
+            return False
+        host = parts.hostname or "localhost"
+        same_host = host == self.redis_host or {host, self.redis_host} <= LOOPBACK_NAMES
+        return same_host and (parts.port or 6379) == self.redis_port
+
+    @property
+    def result_backend_url(self) -> str:
+        """The result backend, which defaults to the broker when it is a Redis."""
+        backend = self.celery_result_backend or self.celery_broker_url
+        return backend.get_secret_value()
+
+    def destination(self, role: str = "primary") -> Destination | None:
+        """Return the primary destination, or the off-site one (None when not configured). The
+        off-site one takes each credential from BACKUP_OFFSITE_<NAME>, else from <NAME>."""
+        if role == "primary":
+            provider, path, prefix = self.backup_storage_provider, self.backup_storage_path, ""
+        elif role == "offsite":
+            if not (self.backup_offsite_provider and self.backup_offsite_path):
+                return None
+            provider, path, prefix = self.backup_offsite_provider, self.backup_offsite_path, OFFSITE
+        else:
+            raise ValueError(f"unknown destination {role!r} (primary or offsite)")
+        values = {}
+        for name in CREDENTIAL_FIELDS:
+            own = getattr(self, prefix + name)
+            inherited = None if name in ENDPOINT_FIELDS else getattr(self, name)
+            values[name] = own if own is not None or not prefix else inherited
+        return Destination(
+            role=role,
+            location=parse_location(provider, path),
+            credentials=Credentials(**values),
+            part_size=self.backup_upload_part_size_mb << 20,
+            concurrency=self.backup_upload_concurrency,
+            retries=self.backup_storage_retries,
+            timeout=self.backup_storage_timeout,
+        )
+
+    def secret_values(self) -> list[str]:
+        """Return every secret string in these settings (passwords, and those inside URLs)."""
+        found = []
+        for name in SECRET_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            text = value.get_secret_value()
+            if name.startswith("celery_"):
+                password = urlsplit(text).password or ""
+                found += [password, unquote(password)]  # as typed in the URL, and decoded
+            elif name.endswith("connection_string"):
+                found += [text, *CONNECTION_STRING_SECRETS.findall(text)]
+            else:
+                found.append(text)
+        return sorted({text for text in found if text})
+
+
+def crontab_from_expression(expression: str) -> Any:
+    """Given a five-field cron expression, return Celery's crontab. Raise ValueError if malformed."""
+    from celery.schedules import crontab
+
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expression!r} needs 5 fields (minute hour day month weekday)")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day_of_month,
+            month_of_year=month_of_year,
+            day_of_week=day_of_week,
+        )
+    except Exception as exc:  # celery raises ValueError or ParseException
+        raise ValueError(f"cron expression {expression!r} is invalid: {exc}") from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """Return one line for a pydantic error: the variable, its value if not secret, the problem."""
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    if not error["loc"]:
+        return message  # checks across variables: each line names its variables
+    name = str(error["loc"][0]).upper()
+    if name.lower() in SECRET_FIELDS or isinstance(error.get("input"), dict | list):
+        return f"{name}: {message}"
+    shown = error.get("input")
+    if name.endswith("_PATH") and isinstance(shown, str):
+        shown = without_credentials(shown)
+    return f"{name}={shown!r}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Return settings read from the environment (and ``overrides``). Raise ConfigError listing
+    every problem at once."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise ConfigError([part for line in lines for part in line.split("\n")]) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process's settings, read once."""
+    return load_settings()

@@ -1,0 +1,2 @@
+"""Bytes in motion, memory bounded: writers and stages (stages), compression (compress), readers
+(readers)."""

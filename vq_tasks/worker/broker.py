@@ -1,0 +1,65 @@
+"""Celery's broker transport for redis:// and rediss:// URLs: kombu's Redis transport with one
+workaround, for a bug of kombu 5.7.0 (the latest release when this was written).
+
+The bug: when the connection to the broker is lost, the worker's consumer calls
+``Connection.collect()`` and then ``Connection.close()`` (celery/worker/consumer/consumer.py,
+``on_connection_error_after_connected``). ``collect()`` closes the default channel, but the Redis
+channel's ``close()`` first reads the reply of its pending BRPOP (kombu/transport/redis.py:1894),
+which raises ConnectionError on the lost connection, so the channel stays open; ``collect()`` then
+sets ``transport.client = None`` (kombu/connection.py:429). ``close()`` closes that channel again,
+and this time it goes on to restore its unacknowledged messages (kombu/transport/virtual/base.py:806),
+for which ``Channel._connparams()`` reads ``self.connection.client.hostname``
+(kombu/transport/redis.py:1957-1959): AttributeError, which is not a connection error, so it
+escapes Celery's error handling: "Unrecoverable error", and the worker exits once its running
+tasks end. A task acknowledged late on that channel meets the same AttributeError.
+
+The workaround (``Channel`` below): a channel whose connection was closed raises ConnectionError
+there instead, which kombu and Celery handle as the lost connection it is. The worker reconnects.
+The channel's unacknowledged messages are not lost: kombu keeps each one in Redis (the ``unacked``
+hash and ``unacked_index``) from delivery until it is acknowledged; the restore at close and the
+late acknowledgement of a message delivered on the lost connection fail (Celery logs "Couldn't
+ack"), so the message stays there, and a worker's periodic sweep puts it back in its queue once
+the visibility timeout has passed (``restore_visible``), as when a worker is killed.
+
+Remove this module (and its use in vq_tasks.worker.app) once a kombu release no longer reads
+``self.connection.client`` of a closed channel: upgrade kombu, drop ``register()`` and check that
+tests/integration/test_faults.py::test_broker_restarted_mid_run_the_worker_reconnects passes.
+"""
+
+from __future__ import annotations
+
+import redis
+from kombu import transport
+from kombu.transport import redis as kombu_redis
+
+SCHEMES = ("redis", "rediss")
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel; once its connection is closed, reaching the broker through it raises
+    ConnectionError instead of AttributeError (see the module's docstring)."""
+
+    def _connparams(self, asynchronous: bool = False) -> dict:
+        if self.connection is None or self.connection.client is None:
+            raise redis.exceptions.ConnectionError(
+                "this channel's broker connection is closed (the connection was lost); its "
+                "unacknowledged messages stay in Redis until the visibility timeout brings them back"
+            )
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with the channel above."""
+
+    Channel = Channel
+
+
+def register() -> None:
+    """Make kombu resolve the redis:// and rediss:// schemes of a broker URL to ``Transport``.
+
+    The scheme stays the transport's name, so what Celery logs and Flower reads as the broker URL
+    is unchanged, and so is kombu's TLS handling of rediss://. A scheme that kombu resolved
+    already is forgotten, so that the next connection resolves it again."""
+    for scheme in SCHEMES:
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        transport._transport_cache.pop(scheme, None)
