@@ -21,7 +21,7 @@ from tests.integration.conftest import (
     run_cli,
 )
 from tests.servers import free_port, start_redis
-from vq_tasks.cli.main import unsubscribe
+from vq_tasks.cli.run import unsubscribe
 from vq_tasks.manifest import TAR_SUFFIX
 from vq_tasks.streams.readers import HashingReader, decompressing, open_tar_stream
 

@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import fill_database, pg_connect, run_cli
 from tests.integration.test_restore import make_backup, redis_contents, row_counts
 from tests.servers import RedisServer, redis_server_binary
-from vq_tasks.cli.main import unsubscribe
+from vq_tasks.cli.run import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")

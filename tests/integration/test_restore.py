@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.conftest import fill_database, pg_connect, redis_value, run_cli
 from tests.servers import RedisServer, redis_server_binary
-from vq_tasks.cli.main import unsubscribe
+from vq_tasks.cli.run import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")

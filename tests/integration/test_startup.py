@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from vq_tasks import coordination
-from vq_tasks.cli.main import unsubscribe
+from vq_tasks.cli.run import unsubscribe
 from vq_tasks.worker.app import QUEUES
 
 pytestmark = pytest.mark.integration

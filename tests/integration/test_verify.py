@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import fill_database, run_cli
-from vq_tasks.cli.main import unsubscribe
+from vq_tasks.cli.run import unsubscribe
 
 pytestmark = pytest.mark.integration
 SECRETS = ("db-secret-pw", "redis-secret-pw", "broker-secret-pw")

@@ -1,21 +1,5 @@
-"""``vq-backup``: the operators' command line.
-
-vq-backup run [--wait]     enqueue a backup; with --wait follow it and exit non-zero on failure
-vq-backup list             the backups in storage, read from their manifests
-vq-backup show ID          one backup's manifest, readable (--json for the document itself)
-vq-backup prune [--dry-run]  apply the retention policy now
-vq-backup verify ID|latest  read every file of a backup once and check it against the manifest
-vq-backup restore ID|latest  print the plan of a restore; --force restores (in this process)
-vq-backup extract ID COMPONENT -o PATH  write one component of a backup to PATH, checked
-vq-backup drill [ID|latest]  restore into a scratch database and Redis, check, drop (cli_drill.py)
-vq-backup storage-check    check that each destination is reachable, readable and writable
-vq-backup exporter         serve Prometheus /metrics and /healthz on port 8080 (cli_exporter.py)
-vq-backup audit            the recent operations from the audit log (cli_audit.py)
-vq-backup signing-key -o PATH  make the Ed25519 key pair that signs manifests (cli_keys.py)
-vq-backup demo             the quick start: embedded PostgreSQL and Redis, a real worker, a backup
-
-list, show, verify, restore, extract and drill take --offsite to work on the off-site copy.
-"""
+"""What every ``vq-backup`` command shares: exit codes, sizes and ages for people, tables, and
+the --offsite flag with the storage it names."""
 
 from __future__ import annotations
 
