@@ -9,7 +9,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -185,49 +186,87 @@ def broken_copy(path: Path, tail: str) -> Path:
     return bad
 
 
-def test_round_trip_swaps_in_the_backup_and_keeps_the_replaced_database(live, tmp_path):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    assert facts.tables == database_row_counts(settings)  # named as pg_dump names them, partitions too
-    assert '"Other Schema"."Weird Name"' in facts.tables and "public.measurements" not in facts.tables
+@dataclass(frozen=True)
+class Backup:
+    """A dump taken by dump_database: the settings it was taken with (naming the database), the file
+    and the rows per table it reported."""
+
+    settings: Settings
+    path: Path
+    tables: dict[str, int]
+
+
+@pytest.fixture
+def dump_of(live: str, tmp_path: Path) -> Callable[..., Backup]:
+    """Return a function that dumps an existing database (the live one unless named) into
+    tmp_path/database.sql, with settings_for's settings changed by ``overrides``."""
+
+    def take(name: str = live, **overrides) -> Backup:
+        settings = settings_for(name, **overrides)
+        path = tmp_path / "database.sql"
+        return Backup(settings, path, dump(settings, path).tables)
+
+    return take
+
+
+@pytest.fixture
+def backup_of(live: str, dump_of: Callable[..., Backup]) -> Callable[[str], Backup]:
+    """Return a function that creates the live database with ``sql`` in it, and dumps it."""
+
+    def make(sql: str) -> Backup:
+        create_live(live, sql)
+        return dump_of()
+
+    return make
+
+
+@pytest.fixture
+def backup(backup_of: Callable[[str], Backup]) -> Backup:
+    """The live database with RICH in it, and its dump."""
+    return backup_of(RICH)
+
+
+@pytest.fixture
+def changed_backup(live: str, backup: Backup) -> Backup:
+    """``backup``, then the live database changed after it by CHANGE (visits dropped, a person added)."""
+    with pg_connect(live) as conn:
+        conn.execute(CHANGE)
+    return backup
+
+
+def test_round_trip_swaps_in_the_backup_and_keeps_the_replaced_database(live, backup):
+    assert backup.tables == database_row_counts(backup.settings)  # as pg_dump names them, partitions too
+    assert '"Other Schema"."Weird Name"' in backup.tables and "public.measurements" not in backup.tables
     before = snapshot(live)
     with pg_connect(live) as conn:
         conn.execute(CHANGE)
     assert checksums(live) != before[1]
 
-    result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+    result = restore_database(backup.settings, backup.path, backup.tables)
 
     assert snapshot(live) == before
     assert result.database == live and result.swapped
     assert result.previous_name is not None and result.previous_name.startswith(f"{live}_before_")
-    assert result.row_counts == facts.tables and result.tables == sorted(facts.tables)
+    assert result.row_counts == backup.tables and result.tables == sorted(backup.tables)
     assert databases(live) == sorted([live, result.previous_name])  # no _restore_ database left
     with pg_connect(result.previous_name) as conn:  # the replaced database, as it was just before
         assert conn.execute("SELECT to_regclass('public.visits')").fetchone()[0] is None
     json.dumps(result.model_dump(mode="json"))
 
 
-def test_keep_previous_false_drops_the_replaced_database(live, tmp_path):
-    create_live(live, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    result = restore_database(settings, tmp_path / "database.sql", facts.tables, keep_previous=False)
+def test_keep_previous_false_drops_the_replaced_database(live, backup_of):
+    backup = backup_of("CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
+    result = restore_database(backup.settings, backup.path, backup.tables, keep_previous=False)
     assert result.previous_name is None and not result.warnings
     assert databases(live) == [live]
 
 
-def test_a_dump_failing_half_way_leaves_the_live_database_as_it_was(live, tmp_path):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    with pg_connect(live) as conn:
-        conn.execute(CHANGE)
+def test_a_dump_failing_half_way_leaves_the_live_database_as_it_was(live, changed_backup):
     before = snapshot(live)
-    bad = broken_copy(tmp_path / "database.sql", "\nSELECT no_such_function(1);\n")
+    bad = broken_copy(changed_backup.path, "\nSELECT no_such_function(1);\n")
 
     with pytest.raises(PermanentError) as failure:
-        restore_database(settings, bad, facts.tables)
+        restore_database(changed_backup.settings, bad, changed_backup.tables)
 
     message = str(failure.value)
     assert "no_such_function" in message and "line " in message and f"{PG_HOST}:{PG_PORT}" in message
@@ -235,15 +274,12 @@ def test_a_dump_failing_half_way_leaves_the_live_database_as_it_was(live, tmp_pa
     assert databases(live) == [live]
 
 
-def test_rows_not_matching_the_backup_fail_and_leave_nothing(live, tmp_path):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
+def test_rows_not_matching_the_backup_fail_and_leave_nothing(live, backup):
     before = snapshot(live)
-    wrong = {**facts.tables, "public.people": 299, "public.ghost": 1}
+    wrong = {**backup.tables, "public.people": 299, "public.ghost": 1}
 
     with pytest.raises(PermanentError, match=r"does not match the backup") as failure:
-        restore_database(settings, tmp_path / "database.sql", wrong)
+        restore_database(backup.settings, backup.path, wrong)
 
     assert "public.people: 300 rows, the backup 299" in str(failure.value)
     assert "public.ghost: missing" in str(failure.value)
@@ -251,12 +287,7 @@ def test_rows_not_matching_the_backup_fail_and_leave_nothing(live, tmp_path):
     assert databases(live) == [live]
 
 
-def test_a_failure_inside_the_swap_rolls_both_renames_back(live, tmp_path, monkeypatch):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    with pg_connect(live) as conn:
-        conn.execute(CHANGE)
+def test_a_failure_inside_the_swap_rolls_both_renames_back(live, changed_backup, monkeypatch):
     before = snapshot(live)
     real_rename, calls = postgres_swap._rename_one, []
 
@@ -268,43 +299,33 @@ def test_a_failure_inside_the_swap_rolls_both_renames_back(live, tmp_path, monke
 
     monkeypatch.setattr(postgres_swap, "_rename_one", rename_then_fail)
     with pytest.raises(PermanentError, match="division by zero"):
-        restore_database(settings, tmp_path / "database.sql", facts.tables)
+        restore_database(changed_backup.settings, changed_backup.path, changed_backup.tables)
 
     assert calls[0][0] == live
     assert snapshot(live) == before  # its name back, connections allowed again, contents unchanged
     assert databases(live) == [live]
 
 
-def test_sessions_on_the_live_database_are_ended_and_the_swap_succeeds(live, tmp_path):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    with pg_connect(live) as conn:
-        conn.execute(CHANGE)
+def test_sessions_on_the_live_database_are_ended_and_the_swap_succeeds(live, changed_backup):
     idle = pg_connect(live)
     locking = pg_connect(live)
     locking.execute("BEGIN")
     locking.execute("LOCK TABLE people IN ACCESS EXCLUSIVE MODE")
     try:
-        result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+        result = restore_database(changed_backup.settings, changed_backup.path, changed_backup.tables)
         for session in (idle, locking):
             with pytest.raises(psycopg.OperationalError):
                 session.execute("SELECT 1")
     finally:
         idle.close()
         locking.close()
-    assert result.row_counts == facts.tables
-    assert database_row_counts(settings) == facts.tables
+    assert result.row_counts == changed_backup.tables
+    assert database_row_counts(changed_backup.settings) == changed_backup.tables
 
 
-def test_an_application_that_reconnects_at_once_does_not_stop_the_swap(live, tmp_path):
+def test_an_application_that_reconnects_at_once_does_not_stop_the_swap(live, changed_backup):
     """Two clients reconnect as soon as their session is ended (a connection pool): the swap's
     RENAME holds the database's lock, so they wait for its commit and then find the restored one."""
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    with pg_connect(live) as conn:
-        conn.execute(CHANGE)
     stop, sessions = threading.Event(), []
 
     def keep_connected() -> None:
@@ -322,34 +343,33 @@ def test_an_application_that_reconnects_at_once_does_not_stop_the_swap(live, tmp
     for client in clients:
         client.start()
     try:
-        result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+        result = restore_database(changed_backup.settings, changed_backup.path, changed_backup.tables)
         seen = len(sessions)
         time.sleep(0.5)
     finally:
         stop.set()
         for client in clients:
             client.join()
-    assert result.row_counts == facts.tables and database_row_counts(settings) == facts.tables
+    assert result.row_counts == changed_backup.tables
+    assert database_row_counts(changed_backup.settings) == changed_backup.tables
     assert len(sessions) > seen and len(set(sessions)) > 2, "the clients did not reconnect"
 
 
-def test_missing_roles_are_all_listed(live, tmp_path, roles):
+def test_missing_roles_are_all_listed(live, backup_of, roles):
     gone, never = f"vq_gone_{live[-8:]}", f"Never Made {live[-8:]}"
     roles.append(gone)
     with pg_connect() as conn:
         conn.execute(f'CREATE ROLE "{gone}"')
-    create_live(live, f'{RICH}; ALTER TABLE people OWNER TO "{gone}"; GRANT SELECT ON visits TO "{gone}";')
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
+    backup = backup_of(f'{RICH}; ALTER TABLE people OWNER TO "{gone}"; GRANT SELECT ON visits TO "{gone}";')
     with pg_connect(live) as conn:
         conn.execute(f'REASSIGN OWNED BY "{gone}" TO {PG_USER}; DROP OWNED BY "{gone}"')
     with pg_connect() as conn:
         conn.execute(f'DROP ROLE "{gone}"')
     before = snapshot(live)
-    bad = broken_copy(tmp_path / "database.sql", f'GRANT SELECT ON TABLE public.people TO "{never}";\n')
+    bad = broken_copy(backup.path, f'GRANT SELECT ON TABLE public.people TO "{never}";\n')
 
     with pytest.raises(PermanentError, match="roles that do not exist") as failure:
-        restore_database(settings, bad, facts.tables)
+        restore_database(backup.settings, bad, backup.tables)
 
     message = str(failure.value)
     assert f'"{gone}"' in message and f'"{never}"' in message and '"postgres"' not in message
@@ -358,23 +378,22 @@ def test_missing_roles_are_all_listed(live, tmp_path, roles):
     assert databases(live) == [live]
 
 
-def test_a_user_without_createdb_is_told_before_anything_changes(live, tmp_path, roles):
-    create_live(live, "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
-    facts = dump(settings_for(live), tmp_path / "database.sql")
+def test_a_user_without_createdb_is_told_before_anything_changes(live, backup_of, roles):
+    backup = backup_of("CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     weak = f"vq_weak_{live[-8:]}"
     roles.append(weak)
     with pg_connect() as conn:
         conn.execute(f'CREATE ROLE "{weak}" LOGIN')
     with pytest.raises(PermanentError, match=f"may not create databases: ALTER ROLE {weak} CREATEDB"):
-        restore_database(settings_for(live, db_user=weak), tmp_path / "database.sql", facts.tables)
+        restore_database(settings_for(live, db_user=weak), backup.path, backup.tables)
     with pg_connect() as conn:
         conn.execute(f'ALTER ROLE "{weak}" CREATEDB')
     with pytest.raises(PermanentError, match=f"must own database {live}"):
-        restore_database(settings_for(live, db_user=weak), tmp_path / "database.sql", facts.tables)
+        restore_database(settings_for(live, db_user=weak), backup.path, backup.tables)
     assert databases(live) == [live]
 
 
-def test_an_owner_without_superuser_restores_and_is_told_what_it_cannot_end(live, tmp_path, roles):
+def test_an_owner_without_superuser_restores_and_is_told_what_it_cannot_end(live, dump_of, roles):
     owner, other = f"vq_owner_{live[-8:]}", f"vq_other_{live[-8:]}"
     roles += [owner, other]
     with pg_connect() as conn:
@@ -383,13 +402,12 @@ def test_an_owner_without_superuser_restores_and_is_told_what_it_cannot_end(live
         conn.execute(f'CREATE DATABASE "{live}" OWNER "{owner}"')
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=owner, dbname=live, autocommit=True) as conn:
         conn.execute(RICH)
-    settings = settings_for(live, db_user=owner)
-    facts = dump(settings, tmp_path / "database.sql")
+    backup = dump_of(db_user=owner)
     before = snapshot(live)
 
     with pg_connect(live) as superuser_session:
         with pytest.raises(PermanentError, match="may not end a superuser's session") as failure:
-            restore_database(settings, tmp_path / "database.sql", facts.tables)
+            restore_database(backup.settings, backup.path, backup.tables)
         assert superuser_session.execute("SELECT 1").fetchone() == (1,)
     assert owner in str(failure.value)
     assert snapshot(live) == before and databases(live) == [live]
@@ -398,12 +416,12 @@ def test_an_owner_without_superuser_restores_and_is_told_what_it_cannot_end(live
         host=PG_HOST, port=PG_PORT, user=other, dbname=live, autocommit=True
     ) as other_session:
         with pytest.raises(PermanentError, match=f"GRANT pg_signal_backend TO {owner}"):
-            restore_database(settings, tmp_path / "database.sql", facts.tables)
+            restore_database(backup.settings, backup.path, backup.tables)
         assert other_session.execute("SELECT 1").fetchone() == (1,)
         assert snapshot(live) == before and databases(live) == [live]
         with pg_connect() as conn:
             conn.execute(f'GRANT pg_signal_backend TO "{owner}"')
-        result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+        result = restore_database(backup.settings, backup.path, backup.tables)
         with pytest.raises(psycopg.OperationalError):
             other_session.execute("SELECT 1")
 
@@ -416,7 +434,7 @@ def test_an_owner_without_superuser_restores_and_is_told_what_it_cannot_end(live
     assert dict(owners) == {live: owner, result.previous_name: owner}
 
 
-def test_settings_grants_encoding_and_comment_are_carried_over(live, tmp_path, roles):
+def test_settings_grants_encoding_and_comment_are_carried_over(live, dump_of, roles):
     reader = f"vq_reader_{live[-8:]}"
     roles.append(reader)
     with pg_connect() as conn:
@@ -431,12 +449,11 @@ def test_settings_grants_encoding_and_comment_are_carried_over(live, tmp_path, r
             COMMENT ON DATABASE "{live}" IS 'the queue''s data';
             REVOKE ALL ON DATABASE "{live}" FROM PUBLIC;
             GRANT CONNECT ON DATABASE "{live}" TO "{reader}" WITH GRANT OPTION""")
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
+    backup = dump_of()
     properties = database_properties(live)
     before = checksums(live)
 
-    result = restore_database(settings, tmp_path / "database.sql", facts.tables)
+    result = restore_database(backup.settings, backup.path, backup.tables)
 
     assert not result.warnings
     assert database_properties(live) == properties
@@ -456,66 +473,58 @@ def database_properties(name: str) -> tuple:
         ).fetchone()
 
 
-def test_without_a_live_database_the_restored_one_takes_its_name(live, tmp_path):
+def test_without_a_live_database_the_restored_one_takes_its_name(live, dump_of):
     source = f"{live}_source"
     create_live(source)
-    facts = dump(settings_for(source), tmp_path / "database.sql")
-    result = restore_database(settings_for(live), tmp_path / "database.sql", facts.tables)
+    backup = dump_of(source)
+    result = restore_database(settings_for(live), backup.path, backup.tables)
     assert result.previous_name is None and result.database == live
     assert checksums(live) == checksums(source)
     assert databases(live) == sorted([live, source])
 
 
-def test_a_drill_loads_into_a_new_scratch_database_and_leaves_the_live_one_alone(live, tmp_path):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    with pg_connect(live) as conn:
-        conn.execute(CHANGE)
+def test_a_drill_loads_into_a_new_scratch_database_and_leaves_the_live_one_alone(live, changed_backup):
+    settings, path, tables = changed_backup.settings, changed_backup.path, changed_backup.tables
     before = snapshot(live)
     drill = f"{live}_drill"
 
-    result = restore_database(settings, tmp_path / "database.sql", facts.tables, target_db=drill, swap=False)
+    result = restore_database(settings, path, tables, target_db=drill, swap=False)
 
     assert result.database == drill and result.previous_name is None and not result.swapped
-    assert database_row_counts(settings, drill) == facts.tables
+    assert database_row_counts(settings, drill) == tables
     assert snapshot(live) == before
     with pytest.raises(PermanentError, match="already exists"):
-        restore_database(settings, tmp_path / "database.sql", facts.tables, target_db=drill, swap=False)
+        restore_database(settings, path, tables, target_db=drill, swap=False)
     assert databases(live) == sorted([live, drill])  # the existing drill database was not dropped
-    bad = broken_copy(tmp_path / "database.sql", "SELECT 1/0;\n")
+    bad = broken_copy(path, "SELECT 1/0;\n")
     with pytest.raises(PermanentError, match="division by zero"):
-        restore_database(settings, bad, facts.tables, target_db=f"{live}_drill2", swap=False)
+        restore_database(settings, bad, tables, target_db=f"{live}_drill2", swap=False)
     assert databases(live) == sorted([live, drill])
 
 
-def test_plan_reports_the_target_and_changes_nothing(live, tmp_path):
-    create_live(live)
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    with pg_connect(live) as conn:
-        conn.execute(CHANGE)
+def test_plan_reports_the_target_and_changes_nothing(live, changed_backup):
+    settings, tables = changed_backup.settings, changed_backup.tables
     before = snapshot(live)
     with pg_connect() as conn:
         everything = conn.execute("SELECT datname, datallowconn FROM pg_database ORDER BY 1").fetchall()
 
-    plan = plan_database_restore(settings, facts.tables)
+    plan = plan_database_restore(settings, tables)
 
     assert plan.exists and plan.database == live
     assert plan.tables == database_row_counts(settings)
-    assert plan.tables["public.people"] == facts.tables["public.people"] + 1
+    assert plan.tables["public.people"] == tables["public.people"] + 1
     assert plan.only_in_backup == ["public.visits"] and plan.only_in_database == []
     assert snapshot(live) == before
     with pg_connect() as conn:
         assert (
             conn.execute("SELECT datname, datallowconn FROM pg_database ORDER BY 1").fetchall() == everything
         )
-    absent = plan_database_restore(settings, facts.tables, target_db=f"{live}_absent")
-    assert not absent.exists and absent.tables == {} and absent.only_in_backup == sorted(facts.tables)
+    absent = plan_database_restore(settings, tables, target_db=f"{live}_absent")
+    assert not absent.exists and absent.tables == {} and absent.only_in_backup == sorted(tables)
     json.dumps(plan.model_dump(mode="json"))
 
 
-def test_the_restored_database_keeps_the_live_owner_and_its_rights(live, tmp_path, roles):
+def test_the_restored_database_keeps_the_live_owner_and_its_rights(live, dump_of, roles):
     """Restored by the superuser, the database still belongs to the application's role, which can
     still create tables in its public schema (PostgreSQL 15: the schema follows the database owner)."""
     app = f"vq_app_{live[-8:]}"
@@ -525,9 +534,8 @@ def test_the_restored_database_keeps_the_live_owner_and_its_rights(live, tmp_pat
         conn.execute(f'CREATE DATABASE "{live}" OWNER "{app}"')
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=app, dbname=live, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    restore_database(settings, tmp_path / "database.sql", facts.tables, keep_previous=False)
+    backup = dump_of()
+    restore_database(backup.settings, backup.path, backup.tables, keep_previous=False)
     with pg_connect() as conn:
         owner = conn.execute("SELECT datdba::regrole::text FROM pg_database WHERE datname = %s", [live])
         assert owner.fetchone()[0] == app
@@ -545,11 +553,9 @@ def test_the_restored_database_keeps_the_live_owner_and_its_rights(live, tmp_pat
         "\\unrestrict {key}\n\\! touch {sentinel}\n",  # the dump's own key cannot lift our restriction
     ],
 )
-def test_backslash_commands_in_a_dump_never_run(live, tmp_path, command):
-    create_live(live, "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
-    settings = settings_for(live)
-    facts = dump(settings, tmp_path / "database.sql")
-    text = (tmp_path / "database.sql").read_text()
+def test_backslash_commands_in_a_dump_never_run(live, backup_of, tmp_path, command):
+    backup = backup_of("CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    text = backup.path.read_text()
     key = next(line.split()[1] for line in text.splitlines() if line.startswith("\\restrict "))
     sentinel = tmp_path / "owned"
     evil = text.replace("SET ", command.format(sentinel=sentinel, key=key) + "SET ", 1)
@@ -557,7 +563,7 @@ def test_backslash_commands_in_a_dump_never_run(live, tmp_path, command):
     before = snapshot(live)
 
     with pytest.raises(PermanentError, match=r"backslash commands are restricted|wrong key"):
-        restore_database(settings, tmp_path / "evil.sql", facts.tables)
+        restore_database(backup.settings, tmp_path / "evil.sql", backup.tables)
 
     assert not sentinel.exists()
     assert snapshot(live) == before

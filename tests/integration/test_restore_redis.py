@@ -5,12 +5,15 @@ database are refused with nothing written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import time
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -110,36 +113,87 @@ def assert_same(source: RedisServer, target: RedisServer, by_dump: bool) -> None
                 assert (ttl_got == -1) if ttl_want == -1 else abs(ttl_got - ttl_want) < 5000, key
 
 
+class Pair(NamedTuple):
+    """A source Redis, the RDB dump_redis took of it, and the target Redis to restore into."""
+
+    source: RedisServer
+    target: RedisServer
+    rdb: Path
+
+
+Fill = Callable[[RedisServer], object]
+
+
+@pytest.fixture
+def redis_pair(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
+    """Return a function that starts this test's own source and target redis-servers (both stopped
+    after the test): ``binary`` for both unless ``target_binary`` is given, the source with
+    ``source_password``, the target with TARGET_PASSWORD and ``target_args``. It fills the source
+    with ``source_fill``, takes its RDB into backup/redis.rdb, then fills the target with
+    ``target_fill`` (None leaves either empty)."""
+    with contextlib.ExitStack() as stack:
+
+        def make(
+            binary: str | None = None,
+            *,
+            target_binary: str | None = None,
+            source_password: str | None = None,
+            target_args: Sequence[str] = (),
+            source_fill: Fill | None = fill_source,
+            target_fill: Fill | None = fill_target,
+        ) -> Pair:
+            source = stack.enter_context(
+                start_redis(tmp_path / "source", password=source_password, binary=binary)
+            )
+            target = stack.enter_context(
+                start_redis(
+                    tmp_path / "target",
+                    password=TARGET_PASSWORD,
+                    binary=target_binary or binary,
+                    args=target_args,
+                )
+            )
+            if source_fill is not None:
+                source_fill(source)
+            rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
+            if target_fill is not None:
+                target_fill(target)
+            return Pair(source, target, rdb)
+
+        yield make
+
+
+@pytest.fixture
+def filled_pair(redis_pair: Callable[..., Pair]) -> Pair:
+    """The usual pair: the default redis-server, a source without a password filled by
+    fill_source, its RDB, and a target filled by fill_target."""
+    return redis_pair()
+
+
 @pytest.mark.parametrize("version", sorted(BINARIES), ids=lambda v: f"redis-{v}")
-def test_round_trip_restores_every_key_and_removes_the_others(tmp_path: Path, version: str):
+def test_round_trip_restores_every_key_and_removes_the_others(redis_pair, version: str):
     binary = BINARIES[version]
-    with (
-        start_redis(tmp_path / "source", password=SOURCE_PASSWORD, binary=binary) as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=binary) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        settings = redis_settings(target.port, TARGET_PASSWORD)
-        source_counts = {str(db): n for db in DATABASES if (n := source.client(db).dbsize())}
+    source, target, rdb = redis_pair(binary, source_password=SOURCE_PASSWORD)
+    settings = redis_settings(target.port, TARGET_PASSWORD)
+    source_counts = {str(db): n for db in DATABASES if (n := source.client(db).dbsize())}
 
-        before = state(target)
-        plan = plan_redis_restore(settings, rdb, server_binary=binary)
-        assert state(target) == before, "the plan changed the target"
-        assert plan.backup_keys == source_counts
-        assert plan.target_keys == {"0": 6, "1": 2, "3": 2}
-        assert plan.replaced == {"0": 4, "1": 1, "3": 0}
-        assert plan.removed == {"0": 2, "1": 1, "3": 2}
-        assert plan.server_version == plan.target_version == version
+    before = state(target)
+    plan = plan_redis_restore(settings, rdb, server_binary=binary)
+    assert state(target) == before, "the plan changed the target"
+    assert plan.backup_keys == source_counts
+    assert plan.target_keys == {"0": 6, "1": 2, "3": 2}
+    assert plan.replaced == {"0": 4, "1": 1, "3": 0}
+    assert plan.removed == {"0": 2, "1": 1, "3": 2}
+    assert plan.server_version == plan.target_version == version
 
-        seen = []
-        result = restore_redis(settings, rdb, server_binary=binary, progress=lambda *a: seen.append(a))
-        assert_same(source, target, by_dump=True)
-        with source.client(0) as want, target.client(0) as got:
-            assert got.xinfo_groups("events:0") == want.xinfo_groups("events:0")
-            assert got.xpending("events:0", "displays") == want.xpending("events:0", "displays")
-            assert got.xpending("events:0", "displays")["pending"] == 1
-            assert got.get(b"bin:\x00\xff") == bytes(range(256))
+    seen = []
+    result = restore_redis(settings, rdb, server_binary=binary, progress=lambda *a: seen.append(a))
+    assert_same(source, target, by_dump=True)
+    with source.client(0) as want, target.client(0) as got:
+        assert got.xinfo_groups("events:0") == want.xinfo_groups("events:0")
+        assert got.xpending("events:0", "displays") == want.xpending("events:0", "displays")
+        assert got.xpending("events:0", "displays")["pending"] == 1
+        assert got.get(b"bin:\x00\xff") == bytes(range(256))
 
     assert result.restored == source_counts and result.keys == source_counts
     assert result.expired == {"0": 0, "1": 0}
@@ -150,46 +204,34 @@ def test_round_trip_restores_every_key_and_removes_the_others(tmp_path: Path, ve
 
 
 @needs_both
-def test_upgrade_from_a_62_backup_into_a_70_target(tmp_path: Path):
-    with (
-        start_redis(tmp_path / "source", password=SOURCE_PASSWORD, binary=REDIS_62) as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_70) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=REDIS_62)
-        assert_same(source, target, by_dump=False)
+def test_upgrade_from_a_62_backup_into_a_70_target(redis_pair):
+    source, target, rdb = redis_pair(REDIS_62, target_binary=REDIS_70, source_password=SOURCE_PASSWORD)
+    restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=REDIS_62)
+    assert_same(source, target, by_dump=False)
 
 
-def test_large_values_are_copied_whole(tmp_path: Path):
+def test_large_values_are_copied_whole(redis_pair):
     """Payloads of 700 kB (larger than the reader's buffer is not needed: each is assembled whole
     from its chunks), a long list, and small keys beside them."""
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        with source.client(2) as client:
+
+    def fill_large(server: RedisServer) -> None:
+        with server.client(2) as client:
             client.mset({f"large:{i}": os.urandom(700_000) for i in range(5)})
             client.mset({f"small:{i}": i for i in range(300)})
             client.rpush("large-list", *[os.urandom(1000) for _ in range(3000)])
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        result = restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source))
-        assert_same(source, target, by_dump=True)
+
+    source, target, rdb = redis_pair(source_fill=fill_large, target_fill=None)
+    result = restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source))
+    assert_same(source, target, by_dump=True)
     assert result.restored == {"2": 306}
 
 
-def test_empty_backup_empties_every_database(tmp_path: Path):
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        result = restore_redis(
-            redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
-        )
-        assert redis_key_counts(redis_settings(target.port, TARGET_PASSWORD)) == {}
+def test_empty_backup_empties_every_database(redis_pair):
+    source, target, rdb = redis_pair(source_fill=None)
+    result = restore_redis(
+        redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
+    )
+    assert redis_key_counts(redis_settings(target.port, TARGET_PASSWORD)) == {}
     assert result.restored == {} and result.removed == {"0": 6, "1": 2, "3": 2}
 
 
@@ -211,114 +253,73 @@ def refused(settings: Settings, rdb: Path, binary: str | None, target: RedisServ
 
 
 @needs_both
-def test_newer_rdb_is_refused_against_an_older_target(tmp_path: Path):
-    with (
-        start_redis(tmp_path / "source", binary=REDIS_70) as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+def test_newer_rdb_is_refused_against_an_older_target(redis_pair):
+    _, target, rdb = redis_pair(REDIS_70, target_binary=REDIS_62)
+    message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
     assert f"127.0.0.1:{target.port}" in message
     assert "RDB is version 10" in message and "Redis 6.2.14" in message and "up to 9" in message
     assert "nothing was written" in message
 
 
 @needs_both
-def test_throwaway_newer_than_the_target_is_refused(tmp_path: Path):
+def test_throwaway_newer_than_the_target_is_refused(redis_pair):
     """An RDB 9 loads into 7.0, but 7.0's payloads (RDB 10) would be refused by a 6.2 target."""
-    with (
-        start_redis(tmp_path / "source", binary=REDIS_62) as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+    _, target, rdb = redis_pair(REDIS_62)
+    message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
     assert "payloads of RDB version 10" in message and "REDIS_SERVER_BIN" in message and "6.2.14" in message
 
 
 @needs_both
 def test_payload_check_refuses_a_throwaway_the_table_does_not_know(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_pair, monkeypatch: pytest.MonkeyPatch
 ):
     """With 7.0 unknown to the table, the payload it makes still shows RDB 10, which 6.2 refuses."""
     monkeypatch.setattr("vq_tasks.restore.redis_server.RDB_VERSIONS", {(5, 0): 9, (6, 0): 9, (6, 2): 9})
-    with (
-        start_redis(tmp_path / "source", binary=REDIS_62) as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_62) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
+    _, target, rdb = redis_pair(REDIS_62)
+    message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_70, target)
     assert "payloads of RDB version 10" in message and "nothing was written" in message
 
 
 @needs_both
-def test_throwaway_too_old_for_the_rdb_is_refused(tmp_path: Path):
-    with (
-        start_redis(tmp_path / "source", binary=REDIS_70) as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, binary=REDIS_70) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_62, target)
+def test_throwaway_too_old_for_the_rdb_is_refused(redis_pair):
+    _, target, rdb = redis_pair(REDIS_70)
+    message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, REDIS_62, target)
     assert "RDB is version 10" in message and "redis-server 6.2.14" in message and "up to 9" in message
 
 
-def test_wrong_target_password_is_permanent_and_never_shown(tmp_path: Path):
+def test_wrong_target_password_is_permanent_and_never_shown(filled_pair: Pair):
     wrong = "wr0ng-Pa$$-word"
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        message = refused(redis_settings(target.port, wrong), rdb, source_binary(source), target)
-        with pytest.raises(PermanentError) as caught:
-            restore_redis(redis_settings(target.port, wrong), rdb, server_binary=source_binary(source))
+    source, target, rdb = filled_pair
+    message = refused(redis_settings(target.port, wrong), rdb, source_binary(source), target)
+    with pytest.raises(PermanentError) as caught:
+        restore_redis(redis_settings(target.port, wrong), rdb, server_binary=source_binary(source))
     assert f"127.0.0.1:{target.port} refused the password (REDIS_PASSWORD)" in message
     logged = "".join(traceback.format_exception(caught.value))
     assert wrong not in logged and TARGET_PASSWORD not in logged
 
 
-def test_damaged_rdb_is_refused_with_the_servers_reason(tmp_path: Path):
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        data = rdb.read_bytes()
-        rdb.write_bytes(data[: len(data) // 2])
-        message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source), target)
+def test_damaged_rdb_is_refused_with_the_servers_reason(filled_pair: Pair):
+    source, target, rdb = filled_pair
+    data = rdb.read_bytes()
+    rdb.write_bytes(data[: len(data) // 2])
+    message = refused(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source), target)
     assert "could not load the RDB" in message and "throwaway redis-server" in message, message
 
 
-def test_database_missing_in_the_target_is_refused(tmp_path: Path):
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD, args=["--databases", "1"]) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        with target.client(0) as client:
+def test_database_missing_in_the_target_is_refused(redis_pair):
+    def one_key(server: RedisServer) -> None:
+        with server.client(0) as client:
             client.set("live", "x")
-        before = target.client(0).dump("live")
-        with pytest.raises(PermanentError, match="refuses database 1") as caught:
-            restore_redis(
-                redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source)
-            )
-        assert target.client(0).dbsize() == 1 and target.client(0).dump("live") == before
+
+    source, target, rdb = redis_pair(target_args=["--databases", "1"], target_fill=one_key)
+    before = target.client(0).dump("live")
+    with pytest.raises(PermanentError, match="refuses database 1") as caught:
+        restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, server_binary=source_binary(source))
+    assert target.client(0).dbsize() == 1 and target.client(0).dump("live") == before
     assert "nothing was written" in str(caught.value)
 
 
-def test_throwaway_keeps_its_password_out_of_argv_and_leaves_nothing(tmp_path: Path):
+def test_throwaway_keeps_its_password_out_of_argv_and_leaves_nothing(tmp_path: Path, redis_pair):
     """A wrapper records the throwaway's pid and argv (Redis rewrites its own process title)."""
     record = tmp_path / "argv.txt"
     wrapper = tmp_path / "redis-server"
@@ -331,17 +332,12 @@ def test_throwaway_keeps_its_password_out_of_argv_and_leaves_nothing(tmp_path: P
             seen.update(pid=int(pid), argv=argv, folder=config.parent, config=config.read_text())
             seen.update(mode=stat.S_IMODE(config.stat().st_mode), running=psutil.pid_exists(int(pid)))
 
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        wrapper.write_text(
-            f'#!/bin/sh\nprintf "%s\\n" "---" "$$" "$@" >> {record}\nexec {source_binary(source)} "$@"\n'
-        )
-        wrapper.chmod(0o755)
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, str(wrapper), progress=inspect)
+    source, target, rdb = redis_pair(target_fill=None)
+    wrapper.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "---" "$$" "$@" >> {record}\nexec {source_binary(source)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, str(wrapper), progress=inspect)
     password = next(line.split()[1] for line in seen["config"].splitlines() if line.startswith("requirepass"))
     assert len(password) >= 32 and seen["mode"] == 0o600 and seen["running"]
     assert len(seen["argv"]) == 1 and password not in seen["argv"][0]
@@ -354,30 +350,25 @@ def _last_launch(record: Path) -> list[str]:
     return record.read_text().split("---\n")[-1].splitlines()
 
 
-def test_target_lost_mid_copy_is_transient_and_says_so(tmp_path: Path):
+def test_target_lost_mid_copy_is_transient_and_says_so(redis_pair):
     def kill_target(stage: str, db: str, count: int) -> None:
         if stage == "queued":
             target.kill()
 
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        with pytest.raises(TransientError) as caught:
-            restore_redis(
-                redis_settings(target.port, TARGET_PASSWORD),
-                rdb,
-                source_binary(source),
-                progress=kill_target,
-                batch_size=100,
-            )
+    source, target, rdb = redis_pair(target_fill=None)
+    with pytest.raises(TransientError) as caught:
+        restore_redis(
+            redis_settings(target.port, TARGET_PASSWORD),
+            rdb,
+            source_binary(source),
+            progress=kill_target,
+            batch_size=100,
+        )
     message = str(caught.value)
     assert f"127.0.0.1:{target.port}" in message and "nothing was written" in message
 
 
-def test_a_restore_stopped_while_it_queues_leaves_the_target_as_it_was(tmp_path: Path):
+def test_a_restore_stopped_while_it_queues_leaves_the_target_as_it_was(filled_pair: Pair):
     """The throwaway (the backup's side) is killed when half the keys are queued in the target's
     transaction: the restore fails saying nothing was written, and the target is exactly as it was
     (the server dropped the queue with the connection); a rerun then restores everything."""
@@ -391,43 +382,35 @@ def test_a_restore_stopped_while_it_queues_leaves_the_target_as_it_was(tmp_path:
             for process in throwaways:
                 process.kill()
 
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        fill_source(source)
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        before = state(target)
-        settings = redis_settings(target.port, TARGET_PASSWORD)
-        with pytest.raises(TransientError, match="nothing was written"):
-            restore_redis(settings, rdb, source_binary(source), progress=kill_the_throwaway, batch_size=100)
-        assert throwaways, "the throwaway was never killed"
-        assert state(target) == before
-        assert target.client().info("commandstats").get("cmdstat_restore") is None, "a RESTORE ran"
-        restore_redis(settings, rdb, source_binary(source), batch_size=100)
-        assert_same(source, target, by_dump=True)
+    source, target, rdb = filled_pair
+    before = state(target)
+    settings = redis_settings(target.port, TARGET_PASSWORD)
+    with pytest.raises(TransientError, match="nothing was written"):
+        restore_redis(settings, rdb, source_binary(source), progress=kill_the_throwaway, batch_size=100)
+    assert throwaways, "the throwaway was never killed"
+    assert state(target) == before
+    assert target.client().info("commandstats").get("cmdstat_restore") is None, "a RESTORE ran"
+    restore_redis(settings, rdb, source_binary(source), batch_size=100)
+    assert_same(source, target, by_dump=True)
 
 
-def test_a_target_without_room_for_the_transaction_refuses_it_and_is_as_it_was(tmp_path: Path):
+def test_a_target_without_room_for_the_transaction_refuses_it_and_is_as_it_was(redis_pair):
     """maxmemory (noeviction) leaves the target room for its own keys, not for the queued restore
     (about 6 MB of payloads): refused with a clear message, nothing written."""
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        with source.client(0) as client:
+
+    def fill_large(server: RedisServer) -> None:
+        with server.client(0) as client:
             client.mset({f"large:{i}": os.urandom(100_000) for i in range(60)})
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        fill_target(target)
-        before = state(target)
-        with target.client() as client:
-            used = int(client.info("memory")["used_memory"])
-            client.config_set("maxmemory", used + (2 << 20))
-            client.config_set("maxmemory-policy", "noeviction")
-        with pytest.raises(PermanentError) as caught:
-            restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source))
-        assert state(target) == before
+
+    source, target, rdb = redis_pair(source_fill=fill_large)
+    before = state(target)
+    with target.client() as client:
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used + (2 << 20))
+        client.config_set("maxmemory-policy", "noeviction")
+    with pytest.raises(PermanentError) as caught:
+        restore_redis(redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source))
+    assert state(target) == before
     message = str(caught.value)
     assert "no room for the restore (maxmemory)" in message and "nothing was written" in message
 
@@ -463,7 +446,7 @@ def test_a_transaction_closed_before_exec_writes_nothing(tmp_path: Path):
         assert target.client(1).dbsize() == 0
 
 
-def test_a_key_that_expires_in_the_throwaway_during_the_restore_is_removed_from_the_target(tmp_path: Path):
+def test_a_key_that_expires_in_the_throwaway_during_the_restore_is_removed_from_the_target(redis_pair):
     """ "short" is copied, then its TTL runs out in the throwaway before the sweep looks: the target
     must not keep it (its UNLINK comes after its RESTORE in the transaction). When the sweep came
     first, the target's live "short" stayed."""
@@ -474,16 +457,16 @@ def test_a_key_that_expires_in_the_throwaway_during_the_restore_is_removed_from_
             waited.append(True)
             time.sleep(2.5)  # the key's TTL ends meanwhile
 
-    with (
-        start_redis(tmp_path / "source") as source,
-        start_redis(tmp_path / "target", password=TARGET_PASSWORD) as target,
-    ):
-        source.client(0).set("short", "from the backup", px=2000)
-        source.client(0).set("kept", "from the backup")
-        rdb = take_rdb(source, tmp_path / "backup" / "redis.rdb")
-        target.client(0).set("short", "live")
-        result = restore_redis(
-            redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source), progress=wait_for_expiry
-        )
-        assert not target.client(0).exists("short") and target.client(0).get("kept") == b"from the backup"
+    def fill_short(server: RedisServer) -> None:
+        server.client(0).set("short", "from the backup", px=2000)
+        server.client(0).set("kept", "from the backup")
+
+    def fill_live_short(server: RedisServer) -> None:
+        server.client(0).set("short", "live")
+
+    source, target, rdb = redis_pair(source_fill=fill_short, target_fill=fill_live_short)
+    result = restore_redis(
+        redis_settings(target.port, TARGET_PASSWORD), rdb, source_binary(source), progress=wait_for_expiry
+    )
+    assert not target.client(0).exists("short") and target.client(0).get("kept") == b"from the backup"
     assert (result.restored, result.removed) == ({"0": 2}, {"0": 1}), result
