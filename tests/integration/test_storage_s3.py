@@ -181,10 +181,12 @@ class TestS3Errors:
         storage.abort_stale_uploads(datetime.now(UTC) + timedelta(minutes=1))  # debris of the frozen time
 
     def test_download_that_stops_is_transient(self, s3, bucket):
-        storage = open_s3(s3, bucket, backup_storage_timeout=1, backup_storage_retries=1)
+        prefix = unique("run")
+        storage = open_s3(s3, bucket, prefix, backup_storage_timeout=1, backup_storage_retries=1)
         # more than loopback TCP can buffer (tcp_rmem's 32 MiB and tcp_wmem's 4 MiB here): with 48 MiB a
-        # quiet machine had the whole rest in buffers before the freeze, and the read never stopped
-        write(storage, "large.bin", os.urandom(128 * MIB), chunk=8 * MIB)
+        # quiet machine had the whole rest in buffers before the freeze, and the read never stopped.
+        # Written with the default timeout: on a busy machine moto may take over 1 s to join the parts
+        write(open_s3(s3, bucket, prefix), "large.bin", os.urandom(128 * MIB), chunk=8 * MIB)
         try:
             with (
                 pytest.raises(StorageError, match="cannot reach") as failure,
