@@ -1,8 +1,8 @@
 """The one settings model (model): every environment variable VQ Backup reads, validated at start-up,
 with the checks across variables (checks) and secrets read from ``<NAME>_FILE`` (secrets)."""
 
+from vq_tasks.settings.checks import LOOPBACK_NAMES
 from vq_tasks.settings.model import (
-    LOOPBACK_NAMES,
     ConfigError,
     Settings,
     crontab_from_expression,

@@ -8,47 +8,54 @@ problem at once and never echoes a secret.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from vq_tasks.manifest import Compression
+from vq_tasks.settings import checks, secrets
+from vq_tasks.settings.secrets import CREDENTIAL_FIELDS, OFFSITE, SECRET_FIELDS, SecretFileSource
 from vq_tasks.storage import PROVIDERS
 from vq_tasks.storage.location import (
     ENDPOINT_FIELDS,
+    CredentialFields,
     Credentials,
     Destination,
     parse_location,
     without_credentials,
 )
 
-CLOUD_SECRETS = (
-    "aws_secret_access_key",
-    "aws_session_token",
-    "azure_storage_key",
-    "azure_storage_connection_string",
-)
-CREDENTIAL_FIELDS = tuple(Credentials.__dataclass_fields__)
-OFFSITE = "backup_offsite_"
-SECRET_FIELDS = (
-    "db_password",
-    "redis_password",
-    "smtp_password",
-    "celery_broker_url",
-    "celery_result_backend",
-    *CLOUD_SECRETS,
-    *(OFFSITE + name for name in CLOUD_SECRETS),
-)
-CONNECTION_STRING_SECRETS = re.compile(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", re.IGNORECASE)
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 CommaList = Annotated[list[str], NoDecode]
+CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+CELERY_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem"}
+DEFAULT_COMPRESSION_LEVEL = {"gzip": 6, "zstd": 3}
+
+# The off-site destination's credentials: each field of CredentialFields (the one declaration),
+# named with the prefix BACKUP_OFFSITE_. mypy cannot follow a generated base class, so it is shown
+# a plain model: these fields are read by name only (destination("offsite"), secret_values).
+if TYPE_CHECKING:
+    OffsiteCredentialFields = BaseModel
+else:
+    OffsiteCredentialFields = create_model(
+        "OffsiteCredentialFields",
+        **{OFFSITE + name: (info.annotation, info) for name, info in CredentialFields.model_fields.items()},
+    )
 
 
 class ConfigError(Exception):
@@ -60,39 +67,13 @@ class ConfigError(Exception):
         super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
 
 
-class _Unreadable(str):
-    """Marks a secret whose ``*_FILE`` could not be used; the field validator reports it."""
+class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
+    """Every setting of VQ Backup; field ``x_y`` is read from the environment variable ``X_Y``.
 
-
-class SecretFileSource(PydanticBaseSettingsSource):
-    """Read ``<NAME>_FILE`` for every secret field; both forms set at once is an error."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for name in SECRET_FIELDS:
-            env_name = name.upper()
-            path = os.environ.get(f"{env_name}_FILE")
-            if not path:
-                continue
-            if os.environ.get(env_name):
-                values[name] = _Unreadable(f"set {env_name} or {env_name}_FILE, not both")
-                continue
-            try:
-                values[name] = Path(path).read_text().rstrip("\r\n")
-            except OSError as exc:
-                values[name] = _Unreadable(f"{env_name}_FILE {path}: {exc.strerror}")
-        return values
-
-
-COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 19)}  # zstd's 20-22 need far more memory
-DEFAULT_COMPRESSION_LEVEL = {"gzip": 6, "zstd": 3}
-
-
-class Settings(BaseSettings):
-    """Every setting of VQ Backup; field ``x_y`` is read from the environment variable ``X_Y``."""
+    The cloud credentials and endpoints (AWS_REGION, AZURE_STORAGE_KEY, ...) are CredentialFields',
+    named as the SDKs name them; unset: the SDK's default chain. The off-site destination takes
+    each from BACKUP_OFFSITE_<NAME>, else from <NAME>, except the endpoints (they say where, not
+    who): see :meth:`destination`."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
@@ -121,34 +102,9 @@ class Settings(BaseSettings):
     backup_storage_retries: int = Field(5, ge=1, le=20)
     backup_storage_timeout: float = Field(60.0, gt=0)
 
-    # Cloud credentials and endpoints, named as the SDKs name them; unset: the SDK's default chain
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
-    aws_region: str | None = None
-    aws_endpoint_url: str | None = None
-    azure_storage_account: str | None = None
-    azure_storage_key: SecretStr | None = None
-    azure_storage_connection_string: SecretStr | None = None
-    google_application_credentials: Path | None = None
-    google_cloud_project: str | None = None
-    storage_emulator_host: str | None = None
-
-    # Off-site copy: a second destination; BACKUP_OFFSITE_<NAME> overrides each credential above
-    # (endpoints and the connection string are not taken over: they say where, not who)
+    # Off-site copy: a second destination, with its own credentials (OffsiteCredentialFields)
     backup_offsite_provider: str | None = None
     backup_offsite_path: str | None = None
-    backup_offsite_aws_access_key_id: str | None = None
-    backup_offsite_aws_secret_access_key: SecretStr | None = None
-    backup_offsite_aws_session_token: SecretStr | None = None
-    backup_offsite_aws_region: str | None = None
-    backup_offsite_aws_endpoint_url: str | None = None
-    backup_offsite_azure_storage_account: str | None = None
-    backup_offsite_azure_storage_key: SecretStr | None = None
-    backup_offsite_azure_storage_connection_string: SecretStr | None = None
-    backup_offsite_google_application_credentials: Path | None = None
-    backup_offsite_google_cloud_project: str | None = None
-    backup_offsite_storage_emulator_host: str | None = None
 
     # Encryption (age format, X25519 recipients: workers hold public keys only) and signed manifests
     backup_encryption_enabled: bool = False
@@ -240,9 +196,7 @@ class Settings(BaseSettings):
     @field_validator(*SECRET_FIELDS, mode="before")
     @classmethod
     def _secret_file_usable(cls, value: Any) -> Any:
-        if isinstance(value, _Unreadable):
-            raise ValueError(str(value))
-        return value
+        return secrets.usable(value)
 
     @field_validator(
         "backup_config_paths",
@@ -289,21 +243,15 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url", "celery_result_backend")
     @classmethod
     def _celery_url_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and urlsplit(value.get_secret_value()).scheme not in {
-            "redis",
-            "rediss",
-            "amqp",
-            "amqps",
-            "pyamqp",
-            "filesystem",
-        }:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in CELERY_SCHEMES:
             raise ValueError("must be a redis://, rediss://, amqp:// or filesystem:// URL")
         return value
 
     @field_validator("backup_storage_path", "backup_offsite_path")
     @classmethod
     def _path_fits_provider(cls, value: str | None, info: ValidationInfo) -> str | None:
-        provider_field = info.field_name.replace("_path", "_provider")
+        offsite = info.field_name == "backup_offsite_path"
+        provider_field = "backup_offsite_provider" if offsite else "backup_storage_provider"
         provider = info.data.get(provider_field)  # absent when the provider itself is invalid
         if value is not None and provider:
             parse_location(provider, value)
@@ -312,25 +260,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _fit_together(self) -> Settings:
         """Check what no single field tells, every area at once, so that start-up lists every problem."""
-        from vq_tasks.crypto.encryption import settings_problems
-
-        problems = [
-            *self._destination_problems(),
-            *settings_problems(self),
-            *self._service_problems(),
-            *self._signing_problems(),
-            *self._compression_problems(),
-        ]
+        problems = checks.problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    def _compression_problems(self) -> list[str]:
-        low, high = COMPRESSION_LEVELS[self.compression_algorithm]
-        level = self.compression_level
-        if level is not None and not low <= level <= high:
-            return [f"COMPRESSION_LEVEL={level}: {self.compression_algorithm} takes {low} to {high}"]
-        return []
 
     @property
     def compression(self) -> Compression:
@@ -341,69 +274,6 @@ class Settings(BaseSettings):
     def effective_compression_level(self) -> int:
         """COMPRESSION_LEVEL, or when unset the algorithm's default: 6 for gzip, 3 for zstd."""
         return self.compression_level or DEFAULT_COMPRESSION_LEVEL[self.compression_algorithm]
-
-    def _destination_problems(self) -> list[str]:
-        if bool(self.backup_offsite_provider) != bool(self.backup_offsite_path):
-            return ["BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none"]
-        offsite, primary = self.destination("offsite"), self.destination()
-        if offsite is not None and offsite.same_place(primary):
-            return ["BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere"]
-        return []
-
-    def _service_problems(self) -> list[str]:
-        """SMTP's TLS and login, and Celery's URLs (never the Redis that is backed up)."""
-        problems = []
-        if self.smtp_ssl and self.smtp_starttls:
-            problems.append("SMTP_SSL and SMTP_STARTTLS exclude each other")
-        if (
-            self.smtp_user
-            and not (self.smtp_ssl or self.smtp_starttls)
-            and self.smtp_host not in LOOPBACK_NAMES
-        ):
-            problems.append(
-                f"SMTP_USER is set but neither SMTP_SSL nor SMTP_STARTTLS: the password would cross to "
-                f"{self.smtp_host} in clear text"
-            )
-        if self.smtp_ca_file is not None and not self.smtp_ca_file.is_file():
-            problems.append(f"SMTP_CA_FILE={str(self.smtp_ca_file)!r}: no such file")
-        if urlsplit(self.result_backend_url).scheme not in {"redis", "rediss"}:
-            problems.append(
-                "CELERY_RESULT_BACKEND must be a redis:// URL (it holds the chord state and the run lock)"
-            )
-        urls = {"CELERY_BROKER_URL": self.celery_broker_url}
-        if self.celery_result_backend is not None:  # otherwise it is the broker, checked already
-            urls["CELERY_RESULT_BACKEND"] = self.celery_result_backend
-        for name, url in urls.items():
-            if self._is_backed_up_redis(url.get_secret_value()):
-                problems.append(
-                    f"{name} points at the Redis that is backed up ({self.redis_host}:"
-                    f"{self.redis_port}); restoring it would wipe Celery's state: use another Redis"
-                )
-        return problems
-
-    def _signing_problems(self) -> list[str]:
-        from vq_tasks.crypto.signing import load_signing_key, parse_public_keys
-        from vq_tasks.errors import PermanentError
-
-        problems = []
-        if self.backup_signing_key_file is not None:
-            try:
-                load_signing_key(self.backup_signing_key_file)
-            except PermanentError as exc:
-                problems.append(str(exc))
-        try:
-            parse_public_keys(self.backup_signing_public_keys)
-        except ValueError as exc:
-            problems.append(f"BACKUP_SIGNING_PUBLIC_KEYS: {exc}")
-        return problems
-
-    def _is_backed_up_redis(self, url: str) -> bool:
-        parts = urlsplit(url)
-        if parts.scheme not in {"redis", "rediss"}:
-            return False
-        host = parts.hostname or "localhost"
-        same_host = host == self.redis_host or {host, self.redis_host} <= LOOPBACK_NAMES
-        return same_host and (parts.port or 6379) == self.redis_port
 
     @property
     def result_backend_url(self) -> str:
@@ -439,20 +309,7 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Return every secret string in these settings (passwords, and those inside URLs)."""
-        found = []
-        for name in SECRET_FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            text = value.get_secret_value()
-            if name.startswith("celery_"):
-                password = urlsplit(text).password or ""
-                found += [password, unquote(password)]  # as typed in the URL, and decoded
-            elif name.endswith("connection_string"):
-                found += [text, *CONNECTION_STRING_SECRETS.findall(text)]
-            else:
-                found.append(text)
-        return sorted({text for text in found if text})
+        return secrets.secret_values(self)
 
 
 def crontab_from_expression(expression: str) -> Any:
@@ -460,22 +317,15 @@ def crontab_from_expression(expression: str) -> Any:
     from celery.schedules import crontab
 
     fields = expression.split()
-    if len(fields) != 5:
+    if len(fields) != len(CRON_FIELDS):
         raise ValueError(f"cron expression {expression!r} needs 5 fields (minute hour day month weekday)")
-    minute, hour, day_of_month, month_of_year, day_of_week = fields
     try:
-        return crontab(
-            minute=minute,
-            hour=hour,
-            day_of_month=day_of_month,
-            month_of_year=month_of_year,
-            day_of_week=day_of_week,
-        )
+        return crontab(**dict(zip(CRON_FIELDS, fields, strict=True)))
     except Exception as exc:  # celery raises ValueError or ParseException
         raise ValueError(f"cron expression {expression!r} is invalid: {exc}") from None
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     """Return one line for a pydantic error: the variable, its value if not secret, the problem."""
     message = re.sub(r"^Value error, ", "", error["msg"])
     if not error["loc"]:

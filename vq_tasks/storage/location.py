@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 PATH_FORMS = {
     "Local": "a folder, such as /var/backups/virtualqueue",
@@ -113,10 +113,11 @@ def _prefix(path: str) -> str:
     return "/".join(segments)
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """The credentials and endpoints of one destination, as the SDKs name them. None means: use
-    the SDK's own default (instance role, managed identity, application default credentials)."""
+class CredentialFields(BaseModel):
+    """The credentials and endpoints of a destination, as the SDKs name them; declared only here.
+    Settings has these fields twice: as they are (the primary destination's, AWS_REGION) and
+    prefixed (the off-site one's, BACKUP_OFFSITE_AWS_REGION). None means: use the SDK's own
+    default (instance role, managed identity, application default credentials)."""
 
     aws_access_key_id: str | None = None
     aws_secret_access_key: SecretStr | None = None
@@ -129,6 +130,12 @@ class Credentials:
     google_application_credentials: Path | None = None
     google_cloud_project: str | None = None
     storage_emulator_host: str | None = None
+
+
+class Credentials(CredentialFields):
+    """The credentials of one destination, frozen and hashable: clients are cached by them."""
+
+    model_config = ConfigDict(frozen=True)
 
 
 @dataclass(frozen=True)

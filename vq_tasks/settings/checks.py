@@ -1,0 +1,104 @@
+"""The checks across variables: what no single setting tells. Each area's check returns one line
+per problem, naming its variables, so that start-up lists every problem at once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from vq_tasks.crypto.encryption import settings_problems as encryption_problems
+from vq_tasks.crypto.signing import load_signing_key, parse_public_keys
+from vq_tasks.errors import PermanentError
+
+if TYPE_CHECKING:
+    from vq_tasks.settings.model import Settings
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 19)}  # zstd's 20-22 need far more memory
+
+
+def problems(settings: Settings) -> list[str]:
+    """Return every problem across variables of ``settings``, of every area."""
+    return [
+        *destination_problems(settings),
+        *encryption_problems(settings),
+        *service_problems(settings),
+        *signing_problems(settings),
+        *compression_problems(settings),
+    ]
+
+
+def destination_problems(settings: Settings) -> list[str]:
+    """The off-site destination: both its variables or none, and another place than the primary."""
+    if bool(settings.backup_offsite_provider) != bool(settings.backup_offsite_path):
+        return ["BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH go together: set both or none"]
+    offsite, primary = settings.destination("offsite"), settings.destination()
+    if offsite is not None and primary is not None and offsite.same_place(primary):
+        return ["BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere"]
+    return []
+
+
+def service_problems(settings: Settings) -> list[str]:
+    """SMTP's TLS and login, and Celery's URLs (never the Redis that is backed up)."""
+    found = []
+    if settings.smtp_ssl and settings.smtp_starttls:
+        found.append("SMTP_SSL and SMTP_STARTTLS exclude each other")
+    if (
+        settings.smtp_user
+        and not (settings.smtp_ssl or settings.smtp_starttls)
+        and settings.smtp_host not in LOOPBACK_NAMES
+    ):
+        found.append(
+            f"SMTP_USER is set but neither SMTP_SSL nor SMTP_STARTTLS: the password would cross to "
+            f"{settings.smtp_host} in clear text"
+        )
+    if settings.smtp_ca_file is not None and not settings.smtp_ca_file.is_file():
+        found.append(f"SMTP_CA_FILE={str(settings.smtp_ca_file)!r}: no such file")
+    if urlsplit(settings.result_backend_url).scheme not in {"redis", "rediss"}:
+        found.append(
+            "CELERY_RESULT_BACKEND must be a redis:// URL (it holds the chord state and the run lock)"
+        )
+    urls = {"CELERY_BROKER_URL": settings.celery_broker_url}
+    if settings.celery_result_backend is not None:  # otherwise it is the broker, checked already
+        urls["CELERY_RESULT_BACKEND"] = settings.celery_result_backend
+    for name, url in urls.items():
+        if is_backed_up_redis(settings, url.get_secret_value()):
+            found.append(
+                f"{name} points at the Redis that is backed up ({settings.redis_host}:"
+                f"{settings.redis_port}); restoring it would wipe Celery's state: use another Redis"
+            )
+    return found
+
+
+def signing_problems(settings: Settings) -> list[str]:
+    """The signing key file, and the public keys manifests are checked against."""
+    found = []
+    if settings.backup_signing_key_file is not None:
+        try:
+            load_signing_key(settings.backup_signing_key_file)
+        except PermanentError as exc:
+            found.append(str(exc))
+    try:
+        parse_public_keys(settings.backup_signing_public_keys)
+    except ValueError as exc:
+        found.append(f"BACKUP_SIGNING_PUBLIC_KEYS: {exc}")
+    return found
+
+
+def compression_problems(settings: Settings) -> list[str]:
+    """COMPRESSION_LEVEL within the range of COMPRESSION_ALGORITHM."""
+    low, high = COMPRESSION_LEVELS[settings.compression_algorithm]
+    level = settings.compression_level
+    if level is not None and not low <= level <= high:
+        return [f"COMPRESSION_LEVEL={level}: {settings.compression_algorithm} takes {low} to {high}"]
+    return []
+
+
+def is_backed_up_redis(settings: Settings, url: str) -> bool:
+    """Return whether ``url`` is a Redis URL of the Redis that is backed up (REDIS_HOST, REDIS_PORT)."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"redis", "rediss"}:
+        return False
+    host = parts.hostname or "localhost"
+    same_host = host == settings.redis_host or {host, settings.redis_host} <= LOOPBACK_NAMES
+    return same_host and (parts.port or 6379) == settings.redis_port

@@ -1,0 +1,87 @@
+"""Which settings are secrets, reading them from ``<NAME>_FILE`` (Docker secrets), and finding every
+secret string in the settings so that messages can be redacted."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
+from urllib.parse import unquote, urlsplit
+
+from pydantic import SecretStr
+from pydantic_settings import PydanticBaseSettingsSource
+
+from vq_tasks.storage.location import CredentialFields
+
+if TYPE_CHECKING:
+    from vq_tasks.settings.model import Settings
+
+CREDENTIAL_FIELDS = tuple(CredentialFields.model_fields)
+OFFSITE = "backup_offsite_"  # the prefix of the off-site destination's credential fields
+CLOUD_SECRETS = tuple(
+    name for name, field in CredentialFields.model_fields.items() if SecretStr in get_args(field.annotation)
+)
+SECRET_FIELDS = (
+    "db_password",
+    "redis_password",
+    "smtp_password",
+    "celery_broker_url",
+    "celery_result_backend",
+    *CLOUD_SECRETS,
+    *(OFFSITE + name for name in CLOUD_SECRETS),
+)
+CONNECTION_STRING_SECRETS = re.compile(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", re.IGNORECASE)
+
+
+class _Unreadable(str):
+    """Marks a secret whose ``*_FILE`` could not be used; :func:`usable` reports it."""
+
+
+def usable(value: Any) -> Any:
+    """Return ``value``. Raise ValueError saying why if it stands for a ``*_FILE`` that could not
+    be used (the message names the variables and the file, never a secret)."""
+    if isinstance(value, _Unreadable):
+        raise ValueError(str(value))
+    return value
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """Read ``<NAME>_FILE`` for every secret field; both forms set at once is an error."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in SECRET_FIELDS:
+            env_name = name.upper()
+            path = os.environ.get(f"{env_name}_FILE")
+            if not path:
+                continue
+            if os.environ.get(env_name):
+                values[name] = _Unreadable(f"set {env_name} or {env_name}_FILE, not both")
+                continue
+            try:
+                values[name] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                values[name] = _Unreadable(f"{env_name}_FILE {path}: {exc.strerror}")
+        return values
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Return every secret string in ``settings`` (passwords, and those inside URLs)."""
+    found = []
+    for name in SECRET_FIELDS:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        text = value.get_secret_value()
+        if name.startswith("celery_"):
+            password = urlsplit(text).password or ""
+            found += [password, unquote(password)]  # as typed in the URL, and decoded
+        elif name.endswith("connection_string"):
+            found += [text, *CONNECTION_STRING_SECRETS.findall(text)]
+        else:
+            found.append(text)
+    return sorted({text for text in found if text})
