@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -46,7 +46,8 @@ def _client(url: str) -> redis.Redis:
 
 
 def client(settings: Settings) -> redis.Redis:
-    """Return this process's client of the coordination Redis (the Celery result backend)."""
+    """Return this process's client of the coordination Redis (the Celery result backend). It
+    decodes every reply to str, which redis-py's types cannot say: the replies are cast to str."""
     return _client(settings.result_backend_url)
 
 
@@ -58,7 +59,7 @@ def acquire_lock(r: redis.Redis, backup_id: str, task_id: str, ttl: int) -> tupl
     for _ in range(2):  # a lock that expires between SET and GET is taken on the second try
         if r.set(LOCK_KEY, value, nx=True, ex=ttl):
             return backup_id, None
-        holder = r.get(LOCK_KEY)
+        holder = cast("str | None", r.get(LOCK_KEY))
         if holder is not None:
             break
     else:
@@ -86,7 +87,8 @@ def record(r: redis.Redis, backup_id: str, **fields: Any) -> None:
 
 def read_record(r: redis.Redis, backup_id: str) -> dict[str, Any]:
     """Return the run record of ``backup_id`` (empty if unknown or expired)."""
-    return {name: json.loads(value) for name, value in r.hgetall(RUN_KEY.format(backup_id)).items()}
+    fields = cast(dict[str, str], r.hgetall(RUN_KEY.format(backup_id)))
+    return {name: json.loads(value) for name, value in fields.items()}
 
 
 def failed_runs(r: redis.Redis, backup_ids: list[str]) -> set[str]:
@@ -111,7 +113,7 @@ def claim_for(r: redis.Redis, name: str, holder: str, ttl: int = 7 * 86400) -> s
     key = CLAIM_KEY.format(name)
     if r.set(key, holder, nx=True, ex=ttl):
         return None
-    first = r.get(key)
+    first = cast("str | None", r.get(key))
     return None if first in (holder, None) else first
 
 
@@ -147,7 +149,7 @@ def backup_of_task(r: redis.Redis, task_id: str, backup_id: str, ttl: int) -> tu
     key = TASK_KEY.format(task_id)
     if r.set(key, backup_id, nx=True, ex=ttl):
         return backup_id, False
-    return r.get(key) or backup_id, True
+    return cast("str | None", r.get(key)) or backup_id, True
 
 
 @contextlib.contextmanager
@@ -186,7 +188,8 @@ def acquire_restore_lock(r: redis.Redis, holder: str, backup_id: str, ttl: int) 
     value = f"{holder} {backup_id} {datetime.now(UTC).isoformat(timespec='seconds')}"
     if r.set(RESTORE_LOCK_KEY, value, nx=True, ex=ttl):
         return None
-    _, held_id, since = ([*(r.get(RESTORE_LOCK_KEY) or "").split(" "), "", "", ""])[:3]
+    held = cast("str | None", r.get(RESTORE_LOCK_KEY))
+    _, held_id, since = ([*(held or "").split(" "), "", "", ""])[:3]
     return f"a restore of {held_id or 'a backup'} (started {since or 'just now'})"
 
 
@@ -206,7 +209,8 @@ def record_drill(r: redis.Redis, **fields: Any) -> None:
 
 def read_drill(r: redis.Redis) -> dict[str, Any]:
     """Return the restore drill's record: the last drill's outcome (empty if none ran)."""
-    return {name: json.loads(value) for name, value in r.hgetall(DRILL_KEY).items()}
+    fields = cast(dict[str, str], r.hgetall(DRILL_KEY))
+    return {name: json.loads(value) for name, value in fields.items()}
 
 
 COUNTERS_KEY = "vq:metrics:counters"
@@ -227,7 +231,8 @@ def count_once(r: redis.Redis, claim: str, counters: dict[str, int]) -> bool:
 
 def read_counters(r: redis.Redis) -> dict[str, int]:
     """Return the lifetime counters: ``runs:<status>`` and ``failures:<component>:<reason>``."""
-    return {name: int(value) for name, value in r.hgetall(COUNTERS_KEY).items()}
+    counters = cast(dict[str, str], r.hgetall(COUNTERS_KEY))
+    return {name: int(value) for name, value in counters.items()}
 
 
 def record_prune(r: redis.Redis, role: str, **fields: Any) -> None:
@@ -237,7 +242,8 @@ def record_prune(r: redis.Redis, role: str, **fields: Any) -> None:
 
 def read_prune(r: redis.Redis, role: str) -> dict[str, Any]:
     """Return the last prune's record of destination ``role`` (empty if none ran)."""
-    return {name: json.loads(value) for name, value in r.hgetall(PRUNE_KEY.format(role)).items()}
+    fields = cast(dict[str, str], r.hgetall(PRUNE_KEY.format(role)))
+    return {name: json.loads(value) for name, value in fields.items()}
 
 
 INCIDENT_KEY = "vq:incident:{}"
@@ -326,7 +332,7 @@ def owed_incidents(r: redis.Redis) -> list[tuple[str, float]]:
     """Return (observation JSON, time) of every incident whose notice is owed, not yet sent."""
     owed = []
     for key in r.scan_iter(INCIDENT_KEY.format("*"), count=100):
-        sent, event, at = r.hmget(key, "sent", "event", "at")
+        sent, event, at = cast("list[str | None]", r.hmget(key, "sent", "event", "at"))
         if sent == "0" and event:
-            owed.append((event, float(at)))
+            owed.append((event, float(cast(str, at))))  # _INCIDENT_OBSERVE sets "at" with "event"
     return owed

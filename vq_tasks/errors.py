@@ -33,3 +33,9 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
+
+
+def redacted_message(exc: BaseException, secrets: Iterable[str]) -> str:
+    """Return what an operator reads of ``exc``: its message (its type's name when it has none)
+    with every secret replaced."""
+    return redact(str(exc) or type(exc).__name__, secrets)

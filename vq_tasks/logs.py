@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from vq_tasks.errors import redact
+
+# shows one line of progress to whoever waits: print in the CLI, a logger in a task
+Say = Callable[[str], object]
 
 
 class RedactingFormatter(logging.Formatter):

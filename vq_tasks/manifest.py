@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, field_validator
 
 MANIFEST_VERSION = 1
 ID_TIME_FORMAT = "%Y%m%d_%H%M%S"
-COMPONENTS = ("database", "redis", "config", "logs")
-BUNDLED = ("database", "redis", "config")
+COMPONENTS: tuple[Component, ...] = ("database", "redis", "config", "logs")
+BUNDLED: tuple[Component, ...] = ("database", "redis", "config")
 Component = Literal["database", "redis", "config", "logs"]
 Kind = Literal["daily", "weekly", "monthly", "manual"]
 # what a manifest may hold (it may be forged): names without a folder, lowercase hex digests
@@ -117,8 +117,8 @@ class ComponentEntry(BaseModel):
     stored_in: str = Field(pattern=PLAIN_NAME)
     content: Checksums
     facts: Facts
-    stored_size: int | None = Field(None, ge=0, description="bytes it takes in storage (compressed)")
-    duration_seconds: float | None = Field(None, description="time its dump task took")
+    stored_size: int | None = Field(default=None, ge=0, description="bytes it takes in storage (compressed)")
+    duration_seconds: float | None = Field(default=None, description="time its dump task took")
 
     @field_validator("content")
     @classmethod
@@ -155,10 +155,10 @@ class Manifest(BaseModel):
     files: list[StoredFile]
     components: dict[Component, ComponentEntry]
     encryption: EncryptionInfo | None = Field(
-        None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
+        default=None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
     )
     signature: ManifestSignature | None = Field(
-        None, description="Ed25519 signature of the rest of the manifest (vq_tasks.crypto.signing)"
+        default=None, description="Ed25519 signature of the rest of the manifest (vq_tasks.crypto.signing)"
     )
 
 

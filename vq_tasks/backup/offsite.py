@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -21,13 +20,13 @@ from vq_tasks.catalog.listing import backup_sets, parse_manifest
 from vq_tasks.catalog.trust import check_manifest
 from vq_tasks.crypto.signing import PublicKeys, distrust
 from vq_tasks.errors import PermanentError, TransientError
+from vq_tasks.logs import Say
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name
 from vq_tasks.retention.policy import Policy, add_months
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams.stages import HashStage, pump
 
 logger = logging.getLogger(__name__)
-Say = Callable[[str], object]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from vq_tasks.catalog.listing import load_manifest, readable_manifests
 from vq_tasks.crypto import encryption, signing
 from vq_tasks.crypto.age import X25519Recipient
 from vq_tasks.crypto.signing import load_signing_key, sign
-from vq_tasks.errors import PermanentError, is_transient, redact
+from vq_tasks.errors import PermanentError, is_transient, redacted_message
 from vq_tasks.manifest import (
     BUNDLED,
     COMPONENTS,
@@ -186,7 +186,7 @@ def _compressed_config(settings: Settings) -> Producer:
 
 def record_failure(settings: Settings, backup_id: str, step: str, exc: BaseException) -> str:
     """Note in the run record that ``step`` failed; return the redacted message."""
-    message = redact(str(exc) or type(exc).__name__, settings.secret_values())
+    message = redacted_message(exc, settings.secret_values())
     reason = "transient" if is_transient(exc) else "permanent"
     report(
         settings,
@@ -248,7 +248,7 @@ def finalize(
     return manifest
 
 
-def _parts_by_component(records: list[dict], compression: str) -> dict[str, StagedPart]:
+def _parts_by_component(records: list[dict], compression: str) -> dict[Component, StagedPart]:
     """Return the staged parts by component. Raise PermanentError if one is missing or was
     staged with another compression than this worker's (workers must agree)."""
     parts = {p.component: p for p in (StagedPart.model_validate(r) for r in records)}
@@ -264,7 +264,7 @@ def _parts_by_component(records: list[dict], compression: str) -> dict[str, Stag
     return parts
 
 
-def _check_staged_paths(parts: dict[str, StagedPart], area: StagingArea) -> None:
+def _check_staged_paths(parts: dict[Component, StagedPart], area: StagingArea) -> None:
     """Refuse records whose staged path is not this backup's staging folder: finalize copies the
     file a record names into the backup, so a forged record must not name /etc/shadow."""
     folder = area.folder.resolve()
@@ -273,7 +273,9 @@ def _check_staged_paths(parts: dict[str, StagedPart], area: StagingArea) -> None
         raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
 
 
-def _write_bundle(out: Writer, parts: dict[str, StagedPart], compression: str, started: datetime) -> None:
+def _write_bundle(
+    out: Writer, parts: dict[Component, StagedPart], compression: str, started: datetime
+) -> None:
     bundle = BundleWriter(out, compression, started)
     for component in BUNDLED:
         bundle.add(parts[component])

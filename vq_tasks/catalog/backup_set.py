@@ -1,28 +1,5 @@
-"""The retention decision, a pure function: stored backups + now + policy -> what to delete, why.
-
-Grandfather-father-son. Every backup has a kind, recorded in its manifest when it was made
-(``manifest.kind_for``): the first complete scheduled backup of a month is ``monthly``, the first
-of an ISO week ``weekly``, other scheduled ones ``daily``, and the ones an operator asked for
-``manual``. A complete backup is kept until the latest of the dates its tiers give it:
-
-- every kind: started + BACKUP_RETENTION_DAYS days;
-- ``weekly`` and ``monthly``: started + 7 * BACKUP_WEEKLY_RETENTION_WEEKS days (a monthly backup
-  is also the weekly one of its week);
-- ``monthly``: started + BACKUP_MONTHLY_RETENTION_MONTHS calendar months, the day clamped to the
-  month's length (Jan 31 + 1 month = Feb 28, or 29).
-
-A ``manual`` backup has the daily tier only. A complete backup whose kind is unknown (its manifest
-cannot be read) is kept as if monthly, and the reason says so. The newest complete backup is never
-deleted, whatever its age. A log archive goes after BACKUP_LOGS_RETENTION_DAYS while the rest of
-its backup stays. Files of a backup without a manifest stay for the policy's grace (it may still be
-running) unless its run is known to have failed (``ended``), then go; so do the partial uploads of
-a complete backup once older than the grace. A backup that goes whole loses its manifest first, so
-a half-deleted backup never looks complete.
-
-Ages come from the backup ids (UTC start times), never from file times, and kinds never change
-after the fact: so the decision depends neither on the order of the listing nor on how often
-prune runs (pruning at t1 then at t2 leaves what pruning once at t2 leaves).
-"""
+"""One backup as storage holds it: its stored files by role, and whether its manifest is there and
+trusted. Also how far ahead of now a backup id may be dated before it is taken for forged."""
 
 from __future__ import annotations
 

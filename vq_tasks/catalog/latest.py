@@ -1,15 +1,6 @@
-"""Verify a stored backup against its manifest, reading every stored file once, as a stream.
-
-Each stored file passes through a reader that hashes its raw bytes (size, MD5, SHA-256); a
-compressed one is then inflated member by member (the bundle is many concatenated gzip members,
-which tarfile's own ``r|gz`` mode does not read past the first of) and read by tarfile in stream
-mode. Each bundle member is hashed in chunks and looked into as it passes: the SQL dump for
-pg_dump's closing line and its rows, the RDB for its CRC64, config.tar.gz as an archive of its
-own. The logs archive's checksums in the manifest cover its uncompressed tar stream. After the
-tar's end, the rest (end blocks, padding) is read through the same hashers, so every byte counts;
-after an error the rest of the raw file still is, so its checksums are always those of the whole.
-Memory stays bounded by a few chunks whatever the size of the backup.
-"""
+"""Which backup ``latest`` names: the newest complete one, never one dated more than CLOCK_SKEW
+ahead; for a restore or an extract, the newest whose manifest can be read, names only its own files
+and (with BACKUP_SIGNING_PUBLIC_KEYS) is signed, read from the newest down."""
 
 from __future__ import annotations
 

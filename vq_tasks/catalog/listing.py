@@ -1,5 +1,5 @@
-"""What is in storage, grouped by backup id; only a backup with a manifest is complete. The
-retention plan of a storage (``plan``) and its application (``prune``)."""
+"""What is in storage, grouped by backup id, and the manifests read from it: only a backup with a
+manifest is complete."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""Checks on what comes from outside this worker: the names a manifest gives (which may be forged),
-and the first and last bytes of a SQL dump or an RDB (which may not be what the manifest says).
-Each returns or raises a message that says what was wrong; none of them reads more than a few KiB.
+"""How far a manifest read from storage is trusted (it may be forged).
 
 A manifest is trusted only as far as it names files of its own backup: its ``backup_id`` is the one
 asked for, every stored file is that backup's bundle or logs archive (never another backup's file,
@@ -45,7 +43,7 @@ def manifest_problems(manifest: Manifest, backup_id: str, prefix: str) -> list[s
             if split_object_name(entry.member, prefix) != (backup_id, "logs"):
                 found.append(f"logs' member is {entry.member!r}, not a logs archive of {backup_id}")
             continue
-        names = {member_name(component, backup_id, c) for c in COMPRESSIONS}  # type: ignore[arg-type]
+        names = {member_name(component, backup_id, c) for c in COMPRESSIONS}
         if entry.member not in names:
             found.append(f"{component}'s member is {entry.member!r}, not {' or '.join(sorted(names))}")
     return found

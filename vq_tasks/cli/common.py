@@ -4,6 +4,7 @@ the --offsite flag with the storage it names."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from vq_tasks.settings import Settings
 
@@ -51,7 +52,7 @@ def storage_of(args: argparse.Namespace, settings: Settings):
     return open_storage(settings, getattr(args, "destination", "primary"))
 
 
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

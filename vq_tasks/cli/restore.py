@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Sequence
 
 from vq_tasks.cli.common import EXIT_FAILED, add_destination_flag, print_table, storage_of
 from vq_tasks.settings import Settings
@@ -36,7 +37,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.ok else EXIT_FAILED
 
 
-def confirm_restore(settings: Settings, backup_id: str, components: list[str]) -> bool:
+def confirm_restore(settings: Settings, backup_id: str, components: Sequence[str]) -> bool:
     """Say what a restore replaces; return whether the operator typed the backup id."""
     from vq_tasks.restore.apply import config_target
 

@@ -1,6 +1,7 @@
-"""PostgreSQL: a plain SQL dump by ``pg_dump``, streamed from its stdout; facts read on the way.
+"""Running PostgreSQL's client tools (pg_dump, psql) and reading their errors, shared by the dump and
+the restore.
 
-The password reaches pg_dump through the environment (PGPASSWORD), never its argv. Messages are
+The password reaches a tool through the environment (PGPASSWORD), never its argv. Messages are
 forced to English (LC_MESSAGES=C) so that errors can be classified as transient or permanent.
 """
 

@@ -1,9 +1,6 @@
-"""Dump a Redis as ``redis-cli --rdb`` does: ask for a full resync over the replication protocol and
-stream the RDB the server sends, checking it as it passes (the ``REDIS`` header and version, and the
-CRC64 in its trailer) without ever holding it in memory.
-
-The parsing works on any ``recv_into``-like callable, so it is tested without a socket.
-"""
+"""The RDB file format as far as a backup checks it: the ``REDIS`` header and its version, and the
+CRC64 in the trailer, computed as the bytes pass (RdbCheck) so an RDB is never held in memory. Used
+when a dump streams the RDB and when verify reads it back."""
 
 from __future__ import annotations
 

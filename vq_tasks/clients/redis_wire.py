@@ -1,9 +1,7 @@
-"""Dump a Redis as ``redis-cli --rdb`` does: ask for a full resync over the replication protocol and
-stream the RDB the server sends, checking it as it passes (the ``REDIS`` header and version, and the
-CRC64 in its trailer) without ever holding it in memory.
-
-The parsing works on any ``recv_into``-like callable, so it is tested without a socket.
-"""
+"""The Redis wire protocol on a connection of our own: commands encoded as RESP, replies parsed from
+any ``recv_into``-like callable (so the parsing is tested without a socket), the server's facts
+from INFO, and redis-py's and the server's errors turned into ours, transient or permanent, with the
+password never in a message. Used by the dump (sources/redis.py) and by the restore."""
 
 from __future__ import annotations
 

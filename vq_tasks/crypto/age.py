@@ -21,7 +21,6 @@ import hmac
 import os
 import re
 from collections.abc import Sequence
-from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -39,7 +38,7 @@ from vq_tasks.crypto.age_keys import (
     parse_identities,
 )
 from vq_tasks.errors import PermanentError
-from vq_tasks.streams.stages import Stage, Writer
+from vq_tasks.streams.stages import Readable, Stage, Writer
 
 __all__ = [
     "AgeEncryptStage",
@@ -72,10 +71,6 @@ class AgeError(PermanentError):
 
 class NoIdentityMatch(AgeError):
     """None of the identities given opens the file (it was encrypted to other keys)."""
-
-
-class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
 
 
 # --- writing ---

@@ -80,7 +80,7 @@ class _Families:
     """The metric families of one scrape, created on first use, in the order of METRICS."""
 
     def __init__(self) -> None:
-        self._found: dict[str, Metric] = {}
+        self._found: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
 
     def add(self, name: str, value: float | bool | None, **labels: str) -> None:
         """Add a sample; a value of None (unknown) is left out."""
@@ -146,12 +146,14 @@ def _add_records(out: _Families, status: Status) -> None:
         if "ok" in record:
             out.add("vq_backup_last_prune_success", bool(record["ok"]), destination=role)
         at = parse_time(record.get("at"))
-        out.add("vq_backup_last_prune_timestamp_seconds", at and at.timestamp(), destination=role)
+        out.add(
+            "vq_backup_last_prune_timestamp_seconds", None if at is None else at.timestamp(), destination=role
+        )
     drill = status.drill
     if "last_drill_ok" in drill:
         out.add("vq_backup_last_drill_success", bool(drill["last_drill_ok"]))
     at = parse_time(drill.get("last_drill_at"))
-    out.add("vq_backup_last_drill_timestamp_seconds", at and at.timestamp())
+    out.add("vq_backup_last_drill_timestamp_seconds", None if at is None else at.timestamp())
     seconds = drill.get("last_drill_seconds")
     out.add("vq_backup_last_drill_duration_seconds", seconds if isinstance(seconds, int | float) else None)
 
@@ -210,7 +212,7 @@ class Exporter:
         self.server.exporter = self
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._problems: dict[str, str | None] = {}
+        self._problems: dict[str, str] = {}
 
     @property
     def address(self) -> tuple[str, int]:

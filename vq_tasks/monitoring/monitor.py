@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import cast
 
 from vq_tasks import coordination
 from vq_tasks.monitoring.alerts import AlertEvent, deliver, send_owed
@@ -71,7 +72,7 @@ def storage_event(settings: Settings, status: Status) -> AlertEvent | None:
     failures, summary = {}, {}
     for role, d in sorted(status.destinations.items()):
         share = d.free_percent
-        if share is None:
+        if share is None or d.free_bytes is None or d.capacity_bytes is None:  # a share implies both
             continue
         summary[f"{role} free"] = (
             f"{share:.1f}% ({_gib(d.free_bytes)} of {_gib(d.capacity_bytes)}) in {d.description}"
@@ -91,7 +92,8 @@ def watching_since(settings: Settings, now: datetime) -> datetime | None:
     try:
         r = coordination.client(settings)
         r.set(WATCH_SINCE_KEY, now.isoformat(), nx=True)
-        return datetime.fromisoformat(r.get(WATCH_SINCE_KEY) or now.isoformat())
+        since = cast("str | None", r.get(WATCH_SINCE_KEY))  # the coordination client decodes replies
+        return datetime.fromisoformat(since or now.isoformat())
     except Exception as exc:
         logger.warning("could not read when monitoring began: %s", exc)
         return None

@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import redis
 
 from vq_tasks import coordination
 from vq_tasks.catalog.backup_set import BackupSet
 from vq_tasks.catalog.listing import backup_sets, load_manifest
-from vq_tasks.errors import BackupError, redact
+from vq_tasks.errors import BackupError, redacted_message
 from vq_tasks.manifest import Kind, Manifest, parse_backup_id
 from vq_tasks.retention.plan import plan
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES, open_storage
 from vq_tasks.storage.base import Storage, StoredObject
-from vq_tasks.storage.local import LocalStorage
 
 KINDS: tuple[str, ...] = get_args(Kind)
 FINISHED = ("succeeded", "failed")
@@ -169,6 +166,7 @@ class StatusReader:
 
     def _destination(self, role: str, now: datetime) -> DestinationStatus:
         destination = self.settings.destination(role)
+        assert destination is not None  # read() passes only the roles it found configured
         description = f"{destination.location.provider}:{destination.location.path}"
         try:
             storage = open_storage(self.settings, role)
@@ -228,7 +226,7 @@ class StatusReader:
         return None
 
     def _redact(self, exc: BaseException) -> str:
-        return redact(str(exc) or type(exc).__name__, self._secrets)
+        return redacted_message(exc, self._secrets)
 
 
 def failed_destination(role: str, description: str, error: str) -> DestinationStatus:
@@ -301,8 +299,13 @@ def latest_runs(runs: list[RunStatus], manifest: Manifest | None) -> LatestRuns:
         runs = [*runs, RunStatus(manifest.backup_id, "succeeded", manifest.started_at, {})]
     dated = [run for run in runs if run.started_at is not None]
     finished = [run for run in dated if run.status in FINISHED]
-    newest = max(dated, key=lambda run: run.started_at, default=None)
-    return newest, max(finished, key=lambda run: run.started_at, default=None)
+    newest = max(dated, key=_started_at, default=None)
+    return newest, max(finished, key=_started_at, default=None)
+
+
+def _started_at(run: RunStatus) -> datetime:
+    """The sort key of a run known to be dated (``started_at`` not None)."""
+    return cast(datetime, run.started_at)
 
 
 def check_broker(url: str, timeout: float) -> None:
@@ -339,8 +342,9 @@ def _json(value: str) -> Any:
 def storage_space(settings: Settings, role: str, storage: Storage, used: int) -> Space:
     """Return (free, capacity) bytes of a destination: a Local one's file system; a cloud one's
     BACKUP_STORAGE_QUOTA_GB (BACKUP_OFFSITE_STORAGE_QUOTA_GB) minus ``used``; (None, None) unknown."""
-    if isinstance(storage, LocalStorage):
-        return disk_space(storage.root)
+    space = storage.disk_space()
+    if space is not None:
+        return space
     quota = (
         settings.backup_offsite_storage_quota_gb if role == "offsite" else settings.backup_storage_quota_gb
     )
@@ -348,13 +352,3 @@ def storage_space(settings: Settings, role: str, storage: Storage, used: int) ->
         return None, None
     capacity = int(quota * GIB)
     return max(0, capacity - used), capacity
-
-
-def disk_space(root: Path) -> tuple[int, int]:
-    """Return (free, capacity) in bytes of the file system holding ``root`` (or, before the
-    first backup creates it, its nearest existing parent): the space an unprivileged user may use."""
-    path = root
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize

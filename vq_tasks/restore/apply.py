@@ -17,7 +17,8 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from vq_tasks.errors import BackupError, PermanentError, TransientError, is_transient
-from vq_tasks.manifest import DatabaseFacts, Facts, FilesFacts, Manifest, RedisFacts
+from vq_tasks.logs import Say
+from vq_tasks.manifest import Component, DatabaseFacts, Facts, FilesFacts, Manifest, RedisFacts
 from vq_tasks.restore.files import (
     FilesRestoreResult,
     changed_files,
@@ -51,7 +52,6 @@ from vq_tasks.restore.redis import (
 )
 from vq_tasks.settings import Settings
 
-Say = Callable[[str], object]
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", DatabaseFacts, RedisFacts, FilesFacts)
@@ -84,7 +84,7 @@ def config_target(settings: Settings) -> Path:
     return settings.backup_restore_config_dir or Path("/")
 
 
-def facts_of(manifest: Manifest, component: str, kind: type[F]) -> F:
+def facts_of(manifest: Manifest, component: Component, kind: type[F]) -> F:
     """Return a component's facts. Raise PermanentError if they are not of ``kind``."""
     facts: Facts = manifest.components[component].facts
     if not isinstance(facts, kind):
@@ -96,7 +96,7 @@ def _server_binary(settings: Settings) -> str | None:
     return str(settings.redis_server_bin) if settings.redis_server_bin else None
 
 
-def trusted_roots(settings: Settings, manifest: Manifest, component: str) -> list[str]:
+def trusted_roots(settings: Settings, manifest: Manifest, component: Component) -> list[str]:
     """Return the backup's roots of ``component`` that this worker's settings also name (the
     manifest is no safer than the archive it describes, so it alone cannot widen where files go).
     Raise PermanentError when none is left."""
@@ -124,11 +124,12 @@ def files_plan(archive: Path, roots: list[str], target: Path) -> FilesPlan:
     )
 
 
-def check_archives(settings: Settings, manifest: Manifest, files: dict[str, Path]) -> None:
+def check_archives(settings: Settings, manifest: Manifest, files: dict[Component, Path]) -> None:
     """Raise PermanentError, before any component is restored, if the config or logs archive among
     ``files`` has an entry its restore would refuse, or the logs target overlaps the live logs."""
     refused = []
-    for component in ("config", "logs"):
+    archives: tuple[Component, ...] = ("config", "logs")
+    for component in archives:
         if component not in files:
             continue
         if component == "logs":
@@ -143,7 +144,9 @@ def check_archives(settings: Settings, manifest: Manifest, files: dict[str, Path
         )
 
 
-def plan_restore(settings: Settings, manifest: Manifest, files: dict[str, Path], say: Say) -> RestorePlan:
+def plan_restore(
+    settings: Settings, manifest: Manifest, files: dict[Component, Path], say: Say
+) -> RestorePlan:
     """Return what restoring ``files`` (by component) would replace. Change nothing."""
     plan = RestorePlan()
     if "database" in files:
@@ -164,13 +167,16 @@ def plan_restore(settings: Settings, manifest: Manifest, files: dict[str, Path],
     return plan
 
 
-def apply_restore(settings: Settings, manifest: Manifest, files: dict[str, Path], say: Say) -> RestoreResults:
+def apply_restore(
+    settings: Settings, manifest: Manifest, files: dict[Component, Path], say: Say
+) -> RestoreResults:
     """Restore ``files`` (by component): the database and Redis at the same time (psql's load keeps
     PostgreSQL busy, the key copy this process: on two cores they overlap), then config and logs
     in turn; return the results. Raise the first failure, its message naming the components
     restored (the other of the pair is still waited for, never abandoned half way)."""
     results = RestoreResults()
-    together = [c for c in ("database", "redis") if c in files]
+    pair: tuple[Component, ...] = ("database", "redis")
+    together = [c for c in pair if c in files]
     steps = [together] + [[c] for c in files if c not in together]
     for step in steps:
         with ThreadPoolExecutor(max_workers=max(1, len(step))) as pool:
@@ -189,7 +195,7 @@ def apply_restore(settings: Settings, manifest: Manifest, files: dict[str, Path]
 
 
 def _restore_step(
-    settings: Settings, manifest: Manifest, component: str, path: Path, say: Say
+    settings: Settings, manifest: Manifest, component: Component, path: Path, say: Say
 ) -> DatabaseRestoreResult | RedisRestoreResult | FilesRestoreResult:
     say(f"restoring {component}")
     result = _restore_one(settings, manifest, component, path, say)
@@ -198,7 +204,7 @@ def _restore_step(
 
 
 def _restore_failed(
-    component: str, exc: BaseException, files: dict[str, Path], results: RestoreResults
+    component: Component, exc: BaseException, files: dict[Component, Path], results: RestoreResults
 ) -> BackupError:
     """Return the error for ``component`` failing, naming the components restored."""
     done = [c for c in files if getattr(results, c) is not None]
@@ -210,7 +216,7 @@ def _restore_failed(
 
 
 def _restore_one(
-    settings: Settings, manifest: Manifest, component: str, path: Path, say: Say
+    settings: Settings, manifest: Manifest, component: Component, path: Path, say: Say
 ) -> DatabaseRestoreResult | RedisRestoreResult | FilesRestoreResult:
     if component == "database":
         tables = facts_of(manifest, "database", DatabaseFacts).tables
@@ -246,7 +252,7 @@ def redis_progress(say: Say, interval: float = PROGRESS_INTERVAL) -> Callable[[s
 
 
 def check_integrity(
-    settings: Settings, manifest: Manifest, results: RestoreResults, files: dict[str, Path], say: Say
+    settings: Settings, manifest: Manifest, results: RestoreResults, files: dict[Component, Path], say: Say
 ) -> IntegrityReport:
     """Check what was restored; a check that cannot run is a failed check, never an exception."""
     say("checking integrity")

@@ -1,12 +1,6 @@
-"""Checks on what comes from outside this worker: the names a manifest gives (which may be forged),
-and the first and last bytes of a SQL dump or an RDB (which may not be what the manifest says).
-Each returns or raises a message that says what was wrong; none of them reads more than a few KiB.
-
-A manifest is trusted only as far as it names files of its own backup: its ``backup_id`` is the one
-asked for, every stored file is that backup's bundle or logs archive (never another backup's file,
-never a path), every component is stored in one of them, and its member has the name the pipeline
-gives it. Restore and extract then never open a name that the manifest made up.
-"""
+"""Checks on the extracted files before a restore uses them: the first and last bytes of a SQL dump
+or an RDB, which may not be what the manifest says. Each returns or raises a message that says what
+was wrong; none of them reads more than a few KiB."""
 
 from __future__ import annotations
 
@@ -15,6 +9,7 @@ from pathlib import Path
 
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
+    Component,
     DatabaseFacts,
     Manifest,
     RedisFacts,
@@ -103,7 +98,7 @@ def check_rdb(path: Path, rdb_version: int | None = None) -> None:
         raise PermanentError(f"{path.name} is not the backup's RDB: {problem}; it was not loaded")
 
 
-def check_contents(manifest: Manifest, files: dict[str, Path]) -> None:
+def check_contents(manifest: Manifest, files: dict[Component, Path]) -> None:
     """Raise PermanentError if the SQL dump or the RDB among ``files`` (by component) is not what
     the manifest says it is: a complete dump by pg_dump of its versions, an RDB of its version."""
     database, redis = manifest.components.get("database"), manifest.components.get("redis")

@@ -33,8 +33,9 @@ from pydantic import BaseModel, SecretStr, computed_field
 from vq_tasks import coordination
 from vq_tasks.audit import audit
 from vq_tasks.catalog.latest import resolve_backup_id
-from vq_tasks.errors import BackupError, PermanentError, redact
-from vq_tasks.manifest import DatabaseFacts, FilesFacts, Manifest, RedisFacts
+from vq_tasks.errors import BackupError, PermanentError, redact, redacted_message
+from vq_tasks.logs import Say
+from vq_tasks.manifest import Component, DatabaseFacts, FilesFacts, Manifest, RedisFacts
 from vq_tasks.monitoring.alerts import AlertEvent, deliver
 from vq_tasks.restore.apply import facts_of, redis_progress
 from vq_tasks.restore.contents import check_contents
@@ -60,8 +61,7 @@ from vq_tasks.storage.base import Storage
 
 DROP_ATTEMPTS = 3
 logger = logging.getLogger(__name__)
-Say = Callable[[str], object]
-DRILL_COMPONENTS = ("database", "redis", "config")
+DRILL_COMPONENTS: tuple[Component, ...] = ("database", "redis", "config")
 FOLDER_PREFIX = ".drill-"
 
 
@@ -125,7 +125,7 @@ class _Drill:
         """Note that ``what`` failed with ``exc``; return its message, redacted."""
         if not isinstance(exc, BackupError | OSError | redis.RedisError):
             logger.exception("restore drill: %s failed unexpectedly", what)
-        message = redact(str(exc) or type(exc).__name__, self.settings.secret_values())
+        message = redacted_message(exc, self.settings.secret_values())
         self.failures[what] = message
         self.say(f"FAILED {what}: {message}")
         return message

@@ -18,7 +18,6 @@ import tarfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,13 +26,21 @@ import zstandard
 from vq_tasks.crypto import encryption
 from vq_tasks.crypto.age import X25519Identity
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import Checksums, ComponentEntry, Manifest, StoredFile, is_encrypted, plain_name
+from vq_tasks.logs import Say
+from vq_tasks.manifest import (
+    Checksums,
+    Component,
+    ComponentEntry,
+    Manifest,
+    StoredFile,
+    is_encrypted,
+    plain_name,
+)
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams.readers import DamagedStream, GunzipReader, HashingReader, UnzstdReader, decompressing
 from vq_tasks.streams.stages import CHUNK_SIZE, HashStage
 
-Say = Callable[[str], object]
 TAR_BUFSIZE = 64 * 1024
 PROGRESS_INTERVAL = 5.0
 READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, zstandard.ZstdError, EOFError)
@@ -53,7 +60,7 @@ def local_name(component: str, entry: ComponentEntry) -> str:
     return f"{'config' if component == 'config' else 'logs'}{suffix}"
 
 
-def component_named(manifest: Manifest, name: str) -> str:
+def component_named(manifest: Manifest, name: str) -> Component:
     """Given a component (``database``) or its member's name (``database.sql``, the logs
     archive's name), return the component. Raise PermanentError naming the choices."""
     for component, entry in manifest.components.items():
@@ -66,7 +73,7 @@ def component_named(manifest: Manifest, name: str) -> str:
 def extract_to(
     storage: Storage,
     manifest: Manifest,
-    targets: dict[str, Path],
+    targets: dict[Component, Path],
     say: Say = _quiet,
     settings: Settings | None = None,
 ) -> None:
@@ -104,7 +111,7 @@ def extract_to(
 def extract_one(
     storage: Storage,
     manifest: Manifest,
-    component: str,
+    component: Component,
     path: Path,
     say: Say = _quiet,
     settings: Settings | None = None,
@@ -159,7 +166,7 @@ class _Opener:
             self._identities = encryption.identities_of(self._settings or get_settings())
             self._loaded = True
         reader = encryption.decrypting(raw, stored.name, self._identities, self._manifest.encryption)
-        return HashingReader(reader, hashed=False)  # type: ignore[arg-type]
+        return HashingReader(reader, hashed=False)
 
 
 class _Source:
@@ -218,7 +225,7 @@ def _read_bundle(
     storage: Storage,
     stored: StoredFile,
     compression: str,
-    wanted: dict[str, tuple[str, ComponentEntry, Path]],
+    wanted: dict[str, tuple[Component, ComponentEntry, Path]],
     say: Say,
     opener: _Opener,
 ) -> None:
@@ -227,12 +234,14 @@ def _read_bundle(
     found: set[str] = set()
     with (
         _opened(storage, stored.name) as stream,
-        HashingReader(_Source(stream, stored, say), background=True) as raw,  # type: ignore[arg-type]
+        HashingReader(_Source(stream, stored, say), background=True) as raw,
     ):
         plain = opener.plaintext(raw, stored)
         content = decompressing(plain, compression)
         try:
-            with tarfile.open(fileobj=content, mode="r|", bufsize=TAR_BUFSIZE) as tar:
+            with tarfile.open(  # type: ignore[call-overload]  # stream mode only calls read()
+                fileobj=content, mode="r|", bufsize=TAR_BUFSIZE
+            ) as tar:
                 while (info := tar.next()) is not None:
                     tar.members.clear()  # stream mode keeps every TarInfo otherwise
                     if info.name in wanted:
@@ -289,11 +298,11 @@ def _copy_whole(
     if it is encrypted; check its raw bytes and its tar stream."""
     say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
     with _opened(storage, stored.name) as stream:
-        raw = HashingReader(_Source(stream, stored, say))  # type: ignore[arg-type]
+        raw = HashingReader(_Source(stream, stored, say))
         plain = opener.plaintext(raw, stored)  # the key is checked before the file is created
         with _create(path) as out:
             compressed = compression != "none"
-            copied = HashingReader(_Tee(plain, out), hashed=not compressed)  # type: ignore[arg-type]
+            copied = HashingReader(_Tee(plain, out), hashed=not compressed)
             content = HashingReader(decompressing(copied, compression)) if compressed else copied
             try:
                 _drain(content)

@@ -27,7 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.streams.readers import DamagedStream, open_tar_stream
+from vq_tasks.streams.readers import DamagedStream, forget_members, open_tar_stream
 from vq_tasks.streams.stages import CHUNK_SIZE
 
 ALLOWED_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
@@ -216,7 +216,7 @@ def read_members(archive: Path) -> list[tarfile.TarInfo]:
     try:
         with open_tar_stream(archive) as tar:
             while (member := tar.next()) is not None:
-                tar.members.clear()  # stream mode keeps every TarInfo otherwise: kept once, here
+                forget_members(tar)  # stream mode keeps every TarInfo otherwise: kept once, here
                 members.append(member)
                 if len(members) > MAX_ENTRIES:
                     raise PermanentError(
@@ -241,7 +241,7 @@ def restore_files(archive: Path, roots: list[str], target: Path) -> FilesRestore
     folders: list[tuple[Path, int]] = []
     with open_tar_stream(archive) as tar:
         while (member := tar.next()) is not None:  # each checked above; checked again where it goes,
-            tar.members.clear()  # in case the disk changed since
+            forget_members(tar)  # in case the disk changed since
             path = target / _placed(member.name, target, allowed)
             try:
                 if member.isdir():
@@ -307,7 +307,7 @@ def changed_files(archive: Path, target: Path) -> list[str]:
     changed = []
     with open_tar_stream(archive) as tar:
         while (member := tar.next()) is not None:
-            tar.members.clear()
+            forget_members(tar)
             if not member.isfile() or _name_problem(member.name):
                 continue
             on_disk = target / member.name

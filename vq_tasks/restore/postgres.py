@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
@@ -180,7 +180,7 @@ def database_row_counts(settings: Settings, dbname: str | None = None) -> dict[s
 def locale_options(database: Mapping[str, Any]) -> list[sql.Composable]:
     """Given a pg_database row (as JSON, with ``encoding_name``), return the CREATE DATABASE options
     that give a new database the same encoding, collation and locale provider."""
-    options = [
+    options: list[sql.Composable] = [
         sql.SQL("ENCODING {}").format(sql.Literal(database["encoding_name"])),
         sql.SQL("LC_COLLATE {}").format(sql.Literal(database["datcollate"])),
         sql.SQL("LC_CTYPE {}").format(sql.Literal(database["datctype"])),
@@ -232,7 +232,7 @@ def _check_privileges(
         "WHERE r.rolname = current_user",
         [live],
     ).fetchone()
-    superuser, createdb, owns, owner = row
+    superuser, createdb, owns, owner = cast(tuple[Any, ...], row)  # current_user is always in pg_roles
     user, where = settings.db_user, db_where(settings, live or maintenance_db)
     if not (superuser or createdb):
         raise PermanentError(
@@ -350,7 +350,10 @@ def _count_tables(conn: psycopg.Connection) -> list[tuple[str, int, bool]]:
         return [
             (
                 name,
-                conn.execute(count.format(sql.Identifier(schema), sql.Identifier(rel))).fetchone()[0],
+                cast(  # count(*) always returns a row
+                    tuple[Any, ...],
+                    conn.execute(count.format(sql.Identifier(schema), sql.Identifier(rel))).fetchone(),
+                )[0],
                 member,
             )
             for schema, rel, name, member in tables

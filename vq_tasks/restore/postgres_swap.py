@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
@@ -95,11 +96,12 @@ def carry_over(settings: Settings, maintenance_db: str, live: str, new: str) -> 
 
 def _carry_over_statements(admin: psycopg.Connection, live: str, new: str) -> list[sql.Composed]:
     target = sql.Identifier(new)
-    owner, limit, comment, has_acl = admin.execute(
+    row = admin.execute(
         "SELECT datdba::regrole::text, datconnlimit, shobj_description(oid, 'pg_database'), "
         "datacl IS NOT NULL FROM pg_database WHERE datname = %s",
         [live],
     ).fetchone()
+    owner, limit, comment, has_acl = cast(tuple[Any, ...], row)  # the live database: it exists
     # the owner first: on PostgreSQL 15+ the public schema follows it, and the application's rights
     statements = [sql.SQL("ALTER DATABASE {} OWNER TO {}").format(target, sql.SQL(owner))]
     if limit != -1:
@@ -127,7 +129,7 @@ def swap_in(settings: Settings, maintenance_db: str, target: str, new: str, stam
     """Put ``new`` in place of ``target``; return the name the replaced database now has (None if
     there was none). One transaction does it all, so a failure, or this process killed, before the
     commit leaves the target as it was and taking connections (only its sessions ended)."""
-    previous = derived_name(target, "before", stamp)
+    previous: str | None = derived_name(target, "before", stamp)
     with connect(settings, maintenance_db) as admin:
         exists = database_row(admin, target) is not None
         _rename(admin, settings, target, new, previous if exists else None)

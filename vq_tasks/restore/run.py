@@ -18,7 +18,8 @@ import contextlib
 import difflib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 import redis
 from pydantic import BaseModel, computed_field
@@ -30,7 +31,8 @@ from vq_tasks.catalog.listing import load_manifest
 from vq_tasks.catalog.trust import check_manifest
 from vq_tasks.crypto import signing
 from vq_tasks.errors import PermanentError, TransientError
-from vq_tasks.manifest import COMPONENTS, Manifest
+from vq_tasks.logs import Say
+from vq_tasks.manifest import COMPONENTS, Component, Manifest
 from vq_tasks.restore.apply import (
     RestorePlan,
     RestoreResults,
@@ -47,8 +49,7 @@ from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
 from vq_tasks.verify.run import report_rows, verify_backup
 
-Say = Callable[[str], object]
-DEFAULT_COMPONENTS = ("database", "redis", "config")
+DEFAULT_COMPONENTS: tuple[Component, ...] = ("database", "redis", "config")
 FOLDER_PREFIX = ".restore-"  # the work folder of a restore, under BACKUP_STAGING_DIR
 
 
@@ -72,7 +73,7 @@ class RestoreReport(BaseModel):
         return self.verify_ok and (self.integrity is None or self.integrity.ok)
 
 
-def choose_components(requested: Iterable[str] | str | None) -> list[str]:
+def choose_components(requested: Iterable[str] | str | None) -> list[Component]:
     """Given the components asked for (None: database, redis and config), return them in restore
     order without repeats. Raise PermanentError for an unknown name, an empty list, or anything
     but names (a task's arguments are JSON)."""
@@ -170,7 +171,7 @@ def _restore(
                 plan = plan_restore(settings, manifest, files, say)
     return RestoreReport(
         backup_id=backup_id,
-        components=chosen,
+        components=list(chosen),  # a list[str] field: pydantic copies the list anyway
         forced=force,
         verify_ok=True,
         plan=plan,
@@ -180,7 +181,9 @@ def _restore(
     )
 
 
-def trusted_manifest(storage: Storage, settings: Settings, backup_id: str, chosen: list[str]) -> Manifest:
+def trusted_manifest(
+    storage: Storage, settings: Settings, backup_id: str, chosen: list[Component]
+) -> Manifest:
     """Return the backup's manifest, once it names only its own backup's files, its signature
     holds (BACKUP_SIGNING_PUBLIC_KEYS) and it has every chosen component; nothing else is read.
     A restore then checks every file it reads against it (extract_to): one read, not two. Raise
@@ -199,7 +202,7 @@ def trusted_manifest(storage: Storage, settings: Settings, backup_id: str, chose
 
 
 def verified_manifest(
-    storage: Storage, settings: Settings, backup_id: str, chosen: list[str], say: Say
+    storage: Storage, settings: Settings, backup_id: str, chosen: list[Component], say: Say
 ) -> Manifest:
     """Verify the whole backup (every stored file, as `vq-backup verify` does) and return its
     manifest: the drill's first step. Raise PermanentError naming the failed checks, or a chosen
@@ -222,7 +225,7 @@ def verified_manifest(
 def running_backup(r: redis.Redis) -> str | None:
     """Return the id of the backup that holds the run lock, or None (also when its run has just
     ended and only the release is pending)."""
-    holder = r.get(coordination.LOCK_KEY)
+    holder = cast("str | None", r.get(coordination.LOCK_KEY))  # the coordination client decodes replies
     if not holder:
         return None
     held_id = holder.split(" ")[0]

@@ -13,9 +13,10 @@ One destination failing does not spare the other: its error, redacted, goes in i
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +27,8 @@ import redis
 
 from vq_tasks import coordination
 from vq_tasks.audit import audit
-from vq_tasks.errors import redact
+from vq_tasks.errors import redacted_message
+from vq_tasks.logs import Say
 from vq_tasks.manifest import parse_backup_id
 from vq_tasks.retention.plan import Plan, plan, prune
 from vq_tasks.retention.policy import Deletion
@@ -36,7 +38,6 @@ from vq_tasks.storage.base import Storage, StoredObject, Usage
 from vq_tasks.streams.stages import Writer
 
 logger = logging.getLogger(__name__)
-Say = Callable[[str], object]
 REDIS_ERRORS = (redis.RedisError, OSError)
 
 
@@ -114,7 +115,7 @@ class _Context:
     say: Say
 
     def redacted(self, exc: BaseException) -> str:
-        return redact(str(exc) or type(exc).__name__, self.settings.secret_values())
+        return redacted_message(exc, self.settings.secret_values())
 
 
 def prune_all(
@@ -140,7 +141,9 @@ def prune_all(
 
 
 def _prune_destination(ctx: _Context, role: str) -> DestinationPrune:
-    location = ctx.settings.destination(role).location
+    destination = ctx.settings.destination(role)
+    assert destination is not None  # prune() passes only the roles it found configured
+    location = destination.location
     outcome = DestinationPrune(role, f"{location.provider}:{location.path}")
     storage = planned = None
     try:
@@ -265,7 +268,7 @@ class _TimedDeletes(Storage):
     def usage(self) -> Usage:
         return self.inner.usage()
 
-    def abort_stale_uploads(self, started_before: datetime) -> list[str]:
+    def abort_stale_uploads(self, started_before: datetime) -> builtins.list[str]:
         return self.inner.abort_stale_uploads(started_before)
 
     def read_bytes(self, name: str, limit: int = 16 << 20) -> bytes:

@@ -40,7 +40,9 @@ def archive_logs(paths: list[str], out: Writer, window_days: int, now: float | N
 def _write_tar(paths, out: Writer, select, strict: bool, regular_only: bool = False) -> FilesFacts:
     facts = FilesFacts(roots=[str(p) for p in paths], files=[])
     sink = _WriterFile(out)
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(  # type: ignore[call-overload]  # stream mode: only write(), no read() or seek()
+        fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT
+    ) as tar:
         for path, is_root in _walk(paths, facts, strict):
             try:
                 st = os.stat(path) if is_root else os.lstat(path)  # a root may be a link to its folder

@@ -1,7 +1,6 @@
 """PostgreSQL: a plain SQL dump by ``pg_dump``, streamed from its stdout; facts read on the way.
 
-The password reaches pg_dump through the environment (PGPASSWORD), never its argv. Messages are
-forced to English (LC_MESSAGES=C) so that errors can be classified as transient or permanent.
+pg_dump is found, given its environment and its errors classified by clients/pg_tools.py.
 """
 
 from __future__ import annotations
@@ -49,11 +48,14 @@ def dump_database(settings: Settings, out: Writer) -> DatabaseFacts:
 
 
 @contextlib.contextmanager
-def _pg_dump_process(argv: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, bytes]]:
+def _pg_dump_process(
+    argv: list[str], env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[bytes], bytearray]]:
     """Run pg_dump with a large stdout pipe; collect stderr in a file (no deadlock on chatter).
     The process is killed if the caller fails while reading."""
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, env=env, bufsize=0)
+        assert process.stdout is not None  # stdout=PIPE
         with contextlib.suppress(OSError):
             fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         collected = bytearray()

@@ -1,8 +1,7 @@
 """Dump a Redis as ``redis-cli --rdb`` does: ask for a full resync over the replication protocol and
 stream the RDB the server sends, checking it as it passes (the ``REDIS`` header and version, and the
-CRC64 in its trailer) without ever holding it in memory.
-
-The parsing works on any ``recv_into``-like callable, so it is tested without a socket.
+CRC64 in its trailer) without ever holding it in memory. The protocol and the RDB checks are in
+clients/.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Who checks what, so that bytes changed on the way are never committed:
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import functools
 import logging
@@ -28,7 +29,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -197,10 +198,13 @@ class AzureStorage(PartedStorage):
             raise self.mismatch(upload.name, f"part {part.number} MD5", part.md5_base64, _b64(echoed))
         return block
 
-    def _complete(self, upload: _Upload, receipts: list[_Block], sums: UploadSums) -> None:
+    def _complete(self, upload: _Upload, receipts: builtins.list[_Block], sums: UploadSums) -> None:
         try:
             result = upload.blob.commit_block_list(
-                [block.id for block in receipts], content_settings=ContentSettings(content_md5=sums.md5)
+                [block.id for block in receipts],  # type: ignore[misc]  # the SDK also takes str block ids
+                content_settings=ContentSettings(
+                    content_md5=sums.md5  # type: ignore[arg-type]  # bytes work; the stub says bytearray
+                ),
             )
         except AzureError as exc:
             raise self._error(exc, upload.name) from exc
@@ -208,12 +212,12 @@ class AzureStorage(PartedStorage):
             committed, _ = upload.blob.get_block_list("committed")
             props = upload.blob.get_blob_properties()
         except AzureError as exc:  # committed but not checked: not accepted either
-            self._discard(upload.blob, result["etag"])
+            self._discard(upload.blob, cast(str, result["etag"]))  # the SDK types it str | datetime
             raise self._error(exc, upload.name) from exc
         stored = [_Block(block.id, block.size) for block in committed]
         difference = _difference(receipts, stored, props.size, props.content_settings.content_md5, sums)
         if difference:
-            self._discard(upload.blob, result["etag"])
+            self._discard(upload.blob, cast(str, result["etag"]))  # the SDK types it str | datetime
             raise self.mismatch(upload.name, *difference)
 
     def _abort(self, upload: _Upload) -> None:
@@ -222,14 +226,14 @@ class AzureStorage(PartedStorage):
         has no committed version and holds only this upload's blocks, an empty block list is
         committed (only if the blob is still missing) and deleted at once, so that nothing is billed
         for that week; the empty blob is visible for that moment only. One try, no retries."""
-        once = {"retry_total": 0}
+        once: dict[str, Any] = {"retry_total": 0}
         try:
             committed, uncommitted = upload.blob.get_block_list("all", **once)
             if committed or not uncommitted or any(not b.id.startswith(upload.prefix) for b in uncommitted):
                 return
             result = upload.blob.commit_block_list([], match_condition=MatchConditions.IfMissing, **once)
             upload.blob.delete_blob(
-                etag=result["etag"], match_condition=MatchConditions.IfNotModified, **once
+                etag=cast(str, result["etag"]), match_condition=MatchConditions.IfNotModified, **once
             )
         except AzureError as exc:
             if _code(exc) not in {"BlobNotFound", "BlobAlreadyExists", "ConditionNotMet"}:
@@ -351,7 +355,7 @@ def _check_account(destination: Destination) -> None:
 
 
 def _difference(
-    sent: list[_Block], committed: list[_Block], size: int, md5: bytes | None, sums: UploadSums
+    sent: list[_Block], committed: list[_Block], size: int, md5: bytes | bytearray | None, sums: UploadSums
 ) -> tuple[str, str, str] | None:
     """Return what differs between the upload and the committed blob (what, ours, theirs)."""
     if [b.id for b in committed] != [b.id for b in sent]:

@@ -8,6 +8,7 @@ Whole backups are guarded by the manifest, written last.)"""
 from __future__ import annotations
 
 import abc
+import builtins
 import io
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -85,7 +86,12 @@ class Storage(abc.ABC):
         objects = self.list()
         return Usage(len(objects), sum(o.size for o in objects))
 
-    def abort_stale_uploads(self, started_before: datetime) -> list[str]:
+    def disk_space(self) -> tuple[int, int] | None:
+        """Return (free, capacity) bytes of the file system this storage writes to, or None for a
+        provider with no file system of ours (a cloud store: its limit is a quota, if any)."""
+        return None
+
+    def abort_stale_uploads(self, started_before: datetime) -> builtins.list[str]:
         """Abort uploads that never completed and began before ``started_before``; return their
         names. Providers whose unfinished uploads expire by themselves keep this default."""
         return []
@@ -112,7 +118,7 @@ class _ChunkSource(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         while not self._pending:
             try:
                 chunk = next(self._chunks, None)
@@ -130,4 +136,4 @@ class _ChunkSource(io.RawIOBase):
 def chunk_reader(chunks: Iterator[bytes], translate: Callable[[Exception], Exception]) -> BinaryIO:
     """Given an iterator of downloaded chunks, return a buffered binary stream of them; an error
     raised while iterating is passed through ``translate`` (to a StorageError) first."""
-    return io.BufferedReader(_ChunkSource(chunks, translate), buffer_size=CHUNK_SIZE)  # type: ignore[return-value]
+    return io.BufferedReader(_ChunkSource(chunks, translate), buffer_size=CHUNK_SIZE)

@@ -10,12 +10,13 @@ cancelled expires after a week and is never visible to ``list``.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
@@ -134,7 +135,7 @@ class GCSStorage(PartedStorage):
         finally:
             chunks.close()
 
-    def _ranges(self, name: str, blob: Any) -> Iterator[bytes]:
+    def _ranges(self, name: str, blob: Any) -> Generator[bytes, None, None]:
         """Yield the object in ranges of READ_RANGE bytes, each tried again on its own. The blob
         names its generation, so an object replaced meanwhile is not read half old, half new."""
         size = blob.size or 0
@@ -175,7 +176,7 @@ class GCSStorage(PartedStorage):
             self._send(upload, part.data, None, None)
         return part.number
 
-    def _complete(self, upload: _Session, receipts: list[Any], sums: UploadSums) -> None:
+    def _complete(self, upload: _Session, receipts: builtins.list[Any], sums: UploadSums) -> None:
         self._send(upload, upload.last, upload.offset + len(upload.last), sums.crc32c_base64)
         assert upload.resource is not None
         self._accept(upload.name, upload.resource, sums)

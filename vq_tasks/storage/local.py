@@ -97,6 +97,15 @@ class LocalStorage(Storage):
             return False
         return True
 
+    def disk_space(self) -> tuple[int, int]:
+        """Return (free, capacity) bytes of the file system holding the root (or, before the first
+        backup creates it, its nearest existing parent): the space an unprivileged user may use."""
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        stat = os.statvfs(path)
+        return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
 
 class _FileWriter:
     """A file's write, with OS errors turned into storage errors that name the storage."""

@@ -5,6 +5,7 @@ the way are refused and never left committed."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import hashlib
@@ -233,7 +234,7 @@ class S3Storage(PartedStorage):
         self._discard(name)
         return True
 
-    def abort_stale_uploads(self, started_before: datetime) -> list[str]:
+    def abort_stale_uploads(self, started_before: datetime) -> builtins.list[str]:
         """Abort the multipart uploads directly under the prefix begun before ``started_before``."""
         prefix, cutoff = self.location.list_prefix, _aware(started_before)
         aborted = []

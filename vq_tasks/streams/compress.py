@@ -1,14 +1,9 @@
-"""Composable stream stages: data is pushed through ``write`` from a source to a sink, one chunk at
-a time, so memory stays bounded whatever the size of the data.
+"""Compression beside the dump, in parallel blocks: each block becomes an independent gzip member or
+zstd frame (zlib and zstd release the GIL), and members concatenate into one valid stream, which is
+what lets a bundle be assembled later by copying bytes, never compressing twice.
 
-A stage passes every chunk on to the next one after looking at it (hashing, counting, reporting
-progress) or transforming it (compressing into independent gzip members, in parallel threads: zlib
-releases the GIL). Members concatenate into a valid gzip stream, which is what lets a bundle be
-assembled later by copying bytes, never compressing twice.
-
-Compression is what a dump spends its CPU on: zlib level 6 runs at 35-50 MB/s per core on a plain
-SQL dump, zlib-ng's deflate (the same format and levels) at about 93 MB/s, so zlib-ng compresses;
-anything zlib reads, gzip(1) and tar(1) included, reads its members.
+Compression is what a dump spends its CPU on, so zlib-ng's deflate compresses: the same format
+and levels as zlib, faster; anything zlib reads, gzip(1) and tar(1) included, reads its members.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import zstandard
-from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, two to three times faster
+from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, faster
 
 from vq_tasks.streams.stages import Buffer, Stage, Writer
 
@@ -168,7 +163,7 @@ class ZstdStage(BlockStage):
         super().__init__(downstream, threads, block_size, self._frame, "zstd")
 
     def _frame(self, pieces: list[Buffer]) -> list[bytes]:
-        block = b"".join(pieces)  # on the compressing thread: ~0.1 ms a MiB, holding the GIL
+        block = b"".join(pieces)  # on the compressing thread, not the main one (the copy holds the GIL)
         if self._level == 0:
             return [_stored_zstd_frame(block)]
         compressor = getattr(self._local, "compressor", None)

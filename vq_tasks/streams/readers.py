@@ -1,15 +1,6 @@
-"""Composable stream stages: data is pushed through ``write`` from a source to a sink, one chunk at
-a time, so memory stays bounded whatever the size of the data.
-
-A stage passes every chunk on to the next one after looking at it (hashing, counting, reporting
-progress) or transforming it (compressing into independent gzip members, in parallel threads: zlib
-releases the GIL). Members concatenate into a valid gzip stream, which is what lets a bundle be
-assembled later by copying bytes, never compressing twice.
-
-Compression is what a dump spends its CPU on: zlib level 6 runs at 35-50 MB/s per core on a plain
-SQL dump, zlib-ng's deflate (the same format and levels) at about 93 MB/s, so zlib-ng compresses;
-anything zlib reads, gzip(1) and tar(1) included, reads its members.
-"""
+"""Reading stored bytes back as streams: a reader that hashes what passes (on a thread of its own if
+asked), gzip and zstd readers that go on past the first member or frame and refuse damage by name,
+and a tar opened on any of them. Memory stays bounded by a few chunks."""
 
 from __future__ import annotations
 
@@ -17,14 +8,14 @@ import contextlib
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import NoReturn
 
 import zstandard
-from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, two to three times faster
+from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, faster
 
 from vq_tasks.manifest import Checksums
 from vq_tasks.streams.compress import GZIP_WBITS, ZSTD_MAGIC
-from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere
+from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere, Readable
 
 
 class DamagedStream(Exception):
@@ -38,7 +29,7 @@ class HashingReader:
 
     def __init__(
         self,
-        source: BinaryIO | GunzipReader | UnzstdReader,
+        source: Readable,
         keep: int = 0,
         hashed: bool = True,
         background: bool = False,
@@ -116,7 +107,7 @@ class _Decoder:
 
 class GunzipReader(_Decoder):
     """Read the data of concatenated gzip members from ``source``, inflating at most CHUNK_SIZE
-    at a time (zlib-ng: about 1.5 times zlib's speed). Raise DamagedStream for data that is not
+    at a time with zlib-ng. Raise DamagedStream for data that is not
     gzip or ends inside a member."""
 
     def __init__(self, source: HashingReader):
@@ -131,7 +122,7 @@ class GunzipReader(_Decoder):
                 return self._end_of_input()
         try:
             self._buffer += self._inflate.decompress(self._input, CHUNK_SIZE)
-        except DEFLATE.error as exc:
+        except DEFLATE.error as exc:  # type: ignore[misc]  # a class, which zlib_ng.pyi types as an instance
             self._fail(f"damaged gzip data at byte {self._source.position} or before ({exc})")
         self._in_member = not self._inflate.eof
         if self._inflate.eof:
@@ -165,8 +156,15 @@ def open_tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
         raw.seek(0)
         compression = "gzip" if magic[:2] == GZIP_MAGIC else "zstd" if magic == ZSTD_MAGIC else "none"
         source = decompressing(HashingReader(raw, hashed=False), compression)
-        with tarfile.open(fileobj=source, mode="r|") as tar:
+        with tarfile.open(  # type: ignore[call-overload]  # stream mode only calls read()
+            fileobj=source, mode="r|"
+        ) as tar:
             yield tar
+
+
+def forget_members(tar: tarfile.TarFile) -> None:
+    """Drop the TarInfo that a tar read as a stream keeps of every member read so far."""
+    tar.members.clear()  # type: ignore[attr-defined]  # CPython's own list, which typeshed leaves out
 
 
 ZSTD_MAX_FRAME = 16 << 20  # the largest frame content a reader accepts (ours are ZSTD_BLOCK_SIZE)

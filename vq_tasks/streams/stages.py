@@ -1,15 +1,6 @@
 """Composable stream stages: data is pushed through ``write`` from a source to a sink, one chunk at
-a time, so memory stays bounded whatever the size of the data.
-
-A stage passes every chunk on to the next one after looking at it (hashing, counting, reporting
-progress) or transforming it (compressing into independent gzip members, in parallel threads: zlib
-releases the GIL). Members concatenate into a valid gzip stream, which is what lets a bundle be
-assembled later by copying bytes, never compressing twice.
-
-Compression is what a dump spends its CPU on: zlib level 6 runs at 35-50 MB/s per core on a plain
-SQL dump, zlib-ng's deflate (the same format and levels) at about 93 MB/s, so zlib-ng compresses;
-anything zlib reads, gzip(1) and tar(1) included, reads its members.
-"""
+a time, so memory stays bounded whatever the size of the data. A stage passes every chunk on after
+looking at it (hashing, counting, reporting progress); compress.py's stages transform it."""
 
 from __future__ import annotations
 
@@ -18,7 +9,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Protocol
+from typing import IO, Protocol
 
 from vq_tasks.manifest import Checksums
 
@@ -33,6 +24,10 @@ Buffer = bytes | bytearray | memoryview
 
 class Writer(Protocol):
     def write(self, data: bytes, /) -> object: ...
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class Stage:
@@ -144,7 +139,7 @@ class ProgressStage(Stage):
         super().close()
 
 
-def pump(source: BinaryIO, sink: Writer, chunk_size: int = CHUNK_SIZE) -> int:
+def pump(source: IO[bytes], sink: Writer, chunk_size: int = CHUNK_SIZE) -> int:
     """Copy ``source`` into ``sink`` chunk by chunk; return the number of bytes copied."""
     total = 0
     buffer = bytearray(chunk_size)

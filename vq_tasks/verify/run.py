@@ -25,6 +25,7 @@ from vq_tasks.catalog.listing import load_manifest
 from vq_tasks.crypto import encryption, signing
 from vq_tasks.crypto.age import X25519Identity
 from vq_tasks.manifest import (
+    Component,
     ComponentEntry,
     Manifest,
     StoredFile,
@@ -115,7 +116,7 @@ def verify_backup(
     days = settings.backup_logs_retention_days
     retired = days if now - parse_backup_id(backup_id, prefix) > timedelta(days=days) else None
     files = [_manifest_report(manifest, backup_id, settings)]
-    components: dict[str, ComponentReport] = {}
+    components: dict[Component, ComponentReport] = {}
     encrypted = any(is_encrypted(f.name) for f in manifest.files)
     identities = encryption.identities_of(settings) if encrypted else None
     for stored in {f.name: f for f in manifest.files}.values():
@@ -161,11 +162,11 @@ def _verify_file(
     storage: Storage,
     manifest: Manifest,
     stored: StoredFile,
-    entries: dict[str, ComponentEntry],
+    entries: dict[Component, ComponentEntry],
     prefix: str,
     retired: int | None,
     decrypt: Decrypt | None = None,
-) -> tuple[FileReport, dict[str, ComponentReport]]:
+) -> tuple[FileReport, dict[Component, ComponentReport]]:
     """Read one stored file once; return its report and those of ``entries``, the components
     stored in it. ``retired`` is BACKUP_LOGS_RETENTION_DAYS if the backup is older, else None;
     ``decrypt`` opens an encrypted file's plaintext."""
@@ -202,8 +203,8 @@ def _verify_file(
 
 
 def _unchecked_file(
-    stored: StoredFile, scan: Scan, entries: dict[str, ComponentEntry], compression: str
-) -> tuple[FileReport, dict[str, ComponentReport]]:
+    stored: StoredFile, scan: Scan, entries: dict[Component, ComponentEntry], compression: str
+) -> tuple[FileReport, dict[Component, ComponentReport]]:
     """The report of an encrypted file whose key is missing or wrong: its stored bytes checked,
     its contents and components NOT CHECKED (which is not OK: a restore refuses it)."""
     assert scan.unchecked is not None
@@ -217,8 +218,8 @@ def _unchecked_file(
 
 
 def _missing_file(
-    stored: StoredFile, entries: dict[str, ComponentEntry], retired: int | None
-) -> tuple[FileReport, dict[str, ComponentReport]]:
+    stored: StoredFile, entries: dict[Component, ComponentEntry], retired: int | None
+) -> tuple[FileReport, dict[Component, ComponentReport]]:
     """The report of a stored file that is not in storage: a failure, unless log retention
     (``retired`` days) removed it."""
     ok = retired is not None

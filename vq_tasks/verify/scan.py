@@ -29,7 +29,7 @@ from vq_tasks.manifest import (
     StoredFile,
 )
 from vq_tasks.streams.readers import DamagedStream, HashingReader, decompressing
-from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere
+from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere, Readable
 
 BLOCK = tarfile.BLOCKSIZE
 TAR_BUFSIZE = 64 * 1024  # tarfile's reads; it reads less than this ahead of the member it is on
@@ -59,7 +59,7 @@ class Scan:
 
 # given the reader of a stored file's raw bytes, return the reader of its plaintext (decrypting);
 # raise KeyUnavailable when the key is missing or wrong
-Decrypt = Callable[[HashingReader], BinaryIO]
+Decrypt = Callable[[HashingReader], Readable]
 
 
 MAX_NAMES = 10_000  # member names kept of a tar whose expected names are not known (the bundle)
@@ -124,7 +124,7 @@ def scan_archive(
         stored = raw.checksums()
         assert stored is not None
         wanted = content_checksums and content is not None and not unchecked
-        found = content.checksums() if wanted else None
+        found = content.checksums() if wanted and content is not None else None
     return Scan(stored, found, members, error, unchecked)
 
 
@@ -133,7 +133,9 @@ def _read_tar(
 ) -> int:
     """Read the tar's members, append their names (the first ``max_names``), feed the probes;
     return the tar's end offset."""
-    with tarfile.open(fileobj=content, mode="r|", bufsize=TAR_BUFSIZE) as tar:
+    with tarfile.open(  # type: ignore[call-overload]  # stream mode only calls read()
+        fileobj=content, mode="r|", bufsize=TAR_BUFSIZE
+    ) as tar:
         while (info := tar.next()) is not None:
             tar.members.clear()  # stream mode keeps every TarInfo otherwise
             if len(members) < max_names:

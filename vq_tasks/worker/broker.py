@@ -1,5 +1,5 @@
 """Celery's broker transport for redis:// and rediss:// URLs: kombu's Redis transport with one
-workaround, for a bug of kombu 5.7.0 (the latest release when this was written).
+workaround, for a bug of kombu 5.7.0.
 
 The bug: when the connection to the broker is lost, the worker's consumer calls
 ``Connection.collect()`` and then ``Connection.close()`` (celery/worker/consumer/consumer.py,

@@ -16,12 +16,12 @@ from vq_tasks import coordination
 from vq_tasks.audit import audit
 from vq_tasks.backup import pipeline
 from vq_tasks.crypto import signing
-from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
-from vq_tasks.manifest import parse_backup_id
+from vq_tasks.errors import PermanentError, TransientError, is_transient, redact, redacted_message
+from vq_tasks.manifest import Component, Kind, parse_backup_id
 from vq_tasks.monitoring.alerts import AlertEvent, deliver, retention_event
 from vq_tasks.retention.plan import policy
 from vq_tasks.retention.prune import prune_all
-from vq_tasks.settings import get_settings
+from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage import open_storage
 from vq_tasks.worker.app import app
 from vq_tasks.worker.schedule import SLOT_SEARCH, scheduled_slot
@@ -35,6 +35,17 @@ SLOT_CLAIM_TTL = int((SLOT_SEARCH + timedelta(days=1)).total_seconds())
 def _countdown(retries: int) -> float:
     base = get_settings().backup_retry_backoff
     return min(base * 2**retries, MAX_BACKOFF) * random.uniform(0.8, 1.2)
+
+
+def _retry_if_transient(task: Any, settings: Settings, failure: BaseException, doing: str) -> None:
+    """Given a task's failure, retry the task with exponential backoff when the failure may pass
+    and BACKUP_RETRY_MAX allows another try; return otherwise. Call it outside the ``except``
+    block: the retry carries only the redacted message, never the original exception."""
+    if not is_transient(failure) or task.request.retries >= settings.backup_retry_max:
+        return
+    message = redacted_message(failure, settings.secret_values())
+    logger.warning("%s failed, will retry: %s", doing, message)
+    raise task.retry(countdown=_countdown(task.request.retries), exc=TransientError(message))
 
 
 def origin_of(origin: str, requested_by: str | None = None) -> str:
@@ -65,7 +76,7 @@ def backup(self, origin: str = "celery", requested_by: str | None = None) -> dic
     except pipeline.BackupRefused:
         raise
     except Exception as exc:
-        message = redact(str(exc) or type(exc).__name__, settings.secret_values())
+        message = redacted_message(exc, settings.secret_values())
         audit(settings, "backup", "failed", task_id=self.request.id, origin=who, error=message)
         _count_start_failure(settings, self.request.id, exc)
         _alert(AlertEvent(condition="backup", failures={"backup": f"not started: {message}"}))
@@ -136,7 +147,7 @@ def _start_chord(settings, start: pipeline.BackupStart) -> None:
         raise
 
 
-def _dump(task, backup_id: str, component: str) -> dict[str, Any]:
+def _dump(task, backup_id: str, component: Component) -> dict[str, Any]:
     settings = get_settings()
     try:
         return pipeline.dump_component(settings, backup_id, component).model_dump(mode="json")
@@ -144,17 +155,11 @@ def _dump(task, backup_id: str, component: str) -> dict[str, Any]:
         logger.warning("%s", exc)
         raise Ignore() from None
     except Exception as exc:
-        message = redact(str(exc) or type(exc).__name__, settings.secret_values())
-        if is_transient(exc) and task.request.retries < settings.backup_retry_max:
-            logger.warning("%s of %s failed, will retry: %s", component, backup_id, message)
-            retry = TransientError(message)
-        else:
-            pipeline.record_failure(settings, backup_id, component, exc)
-            error = TransientError(message) if is_transient(exc) else PermanentError(message)
-            retry = None
-    if retry is not None:  # raised outside the except block: no chained, unredacted original
-        raise task.retry(countdown=_countdown(task.request.retries), exc=retry)
-    raise error
+        failure = exc
+    _retry_if_transient(task, settings, failure, f"{component} of {backup_id}")
+    pipeline.record_failure(settings, backup_id, component, failure)
+    message = redacted_message(failure, settings.secret_values())
+    raise TransientError(message) if is_transient(failure) else PermanentError(message)
 
 
 @app.task(name="vq_tasks.dump_database", bind=True, max_retries=None)
@@ -182,7 +187,7 @@ def archive_logs(self, backup_id: str) -> dict[str, Any]:
 
 
 @app.task(name="vq_tasks.finalize_backup", bind=True, max_retries=None)
-def finalize_backup(self, records: list[dict], backup_id: str, kind: str, started_at: str) -> dict[str, Any]:
+def finalize_backup(self, records: list[dict], backup_id: str, kind: Kind, started_at: str) -> dict[str, Any]:
     """Store the bundle and logs archive, then the manifest; enqueue prune and the success alert."""
     settings = get_settings()
     try:
@@ -192,8 +197,7 @@ def finalize_backup(self, records: list[dict], backup_id: str, kind: str, starte
     else:
         _after_manifest(settings, backup_id, manifest)
         return {"backup_id": backup_id, "files": [f.model_dump() for f in manifest.files]}
-    if is_transient(failure) and self.request.retries < settings.backup_retry_max:
-        raise self.retry(countdown=_countdown(self.request.retries))
+    _retry_if_transient(self, settings, failure, f"finalize of {backup_id}")
     raise PermanentError(pipeline.record_failure(settings, backup_id, "finalize", failure))
 
 
@@ -300,10 +304,8 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
         prune.delay()
         result = {"backup_id": backup_id, "size": size, "caught_up": caught_up.copied}
         return {**result, "failed": caught_up.failed}
-    message = redact(str(failure) or type(failure).__name__, settings.secret_values())
-    if is_transient(failure) and self.request.retries < settings.backup_retry_max:
-        logger.warning("off-site copy of %s failed, will retry: %s", backup_id, message)
-        raise self.retry(countdown=_countdown(self.request.retries), exc=TransientError(message))
+    _retry_if_transient(self, settings, failure, f"off-site copy of {backup_id}")
+    message = redacted_message(failure, settings.secret_values())
     _offsite_failed(settings, backup_id, message)
     prune.delay()
     raise PermanentError(message)
@@ -376,7 +378,7 @@ def restore(
             origin=origin_of(origin), task_id=self.request.id,
         )  # fmt: skip
     except Exception as exc:
-        message = redact(str(exc) or type(exc).__name__, settings.secret_values())
+        message = redacted_message(exc, settings.secret_values())
         failure = TransientError(message) if is_transient(exc) else PermanentError(message)
     else:
         verdict = "ok" if report.ok else "FAILED its integrity check"

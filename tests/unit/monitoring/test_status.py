@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -347,13 +348,14 @@ def test_a_storage_that_fails_is_reported_redacted(tmp_path, monkeypatch):
 
 def test_cloud_space_comes_from_the_quota():
     used = 3 << 30
-    assert status_module.storage_space(settings(backup_storage_quota_gb=5), "primary", object(), used) == (
+    cloud = SimpleNamespace(disk_space=lambda: None)  # what Storage says of a cloud store
+    assert status_module.storage_space(settings(backup_storage_quota_gb=5), "primary", cloud, used) == (
         2 << 30,
         5 << 30,
     )
-    assert status_module.storage_space(settings(), "primary", object(), used) == (None, None)
+    assert status_module.storage_space(settings(), "primary", cloud, used) == (None, None)
     offsite = settings(backup_offsite_storage_quota_gb=2)
-    assert status_module.storage_space(offsite, "offsite", object(), used) == (0, 2 << 30)
+    assert status_module.storage_space(offsite, "offsite", cloud, used) == (0, 2 << 30)
 
 
 def test_exporter_in_process_serves_and_calls_back(tmp_path):
