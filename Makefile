@@ -30,9 +30,10 @@ test: $(STAMP) $(AZURITE)  ## every test: unit, and integration against real ser
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff (style, imports) and mypy (the type hints of vq_tasks)
 	$(BIN)/ruff check vq_tasks tests bench
 	$(BIN)/ruff format --check vq_tasks tests bench
+	$(BIN)/mypy
 
 bench: $(STAMP)  ## VQ Backup against a hand-written backup and restore script, 1 GiB data set, 2 rounds (BENCH_ARGS="--reuse ...")
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
