@@ -22,9 +22,11 @@ from tests.unit.verify.test_verify import BACKUP_ID, make_backup
 from vq_tasks.catalog.listing import load_manifest
 from vq_tasks.catalog.trust import check_manifest
 from vq_tasks.clients.rdb import RdbCheck
+from vq_tasks.clients.sql_dump import CLOSING_LINE as PG_DUMP_CLOSING
+from vq_tasks.clients.sql_dump import OPENING_LINES as PG_DUMP_HEADER
 from vq_tasks.errors import BackupError, PermanentError
 from vq_tasks.manifest import Manifest, manifest_name
-from vq_tasks.restore.contents import PG_DUMP_CLOSING, PG_DUMP_HEADER, rdb_problem, sql_dump_problem
+from vq_tasks.restore.contents import rdb_problem, sql_dump_problem
 from vq_tasks.restore.files import read_members, refusals, restore_files
 from vq_tasks.restore.redis_server import rdb_file_version
 from vq_tasks.storage.local import LocalStorage

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from vq_tasks.catalog.listing import backup_sets, parse_manifest
 from vq_tasks.catalog.trust import check_manifest
@@ -22,7 +22,6 @@ from vq_tasks.crypto.signing import PublicKeys, distrust
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.logs import Say
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name
-from vq_tasks.retention.policy import Policy, add_months
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams.stages import HashStage, pump
 
@@ -136,10 +135,3 @@ def sync(
         (result.copied if size else result.already_there).append(backup_id)
         result.size += size
     return result
-
-
-def retention_start(now: datetime, policy: Policy) -> datetime:
-    """The start of the longest retention window (daily, weekly or monthly): the primary storage
-    holds only what the policy keeps, so every backup it holds from then on is worth copying."""
-    return min(now - timedelta(days=policy.retention_days), now - timedelta(weeks=policy.weekly_weeks),
-               add_months(now, -policy.monthly_months))  # fmt: skip

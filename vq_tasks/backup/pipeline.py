@@ -1,4 +1,4 @@
-"""The backup run as plain functions, called by the thin tasks in ``tasks.py``.
+"""The backup run as plain functions, called by the thin tasks in ``worker/tasks.py``.
 
 start_backup takes the run lock and names the backup; dump_component stages one part;
 finalize writes the stored files and, last, the manifest; fail cleans up after a failed run.

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 ROLE_ORDER = {"manifest": 0, "bundle": 1, "logs": 2, "partial": 3}
-
-
 CLOCK_SKEW = timedelta(days=1)  # a backup id later than now by more is forged or from a wrong clock
 
 

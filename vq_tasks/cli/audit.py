@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from vq_tasks.cli.common import EXIT_FAILED, print_table
 from vq_tasks.settings import Settings
 
 SHOWN_FIELDS = ("time", "operation", "outcome", "backup_id", "origin", "duration_seconds")
@@ -27,8 +28,6 @@ def add_audit_command(commands: argparse._SubParsersAction) -> None:
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     """Print the last ``--limit`` audit lines that match the filters; exit 1 without a log."""
-    from vq_tasks.cli.common import EXIT_FAILED, print_table
-
     path = settings.backup_audit_log
     if path is None or not path.exists():
         print(f"vq-backup: no audit log at {path} (BACKUP_AUDIT_LOG)", file=sys.stderr)

@@ -9,11 +9,7 @@ from collections.abc import Sequence
 from vq_tasks.settings import Settings
 
 EXIT_FAILED = 1
-
-
 EXIT_USAGE = 2
-
-
 EXIT_INTERRUPTED = 130
 
 

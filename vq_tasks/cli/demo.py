@@ -12,7 +12,6 @@ is stopped at the end, also on Ctrl-C, SIGTERM or an error; its folder (``./.dem
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -370,13 +369,3 @@ def _tail(log: Path, lines: int = 20) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"({log} is not readable)"
-
-
-def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
-    return run_demo(keep=args.keep)
-
-
-def add_demo_command(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
-    demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
-    demo.set_defaults(handler=cmd_demo, needs_settings=False)

@@ -14,9 +14,8 @@ import sys
 import uuid
 from typing import Any
 
+from vq_tasks.cli.common import EXIT_FAILED, add_destination_flag, print_table, storage_of
 from vq_tasks.settings import Settings
-
-EXIT_FAILED = 1
 
 
 def add_drill_command(commands: argparse._SubParsersAction) -> None:
@@ -27,15 +26,12 @@ def add_drill_command(commands: argparse._SubParsersAction) -> None:
     drill.add_argument("backup_id", nargs="?", default="latest", help="a backup id, or 'latest' (default)")
     drill.add_argument("--json", action="store_true", help="print the report as JSON")
     drill.add_argument("--last", action="store_true", help="show the last drill's recorded outcome")
-    from vq_tasks.cli.common import add_destination_flag
-
     add_destination_flag(drill)
     drill.set_defaults(handler=cmd_drill)
 
 
 def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
     """Run a drill here and print its integrity report; return 0 if it passed, else 1."""
-    from vq_tasks.cli.common import storage_of
     from vq_tasks.restore.drill import run_drill, send_alert_now
 
     if args.last:
@@ -60,8 +56,6 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
 
 def print_drill_report(report: Any) -> None:
     """Print a drill's integrity report, its cleanup and its verdict (a DrillReport)."""
-    from vq_tasks.cli.common import print_table
-
     rows = [(c.check, c.expected, c.actual, "OK" if c.ok else "FAILED") for c in report.integrity.checks]
     if rows:
         print()

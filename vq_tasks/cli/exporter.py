@@ -13,9 +13,9 @@ import argparse
 import logging
 import sys
 
+from vq_tasks.cli.common import EXIT_FAILED
 from vq_tasks.settings import Settings
 
-EXIT_FAILED = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

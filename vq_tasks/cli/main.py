@@ -29,14 +29,25 @@ from vq_tasks.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
 )
-from vq_tasks.cli.demo import add_demo_command
 from vq_tasks.cli.drill import add_drill_command
 from vq_tasks.cli.exporter import add_exporter_command
 from vq_tasks.cli.keys import add_signing_key_command
 from vq_tasks.cli.restore import add_restore_commands
 from vq_tasks.cli.run import add_run_command
 from vq_tasks.cli.storage import add_storage_check_command
-from vq_tasks.settings import ConfigError, get_settings
+from vq_tasks.settings import ConfigError, Settings, get_settings
+
+
+def add_demo_command(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser("demo", help="back up an embedded PostgreSQL and Redis, end to end")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
+    demo.set_defaults(handler=cmd_demo, needs_settings=False)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings | None) -> int:
+    from vq_tasks.cli.demo import run_demo  # it loads psycopg and redis: only when the demo runs
+
+    return run_demo(keep=args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:

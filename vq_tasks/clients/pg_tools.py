@@ -15,14 +15,8 @@ from vq_tasks.errors import PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 
 STDERR_KEPT = 64 << 10
-
-
 INHERITED_ENVIRONMENT = {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PGSSLMODE", "PGSSLROOTCERT"}
-
-
 _VERSION_MISMATCH = re.compile(r"server version: ([\d.]+\S*); pg_dump version: ([\d.]+\S*)")
-
-
 _PERMANENT = (
     "password authentication failed",
     "no pg_hba.conf entry",
@@ -102,11 +96,12 @@ def classify_pg_error(stderr: str, settings: Settings) -> Exception:
             f"pg_dump {server.split('.')[0]} or newer on the workers (or point PG_BIN_DIR at it)"
         )
     if any(p in lowered for p in _PERMANENT):
-        return PermanentError(f"{where}: {_last_lines(text)}")
+        return PermanentError(f"{where}: {last_lines(text)}")
     if any(p in lowered for p in _TRANSIENT):
-        return TransientError(f"{where} unreachable: {_last_lines(text)}")
-    return PermanentError(f"pg_dump failed on {where}: {_last_lines(text)}")
+        return TransientError(f"{where} unreachable: {last_lines(text)}")
+    return PermanentError(f"pg_dump failed on {where}: {last_lines(text)}")
 
 
-def _last_lines(text: str, count: int = 4) -> str:
+def last_lines(text: str, count: int = 4) -> str:
+    """Return the last ``count`` non-empty lines of a tool's output on one line, for a message."""
     return " | ".join(line.strip() for line in text.splitlines()[-count:] if line.strip())

@@ -11,20 +11,10 @@ import anycrc
 from vq_tasks.errors import PermanentError, TransientError
 
 CRC64 = anycrc.Model("CRC64-REDIS")
-
-
 MAGIC = b"REDIS"
-
-
 HEADER_SIZE = 9  # b"REDIS" and four digits of RDB version
-
-
 TRAILER_SIZE = 9  # the EOF opcode and the little-endian CRC64 of everything before the CRC
-
-
 EOF_OPCODE = 0xFF
-
-
 MIN_RDB_VERSION = 5  # the first with a CRC64 trailer (Redis 2.6)
 
 

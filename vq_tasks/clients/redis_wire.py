@@ -17,17 +17,9 @@ from vq_tasks.settings import Settings
 from vq_tasks.streams.stages import CHUNK_SIZE
 
 RecvInto = Callable[[memoryview], int]
-
-
 MAX_LINE = 4096
-
-
 KEEPALIVE = 0x0A  # a bare "\n", sent while the server prepares the RDB
-
-
 TRANSIENT_CODES = ("LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN")
-
-
 TRANSIENT_TEXTS = ("background save", "bgsave", "not connected with my master")
 
 

@@ -16,12 +16,13 @@ TABLE_DATA = b"; Type: TABLE DATA; "
 TOC_TO_COPY = b"--\n\nCOPY "
 COPY_STATEMENT_END = b" FROM stdin;\n"
 COPY_END = b"\n\\.\n"
+OPENING_LINES = b"--\n-- PostgreSQL database dump\n--\n"
 CLOSING_LINE = b"-- PostgreSQL database dump complete"
-HEADER_LIMIT = 8192
+HEADER_LIMIT = 8192  # pg_dump's header (with its \restrict line) is far shorter
 TAIL_LIMIT = 512
 STATEMENT_LIMIT = 4 << 20  # a COPY statement with 1600 long column names is far shorter
-_DUMPED_FROM = re.compile(rb"^-- Dumped from database version (\S+)", re.M)
-_DUMPED_BY = re.compile(rb"^-- Dumped by pg_dump version (\S+)", re.M)
+DUMPED_FROM = re.compile(rb"^-- Dumped from database version (\S+)", re.M)
+DUMPED_BY = re.compile(rb"^-- Dumped by pg_dump version (\S+)", re.M)
 _COPY_END = re.compile(re.escape(COPY_END))  # re's literal search runs faster than bytes.find here
 
 
@@ -90,12 +91,12 @@ class SqlDumpInspector:
 
     @property
     def server_version(self) -> str:
-        match = _DUMPED_FROM.search(self._header)
+        match = DUMPED_FROM.search(self._header)
         return match.group(1).decode() if match else "unknown"
 
     @property
     def pg_dump_version(self) -> str:
-        match = _DUMPED_BY.search(self._header)
+        match = DUMPED_BY.search(self._header)
         return match.group(1).decode() if match else "unknown"
 
     @property

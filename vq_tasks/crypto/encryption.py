@@ -96,27 +96,6 @@ def load_identities(path: Path) -> list[X25519Identity]:
         raise PermanentError(f"{IDENTITY_VARIABLE} {path}: {exc}") from None
 
 
-def settings_problems(settings: Settings) -> list[str]:
-    """Return what is wrong with the encryption settings, one line each (for start-up)."""
-    problems = []
-    try:
-        recipients = parse_recipients(settings.backup_encryption_recipients)
-    except ValueError as exc:
-        problems.append(f"BACKUP_ENCRYPTION_RECIPIENTS: {exc}")
-        recipients = None
-    if settings.backup_encryption_enabled and recipients == []:
-        problems.append(
-            "BACKUP_ENCRYPTION_ENABLED is true but BACKUP_ENCRYPTION_RECIPIENTS is empty: give at least "
-            "one age public key (age1...), e.g. the operators' and an escrow key"
-        )
-    if settings.backup_encryption_identity_file is not None:
-        try:
-            load_identities(settings.backup_encryption_identity_file)
-        except PermanentError as exc:
-            problems.append(str(exc))
-    return problems
-
-
 def recipients_of(settings: Settings) -> list[X25519Recipient] | None:
     """Return whom stored files are encrypted to, or None when encryption is off."""
     if not settings.backup_encryption_enabled:

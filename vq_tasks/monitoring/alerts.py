@@ -248,7 +248,7 @@ def send(settings: Settings, message: EmailMessage) -> None:
 
 
 def retention_event(report) -> AlertEvent | None:
-    """Given a real prune's report (pruning.PruneReport), return its retention observation: each
+    """Given a real prune's report (retention.prune.PruneReport), return its retention observation: each
     destination where prune failed, or that still holds backups past their retention (their ids
     in the summary, so that more of them is still the same incident). None when a destination was
     skipped and none failed: what was not checked cannot be declared healthy."""

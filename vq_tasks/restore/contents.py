@@ -4,9 +4,17 @@ was wrong; none of them reads more than a few KiB."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from vq_tasks.clients.rdb import HEADER_SIZE, MAGIC
+from vq_tasks.clients.sql_dump import (
+    CLOSING_LINE,
+    DUMPED_BY,
+    DUMPED_FROM,
+    HEADER_LIMIT,
+    OPENING_LINES,
+    TAIL_LIMIT,
+)
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
     Component,
@@ -15,42 +23,19 @@ from vq_tasks.manifest import (
     RedisFacts,
 )
 
-PG_DUMP_HEADER = b"--\n-- PostgreSQL database dump\n--\n"
-
-
-PG_DUMP_CLOSING = b"-- PostgreSQL database dump complete"
-
-
-SQL_HEAD = 8192  # pg_dump's header (with its \restrict line) is far shorter
-
-
-SQL_TAIL = 512
-
-
-_DUMPED_FROM = re.compile(rb"^-- Dumped from database version (\S+)", re.M)
-
-
-_DUMPED_BY = re.compile(rb"^-- Dumped by pg_dump version (\S+)", re.M)
-
-
-RDB_MAGIC = b"REDIS"
-
-
-RDB_HEADER = 9  # REDIS and four ASCII digits of version
-
 
 def sql_dump_problem(head: bytes, tail: bytes, facts: DatabaseFacts | None = None) -> str | None:
-    """Given the first SQL_HEAD and last SQL_TAIL bytes of a file (and the manifest's facts of the
+    """Given the first HEADER_LIMIT and last TAIL_LIMIT bytes of a file (and the manifest's facts of the
     dump, if known), return why it is not a complete plain dump by pg_dump, or None."""
-    if not head.startswith(PG_DUMP_HEADER):
+    if not head.startswith(OPENING_LINES):
         return f"it does not start with pg_dump's header ('-- PostgreSQL database dump'): {head[:40]!r}"
     found = {}
-    for what, pattern in (("server", _DUMPED_FROM), ("pg_dump", _DUMPED_BY)):
+    for what, pattern in (("server", DUMPED_FROM), ("pg_dump", DUMPED_BY)):
         match = pattern.search(head)
         if match is None:
             return f"its header lacks pg_dump's 'Dumped {'from' if what == 'server' else 'by'}' line"
         found[what] = match.group(1).decode("utf-8", "replace")
-    if PG_DUMP_CLOSING not in tail:
+    if CLOSING_LINE not in tail:
         return "it lacks pg_dump's closing line ('-- PostgreSQL database dump complete'): incomplete"
     if facts is not None:
         for what, recorded in (("server", facts.server_version), ("pg_dump", facts.pg_dump_version)):
@@ -62,8 +47,8 @@ def sql_dump_problem(head: bytes, tail: bytes, facts: DatabaseFacts | None = Non
 def rdb_problem(head: bytes, rdb_version: int | None = None) -> str | None:
     """Given the first bytes of a file (and the manifest's RDB version, if known), return why it
     is not an RDB of that version, or None."""
-    digits = head[len(RDB_MAGIC) : RDB_HEADER]
-    if len(head) < RDB_HEADER or not head.startswith(RDB_MAGIC) or not digits.isdigit():
+    digits = head[len(MAGIC) : HEADER_SIZE]
+    if len(head) < HEADER_SIZE or not head.startswith(MAGIC) or not digits.isdigit():
         return f"it does not start with an RDB header (REDIS and 4 digits): {head[:16]!r}"
     if rdb_version is not None and int(digits) != rdb_version:
         return f"its header says RDB version {int(digits)}, the manifest {rdb_version}"
@@ -86,14 +71,14 @@ def head_and_tail(path: Path, head: int, tail: int) -> tuple[bytes, bytes]:
 def check_sql_dump(path: Path, facts: DatabaseFacts | None = None) -> None:
     """Raise PermanentError unless ``path`` is a complete plain dump by pg_dump (of the versions
     ``facts`` records, if given)."""
-    problem = sql_dump_problem(*head_and_tail(path, SQL_HEAD, SQL_TAIL), facts)
+    problem = sql_dump_problem(*head_and_tail(path, HEADER_LIMIT, TAIL_LIMIT), facts)
     if problem:
         raise PermanentError(f"{path.name} is not a plain dump by pg_dump: {problem}; psql was not run")
 
 
 def check_rdb(path: Path, rdb_version: int | None = None) -> None:
     """Raise PermanentError unless ``path`` starts with an RDB header (of ``rdb_version``, if given)."""
-    problem = rdb_problem(head_and_tail(path, RDB_HEADER, 0)[0], rdb_version)
+    problem = rdb_problem(head_and_tail(path, HEADER_SIZE, 0)[0], rdb_version)
     if problem:
         raise PermanentError(f"{path.name} is not the backup's RDB: {problem}; it was not loaded")
 

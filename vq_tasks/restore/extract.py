@@ -38,7 +38,14 @@ from vq_tasks.manifest import (
 )
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage.base import Storage
-from vq_tasks.streams.readers import DamagedStream, GunzipReader, HashingReader, UnzstdReader, decompressing
+from vq_tasks.streams.readers import (
+    DamagedStream,
+    GunzipReader,
+    HashingReader,
+    UnzstdReader,
+    decompressing,
+    forget_members,
+)
 from vq_tasks.streams.stages import CHUNK_SIZE, HashStage
 
 TAR_BUFSIZE = 64 * 1024
@@ -243,7 +250,7 @@ def _read_bundle(
                 fileobj=content, mode="r|", bufsize=TAR_BUFSIZE
             ) as tar:
                 while (info := tar.next()) is not None:
-                    tar.members.clear()  # stream mode keeps every TarInfo otherwise
+                    forget_members(tar)
                     if info.name in wanted:
                         _write_member(tar, info, wanted[info.name], found, say)
             _drain(content)

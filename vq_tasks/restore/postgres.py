@@ -41,8 +41,9 @@ from psycopg import sql
 from pydantic import BaseModel, Field
 
 from vq_tasks.clients.pg_tools import STDERR_KEPT, pg_environment, pg_tool
+from vq_tasks.clients.sql_dump import HEADER_LIMIT
 from vq_tasks.errors import PermanentError
-from vq_tasks.restore.contents import SQL_HEAD, check_sql_dump
+from vq_tasks.restore.contents import check_sql_dump
 from vq_tasks.restore.leftovers import die_with_parent
 from vq_tasks.restore.postgres_connect import connect, database_row, db_where, psql_failure
 from vq_tasks.restore.postgres_roles import missing_roles_error
@@ -320,7 +321,7 @@ def feed_dump(path: Path, stdin) -> None:
     ``\\restrict KEY`` and ``\\unrestrict KEY`` with the key of the dump's header become comments
     (line numbers stay). Stop quietly if psql has exited (its error is what counts)."""
     with open(path, "rb") as dump:
-        head = dump.read(SQL_HEAD)
+        head = dump.read(HEADER_LIMIT)
         found = _DUMP_KEY.search(head)
         key = found.group(1) if found else None
         needles = [b"\n\\restrict " + key, b"\n\\unrestrict " + key] if key else []

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import psycopg
 
-from vq_tasks.clients.pg_tools import classify_pg_error
+from vq_tasks.clients.pg_tools import classify_pg_error, last_lines
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 
@@ -74,7 +74,7 @@ def failure(
     """Given an error's text, return a PermanentError naming what DB_USER lacks when it is about
     privileges, a TransientError when a retry may help, else a PermanentError."""
     text = redact(text.strip(), settings.secret_values())
-    summary = summary or _last_lines(text)
+    summary = summary or last_lines(text)
     where, user = db_where(settings, dbname), settings.db_user
     for pattern, hint in _HINTS:
         match = re.search(pattern, text)
@@ -96,7 +96,7 @@ def psql_failure(settings: Settings, stderr: str, dbname: str, source: str) -> t
         details = " | ".join(d.strip() for d in found.group(3).splitlines() if d.strip())
         line = f"{source} line {found.group(1)}: {found.group(2)}" + (f" | {details}" if details else "")
     else:
-        line = _last_lines(text)
+        line = last_lines(text)
     missing = [name.replace('""', '"') for name in _MISSING_ROLE.findall(line)]
     return failure(settings, dbname, line if found else text, summary=line), missing
 
@@ -108,7 +108,3 @@ def database_row(admin: psycopg.Connection, name: str) -> dict | None:
 
 def db_where(settings: Settings, dbname: str) -> str:
     return f"PostgreSQL {settings.db_host}:{settings.db_port}/{dbname}"
-
-
-def _last_lines(text: str, count: int = 4) -> str:
-    return " | ".join(line.strip() for line in text.splitlines()[-count:] if line.strip())

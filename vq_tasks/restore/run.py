@@ -7,7 +7,7 @@ components are restored and checked (apply.py). Every file is checked against th
 is read, once; a backup that fails a check is never restored. The work folder (under
 BACKUP_STAGING_DIR) is always removed.
 
-The manifest may be forged: it must name only its own backup's files (vq_tasks.safety). Before the
+The manifest may be forged: it must name only its own backup's files (catalog/trust.py). Before the
 first component is restored, the dump and the RDB must be what it says and no archive entry may be
 refused (restore/files.py): otherwise nothing is restored.
 """

@@ -30,7 +30,7 @@ def in_progress_grace(settings: Settings) -> timedelta:
 
 
 def policy(settings: Settings) -> Policy:
-    """Given settings, return the retention policy they set (grandfather-father-son, see retention)."""
+    """Given settings, return the retention policy they set (grandfather-father-son, see retention.policy)."""
     return Policy(
         retention_days=settings.backup_retention_days,
         logs_retention_days=settings.backup_logs_retention_days,

@@ -34,8 +34,6 @@ from datetime import datetime, timedelta
 from vq_tasks.catalog.backup_set import CLOCK_SKEW, ROLE_ORDER, BackupSet
 
 IN_PROGRESS_GRACE = timedelta(days=1)
-
-
 KINDS = ("daily", "weekly", "monthly", "manual")
 
 
@@ -138,3 +136,10 @@ def _delete(backup: BackupSet, roles: Iterable[str], reason: str) -> list[Deleti
         for role in roles
         for name in sorted(backup.roles.get(role, []))
     ]
+
+
+def retention_start(now: datetime, policy: Policy) -> datetime:
+    """The start of the longest retention window (daily, weekly or monthly): the primary storage
+    holds only what the policy keeps, so every backup it holds from then on is worth copying."""
+    return min(now - timedelta(days=policy.retention_days), now - timedelta(weeks=policy.weekly_weeks),
+               add_months(now, -policy.monthly_months))  # fmt: skip

@@ -1,7 +1,7 @@
 """Prune every destination: the one loop behind the ``vq_tasks.prune`` task and ``vq-backup prune``.
 
 For each configured destination (the primary storage, then the off-site copy) apply the retention
-policy (``catalog.prune``; the staging area is cleaned with the primary only). The off-site one is
+policy (``retention.plan.prune``; the staging area is cleaned with the primary only). The off-site one is
 skipped while an off-site copy runs, or when Celery's Redis cannot tell whether one does: a copy's
 files have no manifest yet and may be old. A real prune then lists the destination again and
 reports as ``expired_left`` the backups it meant to delete whole that are still there; it audits

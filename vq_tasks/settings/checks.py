@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from vq_tasks.crypto.encryption import settings_problems as encryption_problems
+from vq_tasks.crypto.encryption import load_identities, parse_recipients
 from vq_tasks.crypto.signing import load_signing_key, parse_public_keys
 from vq_tasks.errors import PermanentError
 
@@ -36,6 +36,27 @@ def destination_problems(settings: Settings) -> list[str]:
     if offsite is not None and primary is not None and offsite.same_place(primary):
         return ["BACKUP_OFFSITE_PATH is the primary storage path: the copy must go elsewhere"]
     return []
+
+
+def encryption_problems(settings: Settings) -> list[str]:
+    """The encryption recipients and identity file: parseable, and recipients when it is enabled."""
+    problems = []
+    try:
+        recipients = parse_recipients(settings.backup_encryption_recipients)
+    except ValueError as exc:
+        problems.append(f"BACKUP_ENCRYPTION_RECIPIENTS: {exc}")
+        recipients = None
+    if settings.backup_encryption_enabled and recipients == []:
+        problems.append(
+            "BACKUP_ENCRYPTION_ENABLED is true but BACKUP_ENCRYPTION_RECIPIENTS is empty: give at least "
+            "one age public key (age1...), e.g. the operators' and an escrow key"
+        )
+    if settings.backup_encryption_identity_file is not None:
+        try:
+            load_identities(settings.backup_encryption_identity_file)
+        except PermanentError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def service_problems(settings: Settings) -> list[str]:

@@ -72,8 +72,8 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
 
     The cloud credentials and endpoints (AWS_REGION, AZURE_STORAGE_KEY, ...) are CredentialFields',
     named as the SDKs name them; unset: the SDK's default chain. The off-site destination takes
-    each from BACKUP_OFFSITE_<NAME>, else from <NAME>, except the endpoints (they say where, not
-    who): see :meth:`destination`."""
+    each from BACKUP_OFFSITE_<NAME>, else from <NAME>, except the endpoints and the connection
+    string (they say where, not who): see :meth:`destination`."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 

@@ -20,8 +20,6 @@ from vq_tasks.settings import Settings
 from vq_tasks.streams.stages import TapStage, Writer, pump
 
 PIPE_SIZE = 1 << 20
-
-
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 

@@ -21,11 +21,7 @@ from zlib_ng import zlib_ng as DEFLATE  # the same deflate format and levels, fa
 from vq_tasks.streams.stages import Buffer, Stage, Writer
 
 GZIP_BLOCK_SIZE = 1 << 20
-
-
 GZIP_WBITS = 31  # zlib writes a gzip header and trailer
-
-
 SHARED_PIECE = 64 << 10  # bytes at least this long go into gzip blocks by reference, not copied
 
 
@@ -124,11 +120,7 @@ class GzipStage(BlockStage):
 
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
 ZSTD_BLOCK_SIZE = 1 << 20
-
-
 ZSTD_RAW_BLOCK = 1 << 17  # the largest block of a frame
 
 

@@ -168,8 +168,6 @@ def forget_members(tar: tarfile.TarFile) -> None:
 
 
 ZSTD_MAX_FRAME = 16 << 20  # the largest frame content a reader accepts (ours are ZSTD_BLOCK_SIZE)
-
-
 ZSTD_HEADER_MAX = 18  # bytes of the longest frame header
 
 

@@ -14,11 +14,7 @@ from typing import IO, Protocol
 from vq_tasks.manifest import Checksums
 
 CHUNK_SIZE = 1 << 20
-
-
 HASH_IN_FLIGHT = 4  # chunks handed to a background HashStage and not hashed yet
-
-
 Buffer = bytes | bytearray | memoryview
 
 

@@ -52,8 +52,6 @@ from vq_tasks.verify.scan import (
 )
 
 NOT_CHECKED = "NOT CHECKED"
-
-
 Outcome = Literal["ok", "mismatch", "not checked"]
 
 

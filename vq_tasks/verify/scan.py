@@ -28,7 +28,7 @@ from vq_tasks.manifest import (
     RedisFacts,
     StoredFile,
 )
-from vq_tasks.streams.readers import DamagedStream, HashingReader, decompressing
+from vq_tasks.streams.readers import DamagedStream, HashingReader, decompressing, forget_members
 from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere, Readable
 
 BLOCK = tarfile.BLOCKSIZE
@@ -137,7 +137,7 @@ def _read_tar(
         fileobj=content, mode="r|", bufsize=TAR_BUFSIZE
     ) as tar:
         while (info := tar.next()) is not None:
-            tar.members.clear()  # stream mode keeps every TarInfo otherwise
+            forget_members(tar)
             if len(members) < max_names:
                 members.append(info.name)
             elif len(members) == max_names:

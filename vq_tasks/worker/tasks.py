@@ -20,6 +20,7 @@ from vq_tasks.errors import PermanentError, TransientError, is_transient, redact
 from vq_tasks.manifest import Component, Kind, parse_backup_id
 from vq_tasks.monitoring.alerts import AlertEvent, deliver, retention_event
 from vq_tasks.retention.plan import policy
+from vq_tasks.retention.policy import retention_start
 from vq_tasks.retention.prune import prune_all
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage import open_storage
@@ -291,7 +292,7 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
             source, target = open_storage(settings), open_storage(settings, "offsite")
             keys = signing.trusted_keys(settings)
             size = offsite.copy_backup(source, target, backup_id, logger.info, keys)
-            since = offsite.retention_start(datetime.now(UTC), policy(settings))
+            since = retention_start(datetime.now(UTC), policy(settings))
             caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, logger.info, keys)
     except Exception as exc:
         failure = exc
