@@ -13,10 +13,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: the package and its cloud and monitoring extras, into a virtualenv -------------------
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# every package at the version constraints.txt pins, the build's own setuptools included
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CONSTRAINT=/src/constraints.txt
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY vq_tasks ./vq_tasks
 RUN /opt/venv/bin/pip install --no-cache-dir '.[cloud,monitoring]'
 

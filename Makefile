@@ -2,19 +2,32 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# every Python package, direct and indirect, at the version constraints.txt pins (`make lock` renews it);
+# PIP_CONSTRAINT reaches pip's build environments too (setuptools)
+LOCK   := constraints.txt
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 AZURITE_VERSION ?= 3.35.0
 AZURITE := .emulators/node_modules/.bin/azurite-blob
 
-.PHONY: install emulators demo test test-unit lint bench bench-scaling clean
+.PHONY: install lock tools emulators demo test test-unit lint bench bench-scaling clean
 
-$(STAMP):
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	PIP_CONSTRAINT=$(LOCK) $(BIN)/python -m pip install -q pip setuptools
+	PIP_CONSTRAINT=$(LOCK) $(BIN)/python -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)
+
+lock:  ## pin the newest releases that pyproject.toml's ranges allow into constraints.txt (then run the tests)
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip 'setuptools>=68'
+	.lock-venv/bin/python -m pip install -q '.[dev]'
+	{ echo "# Every Python package VQ Backup installs, pinned: make install, .ci/run and the Dockerfile use it."; \
+	  echo "# Made by \`make lock\` from the ranges in pyproject.toml; renew it with the same command."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v -e '^vq-backup' -e '^wheel=='; } > $(LOCK)
+	rm -rf .lock-venv
 
 $(AZURITE):
 	npm install --prefix .emulators --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
@@ -24,10 +37,20 @@ emulators: $(STAMP) $(AZURITE)  ## moto and gcp-storage-emulator (in the venv), 
 demo: $(STAMP)  ## back up and list an embedded PostgreSQL and Redis through a real worker
 	$(BIN)/vq-backup demo
 
-test: $(STAMP) $(AZURITE)  ## every test: unit, and integration against real services, workers, emulators
+# the programs the tests run; Debian: postgresql postgresql-client redis-server tar coreutils age zstd
+# nodejs npm, and prometheus (--no-install-recommends) for promtool. .ci/run installs them.
+TOOLS := pg_dump psql pg_isready redis-server tar md5sum sha256sum age age-keygen zstd promtool node npm
+
+tools:  ## stop, naming them, when programs the tests need are missing
+	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make test needs these programs, not found on PATH:$$missing (see TOOLS in the Makefile)" >&2; exit 1; \
+	fi
+
+test: tools $(STAMP) $(AZURITE)  ## every test: unit, and integration against real services, workers, emulators
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-unit: $(STAMP)
+test-unit: tools $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 lint: $(STAMP)  ## ruff (style, imports) and mypy (the type hints of vq_tasks)
@@ -42,4 +65,4 @@ bench-scaling: $(STAMP)  ## the same at 0.25, 1 and 4 GiB: time against size, wo
 	$(BIN)/python bench/run.py --sizes 0.25,1,4 --reuse $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .demo .emulators build *.egg-info
+	rm -rf $(VENV) .lock-venv .demo .emulators build *.egg-info
