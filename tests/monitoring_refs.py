@@ -3,6 +3,11 @@ panel expressions and by the Prometheus alert rules, and the fixed list the expo
 
 ``referenced_metrics()`` is the contract between the dashboards and rules (tests/unit/
 test_dashboards.py) and the exporter (its own test checks that it serves every name here).
+
+The dashboards' expressions filter every selector by the template variables ``$job`` and
+``$instance``; ``dashboard_expressions()`` gives them as Grafana sends them with "All" selected,
+so that promtool can parse them and a Prometheus can run them (tests/integration/
+test_prometheus_rules.py), and with ``raw=True`` as the dashboards write them.
 """
 
 from __future__ import annotations
@@ -74,13 +79,31 @@ def dashboard_panels(path: Path) -> list[dict]:
     return [panel for panel in _panels(board.get("panels", [])) if panel.get("type") != "row"]
 
 
-def dashboard_expressions() -> list[tuple[str, str, str]]:
-    """Return (dashboard file name, panel title, expression) for every target of every panel."""
+# What Grafana puts in place of the dashboards' $job and $instance with "All" selected: the regex of
+# every value the variable found (the jobs and instances that serve vq_backup_status_timestamp_seconds).
+# Where every scraped series is the exporter's, as in compose and in the tests' Prometheus, that is
+# any job and any instance.
+ALL_SELECTED = {"job": ".+", "instance": ".+"}
+_VARIABLE = re.compile(r"\$(job|instance)\b")
+
+
+def with_all_selected(expression: str) -> str:
+    """Replace $job and $instance in ``expression`` by ALL_SELECTED (Grafana's own $__range and
+    $__interval are left to the caller)."""
+    return _VARIABLE.sub(lambda m: ALL_SELECTED[m.group(1)], expression)
+
+
+def dashboard_expressions(*, raw: bool = False) -> list[tuple[str, str, str]]:
+    """Return (dashboard file name, panel title, expression) for every target of every panel: the
+    expression as written with ``raw``, else with $job and $instance replaced (with_all_selected)."""
     found = []
     for path in DASHBOARD_FILES:
         for panel in dashboard_panels(path):
             for target in panel.get("targets", []):
-                found.append((path.name, panel.get("title", ""), target.get("expr", "")))
+                expression = target.get("expr", "")
+                if not raw:
+                    expression = with_all_selected(expression)
+                found.append((path.name, panel.get("title", ""), expression))
     return found
 
 
