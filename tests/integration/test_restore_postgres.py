@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -20,6 +21,7 @@ from tests.integration.conftest import PG_HOST, PG_PORT, PG_USER, pg_connect
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import DatabaseFacts
 from vq_tasks.restore import postgres_swap
+from vq_tasks.restore.drill import _Drill
 from vq_tasks.restore.postgres import database_row_counts, plan_database_restore, restore_database
 from vq_tasks.settings import Settings, load_settings
 from vq_tasks.sources.postgres import dump_database
@@ -579,3 +581,145 @@ def test_a_file_that_is_not_a_pg_dump_is_refused_before_anything_is_created(live
         restore_database(settings_for(live), fake, {})
     assert not sentinel.exists()
     assert databases(live) == [live]
+
+
+# Databases in single-byte encodings (issue 15): a SQL_ASCII database holds bytes that no encoding
+# is declared for (0x80-0xff, among them Latin-1, CP1252 and UTF-8 text), a LATIN1 database Latin-1
+# text. Both back up and restore byte for byte, also on a server whose maintenance database is in
+# that encoding too (a cluster initialised without a UTF-8 locale), where psycopg returns bytes for
+# the text of a connection in SQL_ASCII.
+ENCODED = {
+    "SQL_ASCII": [
+        b"Zo\xeb \xc5ngstr\xf6m",  # Latin-1
+        b"\x80 \x9f",  # CP1252's euro sign, and a byte that is in no Latin-1 text
+        "東京 Zoë".encode(),  # UTF-8, as a UTF-8 client would have written it
+        b"tab\there, line\nbreak, back\\slash \xff\xfe",  # escaped by COPY
+        bytes(range(1, 256)),
+    ],
+    "LATIN1": [
+        "Zoë Ångström, Straße, Ça va ÿ".encode("latin-1"),
+        bytes(range(0xA0, 0x100)),  # every printable Latin-1 character beyond ASCII
+        "tab\there, line\nbreak, back\\slash é".encode("latin-1"),
+        bytes(range(1, 0x80)) + bytes(range(0xA0, 0x100)),
+    ],
+}
+NAME_CODEC = {"SQL_ASCII": "utf-8", "LATIN1": "latin-1"}  # how the table name is written in each
+NAMED = {"SQL_ASCII": "東京", "LATIN1": "Straße"}  # a table whose name is not ASCII
+COMMENTED = {"SQL_ASCII": b"caf\xe9 \x80", "LATIN1": "café".encode("latin-1")}  # public.t's comment
+RAW_CONTENTS = b"""SELECT 'rows'::bytea, id::text::bytea, convert_to(v, getdatabaseencoding()) FROM public.t
+UNION ALL SELECT 'tables', convert_to(format('%I.%I', n.nspname, c.relname), getdatabaseencoding()),
+  convert_to(coalesce(obj_description(c.oid, 'pg_class'), ''), getdatabaseencoding())
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'
+ORDER BY 1, 2"""
+
+
+def create_encoded(name: str, encoding: str) -> None:
+    """Create the database ``name`` in ``encoding`` with the C locale, holding ENCODED's values in
+    public.t, a table named NAMED and COMMENTED comment: all sent as bytes, never as Python text."""
+    with pg_connect() as conn:
+        conn.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING '{encoding}' LOCALE 'C'")
+    named = b'"' + NAMED[encoding].encode(NAME_CODEC[encoding]) + b'"'
+    statements = [b"CREATE TABLE t (id int PRIMARY KEY, v text)"]
+    statements += [
+        b"INSERT INTO t VALUES (%d, convert_from('\\x%s'::bytea, getdatabaseencoding()))"
+        % (i, v.hex().encode())
+        for i, v in enumerate(ENCODED[encoding])
+    ]
+    statements += [b"CREATE TABLE " + named + b" (v text)", b"INSERT INTO " + named + b" VALUES ('x'), ('y')"]
+    statements += [b"COMMENT ON TABLE t IS '" + COMMENTED[encoding] + b"'"]
+    with pg_connect(name) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def raw_contents(name: str) -> list[tuple[bytes, ...]]:
+    """public.t's values, and the public tables' names and comments, as the bytes the database holds."""
+    with pg_connect(name) as conn:
+        return conn.execute(RAW_CONTENTS).fetchall()
+
+
+@pytest.fixture(params=["SQL_ASCII", "LATIN1"])
+def encoded(request, live: str, dump_of: Callable[..., Backup]) -> tuple[str, str, Backup]:
+    """A server whose databases are in one single-byte encoding: the live database holding
+    ENCODED's values (checked to be those bytes), a maintenance database ``<live>_postgres`` in the
+    same encoding, and the live database's dump, taken with that maintenance database in the settings."""
+    encoding, maintenance = request.param, f"{live}_postgres"
+    with pg_connect() as conn:
+        conn.execute(f"CREATE DATABASE \"{maintenance}\" TEMPLATE template0 ENCODING '{encoding}' LOCALE 'C'")
+    create_encoded(live, encoding)
+    rows = [(b"rows", str(i).encode(), value) for i, value in enumerate(ENCODED[encoding])]
+    assert [row for row in raw_contents(live) if row[0] == b"rows"] == sorted(rows)
+    return encoding, maintenance, dump_of(db_maintenance_db=maintenance)
+
+
+def test_a_single_byte_encoded_database_restores_byte_for_byte(live, encoded):
+    encoding, maintenance, backup = encoded
+    assert backup.tables == {"public.t": len(ENCODED[encoding]), f'public."{NAMED[encoding]}"': 2}
+    dumped = backup.path.read_bytes()
+    assert f"SET client_encoding = '{encoding}';".encode() in dumped  # the database's own bytes
+    assert ENCODED[encoding][0] in dumped and COMMENTED[encoding] in dumped
+    with pg_connect() as conn:  # what a restore carries over, a comment in UTF-8 among it
+        conn.execute(f"""COMMENT ON DATABASE "{live}" IS 'Zoë''s queue';
+            ALTER DATABASE "{live}" SET work_mem = '8MB'; ALTER DATABASE "{live}" CONNECTION LIMIT 40""")
+    before, properties = raw_contents(live), database_properties(live)
+    assert properties[:4] == (encoding, "C", "C", 40)
+    with pg_connect(live) as conn:
+        conn.execute("DELETE FROM t WHERE id > 0")
+    settings = backup.settings
+    plan = plan_database_restore(settings, backup.tables, maintenance_db=maintenance)
+    assert plan.exists and plan.tables == {**backup.tables, "public.t": 1}
+    bad = broken_copy(backup.path, 'GRANT SELECT ON TABLE public.t TO "never made";\n')
+    with pytest.raises(PermanentError, match="roles that do not exist") as failure:
+        restore_database(settings, bad, backup.tables, maintenance_db=maintenance)
+    assert '"never made"' in str(failure.value) and '"postgres"' not in str(failure.value)
+    with pg_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{live}_restore_20000101000000"')  # left by a killed restore
+
+    result = restore_database(settings, backup.path, backup.tables, maintenance_db=maintenance)
+
+    assert raw_contents(live) == before
+    assert database_properties(live) == properties
+    assert result.row_counts == backup.tables
+    assert result.warnings == [f"dropped {live}_restore_20000101000000, left by a restore that was killed"]
+    assert databases(live) == sorted([live, maintenance, str(result.previous_name)])
+
+
+def test_a_single_byte_encoded_dump_restores_into_a_new_database_in_its_encoding(live, encoded):
+    """The drill's way, and a restore with no live database: the new database takes the dump's
+    encoding (with the C locale), not the server's default, which could not hold the bytes."""
+    encoding, maintenance, backup = encoded
+    before = raw_contents(live)
+    with pg_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{live}_drill_20000101000000"')  # left by a drill that died
+    drill = _Drill(backup.settings, lambda line: None, datetime.now(UTC))
+    drill._drop_stale_databases()
+    assert not drill.warnings and databases(live) == sorted([live, maintenance])
+
+    result = restore_database(
+        backup.settings, backup.path, backup.tables, target_db=f"{live}_scratch", swap=False,
+        maintenance_db=maintenance,
+    )  # fmt: skip
+
+    assert result.row_counts == backup.tables
+    assert raw_contents(f"{live}_scratch") == before
+    assert database_properties(f"{live}_scratch")[:3] == (encoding, "C", "C")
+
+
+def test_a_name_that_is_not_utf8_in_a_sql_ascii_database_fails_clearly_and_changes_nothing(live, dump_of):
+    """Its bytes restore, but the restore cannot read the name back to check its rows (the limit
+    of reading names as UTF-8): it says so, drops the new database and leaves the live one alone."""
+    with pg_connect() as conn:
+        conn.execute(f"CREATE DATABASE \"{live}\" TEMPLATE template0 ENCODING 'SQL_ASCII' LOCALE 'C'")
+    with pg_connect(live) as conn:
+        conn.execute(b'CREATE TABLE "caf\xe9" (v text); INSERT INTO "caf\xe9" VALUES (\'x\')')
+    backup = dump_of()
+    before = raw_contents_of_cafe(live)
+    with pytest.raises(PermanentError, match="must be ASCII or UTF-8") as failure:
+        restore_database(backup.settings, backup.path, backup.tables)
+    assert "invalid byte sequence" in str(failure.value)
+    assert raw_contents_of_cafe(live) == before and databases(live) == [live]
+
+
+def raw_contents_of_cafe(name: str) -> list[tuple]:
+    with pg_connect(name) as conn:
+        return conn.execute(b'SELECT v FROM "caf\xe9"').fetchall()

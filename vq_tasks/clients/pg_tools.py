@@ -66,7 +66,10 @@ def pg_tool(settings: Settings, name: str) -> str:
 
 def pg_environment(settings: Settings) -> dict[str, str]:
     """Return the environment for a libpq program: connection settings, password, English messages,
-    and nothing else of the worker's (whose environment holds other secrets)."""
+    and nothing else of the worker's (whose environment holds other secrets). No PGCLIENTENCODING,
+    on purpose: pg_dump then writes the database's own bytes in its own encoding (its ``SET
+    client_encoding`` line names it), and psql loads them so, recoding nothing (a SQL_ASCII database's
+    bytes are not valid in any other encoding)."""
     env = {k: v for k, v in os.environ.items() if k in INHERITED_ENVIRONMENT}
     env.update(
         PGHOST=settings.db_host,

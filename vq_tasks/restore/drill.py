@@ -52,7 +52,7 @@ from vq_tasks.restore.integrity import (
 from vq_tasks.restore.leftovers import owned_folder
 from vq_tasks.restore.postgres import database_row_counts, restore_database
 from vq_tasks.restore.postgres_connect import connect
-from vq_tasks.restore.postgres_swap import derived_name, left_over
+from vq_tasks.restore.postgres_swap import derived_name, scratch_databases
 from vq_tasks.restore.redis import redis_key_counts, restore_redis
 from vq_tasks.restore.redis_server import HOST, Throwaway, server_binary_path, server_binary_version
 from vq_tasks.restore.run import restore_lock, verified_manifest
@@ -238,11 +238,11 @@ class _Drill:
         """Drop scratch databases that drills whose worker died left (none runs now: the lock)."""
         try:
             with connect(self.settings, self.settings.db_maintenance_db) as admin:
-                names = [row[0] for row in admin.execute("SELECT datname FROM pg_database").fetchall()]
+                names = scratch_databases(admin, self.settings.db_name, "drill")
         except BackupError as exc:
             self.warnings.append(f"could not look for scratch databases of earlier drills: {exc}")
             return
-        for name in left_over(names, self.settings.db_name, "drill"):
+        for name in names:
             problem = self._drop_database(name)
             if problem:
                 self.warnings.append(f"a scratch database of an earlier drill: {problem}")

@@ -1,17 +1,22 @@
 """Restore a plain SQL dump into PostgreSQL without ever leaving the live database half restored.
 
 The dump is loaded by ``psql --single-transaction`` into a new database
-``<DB_NAME>_restore_<YYYYMMDDHHMMSS>`` (template0, the live database's encoding and locale) and its
-rows per table are checked against the backup's. Only then, connected to the maintenance database,
-are the names swapped: both databases stop taking connections, their sessions are ended, and one
-transaction renames the live one to ``<DB_NAME>_before_<stamp>``, the new one to ``<DB_NAME>`` and
-lets both take connections again. Whatever fails before that transaction commits drops the new
-database and leaves the live one as it was. What a dump of a database's contents does not hold (its
-settings, grants, connection limit and comment) is carried over from the live database.
+``<DB_NAME>_restore_<YYYYMMDDHHMMSS>`` (template0, the live database's encoding and locale; with no
+live database, the dump's encoding) and its rows per table are checked against the backup's. Only
+then, connected to the maintenance database, are the names swapped: both databases stop taking
+connections, their sessions are ended, and one transaction renames the live one to
+``<DB_NAME>_before_<stamp>``, the new one to ``<DB_NAME>`` and lets both take connections again.
+Whatever fails before that transaction commits drops the new database and leaves the live one as it
+was. What a dump of a database's contents does not hold (its settings, grants, connection limit and
+comment) is carried over from the live database.
 
 Here: the public functions, creating the new database, loading and checking it. The swap and the
 carry-over are in postgres_swap.py, the role scan of a dump in postgres_roles.py, connections and
 errors in postgres_connect.py.
+
+The dump's bytes are the database's own, in its encoding (pg_dump's ``SET client_encoding`` line):
+psql loads them unconverted into a database in that encoding, so a SQL_ASCII or LATIN1 database comes
+back byte for byte. The connections of the restore itself carry only names (postgres_connect.connect).
 
 The dump may not be what the manifest says: before anything is created it must be a complete plain
 dump by pg_dump (its header and closing line), and psql runs it in restricted mode under a key of
@@ -41,7 +46,7 @@ from psycopg import sql
 from pydantic import BaseModel, Field
 
 from vq_tasks.clients.pg_tools import STDERR_KEPT, pg_environment, pg_tool
-from vq_tasks.clients.sql_dump import HEADER_LIMIT
+from vq_tasks.clients.sql_dump import HEADER_LIMIT, dump_encoding, python_codec
 from vq_tasks.errors import PermanentError
 from vq_tasks.restore.contents import check_sql_dump
 from vq_tasks.restore.leftovers import die_with_parent
@@ -119,10 +124,12 @@ def restore_database(
     target = target_db or settings.db_name
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
     new = derived_name(target, "restore", stamp) if swap else target
+    with path.open("rb") as dump:
+        encoding = dump_encoding(dump.read(HEADER_LIMIT))
     left = drop_left_over(settings, maintenance_db, target, "restore") if swap else []
-    live = _prepare(settings, maintenance_db, target, new, swap)
+    live = _prepare(settings, maintenance_db, target, new, swap, encoding)
     try:
-        counts = _load_and_check(settings, path, new, expected_tables, maintenance_db)
+        counts = _load_and_check(settings, path, new, expected_tables, maintenance_db, encoding)
         warnings = carry_over(settings, maintenance_db, target, new) if live and swap else []
         previous = swap_in(settings, maintenance_db, target, new, stamp) if swap else None
     except BaseException as exc:
@@ -197,14 +204,35 @@ def locale_options(database: Mapping[str, Any]) -> list[sql.Composable]:
     return options
 
 
+def new_database_options(template: Mapping[str, Any], encoding: str | None) -> list[sql.Composable]:
+    """Given template0's pg_database row (as JSON) and the dump's encoding (None if it names none),
+    return the CREATE DATABASE options of a new database with no live one to copy them from (a
+    drill, or a live database gone): none when template0 has the dump's encoding, else that encoding
+    with the C locale (libc), which accepts every encoding (a plain dump records no locale). Why:
+    psql loads the dump's bytes unconverted only into a database in their encoding; into the
+    server's default (UTF8, say), a SQL_ASCII dump's bytes beyond ASCII fail, a LATIN1 one's are recoded."""
+    if encoding is None or template["encoding_name"] == encoding:
+        return []
+    options: list[sql.Composable] = [
+        sql.SQL("ENCODING {}").format(sql.Literal(encoding)),
+        sql.SQL("LC_COLLATE 'C' LC_CTYPE 'C'"),
+    ]
+    if template.get("datlocprovider", "c") != "c":  # PostgreSQL 15+: else template0's ICU or builtin
+        options.append(sql.SQL("LOCALE_PROVIDER libc"))
+    return options
+
+
 def _readable(path: Path) -> Path:
     if not path.is_file() or not os.access(path, os.R_OK):
         raise PermanentError(f"SQL dump {path} is not a readable file on this worker")
     return path.resolve()
 
 
-def _prepare(settings: Settings, maintenance_db: str, target: str, new: str, swap: bool) -> dict | None:
-    """Check that the restore may go ahead and create the new database; return the live one's row."""
+def _prepare(
+    settings: Settings, maintenance_db: str, target: str, new: str, swap: bool, encoding: str | None
+) -> dict | None:
+    """Check that the restore may go ahead and create the new database (in the live one's encoding and
+    locale, or the dump's ``encoding``); return the live one's row."""
     with connect(settings, maintenance_db) as admin:
         live = database_row(admin, target)
         if live is not None and not swap:
@@ -217,7 +245,10 @@ def _prepare(settings: Settings, maintenance_db: str, target: str, new: str, swa
             sql.SQL("OWNER {}").format(sql.Identifier(settings.db_user)),
             sql.SQL("TEMPLATE template0"),
         ]
-        options += locale_options(live) if live else []
+        if live:
+            options += locale_options(live)
+        else:
+            options += new_database_options(cast(dict, database_row(admin, "template0")), encoding)
         logger.info("creating database %s", db_where(settings, new))
         admin.execute(sql.SQL("CREATE DATABASE {} ").format(sql.Identifier(new)) + sql.SQL(" ").join(options))
     return live
@@ -248,10 +279,15 @@ def _check_privileges(
 
 
 def _load_and_check(
-    settings: Settings, path: Path, dbname: str, expected: Mapping[str, int], maintenance_db: str
+    settings: Settings,
+    path: Path,
+    dbname: str,
+    expected: Mapping[str, int],
+    maintenance_db: str,
+    encoding: str | None = None,
 ) -> dict[str, int]:
-    """Load the dump into ``dbname`` in one transaction, then compare rows per table."""
-    _run_psql(settings, path, dbname, maintenance_db)
+    """Load the dump (in ``encoding``) into ``dbname`` in one transaction, then compare rows per table."""
+    _run_psql(settings, path, dbname, maintenance_db, encoding)
     with connect(settings, dbname) as conn:
         tables = _count_tables(conn)
     counts = {name: rows for name, rows, member in tables if not member}
@@ -268,9 +304,14 @@ def _load_and_check(
     return counts
 
 
-def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) -> None:
+def _run_psql(
+    settings: Settings, path: Path, dbname: str, maintenance_db: str, encoding: str | None = None
+) -> None:
     """Run psql on the file, streamed through its stdin (pg_dump's own restrict lines made comments),
-    in restricted mode under a new random key: one transaction, stop at the first error."""
+    in restricted mode under a new random key: one transaction, stop at the first error. psql starts
+    in the database's encoding (no PGCLIENTENCODING; it takes the locale's only on a terminal) and
+    the dump's ``SET client_encoding`` line makes it the dump's: no byte is recoded when the two are
+    the same. The server's errors then come in the dump's ``encoding``, read so."""
     psql = pg_tool(settings, "psql")
     if not knows_restrict(psql):
         raise PermanentError(NO_RESTRICT.format(psql=psql))
@@ -297,7 +338,7 @@ def _run_psql(settings: Settings, path: Path, dbname: str, maintenance_db: str) 
         if returncode == 0:
             return
         errors.seek(max(0, errors.seek(0, os.SEEK_END) - STDERR_KEPT))
-        stderr = errors.read().decode("utf-8", "replace")
+        stderr = errors.read().decode(python_codec(encoding), "replace")
     error, missing = psql_failure(settings, stderr, dbname, path.name)
     if missing:
         error = missing_roles_error(settings, maintenance_db, path, missing)

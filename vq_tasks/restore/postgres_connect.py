@@ -39,13 +39,26 @@ _HINTS = (
     (r"permission denied for (\w+(?: \w+)? \S+)", "lacks a privilege on {0}: grant it"),
     (r"permission denied to (\w+(?: \w+)?)", "may not {0}"),
 )
+NOT_UTF8 = (
+    "the restore reads names, roles, settings and comments as UTF-8: in a SQL_ASCII database or"
+    " cluster they must be ASCII or UTF-8; rename what is not"
+)
 DATABASE_QUERY = """SELECT to_jsonb(d) || jsonb_build_object('encoding_name', pg_encoding_to_char(d.encoding))
 FROM pg_database d WHERE d.datname = %s"""
 
 
 @contextlib.contextmanager
 def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
-    """Connect as DB_USER (password as a parameter, never in argv); errors become ours."""
+    """Connect as DB_USER (password as a parameter, never in argv), client_encoding UTF8; errors
+    become ours.
+
+    Why UTF8, whatever the database's encoding (or PGCLIENTENCODING) says: these connections carry
+    names, roles, settings and comments, never table data (pg_dump and psql move that, as bytes).
+    Left to the database's encoding, a SQL_ASCII database gives psycopg bytes for every text column
+    (and psycopg encodes queries as ASCII), which broke every str comparison and every quoting of a
+    name (issue 15). Every server encoding converts to UTF8 without loss; SQL_ASCII is not converted
+    but checked, so a name that is not UTF-8 there fails clearly (CHARACTER_NOT_IN_REPERTOIRE) rather
+    than being read wrong."""
     password = settings.db_password.get_secret_value() if settings.db_password else None
     try:
         conn = psycopg.connect(
@@ -56,6 +69,7 @@ def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
             dbname=dbname,
             connect_timeout=settings.db_connect_timeout,
             application_name=APPLICATION_NAME,
+            client_encoding="UTF8",
             autocommit=True,
         )
     except psycopg.Error as exc:
@@ -65,6 +79,8 @@ def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
             yield conn
     except psycopg.Error as exc:
         detail = f" ({exc.diag.message_detail})" if exc.diag.message_detail else ""
+        if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
+            detail += f" ({NOT_UTF8})"
         raise failure(settings, dbname, f"{exc}{detail}", sqlstate=exc.sqlstate) from None
 
 

@@ -12,6 +12,7 @@ import contextlib
 import re
 from pathlib import Path
 
+from vq_tasks.clients.sql_dump import HEADER_LIMIT, dump_encoding, python_codec
 from vq_tasks.errors import BackupError, PermanentError
 from vq_tasks.restore.postgres_connect import connect
 from vq_tasks.settings import Settings
@@ -34,6 +35,8 @@ def referenced_roles(path: Path) -> set[str]:
     roles: set[str] = set()
     in_copy, at_start = False, True
     with path.open("rb") as dump:
+        codec = python_codec(dump_encoding(dump.read(HEADER_LIMIT)))  # names are in the dump's encoding
+        dump.seek(0)
         while piece := dump.readline(LINE_LIMIT):
             starts, at_start = at_start, piece.endswith(b"\n")
             if not starts or not at_start:
@@ -43,7 +46,7 @@ def referenced_roles(path: Path) -> set[str]:
             elif piece.startswith(b"COPY ") and piece.endswith(b" FROM stdin;\n"):
                 in_copy = True
             elif piece.startswith((b"ALTER ", b"GRANT ", b"REVOKE ", b"SET SESSION AUTHORIZATION ")):
-                roles |= roles_in_statement(piece.decode("utf-8", "replace").rstrip("\n"))
+                roles |= roles_in_statement(piece.decode(codec, "replace").rstrip("\n"))
     return roles
 
 

@@ -53,13 +53,21 @@ def left_over(names: list[str], base: str, kind: str) -> list[str]:
     return [name for name in names if pattern.fullmatch(name)]
 
 
+def scratch_databases(admin: psycopg.Connection, base: str, kind: str) -> list[str]:
+    """Given a connection, return the databases named ``<base>_<kind>_<stamp>`` (left_over). Only
+    names with their prefix are read: another database's name on a SQL_ASCII server may be bytes
+    that are not UTF-8, which the connection (client_encoding UTF8) would refuse to read."""
+    prefix = derived_name(base, kind, "0" * STAMP_DIGITS)[:-STAMP_DIGITS]
+    query = "SELECT datname FROM pg_database WHERE starts_with(datname, %s)"
+    return left_over([row[0] for row in admin.execute(query, [prefix]).fetchall()], base, kind)
+
+
 def drop_left_over(settings: Settings, maintenance_db: str, base: str, kind: str) -> list[str]:
     """Drop the scratch databases ``<base>_<kind>_<stamp>`` that killed runs left; return their names.
     Call only under the restore lock, which tells that no restore or drill runs that would still use
     one. Raise TransientError or PermanentError as connect does."""
     with connect(settings, maintenance_db) as admin:
-        names = [row[0] for row in admin.execute("SELECT datname FROM pg_database").fetchall()]
-        dropped = left_over(names, base, kind)
+        dropped = scratch_databases(admin, base, kind)
         for name in dropped:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
             logger.warning("dropped %s, left by a %s that was killed", db_where(settings, name), kind)

@@ -12,6 +12,7 @@ from vq_tasks.restore.postgres import (
     DatabaseRestorePlan,
     DatabaseRestoreResult,
     locale_options,
+    new_database_options,
     restore_database,
 )
 from vq_tasks.restore.postgres_connect import psql_failure
@@ -78,6 +79,31 @@ def test_locale_options_copy_encoding_and_locale(row, expected):
     assert " ".join(render(option) for option in locale_options(row)) == expected
 
 
+TEMPLATE0 = {"encoding_name": "UTF8", "datcollate": "C.UTF-8", "datctype": "C.UTF-8", "datlocprovider": "c"}
+
+
+@pytest.mark.parametrize(
+    ("template", "encoding", "expected"),
+    [
+        (TEMPLATE0, "UTF8", ""),  # the server's default is the dump's: as it was
+        (TEMPLATE0, None, ""),
+        (TEMPLATE0, "SQL_ASCII", "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'"),
+        (  # template0 of the ICU provider: the C locale is libc's
+            {**TEMPLATE0, "datlocprovider": "i"},
+            "LATIN1",
+            "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' LOCALE_PROVIDER libc",
+        ),
+        (  # a SQL_ASCII server, before PostgreSQL 15
+            {"encoding_name": "SQL_ASCII", "datcollate": "C", "datctype": "C"},
+            "UTF8",
+            "ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'",
+        ),
+    ],
+)
+def test_a_new_database_without_a_live_one_takes_the_dumps_encoding(template, encoding, expected):
+    assert " ".join(render(option) for option in new_database_options(template, encoding)) == expected
+
+
 def test_setting_statements():
     assert render(setting_statement("vq_restore_1", None, "work_mem=8MB")) == (
         'ALTER DATABASE "vq_restore_1" SET "work_mem" TO \'8MB\''
@@ -133,6 +159,16 @@ def test_referenced_roles_skip_copy_data_and_long_lines(tmp_path: Path):
         b"ALTER TABLE public.t OWNER TO no_newline_at_end;"
     )
     assert referenced_roles(dump) == {"owner_a", "Reader B"}
+
+
+def test_referenced_roles_are_read_in_the_dumps_encoding(tmp_path: Path):
+    dump = tmp_path / "database.sql"
+    dump.write_bytes(
+        "SET client_encoding = 'LATIN1';\n"
+        'ALTER TABLE public.t OWNER TO "Zoë";\n'
+        'GRANT SELECT ON TABLE public.t TO "Ångström";\n'.encode("latin-1")
+    )
+    assert referenced_roles(dump) == {"Zoë", "Ångström"}
 
 
 def test_a_missing_role_is_reported_with_its_name():
