@@ -12,11 +12,16 @@ lead out of the root. A regular file is written to a new file beside its place a
 so an existing symlink or hard link there is replaced, never written through. Modes are kept
 (never setuid, setgid or sticky). Logs restore only into a folder of their own, never over the
 live logs.
+
+As each file or folder is written, tarfile's ``tar`` extraction filter checks again that it lands
+inside the target (a link put on disk since the check). Python has the filters from 3.11.4 (PEP 706);
+on 3.11.0 to 3.11.3 ``_checked`` makes the same checks and the same modes itself (see FILTERS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import posixpath
@@ -42,6 +47,19 @@ TYPE_NAMES = {
 MAX_ENTRIES = 500_000  # far more than a config or logs folder holds; a TarInfo each is kept in memory
 MAX_LINK_HOPS = 40  # as Linux follows at most
 NAME_MAX, PATH_MAX = 255, 4096
+# tarfile's extraction filters (and TarInfo.replace) came with Python 3.11.4. Without them, each
+# entry is checked by _checked before tarfile writes it; the tests set False to take that path anywhere.
+FILTERS = hasattr(tarfile, "tar_filter")
+
+
+class ExtractRefused(Exception):
+    """What _checked raises where the ``tar`` filter would raise tarfile.FilterError."""
+
+
+# what writing an entry raises when the disk changed since the check and would carry it out
+REFUSED_ON_WRITE: tuple[type[Exception], ...] = (
+    (ExtractRefused, tarfile.FilterError) if FILTERS else (ExtractRefused,)
+)
 
 
 class FilesRestoreResult(BaseModel):
@@ -246,14 +264,12 @@ def restore_files(archive: Path, roots: list[str], target: Path) -> FilesRestore
             try:
                 if member.isdir():
                     folders.append((path, member.mode & 0o777))
-                    tar.extract(
-                        member.replace(mode=member.mode | 0o700, deep=False), target, filter=_keep_modes
-                    )
+                    _extract(tar, _changed(member, mode=member.mode | 0o700), target)
                 elif member.issym():
                     _extract_link(tar, member, path)
                 else:
                     _extract_file(tar, member, target)
-            except tarfile.FilterError as exc:
+            except REFUSED_ON_WRITE as exc:
                 raise PermanentError(f"{archive.name}: {exc} (the disk changed while restoring)") from None
     for folder, mode in reversed(folders):  # last: a read-only folder must still take its files
         if not folder.is_symlink():
@@ -272,10 +288,50 @@ def _placed(name: str, target: Path, roots: list[str]) -> str:
     return name
 
 
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """Write ``member`` (a file or folder, checked before) under ``target`` with its permission bits
+    but never setuid, setgid or sticky. Raise one of REFUSED_ON_WRITE, writing nothing, if it
+    would land outside ``target``."""
+    if FILTERS:
+        tar.extract(member, target, filter=_keep_modes)
+        return
+    checked = _checked(member, target)
+    if hasattr(tarfile, "fully_trusted_filter"):  # a Python with the filters, taking this path (tests)
+        tar.extract(checked, target, filter="fully_trusted")  # what extract() does without filters
+    else:
+        tar.extract(checked, target)
+
+
 def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """The ``tar`` extraction filter, keeping the entry's permission bits (group write included)
     but never setuid, setgid or sticky."""
     return tarfile.tar_filter(member, dest).replace(mode=member.mode & 0o777, deep=False)
+
+
+def _checked(member: tarfile.TarInfo, dest: Path) -> tarfile.TarInfo:
+    """What _keep_modes returns, for Pythons without tarfile's filters: ``member`` with its mode
+    ``& 0o777``. Raise ExtractRefused (in the filter's own words) if it is absolute, would land
+    outside ``dest`` (its folders resolved on disk now), or is neither a file nor a folder (which
+    the ``tar`` filter lets through: refusals() refused those before)."""
+    name = member.name
+    if os.path.isabs(name):  # the filter strips a leading / instead: refusals() refused it before
+        raise ExtractRefused(f"member {name!r} has an absolute path")
+    top = os.path.realpath(dest)
+    lands = os.path.realpath(os.path.join(top, name))
+    if os.path.commonpath([lands, top]) != top:
+        raise ExtractRefused(f"{name!r} would be extracted to {lands!r}, which is outside the destination")
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+        raise ExtractRefused(f"{name!r} is a special file")
+    return _changed(member, mode=member.mode & 0o777)
+
+
+def _changed(member: tarfile.TarInfo, **changes: object) -> tarfile.TarInfo:
+    """A copy of ``member`` with ``changes``: ``member.replace(deep=False, **changes)``, which
+    Python has only from 3.11.4."""
+    changed = copy.copy(member)
+    for field, value in changes.items():
+        setattr(changed, field, value)
+    return changed
 
 
 def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
@@ -284,7 +340,7 @@ def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
     folder, base = posixpath.split(member.name)
     temporary = posixpath.join(folder, f".{base[:200]}.vq-restore-{uuid.uuid4().hex[:12]}")
     try:
-        tar.extract(member.replace(name=temporary, deep=False), target, filter=_keep_modes)
+        _extract(tar, _changed(member, name=temporary), target)
         os.replace(target / temporary, target / member.name)
     finally:
         with contextlib.suppress(OSError):

@@ -1,14 +1,22 @@
-"""Config and logs restore: paths and modes kept, hostile entries refused with nothing written."""
+"""Config and logs restore: paths and modes kept, hostile entries refused with nothing written.
+
+Every test runs twice (the ``extraction`` fixture, tests/unit/conftest.py): with tarfile's extraction
+filters, and with the checks restore/files.py makes itself on Pythons before 3.11.4."""
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from vq_tasks.errors import PermanentError
+from vq_tasks.restore import files
 from vq_tasks.restore.files import changed_files, check_logs_target, restore_files
 from vq_tasks.sources.files import archive_config
+from vq_tasks.streams.readers import open_tar_stream
+
+pytestmark = pytest.mark.usefixtures("extraction")
 
 
 def make_config(tmp_path: Path) -> tuple[Path, Path]:
@@ -150,4 +158,117 @@ def test_a_link_already_on_disk_cannot_carry_files_out(tmp_path):
     with pytest.raises(PermanentError, match="nothing was written") as caught:
         restore_files(archive, ["/etc/vq"], target)
     assert "etc/vq/sub/file.conf: its folder leads out of /etc/vq on disk" in str(caught.value)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"), [(tarfile.REGTYPE, 0o4775), (tarfile.DIRTYPE, 0o3770)], ids=["file", "folder"]
+)
+def test_setuid_setgid_and_sticky_bits_are_dropped_from_files_and_folders(tmp_path, kind, mode):
+    archive = tmp_path / "modes.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        entry = tarfile.TarInfo("etc/vq/x")
+        entry.type, entry.mode = kind, mode
+        tar.addfile(entry)
+    restore_files(archive, ["/etc/vq"], tmp_path / "t")
+    assert (tmp_path / "t" / "etc" / "vq" / "x").stat().st_mode & 0o7777 == mode & 0o777
+
+
+def write_one(tmp_path: Path, name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> Path:
+    """Write a tar of one entry ``name`` (two bytes of data if a regular file) under ``tmp_path``."""
+    archive = tmp_path / "one.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.mode = kind, link, 0o644
+        info.size = 2 if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(b"ok") if info.size else None)
+    return archive
+
+
+def extract_one(archive: Path, target: Path) -> None:
+    """Write the one entry of ``archive`` as restore_files writes a file or folder it has checked."""
+    target.mkdir(parents=True, exist_ok=True)
+    with open_tar_stream(archive) as tar:
+        member = tar.next()
+        assert member is not None
+        files._extract(tar, member, target)
+
+
+@pytest.mark.parametrize("name", ["../x", "etc/vq/../../../x"])
+def test_an_entry_climbing_out_is_refused_as_it_is_written(tmp_path, name):
+    """A second line behind refusals() and _placed: the filter, or the same check without it."""
+    target = tmp_path / "a" / "target"
+    lands = os.path.realpath(target / name)
+    with pytest.raises(files.REFUSED_ON_WRITE) as caught:
+        extract_one(write_one(tmp_path, name), target)
+    assert str(caught.value) == f"{name!r} would be extracted to {lands!r}, which is outside the destination"
+    assert not os.path.lexists(lands)
+
+
+def test_an_absolute_entry_never_lands_outside_as_it_is_written(tmp_path):
+    """The filter strips the leading / and writes it below the target; without the filter it is refused."""
+    outside = tmp_path / "outside" / "abs.conf"
+    outside.parent.mkdir()
+    target = tmp_path / "target"
+    try:
+        extract_one(write_one(tmp_path, str(outside)), target)
+        assert files.FILTERS and (target / str(outside).lstrip("/")).read_bytes() == b"ok"
+    except files.REFUSED_ON_WRITE as exc:
+        assert not files.FILTERS and str(exc) == f"member {str(outside)!r} has an absolute path"
+    assert list(outside.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "link"),
+    [
+        (tarfile.CHRTYPE, ""),
+        (tarfile.BLKTYPE, ""),
+        (tarfile.FIFOTYPE, ""),
+        (tarfile.LNKTYPE, "../../sentinel"),
+        (tarfile.SYMTYPE, "../../sentinel"),
+    ],
+    ids=["character device", "block device", "fifo", "hard link", "symlink"],
+)
+def test_without_filters_what_is_not_a_file_or_folder_is_refused_as_it_is_written(
+    tmp_path, extraction, kind, link
+):
+    """refusals() refuses these before anything is written (tests/unit/test_hostile_input.py); the
+    checks that stand in for the filter refuse them again as they are written."""
+    if extraction:
+        pytest.skip("the tar filter lets these through: only refusals() stops them, before")
+    target = tmp_path / "target"
+    with pytest.raises(files.ExtractRefused, match="is a special file"):
+        extract_one(write_one(tmp_path, "etc/vq/x", kind, link), target)
+    assert list(target.iterdir()) == []
+
+
+def test_a_link_put_on_disk_after_the_check_is_refused_as_it_is_written(tmp_path, monkeypatch):
+    """A symlink out of the root appears where a folder of the archive goes, after refusals() read
+    the disk: the folder is refused in the same words with the filters or without them."""
+    archive = tmp_path / "config.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("etc/vq", "etc/vq/sub"):
+            folder = tarfile.TarInfo(name)
+            folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(folder)
+        inside = tarfile.TarInfo("etc/vq/sub/x.conf")
+        inside.size = 1
+        tar.addfile(inside, io.BytesIO(b"x"))
+    target, outside = tmp_path / "target", tmp_path / "outside"
+    outside.mkdir()
+    checked = files.refusals
+
+    def then_the_disk_changes(*args, **kwargs):
+        found = checked(*args, **kwargs)
+        (target / "etc" / "vq").mkdir(parents=True)
+        (target / "etc" / "vq" / "sub").symlink_to(outside)
+        return found
+
+    monkeypatch.setattr(files, "refusals", then_the_disk_changes)
+    with pytest.raises(PermanentError) as caught:
+        restore_files(archive, ["/etc/vq"], target)
+    assert str(caught.value) == (
+        f"config.tar: 'etc/vq/sub' would be extracted to {str(outside)!r}, which is outside the "
+        "destination (the disk changed while restoring)"
+    )
     assert list(outside.iterdir()) == []
