@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut 
 AZURITE_VERSION ?= 3.35.0
 AZURITE := .emulators/node_modules/.bin/azurite-blob
 
-.PHONY: install lock tools emulators demo test test-unit lint bench bench-scaling clean
+.PHONY: install lock tools emulators demo test test-unit test-unit-debian lint bench bench-scaling clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
+# pinned on the oldest Python the package declares, which needs the most (redis needs async-timeout
+# below 3.11.3): Debian 12's own python3 is 3.11.2
+LOCK_PYTHON ?= /usr/bin/python3
+
 lock:  ## pin the newest releases that pyproject.toml's ranges allow into constraints.txt (then run the tests)
 	rm -rf .lock-venv
-	$(PYTHON) -m venv .lock-venv
+	$(LOCK_PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip 'setuptools>=68'
 	.lock-venv/bin/python -m pip install -q '.[dev]'
 	{ echo "# Every Python package VQ Backup installs, pinned: make install, .ci/run and the Dockerfile use it."; \
@@ -53,6 +57,12 @@ test: tools $(STAMP) $(AZURITE)  ## every test: unit, and integration against re
 test-unit: tools $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
+DEBIAN_PYTHON ?= /usr/bin/python3
+DEBIAN_VENV   ?= .venv-debian
+
+test-unit-debian:  ## the unit tests on Debian 12's own python3 (3.11.2, the oldest declared), in a venv of its own
+	$(MAKE) test-unit PYTHON=$(DEBIAN_PYTHON) VENV=$(DEBIAN_VENV)
+
 lint: $(STAMP)  ## ruff (style, imports) and mypy (the type hints of vq_tasks)
 	$(BIN)/ruff check vq_tasks tests bench
 	$(BIN)/ruff format --check vq_tasks tests bench
@@ -65,4 +75,4 @@ bench-scaling: $(STAMP)  ## the same at 0.25, 1 and 4 GiB: time against size, wo
 	$(BIN)/python bench/run.py --sizes 0.25,1,4 --reuse $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .lock-venv .demo .emulators build *.egg-info
+	rm -rf $(VENV) $(DEBIAN_VENV) .lock-venv .demo .emulators build *.egg-info
