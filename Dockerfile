@@ -8,6 +8,13 @@
 # checks that they agree). A restore loads the RDB into a throwaway redis-server, which must read
 # the RDB version of the Redis that is backed up: bookworm's redis-server is 7.0, the version of the
 # compose file's app-redis service (REDIS_SERVER_VERSION, checked the same way).
+#
+# Two ways to get pg_dump (POSTGRES_CLIENT_SOURCE):
+#   pgdg    (default, production) postgresql-client-${PG_MAJOR} from apt.postgresql.org, so that
+#           pg_dump is never older than the server;
+#   debian  Debian bookworm's own postgresql-client-15 only, for builds that cannot reach PGDG (e.g.
+#           compose/test/run): needs --build-arg PG_MAJOR=15 and a PostgreSQL server of 15 or older.
+# PYTHON_IMAGE may name a local image for an offline build (compose/test/standins/python.Containerfile).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -26,21 +33,31 @@ FROM ${PYTHON_IMAGE}
 ARG PG_MAJOR=16
 ARG REDIS_SERVER_VERSION=7.0
 ARG VQ_UID=10001
+ARG POSTGRES_CLIENT_SOURCE=pgdg
 
 RUN set -eux; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates curl; \
-    install -d -m 0755 /usr/share/postgresql-common/pgdg; \
-    curl -fsSL -o /usr/share/postgresql-common/pgdg/apt.postgresql.org.asc \
-        https://www.postgresql.org/media/keys/ACCC4CF8.asc; \
-    echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc] https://apt.postgresql.org/pub/repos/apt bookworm-pgdg main" \
-        > /etc/apt/sources.list.d/pgdg.list; \
-    apt-get update; \
+    apt-get install -y --no-install-recommends ca-certificates; \
+    case "${POSTGRES_CLIENT_SOURCE}" in \
+      pgdg) \
+        apt-get install -y --no-install-recommends curl; \
+        install -d -m 0755 /usr/share/postgresql-common/pgdg; \
+        curl -fsSL -o /usr/share/postgresql-common/pgdg/apt.postgresql.org.asc \
+            https://www.postgresql.org/media/keys/ACCC4CF8.asc; \
+        echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc] https://apt.postgresql.org/pub/repos/apt bookworm-pgdg main" \
+            > /etc/apt/sources.list.d/pgdg.list; \
+        apt-get purge -y --auto-remove curl; \
+        apt-get update ;; \
+      debian) \
+        apt-cache show "postgresql-client-${PG_MAJOR}" >/dev/null 2>&1 || { \
+          echo "Debian has no postgresql-client-${PG_MAJOR}: build with --build-arg PG_MAJOR=15 (bookworm's)," \
+               "or POSTGRES_CLIENT_SOURCE=pgdg" >&2; exit 1; } ;; \
+      *) echo "POSTGRES_CLIENT_SOURCE must be pgdg or debian, not ${POSTGRES_CLIENT_SOURCE}" >&2; exit 1 ;; \
+    esac; \
     apt-get install -y --no-install-recommends \
         "postgresql-client-${PG_MAJOR}" \
         "redis-tools=5:${REDIS_SERVER_VERSION}.*" "redis-server=5:${REDIS_SERVER_VERSION}.*" \
         tar tini zstd; \
-    apt-get purge -y --auto-remove curl; \
     rm -rf /var/lib/apt/lists/*; \
     "/usr/lib/postgresql/${PG_MAJOR}/bin/pg_dump" --version; \
     redis-server --version

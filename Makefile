@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut 
 AZURITE_VERSION ?= 3.35.0
 AZURITE := .emulators/node_modules/.bin/azurite-blob
 
-.PHONY: install lock tools emulators demo test test-unit test-unit-debian lint bench bench-scaling clean
+.PHONY: install lock tools emulators demo test test-unit test-unit-debian compose-test lint bench bench-scaling clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,9 @@ DEBIAN_VENV   ?= .venv-debian
 
 test-unit-debian:  ## the unit tests on Debian 12's own python3 (3.11.2, the oldest declared), in a venv of its own
 	$(MAKE) test-unit PYTHON=$(DEBIAN_PYTHON) VENV=$(DEBIAN_VENV)
+
+compose-test: $(STAMP)  ## build the image, run the compose stack with podman, check it end to end (root; compose/README.md)
+	$(BIN)/python compose/test/run
 
 lint: $(STAMP)  ## ruff (style, imports) and mypy (the type hints of vq_tasks)
 	$(BIN)/ruff check vq_tasks tests bench
