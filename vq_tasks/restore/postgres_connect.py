@@ -55,8 +55,8 @@ def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
     Why UTF8, whatever the database's encoding (or PGCLIENTENCODING) says: these connections carry
     names, roles, settings and comments, never table data (pg_dump and psql move that, as bytes).
     Left to the database's encoding, a SQL_ASCII database gives psycopg bytes for every text column
-    (and psycopg encodes queries as ASCII), which broke every str comparison and every quoting of a
-    name (issue 15). Every server encoding converts to UTF8 without loss; SQL_ASCII is not converted
+    (and psycopg encodes queries as ASCII), which breaks every str comparison and every quoting of a
+    name. Every server encoding converts to UTF8 without loss; SQL_ASCII is not converted
     but checked, so a name that is not UTF-8 there fails clearly (CHARACTER_NOT_IN_REPERTOIRE) rather
     than being read wrong."""
     password = settings.db_password.get_secret_value() if settings.db_password else None

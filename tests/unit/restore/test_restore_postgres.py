@@ -260,7 +260,7 @@ def test_results_are_json():
 
 
 def test_psql_gets_the_password_through_its_environment_only(tmp_path, monkeypatch):
-    from vq_tasks.restore import postgres as restore_pg
+    from vq_tasks.restore import postgres_load as restore_pg
 
     dump = tmp_path / "database.sql"
     dump.write_text("SELECT 1;\n")
@@ -277,7 +277,7 @@ def test_psql_gets_the_password_through_its_environment_only(tmp_path, monkeypat
 
     monkeypatch.setattr(restore_pg, "knows_restrict", lambda psql: True)
     monkeypatch.setattr(restore_pg.subprocess, "Popen", FakePsql)
-    restore_pg._run_psql(SETTINGS, dump, "vq_restore_1", "postgres")
+    restore_pg.run_psql(SETTINGS, dump, "vq_restore_1", "postgres")
     assert "pw-123" not in " ".join(seen["argv"])
     assert {"-X", "--single-transaction", "ON_ERROR_STOP=1"} <= set(seen["argv"])
     assert seen["argv"][-2:] == ["-f", "-"] and seen["fed"] == b"SELECT 1;\n"  # the dump through stdin
