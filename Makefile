@@ -11,7 +11,7 @@ AZURITE := .emulators/node_modules/.bin/azurite-blob
 
 .PHONY: install lock tools emulators demo test test-unit test-unit-debian compose-test lint bench bench-scaling clean
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP):  # named by the hash of both files: a change to either installs again
 	$(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=$(LOCK) $(BIN)/python -m pip install -q pip setuptools
 	PIP_CONSTRAINT=$(LOCK) $(BIN)/python -m pip install -q -e '.[dev]'
