@@ -75,7 +75,7 @@ def acquire_lock(r: redis.Redis, backup_id: str, task_id: str, ttl: int) -> tupl
 
 def release_lock(r: redis.Redis, backup_id: str) -> bool:
     """Release the lock if ``backup_id`` holds it (never someone else's)."""
-    return bool(r.eval(_IF_HOLDER, 1, LOCK_KEY, backup_id, "release"))
+    return release_if_holder(r, LOCK_KEY, backup_id)
 
 
 def record(r: redis.Redis, backup_id: str, **fields: Any) -> None:
@@ -152,21 +152,34 @@ def backup_of_task(r: redis.Redis, task_id: str, backup_id: str, ttl: int) -> tu
     return cast("str | None", r.get(key)) or backup_id, True
 
 
+def renew_if_holder(r: redis.Redis, key: str, holder: str, ttl: int) -> bool:
+    """Give the lock ``key`` ``ttl`` more seconds if ``holder`` holds it; return whether it does."""
+    return bool(r.eval(_IF_HOLDER, 1, key, holder, str(ttl)))
+
+
+def release_if_holder(r: redis.Redis, key: str, holder: str) -> bool:
+    """Delete the lock ``key`` if ``holder`` holds it (its value starts with "``holder`` ")."""
+    return bool(r.eval(_IF_HOLDER, 1, key, holder, "release"))
+
+
 @contextlib.contextmanager
-def heartbeat(r: redis.Redis, holder: str, ttl: int, key: str = LOCK_KEY) -> Iterator[None]:
-    """Keep the lock ``key`` of ``holder`` alive while the block runs, from a background thread,
-    so that a silent step (pg_dump waiting for a table lock, a long fsync) does not lose it.
-    A failed refresh is logged, not raised: it must not fail the work it watches."""
+def heartbeat(
+    r: redis.Redis, holder: str, ttl: int, key: str = LOCK_KEY, every: float | None = None
+) -> Iterator[None]:
+    """Keep the lock ``key`` of ``holder`` alive while the block runs, from a background thread
+    (every ``every`` seconds, default a third of ``ttl``), so that a silent step (pg_dump waiting
+    for a table lock, a long fsync) does not lose it. A failed refresh is logged, not raised: it
+    must not fail the work it watches."""
     stop = threading.Event()
 
     def refresh() -> None:
         try:
-            r.eval(_IF_HOLDER, 1, key, holder, str(ttl))
+            renew_if_holder(r, key, holder, ttl)
         except redis.RedisError as exc:
             logger.warning("could not refresh the lock %s of %s: %s", key, holder, exc)
 
     def beat() -> None:
-        while not stop.wait(max(1.0, ttl / 3)):
+        while not stop.wait(every or max(1.0, ttl / 3)):
             refresh()
 
     refresh()
@@ -195,7 +208,7 @@ def acquire_restore_lock(r: redis.Redis, holder: str, backup_id: str, ttl: int) 
 
 def release_restore_lock(r: redis.Redis, holder: str) -> bool:
     """Release the restore lock if ``holder`` holds it (never another restore's)."""
-    return bool(r.eval(_IF_HOLDER, 1, RESTORE_LOCK_KEY, holder, "release"))
+    return release_if_holder(r, RESTORE_LOCK_KEY, holder)
 
 
 DRILL_KEY = RUN_KEY.format("drill")  # read_record(r, "drill") reads it too

@@ -595,8 +595,32 @@ def test_finalize_refuses_a_record_naming_a_file_outside_its_staging_folder(tmp_
     from vq_tasks.manifest import StagedPart
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
-    good = StagedPart.model_construct(component="redis", path=str(area.part_path("redis")))
-    forged = StagedPart.model_construct(component="database", path="/etc/shadow")
+    area.ensure()
+    area.part_path("redis").write_bytes(b"rdb")
+    good = StagedPart.model_construct(
+        component="redis", path=str(area.part_path("redis")), staged_size=3, worker="w1"
+    )
+    forged = StagedPart.model_construct(component="database", path="/etc/shadow", worker="w1")
     _check_staged_paths({"redis": good}, area)
     with pytest.raises(PermanentError, match="database are not in"):
         _check_staged_paths({"redis": good, "database": forged}, area)
+
+
+def test_finalize_on_a_worker_that_does_not_see_the_staged_parts_says_staging_must_be_shared(tmp_path):
+    """A worker whose BACKUP_STAGING_DIR is not the folder the dumps wrote to (no shared volume)
+    fails clearly, naming the part and the worker that staged it, instead of storing less."""
+    from vq_tasks.backup.pipeline import _check_staged_paths
+    from vq_tasks.backup.staging import StagingArea
+    from vq_tasks.manifest import StagedPart
+
+    area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
+    area.ensure()
+    area.part_path("redis").write_bytes(b"rdb")
+    seen = StagedPart.model_construct(
+        component="redis", path=str(area.part_path("redis")), staged_size=3, worker="w1"
+    )
+    elsewhere = StagedPart.model_construct(
+        component="database", path=str(area.part_path("database")), staged_size=9, worker="host-b"
+    )
+    with pytest.raises(PermanentError, match=r"database \(staged by host-b\).*every worker shares"):
+        _check_staged_paths({"redis": seen, "database": elsewhere}, area)

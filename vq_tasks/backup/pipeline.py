@@ -8,6 +8,9 @@ Every step can run again after a redelivery without producing a second backup.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -122,13 +125,22 @@ class RunEnded(Exception):
     """A message redelivered after its run succeeded or failed: there is nothing left to do."""
 
 
-def dump_component(settings: Settings, backup_id: str, component: Component) -> StagedPart:
+def dump_component(
+    settings: Settings, backup_id: str, component: Component, fence: Callable[[], None] = lambda: None
+) -> StagedPart:
     """Stage one component of ``backup_id`` and return its record; progress goes to the run record.
-    Raise RunEnded if the run is over already."""
+    Raise RunEnded if the run is over already; return the part an earlier execution staged, if
+    any. ``fence`` is called before the part is put in place and recorded, and raises if this
+    execution may no longer do so (its step was taken over)."""
     r = coordination.client(settings)
-    status = coordination.read_record(r, backup_id).get("status")
+    run = coordination.read_record(r, backup_id)
+    status = run.get("status")
     if status in ("succeeded", "failed"):
         raise RunEnded(f"backup {backup_id} has already {status}; {component} is not dumped again")
+    staged = _staged_before(run, component)
+    if staged is not None:
+        logger.info("%s of %s was staged by an earlier execution; not dumped again", component, backup_id)
+        return staged
     area = StagingArea(settings.backup_staging_dir, backup_id)
     report(settings, backup_id, **{f"state:{component}": "running"})
     member = member_name(component, backup_id, settings.compression)
@@ -138,9 +150,21 @@ def dump_component(settings: Settings, backup_id: str, component: Component) -> 
         report(settings, backup_id, **{f"bytes:{component}": size})
 
     with coordination.heartbeat(r, backup_id, settings.backup_lock_ttl):
-        part = stage_part(settings, area, component, member, produce, progress, level)
-    report(settings, backup_id, **{f"state:{component}": "staged"})
+        part = stage_part(settings, area, component, member, produce, progress, level, fence)
+    fence()
+    done = {f"state:{component}": "staged", f"part:{component}": part.model_dump(mode="json")}
+    report(settings, backup_id, **done)
     return part
+
+
+def _staged_before(run: dict, component: Component) -> StagedPart | None:
+    """The part of ``component`` an earlier execution staged and recorded, if its file is still
+    there: a message handed out again after its step was done has nothing left to do."""
+    recorded = run.get(f"part:{component}")
+    if not recorded:
+        return None
+    part = StagedPart.model_validate(recorded)
+    return part if Path(part.path).is_file() else None
 
 
 def report(settings: Settings, backup_id: str, **fields: object) -> None:
@@ -197,10 +221,16 @@ def record_failure(settings: Settings, backup_id: str, step: str, exc: BaseExcep
 
 
 def finalize(
-    settings: Settings, backup_id: str, records: list[dict], kind: Kind, started_at: str
+    settings: Settings,
+    backup_id: str,
+    records: list[dict],
+    kind: Kind,
+    started_at: str,
+    fence: Callable[[], None] = lambda: None,
 ) -> Manifest:
     """Write the bundle and the logs archive, check them, then the manifest, last. Return it.
-    A redelivered call after the manifest was written returns that manifest."""
+    A redelivered call after the manifest was written returns that manifest. ``fence`` is called
+    before the manifest is written, and raises if this execution may no longer write it."""
     storage = open_storage(settings)
     if storage.stat(manifest_name(backup_id)) is not None:
         return load_manifest(storage, backup_id)
@@ -243,6 +273,7 @@ def finalize(
     )
     if settings.backup_signing_key_file is not None:
         manifest = sign(manifest, load_signing_key(settings.backup_signing_key_file))
+    fence()
     with storage.open_write(manifest_name(backup_id)) as out:
         out.write(manifest.model_dump_json(indent=2).encode() + b"\n")
     return manifest
@@ -271,6 +302,20 @@ def _check_staged_paths(parts: dict[Component, StagedPart], area: StagingArea) -
     outside = [p.component for p in parts.values() if Path(p.path).resolve().parent != folder]
     if outside:
         raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
+    unseen = [f"{p.component} (staged by {p.worker})" for p in parts.values() if not _seen(p)]
+    if unseen:
+        raise PermanentError(
+            f"staged part(s) {', '.join(unseen)} are not in {area.folder} on {socket.gethostname()}: "
+            "BACKUP_STAGING_DIR must be one folder that every worker shares (a shared volume or NFS)"
+        )
+
+
+def _seen(part: StagedPart) -> bool:
+    """Whether this worker sees the staged file of ``part``, at the size it was staged with."""
+    try:
+        return os.stat(part.path).st_size == part.staged_size
+    except OSError:
+        return False
 
 
 def _write_bundle(

@@ -55,11 +55,13 @@ def stage_part(
     produce: Producer,
     progress: Callable[[int], object] | None = None,
     member_level: int | None = None,
+    fence: Callable[[], None] = lambda: None,
 ) -> StagedPart:
     """Run ``produce`` into the chain for ``component`` and return the record of the staged part.
 
     ``member_level`` overrides the level of the wrapping gzip members or zstd frames (0 for data
-    that is already compressed, such as config.tar.gz: stored)."""
+    that is already compressed, such as config.tar.gz: stored). ``fence`` is called before the
+    part replaces what is in place, and raises if this execution may no longer put it there."""
     final = area.part_path(component)
     began = time.monotonic()
     temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
@@ -87,6 +89,7 @@ def stage_part(
         finally:
             with contextlib.suppress(OSError):
                 sink.close()  # after an error: the buffer is dropped with the temporary file
+        fence()
         with _staging_errors(settings):
             os.replace(temporary, final)
     finally:

@@ -141,6 +141,7 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
     celery_result_backend: SecretStr | None = None
     backup_task_time_limit: int = Field(6 * 3600, ge=60)
     backup_lock_ttl: int = Field(1800, ge=5)
+    backup_worker_lost_after: int = Field(60, ge=6, le=3600)
     backup_retry_max: int = Field(3, ge=0)
     backup_retry_backoff: float = Field(30.0, gt=0)
 

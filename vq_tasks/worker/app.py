@@ -1,6 +1,8 @@
 """The Celery app: JSON only, late acknowledgement, one queue per kind of work, time limits. A
 Redis broker is reached through vq_tasks.worker.broker's transport (kombu's, with a workaround that keeps a
-worker running when it loses the broker).
+worker running when it loses the broker); RabbitMQ (amqp://) through kombu's. A worker that dies
+loses its steps to another one within about BACKUP_WORKER_LOST_AFTER seconds with either broker
+(docs/RELIABILITY.md): see vq_tasks.worker.liveness and vq_tasks.worker.leases.
 
 Settings are read when this module is imported; bad configuration stops the process here, with
 every problem listed, before any task can run.
@@ -16,6 +18,7 @@ from kombu import Queue
 from vq_tasks.logs import redact_handlers
 from vq_tasks.settings import ConfigError, Settings, get_settings
 from vq_tasks.worker import broker
+from vq_tasks.worker.liveness import DeliveryRenewer
 from vq_tasks.worker.schedule import beat_schedule
 
 QUEUES = ("vq.backup", "vq.dump", "vq.maintenance")
@@ -29,6 +32,9 @@ ROUTES = {
     "vq_tasks.copy_offsite": {"queue": "vq.maintenance"},
 }
 RESULT_TTL = 7 * 86400
+# RabbitMQ 3.12+ honours a consumer timeout per queue; older servers need the server setting
+# (docs/RELIABILITY.md). Either way a delivery closed early finds its step's lease (leases.py).
+CONSUMER_TIMEOUT_ARGUMENT = "x-consumer-timeout"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -41,6 +47,7 @@ def create_app(settings: Settings) -> Celery:
         include=["vq_tasks.worker.tasks"],
     )
     limit = settings.backup_task_time_limit
+    lost_after = settings.backup_worker_lost_after
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -56,9 +63,20 @@ def create_app(settings: Settings) -> Celery:
         result_expires=RESULT_TTL,
         task_time_limit=limit,
         task_soft_time_limit=limit - 30,
-        broker_transport_options={"visibility_timeout": limit + 600},
+        # Redis broker: a delivery nobody renewed for lost_after seconds is handed out again
+        # (liveness.py), swept for every sixth of that
+        broker_transport_options={
+            "visibility_timeout": lost_after,
+            "unacked_restore_interval": max(1, lost_after // 6),
+            "unacked_restore_throttle": 1,
+        },
+        # RabbitMQ: a silent connection (a host cut off) is closed, and its deliveries handed
+        # out again, after two missed heartbeats: half of lost_after, the leases' own delay
+        broker_heartbeat=max(2, lost_after // 4),
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        # a broker blip must not cancel a three-hour dump (Celery 6 turns this on by default)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_queues=[Queue(name, queue_arguments=_queue_arguments(settings)) for name in QUEUES],
         task_default_queue="vq.backup",
         task_routes=ROUTES,
         timezone=settings.backup_timezone,
@@ -66,6 +84,13 @@ def create_app(settings: Settings) -> Celery:
         beat_schedule=beat_schedule(settings),
     )
     return app
+
+
+def _queue_arguments(settings: Settings) -> dict[str, int] | None:
+    """RabbitMQ's queue arguments: a consumer timeout above the task time limit (3.12+)."""
+    if broker.is_redis(settings.celery_broker_url.get_secret_value()):
+        return None
+    return {CONSUMER_TIMEOUT_ARGUMENT: (settings.backup_task_time_limit + 600) * 1000}
 
 
 def _load() -> Settings:
@@ -84,3 +109,23 @@ app = create_app(settings)
 @signals.after_setup_task_logger.connect
 def _redact_logs(logger, **_kwargs) -> None:
     redact_handlers(logger, settings.secret_values())
+
+
+_renewer: DeliveryRenewer | None = None
+
+
+@signals.worker_ready.connect
+def _start_renewing_deliveries(sender=None, **_kwargs) -> None:
+    """With the Redis broker, keep this worker's deliveries its own while it lives (liveness.py)."""
+    global _renewer
+    if broker.is_redis(settings.celery_broker_url.get_secret_value()) and _renewer is None:
+        _renewer = DeliveryRenewer(app, every=max(1.0, settings.backup_worker_lost_after / 6))
+        _renewer.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_renewing_deliveries(**_kwargs) -> None:
+    global _renewer
+    if _renewer is not None:
+        _renewer.stop()
+        _renewer = None

@@ -1,5 +1,6 @@
-"""Celery's broker transport for redis:// and rediss:// URLs: kombu's Redis transport with one
-workaround, for a bug of kombu 5.7.0.
+"""Celery's broker transports: for redis:// and rediss:// URLs kombu's Redis transport with one
+workaround, for a bug of kombu 5.7.0; for amqp:// and amqps:// (RabbitMQ) kombu's, with RabbitMQ's
+consumer timeout taken for the lost connection it amounts to (``AMQPTransport`` below).
 
 The bug: when the connection to the broker is lost, the worker's consumer calls
 ``Connection.collect()`` and then ``Connection.close()`` (celery/worker/consumer/consumer.py,
@@ -21,18 +22,21 @@ late acknowledgement of a message delivered on the lost connection fail (Celery 
 ack"), so the message stays there, and a worker's periodic sweep puts it back in its queue once
 the visibility timeout has passed (``restore_visible``), as when a worker is killed.
 
-Remove this module (and its use in vq_tasks.worker.app) once a kombu release no longer reads
-``self.connection.client`` of a closed channel: upgrade kombu, drop ``register()`` and check that
+Remove ``Channel`` and ``Transport`` (and the Redis schemes in ``register()``) once a kombu release
+no longer reads ``self.connection.client`` of a closed channel: upgrade kombu and check that
 tests/integration/test_faults.py::test_broker_restarted_mid_run_the_worker_reconnects passes.
 """
 
 from __future__ import annotations
 
+import amqp
 import redis
 from kombu import transport
+from kombu.transport import pyamqp
 from kombu.transport import redis as kombu_redis
 
 SCHEMES = ("redis", "rediss")
+AMQP_SCHEMES = {"amqp": "AMQPTransport", "pyamqp": "AMQPTransport", "amqps": "AMQPSTransport"}
 
 
 class Channel(kombu_redis.Channel):
@@ -54,12 +58,42 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+# RabbitMQ closes the channel of a delivery not acknowledged within its consumer_timeout (30 min by
+# default; 3.12+ also per queue, which the app sets) with 406 PRECONDITION_FAILED. Celery takes
+# that for an "Unrecoverable error" and the worker exits once its running tasks end: a backup
+# step longer than the timeout would stop the worker. As a connection error, the worker reconnects
+# instead and its running steps go on (worker_cancel_long_running_tasks_on_connection_loss is
+# off); RabbitMQ hands the closed delivery out again, and the step's lease (leases.py) makes that
+# second delivery wait for the first and then do nothing twice. A queue declared with other
+# arguments than an existing one raises it too: the worker then says so on every reconnection.
+_CONSUMER_TIMEOUT_IS_CONNECTION_LOSS = (amqp.exceptions.PreconditionFailed,)
+
+
+class AMQPTransport(pyamqp.Transport):
+    """kombu's RabbitMQ transport; a channel closed by the consumer timeout is a lost connection."""
+
+    connection_errors = (*pyamqp.Transport.connection_errors, *_CONSUMER_TIMEOUT_IS_CONNECTION_LOSS)
+
+
+class AMQPSTransport(pyamqp.SSLTransport):
+    """The same over TLS (amqps://)."""
+
+    connection_errors = AMQPTransport.connection_errors
+
+
+def is_redis(url: str) -> bool:
+    """Whether the broker URL ``url`` names a Redis (else RabbitMQ, amqp://)."""
+    return url.split(":", 1)[0] in SCHEMES
+
+
 def register() -> None:
-    """Make kombu resolve the redis:// and rediss:// schemes of a broker URL to ``Transport``.
+    """Make kombu resolve the redis:// and rediss:// schemes of a broker URL to ``Transport``,
+    amqp://, pyamqp:// and amqps:// to ``AMQPTransport`` and ``AMQPSTransport``.
 
     The scheme stays the transport's name, so what Celery logs and Flower reads as the broker URL
     is unchanged, and so is kombu's TLS handling of rediss://. A scheme that kombu resolved
     already is forgotten, so that the next connection resolves it again."""
-    for scheme in SCHEMES:
-        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    aliases = {**dict.fromkeys(SCHEMES, "Transport"), **AMQP_SCHEMES}
+    for scheme, name in aliases.items():
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:{name}"
         transport._transport_cache.pop(scheme, None)

@@ -24,6 +24,7 @@ from vq_tasks.retention.policy import retention_start
 from vq_tasks.retention.prune import prune_all
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage import open_storage
+from vq_tasks.worker import leases
 from vq_tasks.worker.app import app
 from vq_tasks.worker.schedule import SLOT_SEARCH, scheduled_slot
 
@@ -148,11 +149,19 @@ def _start_chord(settings, start: pipeline.BackupStart) -> None:
         raise
 
 
+def _step(settings: Settings, name: str):
+    """The lease of step ``name``: one live execution at a time (vq_tasks.worker.leases)."""
+    r = coordination.client(settings)
+    return leases.leased(r, name, settings.backup_worker_lost_after, logger.info)
+
+
 def _dump(task, backup_id: str, component: Component) -> dict[str, Any]:
     settings = get_settings()
     try:
-        return pipeline.dump_component(settings, backup_id, component).model_dump(mode="json")
-    except pipeline.RunEnded as exc:
+        with _step(settings, f"{backup_id}:{component}") as lease:
+            part = pipeline.dump_component(settings, backup_id, component, fence=lease.check)
+        return part.model_dump(mode="json")
+    except (pipeline.RunEnded, leases.LeaseLost) as exc:
         logger.warning("%s", exc)
         raise Ignore() from None
     except Exception as exc:
@@ -192,7 +201,11 @@ def finalize_backup(self, records: list[dict], backup_id: str, kind: Kind, start
     """Store the bundle and logs archive, then the manifest; enqueue prune and the success alert."""
     settings = get_settings()
     try:
-        manifest = pipeline.finalize(settings, backup_id, records, kind, started_at)
+        with _step(settings, f"{backup_id}:finalize") as lease:
+            manifest = pipeline.finalize(settings, backup_id, records, kind, started_at, fence=lease.check)
+    except leases.LeaseLost as exc:
+        logger.warning("%s", exc)
+        raise Ignore() from None
     except Exception as exc:
         failure = exc
     else:
@@ -288,12 +301,18 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
     _checked_id(settings, backup_id)
     r = coordination.client(settings)
     try:
-        with coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl):
+        with (
+            _step(settings, f"{backup_id}:offsite"),
+            coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl),
+        ):
             source, target = open_storage(settings), open_storage(settings, "offsite")
             keys = signing.trusted_keys(settings)
             size = offsite.copy_backup(source, target, backup_id, logger.info, keys)
             since = retention_start(datetime.now(UTC), policy(settings))
             caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, logger.info, keys)
+    except leases.LeaseLost as exc:
+        logger.warning("%s", exc)
+        raise Ignore() from None
     except Exception as exc:
         failure = exc
     else:
@@ -401,8 +420,13 @@ def restore_drill(
 
     settings = get_settings()
     storage = open_storage(settings, destination)
-    who = origin_of(origin)
-    report = run_drill(settings, storage, backup_id, run_id=self.request.id, say=logger.info, origin=who)
+    who, run_id = origin_of(origin), self.request.id
+    try:
+        with _step(settings, f"drill:{run_id}"):  # a redelivered drill never runs beside itself
+            report = run_drill(settings, storage, backup_id, run_id=run_id, say=logger.info, origin=who)
+    except leases.LeaseLost as exc:
+        logger.warning("%s", exc)
+        raise Ignore() from None
     if report.ok:
         logger.info("restore drill of %s (%s): ok in %.1f s", report.backup_id, who, report.duration_seconds)
     else:

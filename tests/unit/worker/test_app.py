@@ -1,0 +1,79 @@
+"""What the Celery app promises about dead workers, per broker (docs/RELIABILITY.md): the Redis
+broker's visibility timeout and sweep follow BACKUP_WORKER_LOST_AFTER, RabbitMQ's heartbeat and
+queue consumer timeout too, a lost connection cancels nothing, and RabbitMQ's consumer timeout
+is a lost connection, not the end of the worker."""
+
+from __future__ import annotations
+
+import amqp
+import kombu
+import pytest
+
+from vq_tasks.settings import load_settings
+from vq_tasks.worker import broker
+from vq_tasks.worker.app import CONSUMER_TIMEOUT_ARGUMENT, create_app
+from vq_tasks.worker.liveness import held_delivery_tags
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("BACKUP_", "CELERY_", "REDIS_")):
+            monkeypatch.delenv(name)
+
+
+def app_with(monkeypatch, **env: str):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return create_app(load_settings())
+
+
+def test_the_redis_broker_hands_out_again_what_was_not_renewed_for_lost_after(monkeypatch):
+    app = app_with(monkeypatch, CELERY_BROKER_URL="redis://127.0.0.1:6390/0")
+    options = app.conf.broker_transport_options
+    assert options == {
+        "visibility_timeout": 60,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+    }
+    assert app.conf.worker_cancel_long_running_tasks_on_connection_loss is False
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert all(not q.queue_arguments for q in app.conf.task_queues)
+    quick = app_with(monkeypatch, BACKUP_WORKER_LOST_AFTER="12").conf.broker_transport_options
+    assert quick["visibility_timeout"] == 12 and quick["unacked_restore_interval"] == 2
+
+
+def test_rabbitmq_queues_carry_a_consumer_timeout_beyond_the_task_time_limit(monkeypatch):
+    app = app_with(
+        monkeypatch,
+        CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//",
+        CELERY_RESULT_BACKEND="redis://127.0.0.1:6390/0",
+        BACKUP_TASK_TIME_LIMIT="7200",
+    )
+    assert {q.name: q.queue_arguments for q in app.conf.task_queues} == {
+        name: {CONSUMER_TIMEOUT_ARGUMENT: 7_800_000} for name in ("vq.backup", "vq.dump", "vq.maintenance")
+    }
+    assert app.conf.broker_heartbeat == 15  # two missed: a silent host is dropped after 30 s
+
+
+@pytest.mark.parametrize("url", ["amqp://h//", "pyamqp://h//", "amqps://h//"])
+def test_rabbitmqs_consumer_timeout_is_a_lost_connection_for_the_worker(url):
+    broker.register()
+    transport = kombu.Connection(url).transport
+    assert isinstance(transport, broker.AMQPTransport | broker.AMQPSTransport)
+    assert amqp.exceptions.PreconditionFailed in transport.connection_errors
+    assert broker.is_redis("rediss://h:6380/0") and not broker.is_redis(url)
+
+
+def test_held_delivery_tags_are_read_from_the_requests_a_worker_holds():
+    class Message:
+        def __init__(self, tag):
+            self.delivery_tag = tag
+
+    class Request:
+        def __init__(self, tag):
+            self.message = Message(tag)
+
+    assert held_delivery_tags([Request("a"), Request("b"), Request("a"), object()]) == {"a", "b"}
