@@ -116,6 +116,15 @@ class Worker:
         stop_process(self.process, timeout=20, group=True)
 
 
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Workers a test starts itself (tests.integration.test_faults.launch_worker); stopped afterwards."""
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
 def settings_env(**values: object) -> dict[str, str]:
     """Return environment variables for settings given by field name."""
     env = {}

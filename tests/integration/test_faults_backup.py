@@ -29,7 +29,6 @@ from tests.integration.test_faults import (
     MIB,
     assert_clear_failure,
     assert_one_complete_backup,
-    launch_worker,
     mail_env,
     pg_dumps_waiting,
     restart_server,
@@ -169,47 +168,6 @@ def catch_finalize(worker: Worker, layout: dict[str, Path]) -> psutil.Process:
             child.resume()
     assert victim is not None, f"no pool process is writing to the storage: {os.listdir(folder)}"
     return victim
-
-
-# ---- a whole worker SIGKILLed --------------------------------------------------------------------
-
-
-@pytest.fixture
-def workers(tmp_path) -> Iterator[list[Worker]]:
-    """Workers a test starts with launch_worker; stopped afterwards."""
-    started: list[Worker] = []
-    yield started
-    for worker in started:
-        worker.stop()
-
-
-def test_a_whole_worker_killed_mid_dump_is_redelivered_after_the_visibility_timeout(
-    base_env, database, layout, workers, smtp, tmp_path
-):
-    """Fault: the whole worker (main process, pool processes, pg_dump) is SIGKILLed, as `docker
-    kill` or a container's OOM killer does, while dump_database runs. Nothing requeues the
-    message at once: it stays unacknowledged in the broker until the visibility timeout has
-    passed and a worker's periodic sweep puts it back. The app's timeout is
-    BACKUP_TASK_TIME_LIMIT + 600 s (at least 660 s); the second worker here sweeps with a 5 s
-    timeout every second (only those transport options differ from the app's). Expected: the
-    second worker runs dump_database again; exactly one complete backup and one mail."""
-    fill_database(database, customers=50)
-    env = {**base_env, **mail_env(smtp[0])}
-    workers.append(launch_worker(env, tmp_path / "worker-doomed.log", "doomed"))
-    with table_locked(database):
-        run = start_run(env, tmp_path)
-        wait_until(lambda: pg_dumps_waiting(database) == 1, "dump_database never ran")
-        os.killpg(workers[0].process.pid, signal.SIGKILL)
-        workers[0].process.wait()
-    killed = time.monotonic()
-    sweep = {"visibility_timeout": 5, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
-    heir = launch_worker(env, tmp_path / "worker-heir.log", "heir", sweep)
-    workers.append(heir)
-    code, output = run.finish()
-    assert code == 0, output + heir.log_text()
-    assert "vq_tasks.dump_database[" in heir.log_text()
-    assert time.monotonic() - killed >= 3  # not before the (shortened) visibility timeout
-    assert_one_complete_backup(layout, run.backup_id, smtp[1])
 
 
 # ---- PostgreSQL and the application's Redis ---------------------------------------------------
