@@ -122,6 +122,20 @@ def release_claim(r: redis.Redis, name: str) -> None:
     r.delete(CLAIM_KEY.format(name))
 
 
+RESULT_KEY = "vq:result:{}"
+
+
+def record_result(r: redis.Redis, task_id: str, result: dict[str, Any], ttl: int = RUN_RECORD_TTL) -> None:
+    """Keep the result of task ``task_id``, which a later delivery of the same task returns."""
+    r.set(RESULT_KEY.format(task_id), json.dumps(result), ex=ttl)
+
+
+def result_of(r: redis.Redis, task_id: str) -> dict[str, Any] | None:
+    """Return the result kept for task ``task_id`` (None: it has not finished)."""
+    kept = cast("str | None", r.get(RESULT_KEY.format(task_id)))
+    return None if kept is None else json.loads(kept)
+
+
 OFFSITE_COPY_KEY = "vq:offsite-copy:{}"
 
 
@@ -130,7 +144,7 @@ def offsite_copy_running(r: redis.Redis, task_id: str, ttl: int) -> Iterator[Non
     """Mark an off-site copy as running while the block runs (kept alive by a heartbeat, gone
     ``ttl`` seconds after its worker dies), so that the off-site prune leaves its files alone."""
     key = OFFSITE_COPY_KEY.format(task_id)
-    r.set(key, task_id, ex=ttl)
+    r.set(key, f"{task_id} copying", ex=ttl)  # the heartbeat renews a value that starts "<holder> "
     try:
         with heartbeat(r, task_id, ttl, key=key):
             yield

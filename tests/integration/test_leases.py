@@ -56,10 +56,11 @@ def test_a_silent_holder_elsewhere_is_taken_over_after_the_lease_and_can_commit_
     assert 0.5 < waited < 4, waited
 
     with leased(r, "b3:redis", ttl=2, say=lambda _: None) as lease:
-        r.set(lease.key, "someone-else other-host/x/1/1 now", ex=60)  # taken over meanwhile
+        key = LEASE_KEY.format(lease.name)
+        r.set(key, "someone-else other-host/x/1/1 now", ex=60)  # taken over meanwhile
         with pytest.raises(LeaseLost, match="b3:redis was taken over by other-host/x/1/1"):
             lease.check()
-    assert r.get(lease.key).startswith("someone-else ")  # never someone else's to give back
+    assert r.get(key).startswith("someone-else ")  # never someone else's to give back
 
 
 def test_the_lease_of_an_ended_process_of_this_host_is_taken_over_at_once(r):
@@ -142,6 +143,30 @@ def test_a_lease_that_vanished_with_nobody_holding_it_is_taken_again_at_the_chec
     """Celery's Redis restarted without its data mid-step: nobody took the step over, so the
     execution may still commit (and holds the lease again)."""
     with leased(r, "b6:config", ttl=30, say=lambda _: None) as lease:
-        r.delete(lease.key)
+        key = LEASE_KEY.format(lease.name)
+        r.delete(key)
         lease.check()
-        assert r.get(lease.key) == lease.value
+        assert r.get(key) == lease.value
+
+
+def test_a_lease_taken_and_given_back_by_another_execution_is_never_taken_again_at_the_check(r):
+    """A host cut off for longer than the lease: another execution took the step, finished it and
+    gave the lease back. The first one, back, finds no lease but must not commit over the work
+    of the other."""
+    with leased(r, "b7:database", ttl=30, say=lambda _: None) as first:
+        r.delete(LEASE_KEY.format(first.name))  # expired while its host was cut off
+        with leased(r, "b7:database", ttl=30, say=lambda _: None):
+            pass  # the successor, done
+        with pytest.raises(LeaseLost, match="b7:database was taken over"):
+            first.check()
+
+
+def test_a_failure_after_the_step_was_taken_over_is_not_the_steps(r):
+    """The superseded execution fails (its pg_dump cut off, say): the failure is raised as
+    LeaseLost, so that it is never recorded as the step's failure while the successor works."""
+    superseded = pytest.raises(LeaseLost, match="this execution's OSError is not the step's")
+    with superseded, leased(r, "b8:redis", ttl=30, say=lambda _: None) as lease:
+        r.set(LEASE_KEY.format(lease.name), "successor other-host/b/ns/1/1 now", ex=30)
+        raise OSError("connection reset")
+    with pytest.raises(OSError), leased(r, "b9:redis", ttl=30, say=lambda _: None):
+        raise OSError("connection reset")  # while it holds the lease, a failure is the step's own

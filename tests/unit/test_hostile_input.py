@@ -596,9 +596,9 @@ def test_finalize_refuses_a_record_naming_a_file_outside_its_staging_folder(tmp_
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
     area.ensure()
-    area.part_path("redis").write_bytes(b"rdb")
+    area.part_path("redis", "e1").write_bytes(b"rdb")
     good = StagedPart.model_construct(
-        component="redis", path=str(area.part_path("redis")), staged_size=3, worker="w1"
+        component="redis", path=str(area.part_path("redis", "e1")), staged_size=3, worker="w1"
     )
     forged = StagedPart.model_construct(component="database", path="/etc/shadow", worker="w1")
     _check_staged_paths({"redis": good}, area)
@@ -615,12 +615,12 @@ def test_finalize_on_a_worker_that_does_not_see_the_staged_parts_says_staging_mu
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
     area.ensure()
-    area.part_path("redis").write_bytes(b"rdb")
+    area.part_path("redis", "e1").write_bytes(b"rdb")
     seen = StagedPart.model_construct(
-        component="redis", path=str(area.part_path("redis")), staged_size=3, worker="w1"
+        component="redis", path=str(area.part_path("redis", "e1")), staged_size=3, worker="w1"
     )
     elsewhere = StagedPart.model_construct(
-        component="database", path=str(area.part_path("database")), staged_size=9, worker="host-b"
+        component="database", path=str(area.part_path("database", "e1")), staged_size=9, worker="host-b"
     )
     with pytest.raises(PermanentError, match=r"database \(staged by host-b\).*every worker shares"):
         _check_staged_paths({"redis": seen, "database": elsewhere}, area)

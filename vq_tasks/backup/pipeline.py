@@ -245,9 +245,10 @@ def finalize(
             bundle_name(backup_id, compression, encrypted=bool(recipients)),
             lambda out: _write_bundle(out, parts, compression, started),
             recipients,
+            fence,
         )
         logs_stored_as = stored_name(parts["logs"].member, encrypted=bool(recipients))
-        logs = _store(storage, logs_stored_as, lambda out: copy_staged(parts["logs"], out), recipients)
+        logs = _store(storage, logs_stored_as, lambda out: copy_staged(parts["logs"], out), recipients, fence)
     finished = datetime.now(UTC)
     manifest = Manifest(
         backup_id=backup_id,
@@ -327,10 +328,16 @@ def _write_bundle(
     bundle.close()
 
 
-def _store(storage: Storage, name: str, write, recipients: list[X25519Recipient] | None = None) -> StoredFile:
+def _store(
+    storage: Storage,
+    name: str,
+    write: Callable[[Writer], object],
+    recipients: list[X25519Recipient] | None = None,
+    fence: Callable[[], None] = lambda: None,
+) -> StoredFile:
     """Write one object through a hash stage, encrypted to ``recipients`` on the way if any (the
     checksums are then those of the encrypted bytes, as stored), and check that storage holds
-    exactly that size."""
+    exactly that size. ``fence`` is called before the object is committed."""
     with storage.open_write(name) as out:
         hashed = HashStage(out)  # in this thread: a background one would hold its chunks in flight
         if recipients:
@@ -339,6 +346,7 @@ def _store(storage: Storage, name: str, write, recipients: list[X25519Recipient]
             sealed.close()
         else:
             write(hashed)
+        fence()
     checks = hashed.checksums()
     stored = storage.stat(name)
     if stored is None or stored.size != checks.size:

@@ -1,8 +1,10 @@
-"""The staging area shared by all workers: BACKUP_STAGING_DIR/<backup id>/<component>.part.
+"""The staging area shared by all workers: BACKUP_STAGING_DIR/<backup id>/<component>.<execution>.part.
 
 A dump task writes its part through a chain of stages (content hash, compression in parallel gzip
 members, staged hash) into a hidden temporary file, renamed only when complete: a task killed
-half way leaves no part that looks finished, and a redelivered task simply writes it again.
+half way leaves no part that looks finished, and a redelivered task simply writes it again. Each
+execution's part has a name of its own, so that one taken for dead that finishes late never
+replaces the part another execution staged and recorded.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class StagingArea:
         self.root = root
         self.folder = root / backup_id
 
-    def part_path(self, component: str) -> Path:
-        return self.folder / f"{component}.part"
+    def part_path(self, component: str, execution: str) -> Path:
+        return self.folder / f"{component}.{execution}.part"
 
     def remove(self) -> None:
         """Remove this backup's folder and everything in it; harmless if already gone."""
@@ -62,9 +64,10 @@ def stage_part(
     ``member_level`` overrides the level of the wrapping gzip members or zstd frames (0 for data
     that is already compressed, such as config.tar.gz: stored). ``fence`` is called before the
     part replaces what is in place, and raises if this execution may no longer put it there."""
-    final = area.part_path(component)
+    execution = uuid.uuid4().hex[:8]
+    final = area.part_path(component, execution)
     began = time.monotonic()
-    temporary = area.folder / f".{component}.{uuid.uuid4().hex[:8]}.tmp"
+    temporary = area.folder / f".{component}.{execution}.tmp"
     try:
         with _staging_errors(settings):
             area.ensure()

@@ -10,6 +10,7 @@ every problem listed, before any task can run.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from celery import Celery, signals
@@ -34,7 +35,9 @@ ROUTES = {
 RESULT_TTL = 7 * 86400
 # RabbitMQ 3.12+ honours a consumer timeout per queue; older servers need the server setting
 # (docs/RELIABILITY.md). Either way a delivery closed early finds its step's lease (leases.py).
+# A fixed value: a queue declared again with another one is refused by RabbitMQ.
 CONSUMER_TIMEOUT_ARGUMENT = "x-consumer-timeout"
+CONSUMER_TIMEOUT_MS = 48 * 3600 * 1000
 
 
 def create_app(settings: Settings) -> Celery:
@@ -69,6 +72,8 @@ def create_app(settings: Settings) -> Celery:
             "visibility_timeout": lost_after,
             "unacked_restore_interval": max(1, lost_after // 6),
             "unacked_restore_throttle": 1,
+            # the sweep's lock: a worker that dies sweeping holds up the others this long
+            "unacked_mutex_expire": lost_after,
         },
         # RabbitMQ: a silent connection (a host cut off) is closed, and its deliveries handed
         # out again, after two missed heartbeats: half of lost_after, the leases' own delay
@@ -90,7 +95,7 @@ def _queue_arguments(settings: Settings) -> dict[str, int] | None:
     """RabbitMQ's queue arguments: a consumer timeout above the task time limit (3.12+)."""
     if broker.is_redis(settings.celery_broker_url.get_secret_value()):
         return None
-    return {CONSUMER_TIMEOUT_ARGUMENT: (settings.backup_task_time_limit + 600) * 1000}
+    return {CONSUMER_TIMEOUT_ARGUMENT: CONSUMER_TIMEOUT_MS}
 
 
 def _load() -> Settings:
@@ -116,11 +121,33 @@ _renewer: DeliveryRenewer | None = None
 
 @signals.worker_ready.connect
 def _start_renewing_deliveries(sender=None, **_kwargs) -> None:
-    """With the Redis broker, keep this worker's deliveries its own while it lives (liveness.py)."""
+    """With the Redis broker, keep this worker's deliveries its own while it lives (liveness.py);
+    with RabbitMQ, say what its consumer timeout needs where the queues' own does not count."""
     global _renewer
-    if broker.is_redis(settings.celery_broker_url.get_secret_value()) and _renewer is None:
+    if not broker.is_redis(settings.celery_broker_url.get_secret_value()):
+        _tell_about_consumer_timeout(sender)
+    elif _renewer is None:
         _renewer = DeliveryRenewer(app, every=max(1.0, settings.backup_worker_lost_after / 6))
         _renewer.start()
+
+
+def _tell_about_consumer_timeout(consumer) -> None:
+    """RabbitMQ before 3.12 ignores the queues' x-consumer-timeout: log what to set instead (its
+    value cannot be read over AMQP). Nothing is lost when it fires (docs/RELIABILITY.md)."""
+    try:
+        version = consumer.connection.connection.server_properties.get("version", "")
+        major, minor = (int(part) for part in str(version).split(".")[:2])
+    except Exception:  # not a RabbitMQ we can tell: nothing to say
+        return
+    if (major, minor) < (3, 12):
+        limit_ms = (settings.backup_task_time_limit + 600) * 1000
+        logging.getLogger(__name__).warning(
+            "RabbitMQ %s applies only its server-wide consumer_timeout (30 min unless set): a step "
+            "longer than it has its delivery closed and handed out again (nothing is lost or done "
+            "twice, but the step's slot waits); set consumer_timeout = %d in rabbitmq.conf",
+            version,
+            limit_ms,
+        )
 
 
 @signals.worker_shutdown.connect

@@ -61,24 +61,40 @@ class Transport(kombu_redis.Transport):
 # RabbitMQ closes the channel of a delivery not acknowledged within its consumer_timeout (30 min by
 # default; 3.12+ also per queue, which the app sets) with 406 PRECONDITION_FAILED. Celery takes
 # that for an "Unrecoverable error" and the worker exits once its running tasks end: a backup
-# step longer than the timeout would stop the worker. As a connection error, the worker reconnects
-# instead and its running steps go on (worker_cancel_long_running_tasks_on_connection_loss is
-# off); RabbitMQ hands the closed delivery out again, and the step's lease (leases.py) makes that
-# second delivery wait for the first and then do nothing twice. A queue declared with other
-# arguments than an existing one raises it too: the worker then says so on every reconnection.
-_CONSUMER_TIMEOUT_IS_CONNECTION_LOSS = (amqp.exceptions.PreconditionFailed,)
+# step longer than the timeout would stop the worker. Raised as a lost connection instead, the
+# worker reconnects and its running steps go on (worker_cancel_long_running_tasks_on_connection_loss
+# is off); RabbitMQ hands the closed delivery out again, and the step's lease (leases.py) makes that
+# second delivery wait for the first and then do nothing twice. Other PRECONDITION_FAILED errors (a
+# queue declared with other arguments) stay what they were: the worker stops, saying why.
+CONSUMER_TIMEOUT_TEXT = "delivery acknowledgement on channel"
+
+
+class ConsumerTimedOut(amqp.exceptions.RecoverableConnectionError):
+    """RabbitMQ closed a channel whose delivery outlived its consumer_timeout."""
+
+
+class AMQPConnection(pyamqp.Connection):
+    """kombu's RabbitMQ connection; the consumer timeout's closing of a channel is a lost connection."""
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        try:
+            super().drain_events(timeout=timeout)
+        except amqp.exceptions.PreconditionFailed as exc:
+            if CONSUMER_TIMEOUT_TEXT not in str(exc):
+                raise
+            raise ConsumerTimedOut(str(exc)) from exc
 
 
 class AMQPTransport(pyamqp.Transport):
-    """kombu's RabbitMQ transport; a channel closed by the consumer timeout is a lost connection."""
+    """kombu's RabbitMQ transport with the connection above."""
 
-    connection_errors = (*pyamqp.Transport.connection_errors, *_CONSUMER_TIMEOUT_IS_CONNECTION_LOSS)
+    Connection = AMQPConnection
 
 
 class AMQPSTransport(pyamqp.SSLTransport):
     """The same over TLS (amqps://)."""
 
-    connection_errors = AMQPTransport.connection_errors
+    Connection = AMQPConnection
 
 
 def is_redis(url: str) -> bool:

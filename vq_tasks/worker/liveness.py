@@ -21,6 +21,9 @@ from collections.abc import Iterable
 
 from celery import Celery
 from celery.worker import state
+from kombu import Connection
+
+from vq_tasks.worker import broker
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def held_delivery_tags(requests: Iterable[object] | None = None) -> set[str]:
     if requests is None:
         for _ in range(5):  # the consumer changes these sets meanwhile; try again on a change
             try:
-                requests = [*state.requests.values(), *state.scheduled_requests, *state.active_requests]
+                requests = [*state.reserved_requests, *state.scheduled_requests, *state.active_requests]
                 break
             except RuntimeError:
                 continue
@@ -77,11 +80,11 @@ class DeliveryRenewer:
             connection.release()
 
 
-def renew(connection, tags: set[str], now: float | None = None) -> int:
+def renew(connection: Connection, tags: set[str], now: float | None = None) -> int:
     """Set the delivery time of ``tags`` to ``now`` in the broker's index of unacknowledged
     messages, for those still in it (one handed out again meanwhile stays out). Return how many."""
     if not tags:
         return 0
-    channel = connection.default_channel
+    channel: broker.Channel = connection.default_channel  # type: ignore[assignment]  # a Redis broker's
     stamp = time.time() if now is None else now
     return int(channel.client.zadd(channel.unacked_index_key, dict.fromkeys(tags, stamp), xx=True, ch=True))

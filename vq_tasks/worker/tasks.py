@@ -4,12 +4,14 @@ at once. Arguments and results hold ids, names and redacted messages, never a se
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import chord, group
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.utils.log import get_task_logger
 
 from vq_tasks import coordination
@@ -149,10 +151,37 @@ def _start_chord(settings, start: pipeline.BackupStart) -> None:
         raise
 
 
-def _step(settings: Settings, name: str):
+def _step(settings: Settings, name: str) -> contextlib.AbstractContextManager[leases.Lease]:
     """The lease of step ``name``: one live execution at a time (vq_tasks.worker.leases)."""
     r = coordination.client(settings)
     return leases.leased(r, name, settings.backup_worker_lost_after, logger.info)
+
+
+def _give_back(lost: leases.LeaseLost) -> NoReturn:
+    """This execution may not finish its step: hand its message back to the broker. A message
+    handed out again already is gone from it, and giving it back does nothing; a live one comes
+    back and waits for the step again, so that a step never loses its only message."""
+    logger.warning("%s", lost)
+    raise Reject(str(lost), requeue=True) from None
+
+
+def _run_once(settings: Settings, task: Any, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``work`` for this task: one execution at a time, and a delivery handed out again after
+    an execution finished returns that execution's result instead of doing the work again (the
+    result backend cannot tell: each execution marks the task STARTED anew)."""
+    task_id = task.request.id
+    try:
+        with _step(settings, f"task:{task_id}"):
+            r = coordination.client(settings)
+            done = coordination.result_of(r, task_id)
+            if done is not None:
+                logger.info("task %s was done by an earlier delivery; its result stands", task_id)
+                return done
+            result = work()
+            coordination.record_result(r, task_id, result)
+            return result
+    except leases.LeaseLost as lost:
+        _give_back(lost)
 
 
 def _dump(task, backup_id: str, component: Component) -> dict[str, Any]:
@@ -161,9 +190,11 @@ def _dump(task, backup_id: str, component: Component) -> dict[str, Any]:
         with _step(settings, f"{backup_id}:{component}") as lease:
             part = pipeline.dump_component(settings, backup_id, component, fence=lease.check)
         return part.model_dump(mode="json")
-    except (pipeline.RunEnded, leases.LeaseLost) as exc:
+    except pipeline.RunEnded as exc:
         logger.warning("%s", exc)
         raise Ignore() from None
+    except leases.LeaseLost as lost:
+        _give_back(lost)
     except Exception as exc:
         failure = exc
     _retry_if_transient(task, settings, failure, f"{component} of {backup_id}")
@@ -203,9 +234,8 @@ def finalize_backup(self, records: list[dict], backup_id: str, kind: Kind, start
     try:
         with _step(settings, f"{backup_id}:finalize") as lease:
             manifest = pipeline.finalize(settings, backup_id, records, kind, started_at, fence=lease.check)
-    except leases.LeaseLost as exc:
-        logger.warning("%s", exc)
-        raise Ignore() from None
+    except leases.LeaseLost as lost:
+        _give_back(lost)
     except Exception as exc:
         failure = exc
     else:
@@ -280,14 +310,17 @@ def prune(self, dry_run: bool = False, origin: str = "celery") -> dict[str, Any]
     what was (or would be) deleted and why. One destination failing does not spare the other; a
     failure, or backups past their retention left after a real prune, is a retention incident."""
     settings = get_settings()
-    report = prune_all(
-        settings, dry_run=dry_run, origin=origin_of(origin), task_id=self.request.id, say=logger.info
-    )
-    if not dry_run:
-        _alert(retention_event(report))
-    if not report.ok:
-        raise PermanentError("; ".join(report.failures()))
-    return report.as_dict()
+
+    def work() -> dict[str, Any]:
+        who = origin_of(origin)
+        report = prune_all(settings, dry_run=dry_run, origin=who, task_id=self.request.id, say=logger.info)
+        if not dry_run:
+            _alert(retention_event(report))
+        if not report.ok:
+            raise PermanentError("; ".join(report.failures()))
+        return report.as_dict()
+
+    return _run_once(settings, self, work)
 
 
 @app.task(name="vq_tasks.copy_offsite", bind=True, max_retries=None)
@@ -310,9 +343,8 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
             size = offsite.copy_backup(source, target, backup_id, logger.info, keys)
             since = retention_start(datetime.now(UTC), policy(settings))
             caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, logger.info, keys)
-    except leases.LeaseLost as exc:
-        logger.warning("%s", exc)
-        raise Ignore() from None
+    except leases.LeaseLost as lost:
+        _give_back(lost)
     except Exception as exc:
         failure = exc
     else:
@@ -343,11 +375,15 @@ def alert(self, event: dict[str, Any]) -> dict[str, Any]:
     mail each, however often the event is delivered or repeated), or a success summary."""
     settings = get_settings()
     parsed = AlertEvent.model_validate(event)
-    try:
-        outcome = deliver(settings, parsed, task_id=self.request.id)
-    except TransientError as exc:
-        raise self.retry(countdown=_countdown(self.request.retries), exc=exc) from None
-    return {"condition": parsed.condition, "outcome": outcome}
+
+    def work() -> dict[str, Any]:
+        try:
+            outcome = deliver(settings, parsed, task_id=self.request.id)
+        except TransientError as exc:
+            raise self.retry(countdown=_countdown(self.request.retries), exc=exc) from None
+        return {"condition": parsed.condition, "outcome": outcome}
+
+    return _run_once(settings, self, work)
 
 
 @app.task(name="vq_tasks.verify", bind=True, throws=(PermanentError,))
@@ -360,11 +396,15 @@ def verify(
     from vq_tasks.verify.run import summary, verify_operation
 
     settings = get_settings()
-    storage = open_storage(settings, destination)
-    report = verify_operation(storage, settings, backup_id, origin_of(origin), task_id=self.request.id)
-    line, verified = summary(report)
-    (logger.info if verified else logger.error)("verify: %s", line)
-    return report.model_dump(mode="json")
+
+    def work() -> dict[str, Any]:
+        storage = open_storage(settings, destination)
+        report = verify_operation(storage, settings, backup_id, origin_of(origin), task_id=self.request.id)
+        line, verified = summary(report)
+        (logger.info if verified else logger.error)("verify: %s", line)
+        return report.model_dump(mode="json")
+
+    return _run_once(settings, self, work)
 
 
 # acknowledged on receipt and never redelivered: a restore that ran hours ago must not run again
@@ -419,17 +459,17 @@ def restore_drill(
     from vq_tasks.restore.drill import alert_event, run_drill
 
     settings = get_settings()
-    storage = open_storage(settings, destination)
-    who, run_id = origin_of(origin), self.request.id
-    try:
-        with _step(settings, f"drill:{run_id}"):  # a redelivered drill never runs beside itself
-            report = run_drill(settings, storage, backup_id, run_id=run_id, say=logger.info, origin=who)
-    except leases.LeaseLost as exc:
-        logger.warning("%s", exc)
-        raise Ignore() from None
-    if report.ok:
-        logger.info("restore drill of %s (%s): ok in %.1f s", report.backup_id, who, report.duration_seconds)
-    else:
-        logger.error("restore drill of %s (%s) FAILED: %s", report.backup_id, who, report.failures)
-    _alert(alert_event(report))
-    return report.model_dump(mode="json")
+    who = origin_of(origin)
+
+    def work() -> dict[str, Any]:
+        storage = open_storage(settings, destination)
+        report = run_drill(settings, storage, backup_id, run_id=self.request.id, say=logger.info, origin=who)
+        took = report.duration_seconds
+        if report.ok:
+            logger.info("restore drill of %s (%s): ok in %.1f s", report.backup_id, who, took)
+        else:
+            logger.error("restore drill of %s (%s) FAILED: %s", report.backup_id, who, report.failures)
+        _alert(alert_event(report))
+        return report.model_dump(mode="json")
+
+    return _run_once(settings, self, work)

@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -172,7 +173,8 @@ def test_staged_part_records_the_content_and_the_members(tmp_path):
         return FilesFacts(roots=[], files=[])
 
     part = stage_part(settings, area, "database", "database.sql", produce)
-    stored = (area.folder / "database.part").read_bytes()
+    stored = Path(part.path).read_bytes()
+    assert Path(part.path).parent == area.folder and Path(part.path).name.startswith("database.")
     assert gzip.decompress(stored) == DATA * 3
     assert part.staged_size == len(stored)
     assert part.staged_sha256 == hashlib.sha256(stored).hexdigest()
