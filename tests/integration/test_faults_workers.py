@@ -18,6 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,6 +28,7 @@ import pytest
 from tests.integration.conftest import Worker, fill_database
 from tests.integration.test_faults import (
     MIB,
+    Run,
     assert_one_complete_backup,
     launch_worker,
     mail_env,
@@ -93,28 +97,67 @@ def lost_after_env(base_env: dict[str, str], smtp) -> dict[str, str]:
     return {**base_env, **mail_env(smtp[0]), "BACKUP_WORKER_LOST_AFTER": str(LOST_AFTER)}
 
 
+@dataclass
+class Takeover:
+    """A fault in the middle of dump_database (pg_dump waiting on a table lock): the run, the
+    worker that took the dump over, and when (monotonic) the fault struck."""
+
+    run: Run
+    heir: Worker
+    struck: float
+
+
+def fault_mid_dump(
+    env: dict[str, str],
+    database: str,
+    tmp_path: Path,
+    start: Callable[[str], Worker],
+    fault: Callable[[Worker], float],
+    heir_first: bool = True,
+) -> Takeover:
+    """Start the doomed worker (``start("doomed")``), a backup, and, once pg_dump waits, the heir
+    (before the fault, or after it without ``heir_first``); strike with ``fault(doomed)``."""
+    fill_database(database, customers=50)
+    doomed = start("doomed")
+    with table_locked(database):
+        run = start_run(env, tmp_path)
+        wait_until(lambda: pg_dumps_waiting(database) == 1, "dump_database never ran")
+        heir = start("heir") if heir_first else None
+        struck = fault(doomed)
+    return Takeover(run, heir or start("heir"), struck)
+
+
+def assert_taken_over(takeover: Takeover, what: str, env: dict[str, str], layout, mailbox) -> None:
+    """The heir ran dump_database once, within TAKEOVER_BOUND of the fault; one backup, one mail."""
+    code, output = takeover.run.finish()
+    took = time.monotonic() - takeover.struck
+    assert code == 0, output + takeover.heir.log_text()
+    assert received(takeover.heir, "dump_database") == 1, takeover.heir.log_text()
+    report(what, env, took)
+    assert took < TAKEOVER_BOUND, took
+    assert_one_complete_backup(layout, takeover.run.backup_id, mailbox)
+
+
+def launcher(env: dict[str, str], tmp_path: Path, workers: list[Worker]) -> Callable[[str], Worker]:
+    """Start a named worker on this machine (stopped with the test's ``workers``)."""
+
+    def start(name: str) -> Worker:
+        workers.append(launch_worker(env, tmp_path / f"worker-{name}.log", name))
+        return workers[-1]
+
+    return start
+
+
 def test_a_worker_killed_mid_dump_is_taken_over_by_the_live_one(
     env, database, layout, workers, smtp, tmp_path
 ):
     """The doomed worker's pg_dump waits on a table lock when the whole worker is killed; the
     heir, alive all along, runs dump_database once the doomed worker's deliveries are no longer
     renewed; an operator's `vq-backup run` right after the backup is accepted."""
-    fill_database(database, customers=50)
-    doomed = launch_worker(env, tmp_path / "worker-doomed.log", "doomed")
-    workers.append(doomed)
-    with table_locked(database):
-        run = start_run(env, tmp_path)
-        wait_until(lambda: pg_dumps_waiting(database) == 1, "dump_database never ran")
-        heir = launch_worker(env, tmp_path / "worker-heir.log", "heir")
-        workers.append(heir)
-        killed = kill_whole(doomed)
-    code, output = run.finish()
-    took = time.monotonic() - killed
-    assert code == 0, output + heir.log_text()
-    assert received(heir, "dump_database") == 1, heir.log_text()
-    report("worker killed mid-dump, another alive (backup complete)", env, took)
-    assert took < TAKEOVER_BOUND, took
-    assert_one_complete_backup(layout, run.backup_id, smtp[1])
+    takeover = fault_mid_dump(env, database, tmp_path, launcher(env, tmp_path, workers), kill_whole)
+    assert_taken_over(
+        takeover, "worker killed mid-dump, another alive (backup complete)", env, layout, smtp[1]
+    )
     second = start_run(env, tmp_path, wait=False)  # no dead run's lock in the way
     assert second.finish()[0] == 0, second.output()
 
@@ -124,21 +167,10 @@ def test_a_worker_killed_mid_dump_is_taken_over_by_one_started_later(
 ):
     """No other worker is alive when the whole worker dies; one started afterwards finds the dead
     worker's delivery at its first sweep, once it is older than BACKUP_WORKER_LOST_AFTER."""
-    fill_database(database, customers=50)
-    doomed = launch_worker(env, tmp_path / "worker-doomed.log", "doomed")
-    workers.append(doomed)
-    with table_locked(database):
-        run = start_run(env, tmp_path)
-        wait_until(lambda: pg_dumps_waiting(database) == 1, "dump_database never ran")
-        killed = kill_whole(doomed)
-    heir = launch_worker(env, tmp_path / "worker-heir.log", "heir")
-    workers.append(heir)
-    code, output = run.finish()
-    assert code == 0, output + heir.log_text()
-    assert received(heir, "dump_database") == 1, heir.log_text()
-    report("worker killed mid-dump, a new one started (backup complete)", env, time.monotonic() - killed)
-    assert time.monotonic() - killed < TAKEOVER_BOUND
-    assert_one_complete_backup(layout, run.backup_id, smtp[1])
+    start = launcher(env, tmp_path, workers)
+    takeover = fault_mid_dump(env, database, tmp_path, start, kill_whole, heir_first=False)
+    what = "worker killed mid-dump, a new one started (backup complete)"
+    assert_taken_over(takeover, what, env, layout, smtp[1])
 
 
 def test_a_live_workers_long_dump_is_never_handed_out_twice(env, database, layout, workers, smtp, tmp_path):

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +20,16 @@ from tests.hosts import Host, hosts, netns_available
 from tests.integration.conftest import PG_PORT, WORKER_READY_TIMEOUT, Worker, fill_database
 from tests.integration.test_faults import (
     assert_one_complete_backup,
-    pg_dumps_waiting,
     start_run,
     stored,
-    table_locked,
     wait_until,
 )
-from tests.integration.test_faults_workers import TAKEOVER_BOUND, kill_whole, lost_after_env, received, report
+from tests.integration.test_faults_workers import (
+    assert_taken_over,
+    fault_mid_dump,
+    kill_whole,
+    lost_after_env,
+)
 from tests.integration.test_rabbitmq import on_rabbitmq
 from tests.servers import rabbitmq_available, rabbitmq_vhost
 
@@ -129,33 +132,41 @@ def test_a_host_that_does_not_see_the_shared_staging_fails_the_run_clearly(
     # there until prune removes stale staging folders (retention/prune.py)
 
 
+def on_two_hosts(env: dict[str, str], layout, hosts_: list[Host], tmp_path: Path) -> Callable[[str], Worker]:
+    """Start "doomed" on the first host, "heir" on the second, both with the shared staging."""
+
+    def start(name: str) -> Worker:
+        host = hosts_[0] if name == "doomed" else hosts_[1]
+        return start_worker_on(host, env, layout["staging"], tmp_path / f"{name}.log")
+
+    return start
+
+
 def test_a_host_cut_off_mid_dump_loses_its_step_to_another_host(
     env, database, layout, smtp, two_hosts, tmp_path
 ):
     """The host running dump_database (pg_dump waiting on a table lock) is cut off the network:
     it renews neither its deliveries nor its lease; the other host takes the dump over within
     BACKUP_WORKER_LOST_AFTER plus a sweep; one backup, one mail. The cut-off worker, still alive,
-    commits nothing when it finds its way back."""
-    fill_database(database, customers=50)
+    finishes its dump once it is back and then commits nothing: its lease was taken."""
     env = shared_staging(env, layout)
-    doomed_host, heir_host = two_hosts
-    doomed = start_worker_on(doomed_host, env, layout["staging"], tmp_path / "doomed.log")
-    with table_locked(database):
-        run = start_run(env, tmp_path)
-        wait_until(lambda: pg_dumps_waiting(database) == 1, "dump_database never ran")
-        heir = start_worker_on(heir_host, env, layout["staging"], tmp_path / "heir.log")
+    doomed_host = two_hosts[0]
+    doomed: list[Worker] = []
+
+    def cut(worker: Worker) -> float:
+        doomed.append(worker)
         doomed_host.cut()
-        cut = time.monotonic()
-    code, output = run.finish()
-    assert code == 0, output + heir.log_text()
-    assert received(heir, "dump_database") == 1, heir.log_text()
-    report("host cut off mid-dump", env, time.monotonic() - cut)
-    assert time.monotonic() - cut < TAKEOVER_BOUND
-    assert_one_complete_backup(layout, run.backup_id, smtp[1])
+        return time.monotonic()
+
+    start = on_two_hosts(env, layout, two_hosts, tmp_path)
+    takeover = fault_mid_dump(env, database, tmp_path, start, cut)
+    assert_taken_over(takeover, "host cut off mid-dump", env, layout, smtp[1])
     doomed_host.reconnect()
-    time.sleep(5)
-    assert_one_complete_backup(layout, run.backup_id, smtp[1])  # still one: nothing came back
-    assert doomed.process.poll() is None
+    log = doomed[0].log_text
+    ended = lambda: "database was taken over by" in log()  # noqa: E731
+    wait_until(ended, lambda: f"the cut-off dump never ended:\n{log()}", timeout=150)
+    assert_one_complete_backup(layout, takeover.run.backup_id, smtp[1])  # still one, nothing new
+    assert doomed[0].process.poll() is None
 
 
 def test_a_worker_killed_mid_dump_loses_its_step_to_another_host(
@@ -163,18 +174,7 @@ def test_a_worker_killed_mid_dump_loses_its_step_to_another_host(
 ):
     """As a container killed on one machine: the whole worker SIGKILLed on one host while its
     pg_dump waits; the other host cannot tell its processes ended, so it waits for the lease."""
-    fill_database(database, customers=50)
     env = shared_staging(env, layout)
-    doomed_host, heir_host = two_hosts
-    doomed = start_worker_on(doomed_host, env, layout["staging"], tmp_path / "doomed.log")
-    with table_locked(database):
-        run = start_run(env, tmp_path)
-        wait_until(lambda: pg_dumps_waiting(database) == 1, "dump_database never ran")
-        heir = start_worker_on(heir_host, env, layout["staging"], tmp_path / "heir.log")
-        killed = kill_whole(doomed)
-    code, output = run.finish()
-    assert code == 0, output + heir.log_text()
-    assert received(heir, "dump_database") == 1, heir.log_text()
-    report("worker killed mid-dump, other host", env, time.monotonic() - killed)
-    assert time.monotonic() - killed < TAKEOVER_BOUND
-    assert_one_complete_backup(layout, run.backup_id, smtp[1])
+    start = on_two_hosts(env, layout, two_hosts, tmp_path)
+    takeover = fault_mid_dump(env, database, tmp_path, start, kill_whole)
+    assert_taken_over(takeover, "worker killed mid-dump, other host", env, layout, smtp[1])
