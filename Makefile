@@ -42,8 +42,10 @@ demo: $(STAMP)  ## back up and list an embedded PostgreSQL and Redis through a r
 	$(BIN)/vq-backup demo
 
 # the programs the tests run; Debian: postgresql postgresql-client redis-server tar coreutils age zstd
-# nodejs npm, and prometheus (--no-install-recommends) for promtool. .ci/run installs them.
-TOOLS := pg_dump psql pg_isready redis-server tar md5sum sha256sum age age-keygen zstd promtool node npm
+# nodejs npm rabbitmq-server iproute2 nftables util-linux, and prometheus (--no-install-recommends)
+# for promtool. .ci/run installs them (and starts RabbitMQ).
+TOOLS := pg_dump psql pg_isready redis-server tar md5sum sha256sum age age-keygen zstd promtool node npm \
+         rabbitmq-server rabbitmqctl ip nft unshare
 
 tools:  ## stop, naming them, when programs the tests need are missing
 	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
