@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 MANIFEST_VERSION = 1
 ID_TIME_FORMAT = "%Y%m%d_%H%M%S"
@@ -30,8 +30,10 @@ Compression = Literal["gzip", "zstd", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")
 TAR_SUFFIX = {"gzip": ".tar.gz", "zstd": ".tar.zst", "none": ".tar"}  # an archive's, by compression
 # every name a backup stores, by suffix and role; longest suffixes first so that they match first
+SIGNATURE_SUFFIX = "_manifest.json.sig"  # the detached Ed25519 signature of the manifest's bytes
 SUFFIX_ROLES = {
     "_manifest.json": "manifest",
+    SIGNATURE_SUFFIX: "signature",
     **{f"_logs{TAR_SUFFIX[c]}{age}": "logs" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
     **{f"{TAR_SUFFIX[c]}{age}": "bundle" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
 }
@@ -158,8 +160,33 @@ class Manifest(BaseModel):
         default=None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
     )
     signature: ManifestSignature | None = Field(
-        default=None, description="Ed25519 signature of the rest of the manifest (vq_tasks.crypto.signing)"
+        default=None,
+        description="the embedded Ed25519 signature of releases before the detached one "
+        "(<backup_id>_manifest.json.sig, vq_tasks.crypto.signing); new manifests carry none",
     )
+    _stored: bytes | None = PrivateAttr(default=None)
+    _detached_signature: str | None = PrivateAttr(default=None)
+
+    def as_stored(self, data: bytes, detached_signature: str | None) -> Manifest:
+        """Note the exact bytes this manifest was read from (or written as) and the text of its
+        detached signature (None: it has none), which is what a signature check looks at."""
+        self._stored = data
+        self._detached_signature = detached_signature
+        return self
+
+    @property
+    def stored_bytes(self) -> bytes | None:
+        return self._stored
+
+    def __eq__(self, other: object) -> bool:
+        """Manifests are equal when their content is, wherever they were read from."""
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    @property
+    def detached_signature(self) -> str | None:
+        return self._detached_signature
 
 
 def new_backup_id(prefix: str, now: datetime) -> str:
@@ -190,8 +217,8 @@ def split_object_name(name: str, prefix: str) -> tuple[str, str] | None:
 
 
 def data_names(backup_id: str) -> list[str]:
-    """Return every name a backup's data files may have (not the manifest), in either compression,
-    encrypted or not."""
+    """Return every name a backup's other files may have (not the manifest): its data files, in
+    either compression, encrypted or not, and the manifest's detached signature."""
     return [f"{backup_id}{suffix}" for suffix, role in SUFFIX_ROLES.items() if role != "manifest"]
 
 
@@ -220,6 +247,11 @@ def logs_name(backup_id: str, compression: Compression, encrypted: bool = False)
 
 def manifest_name(backup_id: str) -> str:
     return f"{backup_id}_manifest.json"
+
+
+def signature_name(backup_id: str) -> str:
+    """The detached signature beside the manifest: the base64 of its 64 raw bytes, on one line."""
+    return f"{backup_id}{SIGNATURE_SUFFIX}"
 
 
 def member_name(component: Component, backup_id: str, compression: Compression) -> str:

@@ -11,8 +11,14 @@ import pytest
 from tests.integration.conftest import fill_database, run_cli
 from tests.integration.test_restore import make_backup, row_counts
 from tests.servers import redis_server_binary
-from vq_tasks.crypto.signing import key_id, load_signing_key, new_signing_key, public_key_text, sign
-from vq_tasks.manifest import Manifest, manifest_name
+from vq_tasks.crypto.signing import (
+    detached_signature,
+    key_id,
+    load_signing_key,
+    new_signing_key,
+    public_key_text,
+)
+from vq_tasks.manifest import manifest_name, signature_name
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +32,8 @@ def test_a_changed_or_forged_manifest_is_refused_by_verify_and_restore(
     new_signing_key(attackers_key)
     start_worker({**base_env, "BACKUP_SIGNING_KEY_FILE": str(workers_key)})
     backup_id, manifest = make_backup(base_env, layout["storage"])
-    assert manifest["signature"]["key_id"] == key_id(public)
+    assert "signature" not in manifest  # detached, beside it
+    assert (layout["storage"] / signature_name(backup_id)).read_text().count("\n") == 1
     checking = {
         **base_env,
         "BACKUP_SIGNING_PUBLIC_KEYS": public_key_text(public),
@@ -45,16 +52,19 @@ def test_a_changed_or_forged_manifest_is_refused_by_verify_and_restore(
     changed = run_cli(checking, "verify", backup_id)
     assert changed.returncode == 1 and "changed after signing, or forged" in changed.stdout
 
-    forged = sign(Manifest.model_validate_json(original).model_copy(update={"kind": "monthly"}),
-                  load_signing_key(attackers_key))  # fmt: skip
-    path.write_text(forged.model_dump_json())
+    forged = original.replace('"kind": "manual"', '"kind": "monthly"').encode()
+    assert forged != original.encode()
+    (layout["storage"] / signature_name(backup_id)).write_bytes(
+        detached_signature(forged, load_signing_key(attackers_key))
+    )
+    path.write_bytes(forged)
     before = row_counts(database)
     refused = run_cli(checking, "restore", backup_id, "--force", "--yes")
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "signature" in refused.stderr + refused.stdout and "unknown key" in refused.stderr + refused.stdout
+    assert "signature" in refused.stderr + refused.stdout and "forged" in refused.stderr + refused.stdout
     assert row_counts(database) == before
     assert "Traceback" not in refused.stderr
     extracted = tmp_path / "database.sql"
     refused_extract = run_cli(checking, "extract", backup_id, "database", "-o", str(extracted))
-    assert refused_extract.returncode == 1 and "unknown key" in refused_extract.stderr
+    assert refused_extract.returncode == 1 and "forged" in refused_extract.stderr
     assert not extracted.exists()

@@ -16,12 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from vq_tasks.catalog.listing import backup_sets, parse_manifest
+from vq_tasks.catalog.listing import backup_sets, parse_manifest, read_signature
 from vq_tasks.catalog.trust import check_manifest
 from vq_tasks.crypto.signing import PublicKeys, distrust
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.logs import Say
-from vq_tasks.manifest import Manifest, StoredFile, manifest_name
+from vq_tasks.manifest import Manifest, StoredFile, manifest_name, signature_name
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams.stages import HashStage, pump
 
@@ -54,7 +54,8 @@ def copy_backup(
     except FileNotFoundError:
         raise PermanentError(f"no complete backup {backup_id} in {source.describe()} to copy") from None
     prefix = backup_id.rsplit("_", 2)[0]  # <prefix>_YYYYMMDD_HHMMSS
-    manifest = parse_manifest(document, f"{name} in {source.describe()}")
+    signature = read_signature(source, backup_id)
+    manifest = parse_manifest(document, f"{name} in {source.describe()}", signature)
     manifest = check_manifest(manifest, backup_id, prefix)  # it names only this backup's files
     problem = distrust(manifest, keys or {})
     if problem:
@@ -69,6 +70,9 @@ def copy_backup(
         copy_file(source, target, stored, backup_id)
         copied += stored.size
     _check_copied(target, manifest, logs_file)
+    if signature is not None:  # before the manifest, as finalize writes them
+        with target.open_write(signature_name(backup_id)) as out:
+            out.write(signature.encode() + b"\n")
     with target.open_write(name) as out:
         out.write(document)
     return copied + len(document)

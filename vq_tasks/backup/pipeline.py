@@ -24,7 +24,7 @@ from vq_tasks.backup.staging import Producer, StagingArea, stage_part
 from vq_tasks.catalog.listing import load_manifest, readable_manifests
 from vq_tasks.crypto import encryption, signing
 from vq_tasks.crypto.age import X25519Recipient
-from vq_tasks.crypto.signing import load_signing_key, sign
+from vq_tasks.crypto.signing import detached_signature, load_signing_key, manifest_document
 from vq_tasks.errors import PermanentError, is_transient, redacted_message
 from vq_tasks.manifest import (
     BUNDLED,
@@ -42,6 +42,7 @@ from vq_tasks.manifest import (
     member_name,
     new_backup_id,
     parse_backup_id,
+    signature_name,
     stored_name,
 )
 from vq_tasks.settings import Settings
@@ -272,12 +273,17 @@ def finalize(
         },
         encryption=encryption.info_of(recipients),
     )
-    if settings.backup_signing_key_file is not None:
-        manifest = sign(manifest, load_signing_key(settings.backup_signing_key_file))
+    document = manifest_document(manifest)
+    signature = None
+    if settings.backup_signing_key_file is not None:  # detached, over these bytes; written first
+        signature = detached_signature(document, load_signing_key(settings.backup_signing_key_file))
+        with storage.open_write(signature_name(backup_id)) as out:
+            out.write(signature)
+            fence()
     fence()
     with storage.open_write(manifest_name(backup_id)) as out:
-        out.write(manifest.model_dump_json(indent=2).encode() + b"\n")
-    return manifest
+        out.write(document)
+    return manifest.as_stored(document, None if signature is None else signature.decode().strip())
 
 
 def _parts_by_component(records: list[dict], compression: str) -> dict[Component, StagedPart]:

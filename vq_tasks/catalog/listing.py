@@ -8,10 +8,11 @@ import logging
 from vq_tasks.catalog.backup_set import BackupSet
 from vq_tasks.crypto import signing
 from vq_tasks.errors import BackupError, PermanentError
-from vq_tasks.manifest import Manifest, manifest_name, parse_backup_id, split_object_name
+from vq_tasks.manifest import Manifest, manifest_name, parse_backup_id, signature_name, split_object_name
 from vq_tasks.storage.base import PARTIAL_MARKER, Storage, StoredObject
 
 logger = logging.getLogger(__name__)
+MAX_SIGNATURE_BYTES = 1024
 
 
 def backup_sets(objects: list[StoredObject], prefix: str) -> list[BackupSet]:
@@ -35,19 +36,30 @@ def _role_of(name: str, prefix: str) -> tuple[str, str] | None:
 
 
 def load_manifest(storage: Storage, backup_id: str) -> Manifest:
-    """Return the manifest of ``backup_id``. Raise PermanentError if there is none or it is unreadable."""
+    """Return the manifest of ``backup_id``, with its stored bytes and its detached signature if
+    it has one. Raise PermanentError if there is none or it is unreadable."""
     name = manifest_name(backup_id)
     try:
         data = storage.read_bytes(name)
     except FileNotFoundError:
         raise PermanentError(f"no complete backup {backup_id} in {storage.describe()}") from None
-    return parse_manifest(data, f"{name} in {storage.describe()}")
+    return parse_manifest(data, f"{name} in {storage.describe()}", read_signature(storage, backup_id))
 
 
-def parse_manifest(data: bytes, where: str) -> Manifest:
-    """Return the manifest ``data`` holds. Raise PermanentError naming ``where`` if it is none."""
+def read_signature(storage: Storage, backup_id: str) -> str | None:
+    """Return the text of the manifest's detached signature (None: there is none)."""
     try:
-        return Manifest.model_validate_json(data)
+        data = storage.read_bytes(signature_name(backup_id), limit=MAX_SIGNATURE_BYTES)
+    except FileNotFoundError:
+        return None
+    return data.decode("ascii", "replace").strip()
+
+
+def parse_manifest(data: bytes, where: str, detached_signature: str | None = None) -> Manifest:
+    """Return the manifest ``data`` holds, noting those bytes and ``detached_signature``. Raise
+    PermanentError naming ``where`` if it is none."""
+    try:
+        return Manifest.model_validate_json(data).as_stored(data, detached_signature)
     except ValueError as exc:
         raise PermanentError(f"{where} is not a valid manifest: {exc}") from None
 

@@ -4,9 +4,15 @@ that was changed, or forged by someone who can write to the storage, is refused 
 holding the public key, no decryption key needed. The manifest names the stored files' SHA-256,
 so signing it covers every byte of the backup.
 
-What is signed is the manifest without its ``signature`` field, as canonical JSON (sorted keys,
-no spaces, UTF-8). Public keys are written as base64 of their 32 raw bytes; a key's id is the
-first 16 hex digits of the SHA-256 of those bytes.
+What is signed is the exact bytes of the stored manifest; the signature is stored beside it,
+detached, as ``<backup_id>_manifest.json.sig``: the base64 of the 64 raw signature bytes on one
+line, written before the manifest (which stays the backup's commit marker). Anyone can check it
+with openssl (README, "Signed manifests"), and a manifest read by a later release whose model has
+more fields still verifies. Releases before it embedded the signature in the manifest, over the
+manifest without its ``signature`` field as canonical JSON (sorted keys, no spaces, UTF-8): such
+manifests are checked over that canonical form of the stored document itself (never of the model,
+which a new field would change). Public keys are written as base64 of their 32 raw bytes; a key's
+id is the first 16 hex digits of the SHA-256 of those bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import Manifest, ManifestSignature
+from vq_tasks.manifest import Manifest
 
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 PublicKeys = dict[str, Ed25519PublicKey]  # by key id
@@ -38,9 +44,15 @@ class SignatureCheck:
     actual: str
 
 
-def canonical_bytes(manifest: Manifest) -> bytes:
-    """Return the bytes a signature covers: the manifest without its signature, canonical JSON."""
-    document = manifest.model_dump(mode="json", exclude={"signature"})
+def embedded_signed_bytes(manifest: Manifest) -> bytes:
+    """Return the bytes an embedded (older releases') signature covers: the stored document
+    without its ``signature``, canonical JSON. Read from the stored bytes when known, so that
+    fields the model gained since, or formatting it would change, make no difference."""
+    if manifest.stored_bytes is not None:
+        document = json.loads(manifest.stored_bytes)
+        document.pop("signature", None)
+    else:
+        document = manifest.model_dump(mode="json", exclude={"signature"})
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -99,31 +111,59 @@ def trusted_keys(settings) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
-def sign(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
-    """Return ``manifest`` carrying its signature by ``key``."""
-    value = base64.b64encode(key.sign(canonical_bytes(manifest))).decode()
-    signature = ManifestSignature(key_id=key_id(key.public_key()), value=value)
-    return manifest.model_copy(update={"signature": signature})
+def manifest_document(manifest: Manifest) -> bytes:
+    """Return the bytes a manifest is stored as (no embedded signature: it is signed detached)."""
+    return manifest.model_dump_json(indent=2, exclude={"signature"}).encode() + b"\n"
+
+
+def detached_signature(document: bytes, key: Ed25519PrivateKey) -> bytes:
+    """Return the content of ``<backup_id>_manifest.json.sig`` for the stored manifest ``document``."""
+    return base64.b64encode(key.sign(document)) + b"\n"
 
 
 def check(manifest: Manifest, public_keys: dict[str, Ed25519PublicKey]) -> SignatureCheck:
-    """Check the manifest's signature against the trusted ``public_keys`` (by id). With none
-    configured nothing can be checked, which is reported, not failed."""
-    signed = manifest.signature
+    """Check the manifest's signature (detached, else embedded) against the trusted
+    ``public_keys`` (by id). With none configured nothing can be checked, which is reported, not
+    failed."""
+    detached, embedded = manifest.detached_signature, manifest.signature
     if not public_keys:
-        shown = f"signed by {signed.key_id}, not checked" if signed else "unsigned"
+        shown = "signed, not checked" if detached is not None else "unsigned"
+        if embedded is not None and detached is None:
+            shown = f"signed by {embedded.key_id}, not checked"
         return SignatureCheck(True, "not checked: BACKUP_SIGNING_PUBLIC_KEYS is not set", shown)
     expected = f"Ed25519 by {', '.join(sorted(public_keys))}"
-    if signed is None:
+    if detached is not None:
+        return _check_detached(manifest, detached, public_keys, expected)
+    if embedded is None:
         return SignatureCheck(False, expected, "unsigned")
-    key = public_keys.get(signed.key_id)
+    key = public_keys.get(embedded.key_id)
     if key is None:
-        return SignatureCheck(False, expected, f"signed by unknown key {signed.key_id}")
+        return SignatureCheck(False, expected, f"signed by unknown key {embedded.key_id}")
+    if not _verifies(key, embedded.value, embedded_signed_bytes(manifest)):
+        return SignatureCheck(False, expected, MISMATCH)
+    return SignatureCheck(True, expected, f"valid, by {embedded.key_id}")
+
+
+MISMATCH = "signature does not match: changed after signing, or forged"
+
+
+def _check_detached(manifest: Manifest, signature: str, keys: PublicKeys, expected: str) -> SignatureCheck:
+    """Check the detached ``signature`` of the manifest's stored bytes with each trusted key."""
+    document = manifest.stored_bytes
+    if document is None:  # a manifest noted with a signature is noted with its bytes too
+        return SignatureCheck(False, expected, "the manifest's stored bytes are unknown: not checkable")
+    for kid, key in sorted(keys.items()):
+        if _verifies(key, signature, document):
+            return SignatureCheck(True, expected, f"valid, by {kid}")
+    return SignatureCheck(False, expected, MISMATCH)
+
+
+def _verifies(key: Ed25519PublicKey, signature: str, data: bytes) -> bool:
     try:
-        key.verify(base64.b64decode(signed.value, validate=True), canonical_bytes(manifest))
+        key.verify(base64.b64decode(signature.strip(), validate=True), data)
     except (InvalidSignature, binascii.Error, ValueError):
-        return SignatureCheck(False, expected, "signature does not match: changed after signing, or forged")
-    return SignatureCheck(True, expected, f"valid, by {signed.key_id}")
+        return False
+    return True
 
 
 def distrust(manifest: Manifest, public_keys: PublicKeys) -> str | None:

@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.unit.verify.test_verify import BACKUP_ID, make_backup
+from tests.unit.verify.test_verify import BACKUP_ID, make_backup, write_signed
 from vq_tasks.backup.offsite import copy_backup, missing_backups, sync
 from vq_tasks.catalog.latest import resolve_backup_id
 from vq_tasks.catalog.listing import backup_sets, readable_manifests
-from vq_tasks.crypto.signing import key_id, new_signing_key
+from vq_tasks.crypto.signing import key_id, load_signing_key, new_signing_key, public_key_text
 from vq_tasks.errors import PermanentError, TransientError
-from vq_tasks.manifest import manifest_name
+from vq_tasks.manifest import data_names, manifest_name, signature_name
 from vq_tasks.retention.plan import with_kinds
 from vq_tasks.storage.local import LocalStorage
 from vq_tasks.verify.run import verify_backup
@@ -119,6 +119,27 @@ def test_with_signing_keys_a_manifest_that_fails_its_signature_is_never_copied(t
     result = sync(backup.storage, target, "virtualqueue_backup", datetime(2000, 1, 1, tzinfo=UTC), keys=keys)
     assert list(result.failed) == [BACKUP_ID] and target.list() == []
     assert copy_backup(backup.storage, target, BACKUP_ID) > 0, "without keys nothing is checked"
+
+
+def test_a_signed_backup_is_copied_with_its_signature_first_and_pruned_with_it(tmp_path):
+    """The detached .sig goes off-site before the manifest; the copy verifies with the key alone;
+    the .sig is one of the backup's objects for listings and prune."""
+    backup = make_backup(tmp_path)
+    public = new_signing_key(tmp_path / "signing.pem")
+    write_signed(backup.storage, backup.manifest, load_signing_key(tmp_path / "signing.pem"))
+    keys = {key_id(public): public}
+    target = LocalStorage(tmp_path / "offsite")
+    written: list[str] = []
+    real = target.open_write
+    target.open_write = lambda name: written.append(name) or real(name)  # type: ignore[method-assign]
+    copy_backup(backup.storage, target, BACKUP_ID, keys=keys)
+    assert written[-2:] == [signature_name(BACKUP_ID), manifest_name(BACKUP_ID)]
+    keyed = backup.settings.model_copy(update={"backup_signing_public_keys": [public_key_text(public)]})
+    report = verify_backup(target, keyed, BACKUP_ID)
+    assert report.ok and f"valid, by {key_id(public)}" in str(report.model_dump())
+    (entry,) = backup_sets(target.list(), "virtualqueue_backup")
+    assert entry.roles["signature"] == [signature_name(BACKUP_ID)]
+    assert signature_name(BACKUP_ID) in data_names(BACKUP_ID)  # removed with a failed run's files
 
 
 def test_latest_and_the_next_kind_ignore_forged_and_future_dated_manifests(tmp_path, caplog):

@@ -1,28 +1,49 @@
-"""Signed manifests: a signature over the canonical manifest, checked against trusted public keys;
-any change, an unknown key or a missing signature is refused once keys are configured."""
+"""Signed manifests: a detached signature over the stored manifest's bytes, checked against trusted
+public keys; any change, an unknown key or a missing signature is refused once keys are
+configured. Manifests signed by older releases (the signature embedded, over canonical JSON) still
+verify, also after the model gains fields."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.unit.monitoring.test_status import NOW
 from tests.unit.monitoring.test_status import manifest as make_manifest
+from vq_tasks.catalog.listing import parse_manifest
 from vq_tasks.cli.main import main
 from vq_tasks.crypto.signing import (
     check,
+    detached_signature,
     key_id,
     load_signing_key,
+    manifest_document,
     new_signing_key,
     parse_public_keys,
     public_key_text,
-    sign,
 )
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import Manifest
 from vq_tasks.settings import ConfigError, load_settings
+
+FIXTURES = Path(__file__).resolve().parents[2] / "data" / "signing"
+
+
+def signed(manifest: Manifest, key) -> Manifest:
+    """``manifest`` as finalize stores it signed, read back: its bytes and their detached signature."""
+    document = manifest_document(manifest)
+    return parse_manifest(document, "test", detached_signature(document, key).decode())
+
+
+def stored_as(manifest: Manifest, document: bytes) -> Manifest:
+    """The same detached signature beside other bytes (an edited manifest)."""
+    return parse_manifest(document, "test", manifest.detached_signature)
+
 
 BROKER = {"celery_broker_url": "redis://127.0.0.1:1/0"}
 
@@ -34,46 +55,92 @@ def key_pair(tmp_path):
     return load_signing_key(path), {key_id(public): public}, public_key_text(public)
 
 
-def test_a_signed_manifest_checks_and_survives_storage_as_json(key_pair):
+def test_a_signed_manifest_checks_over_its_stored_bytes(key_pair):
     private, trusted, _ = key_pair
-    signed = sign(make_manifest(NOW), private)
-    stored = Manifest.model_validate_json(signed.model_dump_json(indent=2))  # as written and read back
-    result = check(stored, trusted)
-    assert result.ok and result.actual == f"valid, by {signed.signature.key_id}"
+    manifest = signed(make_manifest(NOW), private)
+    result = check(manifest, trusted)
+    assert result.ok and result.actual == f"valid, by {next(iter(trusted))}"
+    assert manifest.signature is None and b'"signature"' not in manifest.stored_bytes
 
 
 @pytest.mark.parametrize(
-    "change",
+    "edit",
     [
-        {"kind": "monthly"},  # kept for a year instead of a month
-        {"duration_seconds": 91.0},
-        {"tool_version": "9.9"},
+        lambda d: d.replace(b'"kind": "manual"', b'"kind": "monthly"'),  # kept for a year, not a month
+        lambda d: d.replace(b"  ", b" "),  # the same JSON, formatted otherwise: other bytes
+        lambda d: d + b" ",
     ],
 )
-def test_any_change_after_signing_is_refused(key_pair, change):
+def test_any_change_to_the_stored_bytes_is_refused(key_pair, edit):
     private, trusted, _ = key_pair
-    tampered = sign(make_manifest(NOW), private).model_copy(update=change)
-    result = check(tampered, trusted)
+    manifest = signed(make_manifest(NOW), private)
+    changed = edit(manifest.stored_bytes)
+    assert changed != manifest.stored_bytes
+    result = check(stored_as(manifest, changed), trusted)
     assert not result.ok and "changed after signing, or forged" in result.actual
-
-
-def test_a_changed_file_checksum_is_refused(key_pair):
-    private, trusted, _ = key_pair
-    signed = sign(make_manifest(NOW), private)
-    files = [f.model_copy(update={"sha256": "1" * 64}) for f in signed.files]
-    assert not check(signed.model_copy(update={"files": files}), trusted).ok
 
 
 def test_unsigned_forged_or_unknown_manifests_are_refused_once_keys_are_configured(key_pair, tmp_path):
     _, trusted, _ = key_pair
-    unsigned = make_manifest(NOW)
+    unsigned = parse_manifest(manifest_document(make_manifest(NOW)), "test")
     assert check(unsigned, trusted).actual == "unsigned" and not check(unsigned, trusted).ok
     new_signing_key(tmp_path / "attacker.pem")
-    forged = sign(unsigned, load_signing_key(tmp_path / "attacker.pem"))
-    assert not check(forged, trusted).ok and "unknown key" in check(forged, trusted).actual
-    claimed = forged.signature.model_copy(update={"key_id": next(iter(trusted))})  # claims a trusted id
-    assert not check(forged.model_copy(update={"signature": claimed}), trusted).ok
+    forged = signed(make_manifest(NOW), load_signing_key(tmp_path / "attacker.pem"))
+    assert not check(forged, trusted).ok and "does not match" in check(forged, trusted).actual
+    garbage = parse_manifest(manifest_document(make_manifest(NOW)), "test", "not base64 at all!")
+    assert not check(garbage, trusted).ok
     assert check(unsigned, {}).ok and "not checked" in check(unsigned, {}).expected
+
+
+def test_a_manifest_signed_by_an_older_release_still_verifies_after_the_model_gains_fields():
+    """The frozen fixture was written as releases before the detached signature wrote it: the
+    signature embedded, over the manifest without it as canonical JSON of the model. Checked over
+    the stored document, it verifies, also read by a model with a field more (whose own canonical
+    form, with that field's default, no longer matches: the defect this replaced)."""
+    document = (FIXTURES / "embedded_manifest.json").read_bytes()
+    trusted = parse_public_keys([(FIXTURES / "embedded_public_key.txt").read_text().strip()])
+
+    class Later(Manifest):
+        retention_lock_until: str | None = None  # a field a later release adds
+
+    for model in (Manifest, Later):
+        manifest = model.model_validate_json(document).as_stored(document, None)
+        result = check(manifest, trusted)
+        assert result.ok and result.actual == f"valid, by {next(iter(trusted))}", model
+    later = Later.model_validate_json(document)  # not noted with its bytes: the model's own form
+    assert not check(later, trusted).ok
+    edited = document.replace(b'"kind": "manual"', b'"kind": "monthly"')
+    assert not check(Manifest.model_validate_json(edited).as_stored(edited, None), trusted).ok
+
+
+def test_the_detached_signature_checks_with_openssl_alone(key_pair, tmp_path):
+    """What the README shows: the public key (base64 of 32 raw bytes) made a PEM file, then
+    `openssl pkeyutl -verify -rawin` over the manifest and the decoded .sig."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl")
+    private, _, public = key_pair
+    document = manifest_document(make_manifest(NOW))
+    (tmp_path / "m_manifest.json").write_bytes(document)
+    (tmp_path / "m_manifest.json.sig").write_bytes(detached_signature(document, private))
+    script = README_CHECK.format(public=public, manifest="m_manifest.json")
+    done = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert "Signature Verified Successfully" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0
+    (tmp_path / "m_manifest.json").write_bytes(document.replace(b"manual", b"monthly"))
+    done = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0
+
+
+def readme_check() -> str:
+    """The openssl commands of the README's "Signed manifests", with {public} and {manifest}."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    block = readme.split("<!-- openssl-check -->", 2)[1]
+    commands = block.split("```sh", 1)[1].split("```", 1)[0]
+    return commands.replace("PUBLIC_KEY", "{public}").replace("ID_manifest.json", "{manifest}")
+
+
+README_CHECK = readme_check()
 
 
 def test_the_signing_key_command_writes_a_private_file_once_and_prints_the_public_key(tmp_path, capsys):
@@ -82,7 +149,7 @@ def test_the_signing_key_command_writes_a_private_file_once_and_prints_the_publi
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     public = capsys.readouterr().out.splitlines()[-1]
     trusted = parse_public_keys([public])
-    assert check(sign(make_manifest(NOW), load_signing_key(path)), trusted).ok
+    assert check(signed(make_manifest(NOW), load_signing_key(path)), trusted).ok
     before = path.read_bytes()
     assert main(["signing-key", "-o", str(path)]) == 1
     assert path.read_bytes() == before

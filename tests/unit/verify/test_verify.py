@@ -23,7 +23,13 @@ from vq_tasks.catalog.latest import resolve_backup_id
 from vq_tasks.cli.main import main
 from vq_tasks.clients.rdb import CRC64
 from vq_tasks.clients.sql_dump import SqlDumpInspector
-from vq_tasks.crypto.signing import load_signing_key, new_signing_key, public_key_text, sign
+from vq_tasks.crypto.signing import (
+    detached_signature,
+    load_signing_key,
+    manifest_document,
+    new_signing_key,
+    public_key_text,
+)
 from vq_tasks.errors import PermanentError
 from vq_tasks.manifest import (
     BUNDLED,
@@ -40,6 +46,7 @@ from vq_tasks.manifest import (
     bundle_name,
     manifest_name,
     member_name,
+    signature_name,
 )
 from vq_tasks.restore.extract import extract_to
 from vq_tasks.settings import Settings, load_settings
@@ -196,6 +203,17 @@ def put(storage: LocalStorage, name: str, write: Callable[[Writer], None]) -> St
 def write_manifest(storage: LocalStorage, manifest: Manifest) -> None:
     with storage.open_write(manifest_name(manifest.backup_id)) as out:
         out.write(manifest.model_dump_json(indent=2).encode())
+
+
+def write_signed(storage: LocalStorage, manifest: Manifest, key, backup_id: str | None = None) -> None:
+    """Store ``manifest`` signed by ``key`` as finalize does (its .sig first), under ``backup_id``
+    (default its own: another one plants a copy of a signed manifest)."""
+    backup_id = backup_id or manifest.backup_id
+    document = manifest_document(manifest)
+    with storage.open_write(signature_name(backup_id)) as out:
+        out.write(detached_signature(document, key))
+    with storage.open_write(manifest_name(backup_id)) as out:
+        out.write(document)
 
 
 def make_backup(tmp_path: Path, compression: Compression = "gzip", database: bytes | None = None) -> Backup:
@@ -455,8 +473,7 @@ def test_a_restores_latest_passes_over_newer_manifests_it_cannot_trust(tmp_path,
     backup = make_backup(tmp_path)
     key = tmp_path / "signing.pem"
     public = new_signing_key(key)
-    signed = sign(backup.manifest, load_signing_key(key))
-    write_manifest(backup.storage, signed)
+    write_signed(backup.storage, backup.manifest, load_signing_key(key))
     newer = "virtualqueue_backup_20240116_020000"
     write_manifest(backup.storage, backup.manifest.model_copy(update={"backup_id": newer}))
     keyed = backup.settings.model_copy(update={"backup_signing_public_keys": [public_key_text(public)]})
@@ -467,8 +484,7 @@ def test_a_restores_latest_passes_over_newer_manifests_it_cannot_trust(tmp_path,
     # without keys too: the forged manifest names the other backup's files as its own
     assert resolve_backup_id(backup.storage, backup.settings, "latest", restorable=True) == BACKUP_ID
     assert f"is not a data file of {newer}" in caplog.text
-    with backup.storage.open_write(manifest_name(newer)) as out:  # a signed manifest, copied
-        out.write(signed.model_dump_json().encode())
+    write_signed(backup.storage, backup.manifest, load_signing_key(key), newer)  # a signed one, copied
     assert resolve_backup_id(backup.storage, keyed, "latest", restorable=True) == BACKUP_ID
     assert f"it names backup {BACKUP_ID!r}, not {newer}" in caplog.text
     write_manifest(backup.storage, backup.manifest)  # now no manifest is signed
