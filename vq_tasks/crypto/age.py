@@ -247,6 +247,15 @@ class AgeReader:
             raise self._fail(str(exc)) from None
 
     def _file_key(self, stanzas: list[Stanza], identities: Sequence[X25519Identity]) -> bytes:
+        """Return the file key the first of ``identities`` unwraps. A passphrase (scrypt) stanza must
+        be the header's only one (age's spec: whoever opens it can trust that only the passphrase's
+        holders made it), so a header mixing one with others is malformed, whoever the identities."""
+        if any(s.type == "scrypt" for s in stanzas):
+            if len(stanzas) > 1:
+                raise self._fail(
+                    "the age header mixes a passphrase (scrypt) stanza with others: age forbids it"
+                )
+            raise NoIdentityMatch(f"{self.name}: it is encrypted with a passphrase, not to X25519 identities")
         x25519 = [s for s in stanzas if s.type == "X25519"]
         for stanza in x25519:
             if len(stanza.args) != 1 or len(self._decoded(stanza.args[0].encode())) != 32:
