@@ -155,6 +155,45 @@ def test_flower_shows_the_tasks_of_a_real_backup_behind_basic_auth_and_no_secret
     assert worker.process.poll() is None
 
 
+def post(port: int, path: str, body: dict | None = None) -> int:
+    """POST to Flower's API as the logged-in operator; return the status."""
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST")
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_flower_is_read_only_nobody_applies_sends_aborts_or_revokes_through_it(
+    base_env, start_worker, flower, tmp_path
+):
+    """With Flower's login, `POST /api/task/async-apply/vq_tasks.prune` used to run a prune on a
+    worker (a forced restore the same way). Read-only, every task and worker action answers 403
+    and no task reaches the worker."""
+    port, _, _ = flower
+    worker = start_worker(base_env, name="watched")
+    actions = [
+        "/api/task/async-apply/vq_tasks.prune",
+        "/api/task/apply/vq_tasks.prune",
+        "/api/task/send-task/vq_tasks.restore",
+        "/api/task/abort/0c5e2bd9-0000-4000-8000-000000000000",
+        "/api/task/revoke/0c5e2bd9-0000-4000-8000-000000000000",
+        "/api/worker/shutdown/watched@x",
+        "/api/worker/pool/restart/watched@x",
+        "/api/worker/queue/add-consumer/watched@x?queue=vq.dump",
+    ]
+    for path in actions:
+        assert post(port, path, {"kwargs": {"force": True}}) == 403, path
+    time.sleep(2)
+    assert "vq_tasks.prune[" not in worker.log_text() and "vq_tasks.restore[" not in worker.log_text()
+    assert get(port, "/api/tasks")[0] == 200  # watching still works
+
+
 def test_flower_refuses_to_start_without_credentials(base_env, tmp_path):
     env = script_env(base_env, FLOWER_PORT=str(free_port()))
     env.pop("FLOWER_BASIC_AUTH", None)
