@@ -64,8 +64,8 @@ def test_a_worker_killed_mid_dump_is_redelivered_at_once_and_taken_over_after_it
     wait_until(
         lambda: received(takeover.heir, "dump_database") == 1, "RabbitMQ did not redeliver", timeout=10
     )
-    heir_log = takeover.heir.log_text()  # it met the dead execution's lease, and took it over
-    assert "is being worked on by" in heir_log or "has ended; taking it over" in heir_log, heir_log
+    met_the_lease = ("is being worked on by", "has ended; taking it over")  # and took it over
+    wait_until(lambda: any(m in takeover.heir.log_text() for m in met_the_lease), takeover.heir.log_text)
     what = "worker killed mid-dump, another alive, same host (backup complete)"
     assert_taken_over(takeover, what, env, layout, smtp[1])
 
