@@ -29,11 +29,11 @@ ENCRYPTED_SUFFIX = ".age"  # after the plain name of an encrypted file: <id>.tar
 Compression = Literal["gzip", "zstd", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")
 TAR_SUFFIX = {"gzip": ".tar.gz", "zstd": ".tar.zst", "none": ".tar"}  # an archive's, by compression
-# every name a backup stores, by suffix and role; longest suffixes first so that they match first
 SIGNATURE_SUFFIX = "_manifest.json.sig"  # the detached Ed25519 signature of the manifest's bytes
+# every name a backup stores, by suffix and role; longest suffixes first so that they match first
 SUFFIX_ROLES = {
-    "_manifest.json": "manifest",
     SIGNATURE_SUFFIX: "signature",
+    "_manifest.json": "manifest",
     **{f"_logs{TAR_SUFFIX[c]}{age}": "logs" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
     **{f"{TAR_SUFFIX[c]}{age}": "bundle" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
 }
@@ -204,7 +204,7 @@ def parse_backup_id(backup_id: str, prefix: str) -> datetime:
 
 def split_object_name(name: str, prefix: str) -> tuple[str, str] | None:
     """Return (backup id, role) of a stored object's name, the role being ``manifest``,
-    ``bundle`` or ``logs``; None for a name that is not ours."""
+    ``signature``, ``bundle`` or ``logs``; None for a name that is not ours."""
     for suffix, role in SUFFIX_ROLES.items():
         if name.endswith(suffix):
             backup_id = name[: -len(suffix)]

@@ -35,7 +35,6 @@ from vq_tasks.manifest import (
     RedisFacts,
     manifest_name,
     parse_backup_id,
-    signature_name,
     split_object_name,
 )
 from vq_tasks.restore import apply, run
@@ -263,7 +262,7 @@ def test_forged_manifests_naming_other_files_are_refused_before_reading_them(
     with pytest.raises(PermanentError, match="is not trusted, nothing was read or written") as caught:
         restore_backup(targets(backup, tmp_path), backup.storage, BACKUP_ID, ["database"])
     assert said in str(caught.value)
-    assert opened == [manifest_name(BACKUP_ID), signature_name(BACKUP_ID)]  # never what it names
+    assert opened == [manifest_name(BACKUP_ID)]  # the manifest only (no .sig here), never what it names
     monkeypatch.setenv("BACKUP_STORAGE_PATH", str(backup.storage.root))
     monkeypatch.setenv("BACKUP_STAGING_DIR", str(backup.settings.backup_staging_dir))
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")

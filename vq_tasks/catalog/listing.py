@@ -48,8 +48,14 @@ def load_manifest(storage: Storage, backup_id: str) -> Manifest:
 
 def read_signature(storage: Storage, backup_id: str) -> str | None:
     """Return the text of the manifest's detached signature (None: there is none)."""
+    name = signature_name(backup_id)
+    found = storage.stat(name)
+    if found is None:
+        return None
+    if found.size > MAX_SIGNATURE_BYTES:
+        return ""  # no signature is that long: it fails the check, and stops nothing else
     try:
-        data = storage.read_bytes(signature_name(backup_id), limit=MAX_SIGNATURE_BYTES)
+        data = storage.read_bytes(name, limit=MAX_SIGNATURE_BYTES)
     except FileNotFoundError:
         return None
     return data.decode("ascii", "replace").strip()

@@ -132,6 +132,9 @@ def check(manifest: Manifest, public_keys: dict[str, Ed25519PublicKey]) -> Signa
             shown = f"signed by {embedded.key_id}, not checked"
         return SignatureCheck(True, "not checked: BACKUP_SIGNING_PUBLIC_KEYS is not set", shown)
     expected = f"Ed25519 by {', '.join(sorted(public_keys))}"
+    stored = manifest.stored_bytes
+    if stored is not None and type(manifest).model_validate_json(stored) != manifest:
+        return SignatureCheck(False, expected, "the manifest differs from the bytes it was read from")
     if detached is not None:
         return _check_detached(manifest, detached, public_keys, expected)
     if embedded is None:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.unit.monitoring.test_status import NOW
 from tests.unit.monitoring.test_status import manifest as make_manifest
-from vq_tasks.catalog.listing import parse_manifest
+from vq_tasks.catalog.listing import load_manifest, parse_manifest
 from vq_tasks.cli.main import main
 from vq_tasks.crypto.signing import (
     check,
@@ -28,8 +28,9 @@ from vq_tasks.crypto.signing import (
     public_key_text,
 )
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import Manifest
+from vq_tasks.manifest import Manifest, manifest_name, signature_name
 from vq_tasks.settings import ConfigError, load_settings
+from vq_tasks.storage.local import LocalStorage
 
 FIXTURES = Path(__file__).resolve().parents[2] / "data" / "signing"
 
@@ -107,6 +108,7 @@ def test_a_manifest_signed_by_an_older_release_still_verifies_after_the_model_ga
         manifest = model.model_validate_json(document).as_stored(document, None)
         result = check(manifest, trusted)
         assert result.ok and result.actual == f"valid, by {next(iter(trusted))}", model
+    assert check(Manifest.model_validate_json(document), trusted).ok  # the old algorithm, as it was
     later = Later.model_validate_json(document)  # not noted with its bytes: the model's own form
     assert not check(later, trusted).ok
     edited = document.replace(b'"kind": "manual"', b'"kind": "monthly"')
@@ -170,3 +172,30 @@ def test_bad_keys_stop_start_up_without_showing_them(tmp_path, key_pair):
     assert load_settings(**BROKER, backup_signing_public_keys=public).backup_signing_public_keys == [public]
     with pytest.raises(PermanentError, match="never overwritten"):
         new_signing_key(not_a_key)
+
+
+def test_a_manifest_changed_in_hand_or_signed_both_ways_is_judged_by_what_is_stored(key_pair):
+    """A copy edited after it was read carries no signature of its own; with an embedded
+    signature and a .sig, the detached one decides (no fallback to the other)."""
+    private, trusted, _ = key_pair
+    manifest = signed(make_manifest(NOW), private)
+    edited = manifest.model_copy(update={"kind": "monthly"})
+    assert not check(edited, trusted).ok and "differs from the bytes" in check(edited, trusted).actual
+    document = (FIXTURES / "embedded_manifest.json").read_bytes()  # embedded, by another key
+    both = parse_manifest(document, "test", detached_signature(document, private).decode())
+    assert check(both, trusted).ok  # the .sig, by the trusted key, over these bytes
+    forged = parse_manifest(document, "test", "AAAA")
+    embedded_trusted = parse_public_keys([(FIXTURES / "embedded_public_key.txt").read_text().strip()])
+    assert not check(forged, embedded_trusted).ok  # a bad .sig is not saved by the embedded one
+
+
+def test_an_oversized_signature_file_fails_its_check_and_stops_nothing_else(tmp_path, key_pair):
+    _, trusted, _ = key_pair
+    storage = LocalStorage(tmp_path)
+    manifest = make_manifest(NOW)
+    with storage.open_write(manifest_name(manifest.backup_id)) as out:
+        out.write(manifest_document(manifest))
+    with storage.open_write(signature_name(manifest.backup_id)) as out:
+        out.write(b"A" * 100_000)
+    loaded = load_manifest(storage, manifest.backup_id)  # no error: the listing goes on
+    assert not check(loaded, trusted).ok
