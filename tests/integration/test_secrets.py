@@ -108,13 +108,15 @@ def test_no_secret_in_argv_logs_celery_state_manifests_audit_or_mail(
         "cli output": "\n".join(outputs),
         "worker logs": "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log")),
         "Celery's Redis": redis_contents(broker.client(0)),
-        "stored files": "\n".join(p.read_text(errors="replace") for p in layout["storage"].glob("*.json")),
+        "stored files": "\n".join(
+            p.read_text(errors="replace") for p in layout["storage"].glob("*_manifest.json*")
+        ),  # the manifests and their detached signatures
         "audit log": Path(env["BACKUP_AUDIT_LOG"]).read_text(),
         "mails": "\n".join(m.as_string() for m in mailbox.messages),
     }
     assert "vq_tasks.dump_database" in left_behind["Celery's Redis"]  # task records were searched
     assert any("pg_dump" in line for line in argv.seen)  # the sampler saw the dump run
-    assert len(mailbox.messages) >= 2 and '"signature"' in left_behind["stored files"]
+    assert len(mailbox.messages) >= 2 and list(layout["storage"].glob("*_manifest.json.sig"))  # signed
     for where, text in left_behind.items():
         for secret in secrets:
             assert secret not in text, f"a secret in the {where}"
