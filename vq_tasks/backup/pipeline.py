@@ -277,13 +277,16 @@ def finalize(
     signature = None
     if settings.backup_signing_key_file is not None:  # detached, over these bytes; written first
         signature = detached_signature(document, load_signing_key(settings.backup_signing_key_file))
-        with storage.open_write(signature_name(backup_id)) as out:
-            out.write(signature)
-            fence()
-    fence()
-    with storage.open_write(manifest_name(backup_id)) as out:
-        out.write(document)
+        _commit(storage, signature_name(backup_id), signature, fence)
+    _commit(storage, manifest_name(backup_id), document, fence)
     return manifest.as_stored(document, None if signature is None else signature.decode().strip())
+
+
+def _commit(storage: Storage, name: str, data: bytes, fence: Callable[[], None]) -> None:
+    """Store the small object ``name``; ``fence`` is called before it is committed."""
+    with storage.open_write(name) as out:
+        out.write(data)
+        fence()
 
 
 def _parts_by_component(records: list[dict], compression: str) -> dict[Component, StagedPart]:

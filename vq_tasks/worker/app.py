@@ -33,6 +33,7 @@ ROUTES = {
     "vq_tasks.copy_offsite": {"queue": "vq.maintenance"},
 }
 RESULT_TTL = 7 * 86400
+logger = logging.getLogger(__name__)
 # RabbitMQ 3.12+ honours a consumer timeout per queue; older servers need the server setting
 # (docs/RELIABILITY.md). Either way a delivery closed early finds its step's lease (leases.py).
 # A fixed value: a queue declared again with another one is refused by RabbitMQ.
@@ -141,7 +142,7 @@ def _tell_about_consumer_timeout(consumer) -> None:
         return
     if (major, minor) < (3, 12):
         limit_ms = (settings.backup_task_time_limit + 600) * 1000
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "RabbitMQ %s applies only its server-wide consumer_timeout (30 min unless set): a step "
             "longer than it has its delivery closed and handed out again (nothing is lost or done "
             "twice, but the step's slot waits); set consumer_timeout = %d in rabbitmq.conf",

@@ -4,14 +4,12 @@ at once. Arguments and results hold ids, names and redacted messages, never a se
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 from celery import chord, group
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
 from vq_tasks import coordination
@@ -26,7 +24,7 @@ from vq_tasks.retention.policy import retention_start
 from vq_tasks.retention.prune import prune_all
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage import open_storage
-from vq_tasks.worker import leases
+from vq_tasks.worker import leases, steps
 from vq_tasks.worker.app import app
 from vq_tasks.worker.schedule import SLOT_SEARCH, scheduled_slot
 
@@ -151,50 +149,17 @@ def _start_chord(settings, start: pipeline.BackupStart) -> None:
         raise
 
 
-def _step(settings: Settings, name: str) -> contextlib.AbstractContextManager[leases.Lease]:
-    """The lease of step ``name``: one live execution at a time (vq_tasks.worker.leases)."""
-    r = coordination.client(settings)
-    return leases.leased(r, name, settings.backup_worker_lost_after, logger.info)
-
-
-def _give_back(lost: leases.LeaseLost) -> NoReturn:
-    """This execution may not finish its step: hand its message back to the broker. A message
-    handed out again already is gone from it, and giving it back does nothing; a live one comes
-    back and waits for the step again, so that a step never loses its only message."""
-    logger.warning("%s", lost)
-    raise Reject(str(lost), requeue=True) from None
-
-
-def _run_once(settings: Settings, task: Any, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``work`` for this task: one execution at a time, and a delivery handed out again after
-    an execution finished returns that execution's result instead of doing the work again (the
-    result backend cannot tell: each execution marks the task STARTED anew)."""
-    task_id = task.request.id
-    try:
-        with _step(settings, f"task:{task_id}"):
-            r = coordination.client(settings)
-            done = coordination.result_of(r, task_id)
-            if done is not None:
-                logger.info("task %s was done by an earlier delivery; its result stands", task_id)
-                return done
-            result = work()
-            coordination.record_result(r, task_id, result)
-            return result
-    except leases.LeaseLost as lost:
-        _give_back(lost)
-
-
 def _dump(task, backup_id: str, component: Component) -> dict[str, Any]:
     settings = get_settings()
     try:
-        with _step(settings, f"{backup_id}:{component}") as lease:
+        with steps.step(settings, f"{backup_id}:{component}") as lease:
             part = pipeline.dump_component(settings, backup_id, component, fence=lease.check)
         return part.model_dump(mode="json")
     except pipeline.RunEnded as exc:
         logger.warning("%s", exc)
         raise Ignore() from None
     except leases.LeaseLost as lost:
-        _give_back(lost)
+        steps.give_back(lost)
     except Exception as exc:
         failure = exc
     _retry_if_transient(task, settings, failure, f"{component} of {backup_id}")
@@ -232,10 +197,10 @@ def finalize_backup(self, records: list[dict], backup_id: str, kind: Kind, start
     """Store the bundle and logs archive, then the manifest; enqueue prune and the success alert."""
     settings = get_settings()
     try:
-        with _step(settings, f"{backup_id}:finalize") as lease:
+        with steps.step(settings, f"{backup_id}:finalize") as lease:
             manifest = pipeline.finalize(settings, backup_id, records, kind, started_at, fence=lease.check)
     except leases.LeaseLost as lost:
-        _give_back(lost)
+        steps.give_back(lost)
     except Exception as exc:
         failure = exc
     else:
@@ -320,7 +285,7 @@ def prune(self, dry_run: bool = False, origin: str = "celery") -> dict[str, Any]
             raise PermanentError("; ".join(report.failures()))
         return report.as_dict()
 
-    return _run_once(settings, self, work)
+    return steps.run_once(settings, self, work)
 
 
 @app.task(name="vq_tasks.copy_offsite", bind=True, max_retries=None)
@@ -335,7 +300,7 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
     r = coordination.client(settings)
     try:
         with (
-            _step(settings, f"{backup_id}:offsite"),
+            steps.step(settings, f"{backup_id}:offsite"),
             coordination.offsite_copy_running(r, self.request.id, settings.backup_lock_ttl),
         ):
             source, target = open_storage(settings), open_storage(settings, "offsite")
@@ -344,7 +309,7 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
             since = retention_start(datetime.now(UTC), policy(settings))
             caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, logger.info, keys)
     except leases.LeaseLost as lost:
-        _give_back(lost)
+        steps.give_back(lost)
     except Exception as exc:
         failure = exc
     else:
@@ -383,7 +348,7 @@ def alert(self, event: dict[str, Any]) -> dict[str, Any]:
             raise self.retry(countdown=_countdown(self.request.retries), exc=exc) from None
         return {"condition": parsed.condition, "outcome": outcome}
 
-    return _run_once(settings, self, work)
+    return steps.run_once(settings, self, work)
 
 
 @app.task(name="vq_tasks.verify", bind=True, throws=(PermanentError,))
@@ -404,7 +369,7 @@ def verify(
         (logger.info if verified else logger.error)("verify: %s", line)
         return report.model_dump(mode="json")
 
-    return _run_once(settings, self, work)
+    return steps.run_once(settings, self, work)
 
 
 # acknowledged on receipt and never redelivered: a restore that ran hours ago must not run again
@@ -472,4 +437,4 @@ def restore_drill(
         _alert(alert_event(report))
         return report.model_dump(mode="json")
 
-    return _run_once(settings, self, work)
+    return steps.run_once(settings, self, work)
