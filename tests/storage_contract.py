@@ -165,8 +165,8 @@ def flip_one_byte_on_the_way(storage: PartedStorage) -> None:
     def damaged_part(upload, part):
         return send_part(upload, replace(part, data=flipped(part.data)) if part.number == 1 else part)
 
-    def damaged_whole(name, data, sums):
-        return put_whole(name, flipped(data), sums)
+    def damaged_whole(name, data, sums, retain_until=None):
+        return put_whole(name, flipped(data), sums, retain_until)
 
     storage._send_part = damaged_part  # type: ignore[method-assign]
     storage._put_whole = damaged_whole  # type: ignore[method-assign]

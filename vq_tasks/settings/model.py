@@ -113,6 +113,15 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
     backup_signing_key_file: Path | None = None
     backup_signing_public_keys: CommaList = []
 
+    # Immutable backups: every stored object locked by the provider until retention lets it go
+    backup_immutability: bool = False
+    backup_immutability_mode: Literal["governance", "compliance"] = "governance"
+
+    # Who may send destructive tasks (a forced restore, prune): Ed25519 keys, as for manifests
+    backup_task_key_file: Path | None = None
+    backup_task_public_keys: CommaList = []
+    backup_task_authorization_max_age: int = Field(24 * 3600, ge=60)
+
     # What is backed up
     backup_config_paths: CommaList = ["/etc/virtualqueue"]
     backup_log_paths: CommaList = ["/var/log/virtualqueue"]
@@ -204,6 +213,7 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
         "backup_log_paths",
         "backup_encryption_recipients",
         "backup_signing_public_keys",
+        "backup_task_public_keys",
         mode="before",
     )
     @classmethod
@@ -306,6 +316,7 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
             concurrency=self.backup_upload_concurrency,
             retries=self.backup_storage_retries,
             timeout=self.backup_storage_timeout,
+            lock_mode=self.backup_immutability_mode if self.backup_immutability else None,
         )
 
     def secret_values(self) -> list[str]:

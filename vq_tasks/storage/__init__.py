@@ -43,10 +43,16 @@ def open_destination(destination: Destination) -> Storage:
 
 def open_storage(settings: Settings, role: str = "primary") -> Storage:
     """Given settings, return the storage of the primary or the off-site destination. Raise
-    StorageError if ``role`` is "offsite" and none is configured."""
+    StorageError if ``role`` is "offsite" and none is configured. With BACKUP_IMMUTABILITY on, a
+    store that keeps versions is read as the backups were committed (``storage.committed``)."""
     from vq_tasks.storage.base import StorageError
 
     destination = settings.destination(role)
     if destination is None:
         raise StorageError("no off-site destination: set BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH")
-    return open_destination(destination)
+    storage = open_destination(destination)
+    if destination.lock_mode is not None and storage.keeps_versions:
+        from vq_tasks.storage.committed import CommittedView
+
+        return CommittedView(storage, settings.backup_name_prefix)  # a delete marker hides nothing
+    return storage

@@ -15,6 +15,12 @@ Who checks what, so that bytes changed on the way are never committed:
   (stored, not checked by the service, so that readers can check it); then the committed block
   list (ids, sizes), the blob's size and its stored MD5 are compared with what was sent, and a
   mismatching blob is deleted before the error is raised.
+
+With BACKUP_IMMUTABILITY on, each blob is written with its own version-level immutability policy
+(Put Blob or Put Block List carries the until-date and the mode: "Unlocked" for governance,
+"Locked" for compliance), which needs a container with version-level immutability. The policy the
+service reports afterwards is checked too: a blob stored without the lock asked for is deleted
+again and the write fails, so that a backup is never less protected than promised.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, cast
 
 from azure.core import MatchConditions
@@ -42,13 +49,16 @@ from azure.core.exceptions import (
 from azure.storage.blob import (
     BlobClient,
     BlobPrefix,
+    BlobProperties,
     BlobServiceClient,
     ContainerClient,
+    ContainerProperties,
     ContentSettings,
     ExponentialRetry,
+    ImmutabilityPolicy,
 )
 
-from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
+from vq_tasks.storage.base import ObjectLocked, StorageError, StoredObject, chunk_reader
 from vq_tasks.storage.location import Destination
 from vq_tasks.storage.upload import MIB, Part, PartedStorage, UploadSums
 
@@ -67,16 +77,20 @@ PERMISSION_CODES = {
 }
 TRANSIENT_CODES = {"ServerBusy", "InternalError", "OperationTimedOut"}
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+LOCKED_CODES = {"BlobImmutableDueToPolicy"}  # a delete refused by an immutability policy or legal hold
+POLICY_MODES = {"governance": "Unlocked", "compliance": "Locked"}  # BACKUP_IMMUTABILITY_MODE
 REASON = re.compile(r"\[Errno -?\d+\][^'\")]*|(?:Read |Connection )?timed out|Connection (?:reset|aborted)")
 
 
 @dataclass(frozen=True)
 class _Upload:
-    """An upload in blocks: the blob, and the block-id prefix no other upload uses."""
+    """An upload in blocks: the blob, the block-id prefix no other upload uses, and until when
+    the blob is to be locked (None: not at all)."""
 
     name: str
     blob: BlobClient
     prefix: str
+    retain_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class AzureStorage(PartedStorage):
     """Block blobs under a prefix of one container; large objects are staged as blocks."""
 
     provider = "Azure_Blob"
+    can_lock = True  # version-level immutability: ``retention`` tells a blob's policy
     max_parts = 50_000  # blocks per blob
     min_part_size = 1 * MIB  # Azure takes blocks of any size; the engine's default is kept
 
@@ -146,8 +161,40 @@ class AzureStorage(PartedStorage):
         except AzureError as exc:
             if _code(exc) == "BlobNotFound":
                 return False
+            if _code(exc) in LOCKED_CODES:
+                raise self._locked(name) from exc
             raise self._error(exc, name) from exc
         return True
+
+    def _locked(self, name: str) -> ObjectLocked:
+        """Return the error of a delete refused by an immutability policy, with the policy's end
+        where it can be read (a legal hold has none)."""
+        until = None
+        with contextlib.suppress(StorageError):
+            until = self.retention(name)
+        when = f"until {until:%Y-%m-%d %H:%M:%S} UTC" if until else "by a legal hold or a policy"
+        return ObjectLocked(f"{self.describe()}/{name} is locked {when}", until)
+
+    def retention(self, name: str, version_id: str | None = None) -> datetime | None:
+        """Return the expiry of the blob's (or that version's) immutability policy, None without one."""
+        try:
+            props = self._blob(name).get_blob_properties(version_id=version_id)
+        except AzureError as exc:
+            if _code(exc) == "BlobNotFound":
+                return None
+            raise self._error(exc, name) from exc
+        return _expiry(props)
+
+    def lock_problems(self, shortest: timedelta) -> builtins.list[str]:
+        """Read what the container keeps locked from its properties (the data plane tells whether
+        it has version-level immutability, a container-level policy and a legal hold, but not a
+        policy's period, which only Azure Resource Manager shows)."""
+        try:
+            props = self._container().get_container_properties()
+        except AzureError as exc:
+            raise self._error(exc) from exc
+        where, account, container = self.describe(), self.location.account, self.location.container
+        return _container_problems(where, account, container, props, shortest)
 
     @contextlib.contextmanager
     def open_read(self, name: str) -> Iterator[BinaryIO]:
@@ -163,27 +210,69 @@ class AzureStorage(PartedStorage):
         finally:
             stream.close()
 
-    def _put_whole(self, name: str, data: bytes, sums: UploadSums) -> None:
+    def _put_whole(
+        self, name: str, data: bytes, sums: UploadSums, retain_until: datetime | None = None
+    ) -> None:
         blob = self._blob(name)
         try:
             result = blob.upload_blob(
-                data, length=len(data), overwrite=True, max_concurrency=1, transactional_content_md5=sums.md5
+                data,
+                length=len(data),
+                overwrite=True,
+                max_concurrency=1,
+                transactional_content_md5=sums.md5,
+                **self._lock(retain_until),
             )
         except AzureError as exc:
             raise self._error(exc, name) from exc
+        etag = cast(str, result["etag"])  # the SDK types it str | datetime
         stored = result.get("content_md5")  # what the service computed of the body it stored
-        try:
-            if stored is None:
-                stored = blob.get_blob_properties().content_settings.content_md5
-        except AzureError as exc:  # stored but not checked: not accepted either
-            self._discard(blob, result["etag"])
-            raise self._error(exc, name) from exc
+        if stored is None:
+            stored = self._committed(blob, name, etag).content_settings.content_md5
         if stored is None or bytes(stored) != sums.md5:
-            self._discard(blob, result["etag"])
+            self._discard(blob, etag)
             raise self.mismatch(name, "MD5", sums.md5_base64, _b64(stored))
+        if retain_until is not None:
+            self._check_lock(blob, name, etag, self._committed(blob, name, etag), retain_until)
 
-    def _begin(self, name: str) -> _Upload:
-        return _Upload(name, self._blob(name), uuid.uuid4().hex[:16])
+    def _committed(self, blob: BlobClient, name: str, etag: str) -> BlobProperties:
+        """Return the properties of the blob just committed; delete it if they cannot be read
+        (stored but not checked: not accepted either)."""
+        try:
+            return blob.get_blob_properties()
+        except AzureError as exc:
+            self._discard(blob, etag)
+            raise self._error(exc, name) from exc
+
+    def _lock(self, retain_until: datetime | None) -> dict[str, Any]:
+        """Return the arguments of a write locked until ``retain_until`` (none if None)."""
+        if retain_until is None:
+            return {}
+        policy = ImmutabilityPolicy(expiry_time=_whole_second(retain_until), policy_mode=self._policy_mode())
+        return {"immutability_policy": policy}
+
+    def _policy_mode(self) -> str:
+        return POLICY_MODES[self.destination.lock_mode or "governance"]
+
+    def _check_lock(
+        self, blob: BlobClient, name: str, etag: str, props: BlobProperties, retain_until: datetime
+    ) -> None:
+        """Refuse (and delete) a blob the service stored without the lock asked for: a container
+        without version-level immutability, or a store that ignores the policy (Azurite)."""
+        until, mode = _whole_second(retain_until), self._policy_mode()
+        found = _shortfall(props, until, mode)
+        if found is None:
+            return
+        self._discard(blob, etag)
+        container, account = self.location.container, self.location.account
+        raise StorageError(
+            f"{self.describe()}/{name}: Azure stored the blob {found} instead of locked until "
+            f"{until:%Y-%m-%d %H:%M:%S} UTC ({mode}) as BACKUP_IMMUTABILITY asks, so it was deleted "
+            f"again: {_enable_vlw(account, container)}"
+        )
+
+    def _begin(self, name: str, retain_until: datetime | None = None) -> _Upload:
+        return _Upload(name, self._blob(name), uuid.uuid4().hex[:16], retain_until)
 
     def _send_part(self, upload: _Upload, part: Part) -> _Block:
         block = _Block(f"{upload.prefix}{part.number:05d}", len(part.data))  # same length for every id
@@ -205,27 +294,35 @@ class AzureStorage(PartedStorage):
                 content_settings=ContentSettings(
                     content_md5=sums.md5  # type: ignore[arg-type]  # bytes work; the stub says bytearray
                 ),
+                **self._lock(upload.retain_until),
             )
         except AzureError as exc:
             raise self._error(exc, upload.name) from exc
+        etag = cast(str, result["etag"])  # the SDK types it str | datetime
         try:
             committed, _ = upload.blob.get_block_list("committed")
             props = upload.blob.get_blob_properties()
         except AzureError as exc:  # committed but not checked: not accepted either
-            self._discard(upload.blob, cast(str, result["etag"]))  # the SDK types it str | datetime
+            self._discard(upload.blob, etag)
             raise self._error(exc, upload.name) from exc
         stored = [_Block(block.id, block.size) for block in committed]
         difference = _difference(receipts, stored, props.size, props.content_settings.content_md5, sums)
         if difference:
-            self._discard(upload.blob, cast(str, result["etag"]))  # the SDK types it str | datetime
+            self._discard(upload.blob, etag)
             raise self.mismatch(upload.name, *difference)
+        if upload.retain_until is not None:
+            self._check_lock(upload.blob, upload.name, etag, props, upload.retain_until)
 
     def _abort(self, upload: _Upload) -> None:
         """Uncommitted blocks cannot be deleted one by one: the service drops them a week after the
         last Put Block, or when the blob is next committed, and they are never listed. When the blob
         has no committed version and holds only this upload's blocks, an empty block list is
         committed (only if the blob is still missing) and deleted at once, so that nothing is billed
-        for that week; the empty blob is visible for that moment only. One try, no retries."""
+        for that week; the empty blob is visible for that moment only. One try, no retries.
+        Not for a locked upload: the container may give that empty blob a default policy, which
+        would keep it, visible, for the policy's period."""
+        if upload.retain_until is not None:
+            return
         once: dict[str, Any] = {"retry_total": 0}
         try:
             committed, uncommitted = upload.blob.get_block_list("all", **once)
@@ -368,6 +465,78 @@ def _difference(
     if md5 is None or bytes(md5) != sums.md5:
         return "Content-MD5", sums.md5_base64, _b64(md5)
     return None
+
+
+def _expiry(props: BlobProperties) -> datetime | None:
+    """Return the end of the blob's immutability policy, None without one."""
+    expiry = props.immutability_policy.expiry_time
+    return expiry.astimezone(UTC) if expiry is not None else None
+
+
+def _shortfall(props: BlobProperties, until: datetime, mode: str) -> str | None:
+    """Return how the blob's policy falls short of a lock until ``until`` in ``mode`` (a later
+    end is fine; Locked must not come back unlocked), or None if it does not."""
+    expiry, stored_mode = _expiry(props), str(props.immutability_policy.policy_mode or "")
+    if expiry is None:
+        return "without a lock"
+    if expiry < until or (mode == "Locked" and stored_mode.lower() != "locked"):
+        return f"locked until {expiry:%Y-%m-%d %H:%M:%S} ({stored_mode})"
+    return None
+
+
+def _whole_second(when: datetime) -> datetime:
+    """Return ``when`` in UTC, rounded up to the whole second: the service keeps whole seconds
+    (RFC 1123), and a lock must not end before the time promised."""
+    when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    return when if not when.microsecond else when.replace(microsecond=0) + timedelta(seconds=1)
+
+
+def _enable_vlw(account: str | None, container: str) -> str:
+    """Return how to give ``container`` version-level immutability, or do without locks."""
+    return (
+        f"enable version-level immutability on container {container} (a new container: az storage "
+        f"container-rm create --storage-account {account} --name {container} --enable-vlw true; an "
+        "existing one: Azure portal, container > Access policy > Add policy > Enable version-level "
+        f"immutability, or az storage container-rm migrate-vlw --storage-account {account} --name "
+        f"{container}; either needs blob versioning on the account: az storage account "
+        f"blob-service-properties update --account-name {account} --enable-versioning true), or turn "
+        "BACKUP_IMMUTABILITY off"
+    )
+
+
+def _container_problems(
+    where: str, account: str | None, container: str, props: ContainerProperties, shortest: timedelta
+) -> list[str]:
+    """Return why ``container`` cannot keep per-blob locks for BACKUP_IMMUTABILITY, if it cannot."""
+    problems = []
+    if props.has_legal_hold:
+        problems.append(
+            f"{where}: container {container} has a legal hold, which keeps every blob until the hold is "
+            f"cleared, so prune could never delete a backup after the {_days(shortest)} retention keeps "
+            "it: clear the hold (Azure portal: container > Access policy), or use another container"
+        )
+    if props.immutable_storage_with_versioning_enabled:
+        return problems
+    if props.has_immutability_policy:
+        problems.append(
+            f"{where}: container {container} has a container-level retention policy, which locks every "
+            "blob for one fixed period (shown only by Azure Resource Manager, so not compared with the "
+            f"{_days(shortest)} retention keeps a backup: longer, prune could never delete in time) and "
+            "cannot lock a blob until the date BACKUP_IMMUTABILITY sets for it: migrate the container "
+            f"to version-level immutability (az storage container-rm migrate-vlw --storage-account "
+            f"{account} --name {container}; it needs blob versioning on the account), or turn "
+            "BACKUP_IMMUTABILITY off"
+        )
+    else:
+        problems.append(
+            f"{where}: container {container} does not have version-level immutability, so "
+            f"BACKUP_IMMUTABILITY cannot lock backups: {_enable_vlw(account, container)}"
+        )
+    return problems
+
+
+def _days(span: timedelta) -> str:
+    return f"{span.total_seconds() / 86400:g} days"
 
 
 def _is_authentication(exc: Exception, code: str | None, status: int | None) -> bool:

@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO, ClassVar
 
 from vq_tasks.errors import BackupError
@@ -32,13 +32,38 @@ class StorageError(BackupError):
         self.transient = transient
 
 
+class ObjectLocked(StorageError):
+    """A delete the provider refused because the object is under a retention lock, ``until`` the
+    lock's end where the provider tells it. Not a failure of a prune: the object goes later."""
+
+    def __init__(self, message: str, until: datetime | None = None):
+        super().__init__(message)
+        self.until = until
+
+
 @dataclass(frozen=True)
 class StoredObject:
-    """One object in storage: its name relative to the storage path, size and modification time."""
+    """One object in storage: its name relative to the storage path, size and modification time.
+    ``tampered`` says what happened to it after the backup was committed (on a store that keeps
+    versions: hidden by a delete marker, or overwritten), when the object listed is the version
+    that was committed rather than the current one."""
 
     name: str
     size: int
     modified: datetime
+    tampered: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version of an object, or a delete marker, on a store that keeps versions."""
+
+    name: str
+    version_id: str
+    modified: datetime
+    size: int
+    latest: bool
+    delete_marker: bool
 
 
 @dataclass(frozen=True)
@@ -53,12 +78,16 @@ class Storage(abc.ABC):
     """A place where backups are kept, addressed by flat object names relative to one root."""
 
     provider: ClassVar[str]
+    keeps_versions: ClassVar[bool] = False  # True: ``list_versions`` and ``open_read_version`` exist
+    can_lock: ClassVar[bool] = False  # True: ``retention`` tells an object's lock (Local's read-only is none)
 
     @abc.abstractmethod
-    def open_write(self, name: str) -> AbstractContextManager[Writer]:
+    def open_write(self, name: str, retain_until: datetime | None = None) -> AbstractContextManager[Writer]:
         """Return a writer for ``name``. The object appears only when the block exits cleanly and
         the provider's own checksums of what it stored match what was written; otherwise nothing
-        is committed. Raise StorageError on a mismatch (permanent) or an unreachable store."""
+        is committed. Raise StorageError on a mismatch (permanent) or an unreachable store.
+        ``retain_until``: lock the object until then by the provider's own means, in the
+        destination's ``lock_mode`` (given only when BACKUP_IMMUTABILITY is on)."""
 
     @abc.abstractmethod
     def open_read(self, name: str) -> AbstractContextManager[BinaryIO]:
@@ -80,6 +109,20 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """Return where this storage is, for messages (never with credentials)."""
+
+    def retention(self, name: str, version_id: str | None = None) -> datetime | None:
+        """Return until when the stored object ``name`` (or that version of it) is locked against
+        deletion and overwriting, or None when it is not locked (or the provider has no locks)."""
+        return None
+
+    def lock_problems(self, shortest: timedelta) -> builtins.list[str]:
+        """Return why this destination cannot keep BACKUP_IMMUTABILITY's locks (the bucket or
+        container lacks the feature, or it locks every object longer than ``shortest``, the
+        shortest time retention keeps an object, so prune could never delete in time); empty
+        when it can."""
+        return [
+            f"{self.describe()}: {self.provider} storage cannot lock objects; turn BACKUP_IMMUTABILITY off"
+        ]
 
     def usage(self) -> Usage:
         """Return the number and total size of the objects under the root."""

@@ -6,6 +6,12 @@ corrupted object, and the object resource it answers with is checked against our
 as well (an object that does not match is deleted at once). Small objects go up in one request
 whose metadata holds both checksums. An abandoned session is cancelled; one that cannot be
 cancelled expires after a week and is never visible to ``list``.
+
+With BACKUP_IMMUTABILITY on, each object carries its own retention configuration from the start
+(in the metadata of the upload: mode "Unlocked" for governance, "Locked" for compliance, and the
+retain-until time), which needs a bucket with object retention enabled. The retention the service
+answers with is checked too: an object stored without the lock asked for is deleted again and the
+write fails, so that a backup is never less protected than promised.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import os
 import re
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
 
 import google.cloud.storage  # noqa: F401 - a missing SDK shows at import, as the registry expects
 
-from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
+from vq_tasks.storage.base import ObjectLocked, StorageError, StoredObject, chunk_reader
 from vq_tasks.storage.gcs_auth import KEY_VARIABLE, client_for
 from vq_tasks.storage.location import Destination
 from vq_tasks.storage.upload import Part, PartedStorage, UploadSums, with_retries
@@ -34,24 +41,29 @@ CONTENT_TYPE = "application/octet-stream"
 TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
 CANCELLED_CODES = {200, 204, 404, 410, 499, 501}  # 499: cancelled; 404/410: gone; 501: emulators
 CREATE = "storage.objects.create (and storage.objects.delete to replace an object)"
+RETENTION_MODES = {"governance": "Unlocked", "compliance": "Locked"}  # BACKUP_IMMUTABILITY_MODE
+LOCK_WORDS = re.compile(r"(?i)\bretention\b|\bhold\b")  # in the 403 of a delete a lock refused
 
 
 @dataclass
 class _Session:
     """A resumable upload: its session URL, the bytes the service has committed, the last part
-    (held until the whole object's checksums are known) and the finished object's resource."""
+    (held until the whole object's checksums are known), the finished object's resource, and
+    until when the object is to be locked (None: not at all)."""
 
     name: str
     url: str
     offset: int = 0
     last: bytes = b""
     resource: dict[str, Any] | None = None
+    retain_until: datetime | None = None
 
 
 class GCSStorage(PartedStorage):
     """Objects under ``gs://bucket/prefix``, uploaded through resumable sessions."""
 
     provider = "Google_Cloud"
+    can_lock = True  # object retention: ``retention`` tells an object's retain-until time
     max_parts = 1_000_000  # a resumable session has no chunk limit; parts double only after 200 000
     min_part_size = QUANTUM
     part_multiple = QUANTUM
@@ -74,9 +86,11 @@ class GCSStorage(PartedStorage):
     def _client(self) -> Any:
         return client_for(self.destination, os.getpid())  # built once per process, never pickled
 
-    def _blob(self, name: str) -> Any:
+    def _blob(self, name: str, generation: int | None = None) -> Any:
         self._check_name(name)
-        return self._client.bucket(self.location.container).blob(self.location.key(name))
+        return self._client.bucket(self.location.container).blob(
+            self.location.key(name), generation=generation
+        )
 
     def _call(self, doing: str, name: str, call: Callable[[], T], permission: str) -> T:
         """Return ``call()``, its errors translated and transient ones tried again."""
@@ -107,10 +121,31 @@ class GCSStorage(PartedStorage):
         blob = self._find(name)
         return None if blob is None else StoredObject(name, blob.size or 0, blob.updated)
 
-    def _find(self, name: str) -> Any:
-        blob = self._blob(name)
+    def _find(self, name: str, generation: int | None = None) -> Any:
+        blob = self._blob(name, generation)
         fetch = _or_missing(lambda: blob.reload(**self._once) or blob, None)
         return self._call("look up", name, fetch, "storage.objects.get")
+
+    def retention(self, name: str, version_id: str | None = None) -> datetime | None:
+        """Return the later of the object's (or that generation's) retain-until time and the end
+        of the bucket's retention policy for it; None when neither applies."""
+        blob = self._find(name, int(version_id) if version_id else None)
+        if blob is None:
+            return None
+        ends = [t for t in (blob.retention.retain_until_time, blob.retention_expiration_time) if t]
+        return max(ends).astimezone(UTC) if ends else None
+
+    def lock_problems(self, shortest: timedelta) -> builtins.list[str]:
+        """Object retention must be enabled on the bucket; a bucket retention policy longer than
+        ``shortest`` would keep every object past the time prune deletes it."""
+
+        def fetch() -> Any:
+            bucket = self._client.bucket(self.location.container)
+            bucket.reload(**self._once)
+            return bucket
+
+        bucket = self._call("look up the bucket", "", fetch, "storage.buckets.get")
+        return _bucket_problems(self.describe(), bucket, shortest)
 
     def list(self) -> list[StoredObject]:
         prefix = self.location.list_prefix
@@ -153,21 +188,63 @@ class GCSStorage(PartedStorage):
     def delete(self, name: str) -> bool:
         blob = self._blob(name)
         remove = _or_missing(lambda: blob.delete(**self._once) or True, False)
-        return self._call("delete", name, remove, "storage.objects.delete")
+        try:
+            return self._call("delete", name, remove, "storage.objects.delete")
+        except StorageError as exc:
+            locked = self._locked(name, exc)
+            if locked is None:
+                raise
+            raise locked from exc
+
+    def _locked(self, name: str, error: StorageError) -> ObjectLocked | None:
+        """Return ObjectLocked if ``error`` is a delete refused by a retention lock or a hold (the
+        service answers 403 to both, as to a missing permission), else None."""
+        from google.api_core.exceptions import Forbidden
+
+        if not isinstance(error.__cause__, Forbidden):
+            return None
+        until = None
+        with contextlib.suppress(StorageError):
+            until = self.retention(name)
+        active = until if until is not None and until > datetime.now(UTC) else None
+        if active is None and not LOCK_WORDS.search(str(error.__cause__)):
+            return None  # denied for want of a permission: the error says which
+        when = f"until {active:%Y-%m-%d %H:%M:%S} UTC" if active else "by a hold or a retention policy"
+        return ObjectLocked(f"{self.describe()}/{name} is locked {when}", active)
 
     # Writing: the five primitives of PartedStorage
 
-    def _put_whole(self, name: str, data: bytes, sums: UploadSums) -> None:
+    def _put_whole(
+        self, name: str, data: bytes, sums: UploadSums, retain_until: datetime | None = None
+    ) -> None:
         blob = self._blob(name)
         blob.md5_hash, blob.crc32c = sums.md5_base64, sums.crc32c_base64  # checked by the service
+        self._set_lock(blob, retain_until)
         put = functools.partial(blob.upload_from_string, data, content_type=CONTENT_TYPE, checksum=None)
         self._call("upload", name, functools.partial(put, **self._once), CREATE)
         answer = {"size": blob.size, "md5Hash": blob.md5_hash, "crc32c": blob.crc32c}  # replaced ours
-        self._accept(name, answer | {"generation": blob.generation}, sums)
+        answer |= {"generation": blob.generation, "retention": dict(blob.retention)}
+        self._accept(name, answer, sums, retain_until)
 
-    def _begin(self, name: str) -> _Session:
-        start = functools.partial(self._blob(name).create_resumable_upload_session, content_type=CONTENT_TYPE)
-        return _Session(name, self._call("start the upload of", name, lambda: start(**self._once), CREATE))
+    def _begin(self, name: str, retain_until: datetime | None = None) -> _Session:
+        blob = self._blob(name)
+        self._set_lock(blob, retain_until)  # part of the object's metadata, sent as the session starts
+        start = functools.partial(blob.create_resumable_upload_session, content_type=CONTENT_TYPE)
+        url = self._call("start the upload of", name, lambda: start(**self._once), CREATE)
+        return _Session(name, url, retain_until=retain_until)
+
+    def _set_lock(self, blob: Any, retain_until: datetime | None) -> None:
+        """Put the retention configuration locking ``blob`` until ``retain_until`` (if given) in
+        the metadata its upload sends."""
+        if retain_until is None:
+            return
+        retention = blob.retention  # the blob keeps this very mapping once a field is set
+        retention.mode = self._retention_mode()
+        retention.retain_until_time = _whole_second(retain_until)
+        retention.pop("retentionExpirationTime", None)  # the service's to fill in, not ours to send
+
+    def _retention_mode(self) -> str:
+        return RETENTION_MODES[self.destination.lock_mode or "governance"]
 
     def _send_part(self, upload: _Session, part: Part) -> int:
         if part.last:
@@ -179,7 +256,7 @@ class GCSStorage(PartedStorage):
     def _complete(self, upload: _Session, receipts: builtins.list[Any], sums: UploadSums) -> None:
         self._send(upload, upload.last, upload.offset + len(upload.last), sums.crc32c_base64)
         assert upload.resource is not None
-        self._accept(upload.name, upload.resource, sums)
+        self._accept(upload.name, upload.resource, sums, upload.retain_until)
 
     def _send(self, upload: _Session, data: bytes, total: int | None, crc32c: str | None) -> None:
         """Send ``data`` at the session's offset (``total``: it ends the object); after a failure,
@@ -229,16 +306,38 @@ class GCSStorage(PartedStorage):
 
             raise from_http_response(response)
 
-    def _accept(self, name: str, resource: dict[str, Any], sums: UploadSums) -> None:
-        """Check the stored object's size and checksums against ours; delete it if they differ."""
+    def _accept(
+        self, name: str, resource: dict[str, Any], sums: UploadSums, retain_until: datetime | None
+    ) -> None:
+        """Check the stored object's size, checksums and (if one was asked for) lock against what
+        was sent; delete it if they differ."""
         problem = _compare(resource, sums)
-        if problem is None:
+        if problem is not None:
+            self._remove(name, resource)
+            raise self.mismatch(name, *problem)
+        if retain_until is not None:
+            self._check_lock(name, resource, retain_until)
+
+    def _check_lock(self, name: str, resource: dict[str, Any], retain_until: datetime) -> None:
+        """Refuse (and delete) an object stored without the lock asked for: a bucket without object
+        retention, or a store that ignores the retention metadata (the emulator)."""
+        until, mode = _whole_second(retain_until), self._retention_mode()
+        found = _shortfall(resource.get("retention") or {}, until, mode)
+        if found is None:
             return
+        self._remove(name, resource)
+        raise StorageError(
+            f"{self.describe()}/{name}: Cloud Storage stored the object {found} instead of locked until "
+            f"{until:%Y-%m-%d %H:%M:%S} UTC ({mode}) as BACKUP_IMMUTABILITY asks, so it was deleted "
+            f"again: {_enable_retention(self.location.container)}"
+        )
+
+    def _remove(self, name: str, resource: dict[str, Any]) -> None:
+        """Delete the object just written and found wrong, unless it was written again since."""
         blob = self._blob(name)
         remove = functools.partial(blob.delete, if_generation_match=resource.get("generation"), **self._once)
         with contextlib.suppress(StorageError):  # 412: someone else has written it since
             self._call("delete", name, remove, "storage.objects.delete")
-        raise self.mismatch(name, *problem)
 
     def _abort(self, upload: _Session) -> None:
         """Cancel the session (DELETE answers 499). Nothing of it was ever visible to ``list``."""
@@ -267,6 +366,73 @@ def _compare(resource: dict[str, Any], sums: UploadSums) -> tuple[str, str, str]
         if ours != str(theirs):
             return what, ours, "missing" if theirs is None else str(theirs)
     return None
+
+
+def _shortfall(stored: dict[str, Any], until: datetime, mode: str) -> str | None:
+    """Return how the ``stored`` retention falls short of a lock until ``until`` in ``mode`` (a
+    later end is fine; Locked must not come back Unlocked), or None if it does not."""
+    stored_until = _rfc3339(stored.get("retainUntilTime"))
+    if stored_until is None:
+        return "without a lock"
+    if stored_until < until or (mode == "Locked" and stored.get("mode") != mode):
+        return f"locked until {stored_until:%Y-%m-%d %H:%M:%S} ({stored.get('mode')})"
+    return None
+
+
+def _bucket_problems(where: str, bucket: Any, shortest: timedelta) -> list[str]:
+    """Return why ``bucket`` cannot keep BACKUP_IMMUTABILITY's locks, if it cannot."""
+    problems = []
+    if bucket.object_retention_mode != "Enabled":
+        problems.append(
+            f"{where}: bucket {bucket.name} does not have object retention, so BACKUP_IMMUTABILITY cannot "
+            f"lock backups: {_enable_retention(bucket.name)}"
+        )
+    period = bucket.retention_period
+    if period is not None and period > shortest.total_seconds():
+        if bucket.retention_policy_locked:
+            fix = (
+                "the policy is locked and cannot be shortened: keep backups at least that long "
+                "(BACKUP_RETENTION_DAYS, BACKUP_LOGS_RETENTION_DAYS), or use another bucket"
+            )
+        else:
+            seconds = int(shortest.total_seconds())
+            fix = (
+                f"shorten it to at most {_days(shortest)} (gcloud storage buckets update gs://{bucket.name} "
+                f"--retention-period={seconds}s) or remove it (--clear-retention-period): the lock on "
+                "each object is what protects it"
+            )
+        problems.append(
+            f"{where}: bucket {bucket.name} has a retention policy that keeps every object "
+            f"{_days(timedelta(seconds=period))}, longer than the {_days(shortest)} retention keeps a "
+            f"backup, so prune could never delete in time: {fix}"
+        )
+    return problems
+
+
+def _enable_retention(bucket: str) -> str:
+    """Return how to enable object retention on ``bucket``, or do without locks."""
+    return (
+        f"enable object retention on bucket {bucket} (Google Cloud console: Cloud Storage > Buckets > "
+        f"{bucket} > Protection > Object retention; a new bucket: gcloud storage buckets create "
+        f"gs://{bucket} --enable-per-object-retention), or turn BACKUP_IMMUTABILITY off"
+    )
+
+
+def _whole_second(when: datetime) -> datetime:
+    """Return ``when`` in UTC, rounded up to the whole second, so that a lock never ends before
+    the time promised whatever precision the service keeps."""
+    when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    return when if not when.microsecond else when.replace(microsecond=0) + timedelta(seconds=1)
+
+
+def _rfc3339(text: str | None) -> datetime | None:
+    from google.api_core.datetime_helpers import from_rfc3339
+
+    return from_rfc3339(text).astimezone(UTC) if text else None
+
+
+def _days(span: timedelta) -> str:
+    return f"{span.total_seconds() / 86400:g} days"
 
 
 def _or_missing(call: Callable[[], T], missing: Any) -> Callable[[], T]:

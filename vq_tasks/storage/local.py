@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,7 +40,8 @@ class LocalStorage(Storage):
         return self.root / name
 
     @contextlib.contextmanager
-    def open_write(self, name: str) -> Iterator[_FileWriter]:
+    def open_write(self, name: str, retain_until: datetime | None = None) -> Iterator[_FileWriter]:
+        """``retain_until``: the file is made read-only (BACKUP_IMMUTABILITY's Local form)."""
         final = self._path(name)
         partial = self.root / f".{name}{PARTIAL_MARKER}{uuid.uuid4().hex[:12]}"
         try:
@@ -51,6 +53,8 @@ class LocalStorage(Storage):
                 yield _FileWriter(stream, self._translated)
                 with self._translated():
                     stream.flush()
+                    if retain_until is not None:
+                        os.fchmod(stream.fileno(), 0o444)
                     os.fsync(stream.fileno())
                     stream.close()
             finally:
@@ -96,6 +100,12 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return False
         return True
+
+    def lock_problems(self, shortest: timedelta) -> builtins.list[str]:
+        """None: a file system has no retention lock, and BACKUP_IMMUTABILITY makes each file
+        read-only, which stops tools that respect file modes from overwriting it, not anyone
+        with the workers' rights from deleting it (README: Immutable backups)."""
+        return []
 
     def disk_space(self) -> tuple[int, int]:
         """Return (free, capacity) bytes of the file system holding the root (or, before the first

@@ -149,6 +149,7 @@ class Destination:
     concurrency: int = 4
     retries: int = 5
     timeout: float = 60.0
+    lock_mode: str | None = None  # BACKUP_IMMUTABILITY_MODE when BACKUP_IMMUTABILITY is on
 
     @property
     def provider(self) -> str:

@@ -12,7 +12,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, NoReturn
 
 import boto3
@@ -28,7 +28,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from vq_tasks.storage.base import StorageError, StoredObject, chunk_reader
+from vq_tasks.storage.base import ObjectLocked, ObjectVersion, StorageError, StoredObject, chunk_reader
 from vq_tasks.storage.location import Credentials, Destination
 from vq_tasks.storage.upload import MIB, Part, PartedStorage, UploadSums
 from vq_tasks.streams.stages import CHUNK_SIZE
@@ -66,7 +66,13 @@ PERMISSIONS = {
     "HeadObject": ("read from", "s3:GetObject and s3:ListBucket"),
     "ListObjectsV2": ("list", "s3:ListBucket"),
     "ListMultipartUploads": ("list the uploads of", "s3:ListBucketMultipartUploads"),
-    "DeleteObject": ("delete from", "s3:DeleteObject"),
+    "DeleteObject": ("delete from", "s3:DeleteObject and, with BACKUP_IMMUTABILITY, s3:DeleteObjectVersion"),
+    "ListObjectVersions": ("list the versions in", "s3:ListBucketVersions"),
+    "GetObjectLockConfiguration": (
+        "read the Object Lock configuration of",
+        "s3:GetBucketObjectLockConfiguration",
+    ),
+    "PutObjectRetention": ("lock objects in", "s3:PutObjectRetention"),
 }
 ALL_PERMISSIONS = (
     "s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload, "
@@ -81,12 +87,15 @@ class _Upload:
     name: str
     key: str
     upload_id: str
+    retain_until: datetime | None = None
 
 
 class S3Storage(PartedStorage):
     """Objects are keys under one prefix of a bucket; large ones are sent as multipart uploads."""
 
     provider = "AWS_S3"
+    keeps_versions = True  # Object Lock needs versioning: BACKUP_IMMUTABILITY reads as committed
+    can_lock = True
     max_parts = 10_000
     min_part_size = 5 * MIB
 
@@ -116,17 +125,43 @@ class S3Storage(PartedStorage):
 
     # writing: the five primitives of the multipart engine
 
-    def _put_whole(self, name: str, data: bytes, sums: UploadSums) -> None:
-        key = self.location.key(name)
-        with self._translated(name):
-            reply = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentMD5=sums.md5_base64)
+    def _put_whole(self, name: str, data: bytes, sums: UploadSums, retain_until: datetime | None) -> None:
+        key, lock = self.location.key(name), self._lock(retain_until)
+        with self._translated(name):  # Content-MD5: also the integrity header Object Lock requires
+            reply = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentMD5=sums.md5_base64, **lock
+            )
         self._check_etag(name, reply, sums.md5.hex(), committed=True)
+        if retain_until is not None:
+            self._ensure_locked(name, reply.get("VersionId"), retain_until)
 
-    def _begin(self, name: str) -> _Upload:
-        key = self.location.key(name)
+    def _begin(self, name: str, retain_until: datetime | None) -> _Upload:
+        key, lock = self.location.key(name), self._lock(retain_until)
+        with self._translated(name):  # every part then carries Content-MD5, as Object Lock requires
+            reply = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **lock)
+        return _Upload(name, key, reply["UploadId"], retain_until)
+
+    def _ensure_locked(self, name: str, version_id: str | None, retain_until: datetime) -> None:
+        """Check that the version just written is locked until ``retain_until``, and lock it where
+        the store did not (S3-compatible stores, moto among them, may ignore the lock headers of a
+        multipart upload): a backup is never left less protected than promised without an error."""
+        if (self.retention(name, version_id) or datetime.min.replace(tzinfo=UTC)) >= _aware(retain_until):
+            return
+        retention = {
+            "Mode": (self.destination.lock_mode or "governance").upper(),
+            "RetainUntilDate": retain_until,
+        }
         with self._translated(name):
-            reply = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
-        return _Upload(name, key, reply["UploadId"])
+            self.client.put_object_retention(
+                Bucket=self.bucket, Key=self.location.key(name), Retention=retention, **_version(version_id)
+            )
+
+    def _lock(self, retain_until: datetime | None) -> dict[str, Any]:
+        """Return the Object Lock arguments of a write locked until ``retain_until`` (none if None)."""
+        if retain_until is None:
+            return {}
+        mode = (self.destination.lock_mode or "governance").upper()
+        return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": _aware(retain_until)}
 
     def _send_part(self, upload: _Upload, part: Part) -> dict[str, Any]:
         with self._translated(upload.name):
@@ -155,6 +190,8 @@ class S3Storage(PartedStorage):
         if found is None or found.size != sums.size:
             theirs = "missing" if found is None else f"{found.size} bytes"
             self._refuse(upload.name, "size", f"{sums.size} bytes", theirs, committed=True)
+        if upload.retain_until is not None:
+            self._ensure_locked(upload.name, reply.get("VersionId"), upload.retain_until)
 
     def _abort(self, upload: _Upload) -> None:
         try:
@@ -229,10 +266,99 @@ class S3Storage(PartedStorage):
         return found
 
     def delete(self, name: str) -> bool:
-        if self.stat(name) is None:
-            return False
-        self._discard(name)
-        return True
+        """Delete ``name``; with BACKUP_IMMUTABILITY on, every version of it (a plain delete would
+        only hide a locked object behind a delete marker), raising ObjectLocked at the first one
+        still locked."""
+        if self.destination.lock_mode is None:
+            if self.stat(name) is None:
+                return False
+            self._discard(name)
+            return True
+        versions = [v for v in self.list_versions(name) if v.name == name]
+        for version in versions:  # newest first: a locked original stays, behind nothing new
+            self._delete_version(version)
+        return any(not v.delete_marker for v in versions)
+
+    def _delete_version(self, version: ObjectVersion) -> None:
+        key = self.location.key(version.name)
+        try:
+            with self._translated(version.name):
+                self.client.delete_object(Bucket=self.bucket, Key=key, VersionId=version.version_id)
+        except StorageError as exc:
+            if version.delete_marker or not isinstance(exc.__cause__, ClientError):
+                raise
+            if _code(exc.__cause__) not in ACCESS_DENIED:
+                raise
+            until = self.retention(version.name, version.version_id)
+            if until is None:
+                raise  # denied for another reason: the permission error says which
+            raise ObjectLocked(
+                f"{self._where(version.name)} is locked until {until:%Y-%m-%d %H:%M} UTC", until
+            ) from exc
+
+    def retention(self, name: str, version_id: str | None = None) -> datetime | None:
+        self._check_name(name)
+        try:
+            with self._translated(name):
+                head = self.client.head_object(
+                    Bucket=self.bucket, Key=self.location.key(name), **_version(version_id)
+                )
+        except FileNotFoundError:
+            return None
+        until = head.get("ObjectLockRetainUntilDate")
+        return _aware(until) if until is not None else None
+
+    def list_versions(self, starting: str = "") -> builtins.list[ObjectVersion]:
+        """Return every version and delete marker directly under the root whose name starts with
+        ``starting``, sorted by name and, for each name, the current one first, then newest first."""
+        root = self.location.list_prefix
+        found = []
+        with self._translated():
+            pages = self.client.get_paginator("list_object_versions")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=root + starting, Delimiter="/"):
+                for item in page.get("Versions", []):
+                    found.append(_version_of(item, root, marker=False))
+                for item in page.get("DeleteMarkers", []):
+                    found.append(_version_of(item, root, marker=True))
+        found = [v for v in found if v.name]
+        return sorted(found, key=lambda v: (v.name, not v.latest, -v.modified.timestamp()))
+
+    @contextlib.contextmanager
+    def open_read_version(self, name: str, version_id: str) -> Iterator[BinaryIO]:
+        """Return a binary stream of one version of ``name`` (a locked original behind a delete
+        marker or a later overwrite)."""
+        self._check_name(name)
+        with self._translated(name):
+            reply = self.client.get_object(
+                Bucket=self.bucket, Key=self.location.key(name), VersionId=version_id
+            )
+        body = reply["Body"]
+        try:
+            yield chunk_reader(body.iter_chunks(CHUNK_SIZE), functools.partial(self._download_error, name))
+        finally:
+            body.close()
+
+    def lock_problems(self, shortest: timedelta) -> builtins.list[str]:
+        """Object Lock must be on (it needs versioning, which it turns on). A bucket's default
+        retention does not matter: every object we write carries its own retain-until date."""
+        try:
+            with self._translated():
+                config = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _code(cause) == "ObjectLockConfigurationNotFoundError":
+                config = {}
+            else:
+                raise
+        if config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+            return [
+                f"{self.describe()}: bucket {self.bucket} has no Object Lock, so BACKUP_IMMUTABILITY cannot "
+                f"lock backups: turn it on (aws s3api put-bucket-versioning --bucket {self.bucket} "
+                "--versioning-configuration Status=Enabled, then aws s3api put-object-lock-configuration "
+                f"--bucket {self.bucket} --object-lock-configuration ObjectLockEnabled=Enabled) or turn "
+                "BACKUP_IMMUTABILITY off"
+            ]
+        return []
 
     def abort_stale_uploads(self, started_before: datetime) -> builtins.list[str]:
         """Abort the multipart uploads directly under the prefix begun before ``started_before``."""
@@ -330,6 +456,21 @@ class S3Storage(PartedStorage):
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _version(version_id: str | None) -> dict[str, str]:
+    return {"VersionId": version_id} if version_id else {}
+
+
+def _version_of(item: dict[str, Any], root: str, *, marker: bool) -> ObjectVersion:
+    return ObjectVersion(
+        name=item["Key"][len(root) :],
+        version_id=item["VersionId"],
+        modified=_aware(item["LastModified"]),
+        size=0 if marker else item["Size"],
+        latest=item["IsLatest"],
+        delete_marker=marker,
+    )
 
 
 def _aware(moment: datetime) -> datetime:

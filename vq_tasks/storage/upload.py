@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
 from vq_tasks.storage.base import Storage, StorageError
@@ -85,9 +86,9 @@ class PartedStorage(Storage):
         self.concurrency = concurrency if self.parallel_parts else 1
 
     @contextlib.contextmanager
-    def open_write(self, name: str) -> Iterator[PartWriter]:
+    def open_write(self, name: str, retain_until: datetime | None = None) -> Iterator[PartWriter]:
         self._check_name(name)
-        writer = PartWriter(self, name)
+        writer = PartWriter(self, name, retain_until)
         try:
             yield writer
         except BaseException:
@@ -104,12 +105,14 @@ class PartedStorage(Storage):
         return self.part_size << ((number - 1) // max(1, self.max_parts // 5))
 
     @abc.abstractmethod
-    def _put_whole(self, name: str, data: bytes, sums: UploadSums) -> None:
-        """Store a small object in one request and check the provider's checksums of it."""
+    def _put_whole(self, name: str, data: bytes, sums: UploadSums, retain_until: datetime | None) -> None:
+        """Store a small object in one request, locked until ``retain_until`` if given, and check
+        the provider's checksums of it."""
 
     @abc.abstractmethod
-    def _begin(self, name: str) -> Any:
-        """Start a multipart upload of ``name``; return what later calls need to continue it."""
+    def _begin(self, name: str, retain_until: datetime | None) -> Any:
+        """Start a multipart upload of ``name`` whose object is locked until ``retain_until`` if
+        given; return what later calls need to continue it."""
 
     @abc.abstractmethod
     def _send_part(self, upload: Any, part: Part) -> Any:
@@ -134,9 +137,10 @@ class PartedStorage(Storage):
 class PartWriter:
     """The writer ``PartedStorage.open_write`` yields: cuts parts and sends them on a thread pool."""
 
-    def __init__(self, storage: PartedStorage, name: str):
+    def __init__(self, storage: PartedStorage, name: str, retain_until: datetime | None = None):
         self._storage = storage
         self._name = name
+        self._retain_until = retain_until
         self._buffer = bytearray()
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._crc32c = _crc32c() if storage.wants_crc32c else None
@@ -168,7 +172,7 @@ class PartWriter:
                 "raise BACKUP_UPLOAD_PART_SIZE_MB"
             )
         if self._upload is None:
-            self._upload = self._storage._begin(self._name)
+            self._upload = self._storage._begin(self._name, self._retain_until)
             self._pool = ThreadPoolExecutor(self._storage.concurrency, thread_name_prefix="upload")
         while len(self._in_flight) >= self._storage.concurrency:
             self._receipts.append(self._in_flight.popleft().result())
@@ -186,7 +190,7 @@ class PartWriter:
     def finish(self) -> None:
         """Send what is left and commit the object, or store it whole if it fits one part."""
         if self._upload is None:
-            self._storage._put_whole(self._name, bytes(self._buffer), self._sums())
+            self._storage._put_whole(self._name, bytes(self._buffer), self._sums(), self._retain_until)
             return
         try:
             self._submit(bytes(self._buffer), last=True)
