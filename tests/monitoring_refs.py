@@ -41,6 +41,7 @@ EXPORTED_METRICS = frozenset(
         "vq_backup_component_size_bytes",
         "vq_backup_runs_total",
         "vq_backup_failures_total",
+        "vq_backup_integrity_failures_total",
         "vq_backup_backups",
         "vq_backup_incomplete_backups",
         "vq_backup_expired_backups",

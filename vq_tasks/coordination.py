@@ -355,6 +355,14 @@ def incident_sent(r: redis.Redis, condition: str, fingerprint: str, holder: str,
     r.eval(_INCIDENT_SENT, 1, INCIDENT_KEY.format(condition), fingerprint, outcome, holder)
 
 
+def open_incident(r: redis.Redis, condition: str) -> str | None:
+    """Return the observation (JSON) of the incident of ``condition`` that is open, or None."""
+    fingerprint, event = cast(
+        "list[str | None]", r.hmget(INCIDENT_KEY.format(condition), "fingerprint", "event")
+    )
+    return event if fingerprint else None
+
+
 def owed_incidents(r: redis.Redis) -> list[tuple[str, float]]:
     """Return (observation JSON, time) of every incident whose notice is owed, not yet sent."""
     owed = []

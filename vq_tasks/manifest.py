@@ -144,6 +144,15 @@ class EncryptionInfo(BaseModel):
     )
 
 
+class LockInfo(BaseModel):
+    """The retention locks a backup's objects were written with (BACKUP_IMMUTABILITY): what
+    verify holds the store to, signed with the rest of the manifest."""
+
+    mode: Literal["governance", "compliance"]
+    until: datetime = Field(description="the lock of the manifest, its signature and the bundle")
+    logs_until: datetime = Field(description="the lock of the logs archive")
+
+
 class Manifest(BaseModel):
     format_version: int = MANIFEST_VERSION
     backup_id: str = Field(pattern=BACKUP_ID)
@@ -159,6 +168,7 @@ class Manifest(BaseModel):
     encryption: EncryptionInfo | None = Field(
         default=None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
     )
+    locks: LockInfo | None = Field(default=None, description="written locked (BACKUP_IMMUTABILITY)")
     signature: ManifestSignature | None = Field(
         default=None,
         description="the embedded Ed25519 signature of releases before the detached one "

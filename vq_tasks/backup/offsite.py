@@ -22,6 +22,7 @@ from vq_tasks.crypto.signing import PublicKeys, distrust
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.logs import Say
 from vq_tasks.manifest import Manifest, StoredFile, manifest_name, signature_name
+from vq_tasks.retention.policy import LockDates, Policy, lock_dates
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams.stages import HashStage, pump
 
@@ -39,7 +40,12 @@ class CopyResult:
 
 
 def copy_backup(
-    source: Storage, target: Storage, backup_id: str, say: Say = logger.info, keys: PublicKeys | None = None
+    source: Storage,
+    target: Storage,
+    backup_id: str,
+    say: Say = logger.info,
+    keys: PublicKeys | None = None,
+    lock_policy: Policy | None = None,
 ) -> int:
     """Copy the complete backup ``backup_id`` from ``source`` to ``target``, its manifest last;
     return the bytes copied (0 if the target already holds it complete). Raise PermanentError if
@@ -61,32 +67,48 @@ def copy_backup(
     if problem:
         raise PermanentError(f"{name} in {source.describe()}: manifest signature {problem}; not copied")
     logs_file = manifest.components["logs"].stored_in if "logs" in manifest.components else None
+    locks = _lock_dates(manifest, lock_policy)
+    backup_lock = locks.until if locks else None
     copied = 0
     for stored in manifest.files:
         if stored.name == logs_file and source.stat(stored.name) is None:
             say(f"{stored.name} is gone from {source.describe()} (BACKUP_LOGS_RETENTION_DAYS): not copied")
             continue
         say(f"copying {stored.name} ({stored.size} bytes) to {target.describe()}")
-        copy_file(source, target, stored, backup_id)
+        lock = (locks.logs_until if stored.name == logs_file else locks.until) if locks else None
+        copy_file(source, target, stored, backup_id, lock)
         copied += stored.size
     _check_copied(target, manifest, logs_file)
     if signature is not None:  # before the manifest, as finalize writes them
-        with target.open_write(signature_name(backup_id)) as out:
+        with target.open_write(signature_name(backup_id), backup_lock) as out:
             out.write(signature.encode() + b"\n")
-    with target.open_write(name) as out:
+    with target.open_write(name, backup_lock) as out:
         out.write(document)
     return copied + len(document)
 
 
-def copy_file(source: Storage, target: Storage, stored: StoredFile, backup_id: str) -> None:
-    """Stream one stored file from ``source`` to ``target``, checking it against ``stored``;
-    a mismatch raises inside the write, so the target commits nothing."""
+def _lock_dates(manifest: Manifest, lock_policy: Policy | None) -> LockDates | None:
+    """The locks of the copy (None: BACKUP_IMMUTABILITY is off): those the manifest records,
+    else (a backup made before it was turned on) those the policy gives it now."""
+    if lock_policy is None:
+        return None
+    if manifest.locks is not None:
+        return LockDates(manifest.locks.until, manifest.locks.logs_until)
+    return lock_dates(manifest.started_at, manifest.kind, lock_policy)
+
+
+def copy_file(
+    source: Storage, target: Storage, stored: StoredFile, backup_id: str, retain_until: datetime | None = None
+) -> None:
+    """Stream one stored file from ``source`` to ``target`` (locked there until ``retain_until``
+    if given), checking it against ``stored``; a mismatch raises inside the write, so the target
+    commits nothing."""
     with contextlib.ExitStack() as stack:
         try:
             stream = stack.enter_context(source.open_read(stored.name))
         except FileNotFoundError:
             raise PermanentError(f"{stored.name} is missing from {source.describe()}: not copied") from None
-        out = stack.enter_context(target.open_write(stored.name))
+        out = stack.enter_context(target.open_write(stored.name, retain_until))
         hashed = HashStage(out)
         pump(stream, hashed)
         found = hashed.checksums()
@@ -124,6 +146,7 @@ def sync(
     since: datetime,
     say: Say = logger.info,
     keys: PublicKeys | None = None,
+    lock_policy: Policy | None = None,
 ) -> CopyResult:
     """Copy every complete backup of ``source`` since ``since`` that ``target`` lacks, newest
     first; return what was copied and, by id, the backups that could not be (a damaged source,
@@ -132,7 +155,7 @@ def sync(
     result = CopyResult()
     for backup_id in missing_backups(source, target, prefix, since):
         try:
-            size = copy_backup(source, target, backup_id, say, keys)
+            size = copy_backup(source, target, backup_id, say, keys, lock_policy)
         except PermanentError as exc:  # one damaged backup must not keep the older ones from copying
             result.failed[backup_id] = str(exc)
             continue

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,6 +32,7 @@ from vq_tasks.manifest import (
     Component,
     ComponentEntry,
     Kind,
+    LockInfo,
     Manifest,
     StagedPart,
     StoredFile,
@@ -45,6 +46,8 @@ from vq_tasks.manifest import (
     signature_name,
     stored_name,
 )
+from vq_tasks.retention.plan import policy
+from vq_tasks.retention.policy import lock_dates
 from vq_tasks.settings import Settings
 from vq_tasks.sources.files import archive_config, archive_logs
 from vq_tasks.sources.postgres import dump_database
@@ -240,6 +243,8 @@ def finalize(
     started = datetime.fromisoformat(started_at)
     compression = settings.compression
     recipients = encryption.recipients_of(settings)  # None: stored as is
+    locks = lock_dates(started, kind, policy(settings)) if settings.backup_immutability else None
+    backup_lock, logs_lock = (locks.until, locks.logs_until) if locks else (None, None)
     with coordination.heartbeat(coordination.client(settings), backup_id, settings.backup_lock_ttl):
         bundle = _store(
             storage,
@@ -247,9 +252,17 @@ def finalize(
             lambda out: _write_bundle(out, parts, compression, started),
             recipients,
             fence,
+            backup_lock,
         )
         logs_stored_as = stored_name(parts["logs"].member, encrypted=bool(recipients))
-        logs = _store(storage, logs_stored_as, lambda out: copy_staged(parts["logs"], out), recipients, fence)
+        logs = _store(
+            storage,
+            logs_stored_as,
+            lambda out: copy_staged(parts["logs"], out),
+            recipients,
+            fence,
+            logs_lock,
+        )
     finished = datetime.now(UTC)
     manifest = Manifest(
         backup_id=backup_id,
@@ -272,19 +285,23 @@ def finalize(
             for c in COMPONENTS
         },
         encryption=encryption.info_of(recipients),
+        locks=None if locks is None else LockInfo(mode=settings.backup_immutability_mode, **asdict(locks)),
     )
     document = manifest_document(manifest)
     signature = None
     if settings.backup_signing_key_file is not None:  # detached, over these bytes; written first
         signature = detached_signature(document, load_signing_key(settings.backup_signing_key_file))
-        _commit(storage, signature_name(backup_id), signature, fence)
-    _commit(storage, manifest_name(backup_id), document, fence)
+        _commit(storage, signature_name(backup_id), signature, fence, backup_lock)
+    _commit(storage, manifest_name(backup_id), document, fence, backup_lock)
     return manifest.as_stored(document, None if signature is None else signature.decode().strip())
 
 
-def _commit(storage: Storage, name: str, data: bytes, fence: Callable[[], None]) -> None:
-    """Store the small object ``name``; ``fence`` is called before it is committed."""
-    with storage.open_write(name) as out:
+def _commit(
+    storage: Storage, name: str, data: bytes, fence: Callable[[], None], retain_until: datetime | None = None
+) -> None:
+    """Store the small object ``name`` (locked until ``retain_until`` if given); ``fence`` is
+    called before it is committed."""
+    with storage.open_write(name, retain_until) as out:
         out.write(data)
         fence()
 
@@ -343,11 +360,13 @@ def _store(
     write: Callable[[Writer], object],
     recipients: list[X25519Recipient] | None = None,
     fence: Callable[[], None] = lambda: None,
+    retain_until: datetime | None = None,
 ) -> StoredFile:
     """Write one object through a hash stage, encrypted to ``recipients`` on the way if any (the
     checksums are then those of the encrypted bytes, as stored), and check that storage holds
-    exactly that size. ``fence`` is called before the object is committed."""
-    with storage.open_write(name) as out:
+    exactly that size. ``fence`` is called before the object is committed; it is locked until
+    ``retain_until`` if given."""
+    with storage.open_write(name, retain_until) as out:
         hashed = HashStage(out)  # in this thread: a background one would hold its chunks in flight
         if recipients:
             sealed = encryption.encrypting(hashed, recipients)

@@ -96,10 +96,13 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from vq_tasks.monitoring import integrity
     from vq_tasks.verify.run import report_rows, summary, verify_operation
 
     storage = storage_of(args, settings)
-    report = verify_operation(storage, settings, args.backup_id, origin=f"cli:{getpass.getuser()}")
+    origin = f"cli:{getpass.getuser()}"
+    report = verify_operation(storage, settings, args.backup_id, origin=origin)
+    integrity.observe_verify(settings, report, origin)
     if args.json:
         print(report.model_dump_json(indent=2))
         return 0 if report.ok else EXIT_FAILED

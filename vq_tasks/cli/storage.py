@@ -33,6 +33,7 @@ class Step:
 def check_destination(settings: Settings, role: str, probe_size: int) -> list[Step]:
     """Run the checks of one destination in order; stop at the first failure (later steps would
     fail for the same reason). Return one Step per check run."""
+    from vq_tasks.retention.plan import shortest_retention
     from vq_tasks.storage import open_storage
 
     steps: list[Step] = []
@@ -68,12 +69,21 @@ def check_destination(settings: Settings, role: str, probe_size: int) -> list[St
             raise RuntimeError(f"read {len(found)} bytes that differ from the {len(data)} written")
         return "the same bytes came back"
 
+    def locks() -> str:
+        problems = state["storage"].lock_problems(shortest_retention(settings))
+        if problems:
+            raise RuntimeError("; ".join(problems))
+        return "every object is written with a retention lock"
+
     def deleted() -> str:
         if not state["storage"].delete(name):
             raise RuntimeError(f"{name} was not there to delete")
         return "probe removed"
 
-    for step, action in (("open", opened), ("list", listed), ("write", written), ("read", read_back)):
+    checks = [("open", opened), ("list", listed), ("write", written), ("read", read_back)]
+    if settings.backup_immutability:
+        checks.insert(2, ("locks", locks))
+    for step, action in checks:
         if not run(step, action):
             break
     if "storage" in state and any(s.step == "write" and s.ok for s in steps):

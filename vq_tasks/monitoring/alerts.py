@@ -29,7 +29,9 @@ from vq_tasks.audit import audit
 from vq_tasks.errors import PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 
-Condition = Literal["backup", "offsite", "drill", "storage", "retention", "stale", "success"]
+Condition = Literal[
+    "backup", "offsite", "drill", "storage", "retention", "stale", "authorization", "integrity", "success"
+]
 TITLES = {
     "backup": "FAILED",
     "offsite": "OFF-SITE COPY FAILED",
@@ -37,6 +39,8 @@ TITLES = {
     "storage": "STORAGE NEARLY FULL",
     "retention": "RETENTION PROBLEM",
     "stale": "NO RECENT BACKUP",
+    "authorization": "DESTRUCTIVE TASK REFUSED",
+    "integrity": "BACKUP TAMPERED WITH",
 }
 INTROS = {
     "backup": "Backup {backup} failed. No manifest was written; staging was cleaned.",
@@ -48,6 +52,13 @@ INTROS = {
     "retention": "Retention did not do its work: backups past their retention are still stored, or prune "
     "failed. Storage grows, and backups may be kept longer than policy allows.",
     "stale": "No backup has completed within BACKUP_STALE_AFTER_HOURS: is beat running, are the workers?",
+    "authorization": "A destructive task (a prune or a forced restore) was refused: its message carried no "
+    "valid authorization by a key in BACKUP_TASK_PUBLIC_KEYS. Nothing was deleted or restored. Someone "
+    "who can reach the broker may be trying to run it, or its sender lacks BACKUP_TASK_KEY_FILE.",
+    "integrity": "Verify found backup {backup} forged or tampered with: a manifest signature that fails, "
+    "objects hidden, overwritten or deleted after the backup was committed, or locked for less time than its "
+    "manifest promises. Someone holding the workers' storage credentials may be at work: rotate them. "
+    "What was committed is read where the store kept it; run `vq-backup verify` on the other backups.",
 }
 RESOLVED = {
     "backup": "backups succeed again",
@@ -56,6 +67,8 @@ RESOLVED = {
     "storage": "every destination has enough free space again",
     "retention": "prune ran and left nothing past its retention",
     "stale": "a backup completed within BACKUP_STALE_AFTER_HOURS again",
+    "authorization": "an authorized destructive task ran since",
+    "integrity": "the backup verifies again",
 }
 _CHANGING = [
     (re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_-]*_\d{8}_\d{6}\b"), "<backup>"),

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from vq_tasks.monitoring.status import Status, StatusReader, parse_time
 from vq_tasks.settings import Settings
+from vq_tasks.verify.protection import INTEGRITY_KINDS
 
 STALLED_INTERVALS = 3  # /healthz fails when the snapshot is older than this many intervals
 REQUEST_TIMEOUT = 30.0
@@ -49,6 +50,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter", ("status",), "Backup runs that ended, by outcome (succeeded or failed)."),
     "vq_backup_failures_total": (
         "counter", ("component", "reason"), "Failed steps of backup runs, by component and reason."),
+    "vq_backup_integrity_failures_total": (
+        "counter", ("kind",), "Backups verify found forged, tampered, erased or underlocked (once each)."),
     "vq_backup_backups": ("gauge", ("destination", "kind"), "Complete backups kept, by destination, kind."),
     "vq_backup_incomplete_backups": (
         "gauge", ("destination",), "Backup ids with stored files but no manifest (running, or debris)."),
@@ -142,6 +145,8 @@ def _add_records(out: _Families, status: Status) -> None:
         out.add("vq_backup_runs_total", status.counters.get(f"runs:{outcome}", 0), status=outcome)
     for (component, reason), count in failure_counts(status.counters).items():
         out.add("vq_backup_failures_total", count, component=component, reason=reason)
+    for kind in INTEGRITY_KINDS:  # each served from 0: see failure_counts
+        out.add("vq_backup_integrity_failures_total", status.counters.get(f"integrity:{kind}", 0), kind=kind)
     for role, record in status.prunes.items():
         if "ok" in record:
             out.add("vq_backup_last_prune_success", bool(record["ok"]), destination=role)

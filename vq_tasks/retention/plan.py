@@ -19,7 +19,7 @@ from vq_tasks.errors import BackupError
 from vq_tasks.manifest import parse_backup_id
 from vq_tasks.retention.policy import IN_PROGRESS_GRACE, Deletion, Policy, decide
 from vq_tasks.settings import Settings
-from vq_tasks.storage.base import Storage
+from vq_tasks.storage.base import ObjectLocked, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 def in_progress_grace(settings: Settings) -> timedelta:
     """How long a backup without a manifest may still be running: a day, or two task time limits."""
     return max(IN_PROGRESS_GRACE, timedelta(seconds=2 * settings.backup_task_time_limit))
+
+
+def shortest_retention(settings: Settings) -> timedelta:
+    """The shortest time retention keeps any stored object: a store must lock none longer."""
+    return timedelta(days=min(settings.backup_retention_days, settings.backup_logs_retention_days))
 
 
 def policy(settings: Settings) -> Policy:
@@ -131,29 +136,34 @@ def prune(
         if clean_staging
         else []
     )
-    apply(storage, deletions, on_deleted)
+    locked = apply(storage, deletions, on_deleted)
     try:
         aborted = storage.abort_stale_uploads(now - grace)
     except BackupError as exc:  # e.g. no s3:ListBucketMultipartUploads: the rest of prune still counts
         logger.warning("could not abort stale uploads in %s: %s", storage.describe(), exc)
         aborted = []
-    return PruneResult(deletions, stale, aborted, sets)
+    return PruneResult(deletions, stale, aborted, sets, locked)
 
 
 def apply(
     storage: Storage, deletions: list[Deletion], on_deleted: Callable[[list[Deletion]], object] | None = None
-) -> None:
+) -> list[Locked]:
     """Delete ``deletions``, sorted by backup as ``decide`` returns them; after each backup's (or
     a failure in it), call ``on_deleted`` with those of its deletions that were done. A backup
     whose deletion fails keeps its remaining files and does not spare the others: the first
-    failure is raised once every backup was tried."""
+    failure is raised once every backup was tried. A file still under a retention lock is no
+    failure: its backup keeps it and its remaining files until a prune after the lock's end;
+    return those files, with the lock's end where the store tells it."""
     failures: list[Exception] = []
+    locked: list[Locked] = []
     for _, group in groupby(deletions, key=attrgetter("backup_id")):
         done: list[Deletion] = []
         try:
             for deletion in group:
                 storage.delete(deletion.name)
                 done.append(deletion)
+        except ObjectLocked as exc:
+            locked.append(Locked(deletion, exc.until))
         except Exception as exc:
             logger.warning("could not delete %s from %s: %s", deletion.name, storage.describe(), exc)
             failures.append(exc)
@@ -161,6 +171,15 @@ def apply(
             on_deleted(done)
     if failures:
         raise failures[0]
+    return locked
+
+
+@dataclass(frozen=True)
+class Locked:
+    """A deletion the store refused because the file is locked ``until`` then (None: not told)."""
+
+    deletion: Deletion
+    until: datetime | None
 
 
 @dataclass(frozen=True)
@@ -169,6 +188,7 @@ class PruneResult:
     stale_staging: list[str]
     aborted_uploads: list[str] = field(default_factory=list)
     sets: list[BackupSet] = field(default_factory=list)  # as listed before the prune, with kinds
+    locked: list[Locked] = field(default_factory=list)  # not yet deletable: retention locks
 
 
 def remove_stale(root: Path, prefix: str, now: datetime, older_than: timedelta) -> list[str]:

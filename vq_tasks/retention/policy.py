@@ -62,9 +62,29 @@ def add_months(when: datetime, months: int) -> datetime:
     return when.replace(year=year, month=month, day=min(when.day, calendar.monthrange(year, month)[1]))
 
 
+@dataclass(frozen=True)
+class LockDates:
+    """Until when BACKUP_IMMUTABILITY locks a backup's objects: the tiers' ``keep_until`` for
+    its manifest, signature and bundle, the logs' own retention (never longer) for its logs. The
+    same tiers decide what prune deletes, so a lock never outlasts retention's promise."""
+
+    until: datetime
+    logs_until: datetime
+
+
+def lock_dates(started: datetime, kind: str, policy: Policy) -> LockDates:
+    """Given a backup's start and kind (as its manifest records them), return its lock dates."""
+    backup = max(until for until, _ in _tiers_of(started, kind, policy))
+    return LockDates(backup, min(backup, started + timedelta(days=policy.logs_retention_days)))
+
+
 def _tiers(backup: BackupSet, policy: Policy) -> list[tuple[datetime, str]]:
     """Return (kept until, the setting that says so) for each tier that keeps ``backup``."""
-    started, kind, days = backup.started, backup.kind if backup.kind in KINDS else None, policy.retention_days
+    return _tiers_of(backup.started, backup.kind, policy)
+
+
+def _tiers_of(started: datetime, kind: str | None, policy: Policy) -> list[tuple[datetime, str]]:
+    kind, days = kind if kind in KINDS else None, policy.retention_days
     tiers = [(started + timedelta(days=days), f"BACKUP_RETENTION_DAYS={days}")]
     if kind in ("weekly", "monthly", None):
         weeks = policy.weekly_weeks

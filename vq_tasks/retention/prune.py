@@ -30,7 +30,7 @@ from vq_tasks.audit import audit
 from vq_tasks.errors import redacted_message
 from vq_tasks.logs import Say
 from vq_tasks.manifest import parse_backup_id
-from vq_tasks.retention.plan import Plan, plan, prune
+from vq_tasks.retention.plan import Locked, Plan, plan, prune
 from vq_tasks.retention.policy import Deletion
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES, open_storage
@@ -51,6 +51,7 @@ class DestinationPrune:
     stale_staging: list[str] = field(default_factory=list)
     aborted_uploads: list[str] = field(default_factory=list)
     expired_left: list[str] = field(default_factory=list)
+    locked: list[Locked] = field(default_factory=list)
     error: str | None = None
     skipped: str | None = None
 
@@ -69,6 +70,14 @@ class DestinationPrune:
             "stale_staging": list(self.stale_staging),
             "aborted_uploads": list(self.aborted_uploads),
             "expired_left": list(self.expired_left),
+            "not_yet_deletable": [
+                {
+                    "backup_id": lock.deletion.backup_id,
+                    "name": lock.deletion.name,
+                    "locked_until": _when(lock.until),
+                }
+                for lock in self.locked
+            ],
             "error": self.error,
             "skipped": self.skipped,
         }
@@ -196,7 +205,29 @@ def _prune_storage(ctx: _Context, storage: Storage, outcome: DestinationPrune) -
     if ctx.dry_run:
         outcome.deletions = list(result.deletions)
     outcome.stale_staging, outcome.aborted_uploads = result.stale_staging, result.aborted_uploads
+    outcome.locked = result.locked
+    _report_locks_once(ctx, outcome)
     return Plan(result.sets, result.deletions)
+
+
+def _report_locks_once(ctx: _Context, outcome: DestinationPrune) -> None:
+    """Log each file prune may not delete yet once per lock (every prune lists them), never as
+    a failure: the store keeps it until the date retention itself promised, or a later one."""
+    for lock in outcome.locked:
+        name = lock.deletion.name
+        left = (lock.until - ctx.now).total_seconds() if lock.until else 0
+        try:
+            claim = f"prune-locked:{outcome.role}:{name}:{_when(lock.until)}"
+            first = coordination.claim_once(ctx.r, claim, ttl=max(86400, int(left) + 86400))
+        except REDIS_ERRORS:
+            first = True
+        (logger.warning if first else logger.debug)(
+            "%s: %s is not yet deletable: locked until %s", outcome.description, name, _when(lock.until)
+        )
+
+
+def _when(moment: datetime | None) -> str:
+    return "an unknown date" if moment is None else moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def _failed_runs(ctx: _Context, backup_ids: list[str]) -> set[str]:
@@ -219,7 +250,10 @@ def _check_left(ctx: _Context, storage: Storage, outcome: DestinationPrune, plan
         outcome.error = outcome.error or f"could not list it again after the prune: {ctx.redacted(exc)}"
         return
     meant = set(planned.expired) if planned is not None else set(left)
-    outcome.expired_left = [backup_id for backup_id in left if backup_id in meant]
+    waiting = {lock.deletion.backup_id for lock in outcome.locked}  # locked: not a failed prune
+    outcome.expired_left = [
+        backup_id for backup_id in left if backup_id in meant and backup_id not in waiting
+    ]
 
 
 def _audit(ctx: _Context, role: str, group: list[Deletion], seconds: float) -> None:
@@ -250,8 +284,8 @@ class _TimedDeletes(Storage):
         self.began[name] = time.monotonic()
         return self.inner.delete(name)
 
-    def open_write(self, name: str) -> AbstractContextManager[Writer]:
-        return self.inner.open_write(name)
+    def open_write(self, name: str, retain_until: datetime | None = None) -> AbstractContextManager[Writer]:
+        return self.inner.open_write(name, retain_until)
 
     def open_read(self, name: str) -> AbstractContextManager[BinaryIO]:
         return self.inner.open_read(name)
@@ -304,6 +338,8 @@ def describe(outcome: DestinationPrune, dry_run: bool, prefix: str, now: datetim
         f"  removed the staging folder of {name}: its run did not end" for name in outcome.stale_staging
     ]
     lines += [f"  aborted the unfinished upload of {name}" for name in outcome.aborted_uploads]
+    for lock in outcome.locked:
+        lines.append(f"  not yet deletable, locked until {_when(lock.until)}: {lock.deletion.name}")
     if outcome.expired_left:
         lines.append(f"  still there, past retention: {', '.join(outcome.expired_left)}")
     if outcome.error:

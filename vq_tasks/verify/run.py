@@ -37,6 +37,7 @@ from vq_tasks.manifest import (
 )
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import Storage
+from vq_tasks.verify.protection import protection_checks, signature_file_checks
 from vq_tasks.verify.scan import (
     Check,
     Decrypt,
@@ -114,6 +115,8 @@ def verify_backup(
     days = settings.backup_logs_retention_days
     retired = days if now - parse_backup_id(backup_id, prefix) > timedelta(days=days) else None
     files = [_manifest_report(manifest, backup_id, settings)]
+    files[0].checks += protection_checks(storage, manifest, manifest_name(backup_id), now)
+    files[0].checks += signature_file_checks(storage, manifest, now)
     components: dict[Component, ComponentReport] = {}
     encrypted = any(is_encrypted(f.name) for f in manifest.files)
     identities = encryption.identities_of(settings) if encrypted else None
@@ -121,6 +124,7 @@ def verify_backup(
         entries = {n: e for n, e in manifest.components.items() if e.stored_in == stored.name}
         decrypt = _decrypter(stored.name, identities, manifest) if is_encrypted(stored.name) else None
         report, found = _verify_file(storage, manifest, stored, entries, prefix, retired, decrypt)
+        report.checks += protection_checks(storage, manifest, stored.name, now)
         files.append(report)
         components.update(found)
     for name, entry in manifest.components.items():

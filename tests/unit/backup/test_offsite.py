@@ -81,10 +81,10 @@ class PrunedMeanwhile(LocalStorage):
         super().__init__(root)
         self._bundle = bundle
 
-    def open_write(self, name: str):
+    def open_write(self, name: str, retain_until=None):
         if name.endswith("_logs.tar.gz"):
             self.delete(self._bundle)
-        return super().open_write(name)
+        return super().open_write(name, retain_until)
 
 
 def test_a_file_pruned_during_the_copy_keeps_the_manifest_out(tmp_path):
@@ -131,7 +131,7 @@ def test_a_signed_backup_is_copied_with_its_signature_first_and_pruned_with_it(t
     target = LocalStorage(tmp_path / "offsite")
     written: list[str] = []
     real = target.open_write
-    target.open_write = lambda name: written.append(name) or real(name)  # type: ignore[method-assign]
+    target.open_write = lambda name, until=None: written.append(name) or real(name, until)  # type: ignore[method-assign]
     copy_backup(backup.storage, target, BACKUP_ID, keys=keys)
     assert written[-2:] == [signature_name(BACKUP_ID), manifest_name(BACKUP_ID)]
     keyed = backup.settings.model_copy(update={"backup_signing_public_keys": [public_key_text(public)]})
