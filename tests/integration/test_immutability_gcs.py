@@ -22,14 +22,14 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from urllib.parse import unquote
 
 import pytest
 from google.api_core.datetime_helpers import from_rfc3339
 
 from tests.emulators import create_bucket, gcs_client, storage_env
-from tests.integration.test_immutability_azure import Exchange, Forward, Handler, WireProxy
+from tests.lock_stand_in import Exchange, Forward, Handler, WireProxy, soon, whole_second_up, write_locked
 from tests.storage_contract import MIB
 from vq_tasks.settings import load_settings
 from vq_tasks.storage import open_storage
@@ -141,21 +141,6 @@ def open_gcs(gcs, bucket: str, endpoint: str | None = None, **overrides) -> GCSS
     storage = open_storage(load_settings(**(values | overrides)))
     assert isinstance(storage, GCSStorage)
     return storage
-
-
-def write_locked(storage: GCSStorage, name: str, data: bytes, until: datetime) -> None:
-    with storage.open_write(name, retain_until=until) as out:
-        for offset in range(0, len(data), MIB):
-            out.write(data[offset : offset + MIB])
-
-
-def soon(days: int = 1) -> datetime:
-    """A retain-until time with microseconds, as retention computes them."""
-    return datetime.now(UTC) + timedelta(days=days, microseconds=123_456)
-
-
-def whole_second_up(when: datetime) -> datetime:
-    return when.replace(microsecond=0) + timedelta(seconds=1)
 
 
 def set_retention_policy(gcs, bucket: str, seconds: int, locked: bool = False) -> None:
