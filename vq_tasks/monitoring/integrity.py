@@ -11,7 +11,7 @@ from vq_tasks import coordination
 from vq_tasks.audit import audit
 from vq_tasks.monitoring.alerts import AlertEvent, deliver
 from vq_tasks.settings import Settings
-from vq_tasks.verify.protection import INTEGRITY_CHECKS
+from vq_tasks.verify.protection import CHECKSUM_CHECKS, INTEGRITY_CHECKS
 from vq_tasks.verify.run import VerifyReport, report_rows
 
 logger = logging.getLogger(__name__)
@@ -20,17 +20,29 @@ logger = logging.getLogger(__name__)
 def observe_verify(settings: Settings, report: VerifyReport, origin: str, task_id: str | None = None) -> None:
     """Open or update the integrity incident of ``report``'s failures, or resolve it when the
     backup it was opened for verified clean now. Never raise: the report is what the caller needs."""
-    found = integrity_failures(report_rows(report))
+    files = {f.name for f in report.files} if settings.backup_immutability else set()
+    found = integrity_failures(report_rows(report), files)
     if found:
         report_integrity(settings, report.backup_id, found, origin, task_id)
     elif report.ok:
         resolve_integrity(settings, report.backup_id, origin, task_id)
 
 
-def integrity_failures(rows: list[tuple[str, str, str, str, str]]) -> list[tuple[str, str, str]]:
+def integrity_failures(
+    rows: list[tuple[str, str, str, str, str]], locked_files: set[str]
+) -> list[tuple[str, str, str]]:
     """Given verify's report rows, return (file, check, what was found) of each failed integrity
-    check."""
-    return [(row[0], row[1], row[3]) for row in rows if row[1] in INTEGRITY_CHECKS and row[-1] == "MISMATCH"]
+    check; of ``locked_files`` (BACKUP_IMMUTABILITY: every stored file) failed checksums too, as
+    ``unchanged``: a locked object that differs from its manifest was replaced."""
+    found = []
+    for subject, check, _expected, actual, result in rows:
+        if result != "MISMATCH":
+            continue
+        if check in INTEGRITY_CHECKS:
+            found.append((subject, check, actual))
+        elif subject in locked_files and check in CHECKSUM_CHECKS:
+            found.append((subject, "unchanged", f"{check} {actual}, not as its manifest says"))
+    return found
 
 
 def report_integrity(

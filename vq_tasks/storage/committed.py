@@ -7,9 +7,17 @@ for every object of a backup, the version that belonged to it when its manifest 
 the manifest's first version (a manifest is written once, last), and of every other object the
 newest version not later than that (a step that ran twice wrote it twice; the later one is the
 one the manifest describes). An object whose current version is another one is listed with
-``tampered`` saying what happened to it, so that verify reports it. A backup without a manifest
-is listed as it currently is. Versions carry the store's modification times, to the second: an
-overwrite within the second of the commit is not told from the backup's own version.
+``tampered`` saying what happened to it, so that verify reports it; one hidden by a delete marker
+counts as deleted once its lock has ended (a prune's own delete before BACKUP_IMMUTABILITY was
+on, or a delete after the date). A backup without a manifest is listed as it currently is.
+
+What this cannot tell, chosen as it is by the store's modification times (to the second): an
+overwrite within the second of the commit; a multipart overwrite begun before the commit and
+completed after it (S3 dates it by its start); a manifest planted before ours and hidden by a
+delete marker (a manifest is written create-only, so one left current stops the backup instead).
+Verify then finds the checksums or the signature wrong, which with BACKUP_IMMUTABILITY counts as
+tampering; the locked original is still in the bucket. Choosing by the version ids the writes
+returned would close this; they differ in the off-site copy, whose manifest is the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import builtins
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from vq_tasks.manifest import manifest_name, split_object_name
@@ -106,11 +114,18 @@ class CommittedView(Storage):
             chosen = _choose(
                 history, split[1] if split else None, committed_at.get(split[0]) if split else None
             )
-            if chosen is not None:
-                current = history[0]
-                tampered = None if current == chosen else HIDDEN if current.delete_marker else OVERWRITTEN
-                found.append((chosen, tampered))
+            if chosen is None:
+                continue
+            current = history[0]
+            tampered = None if current == chosen else HIDDEN if current.delete_marker else OVERWRITTEN
+            if tampered == HIDDEN and not self._still_locked(chosen):
+                continue  # deleted once its lock ended (or by a prune before BACKUP_IMMUTABILITY)
+            found.append((chosen, tampered))
         return found
+
+    def _still_locked(self, version: ObjectVersion) -> bool:
+        until = self.inner.retention(version.name, version.version_id)
+        return until is not None and until > datetime.now(UTC)
 
     def _commit_times(self, by_name: dict[str, builtins.list[ObjectVersion]]) -> dict[str, datetime]:
         """Return backup id -> when its manifest was first written, for each manifest seen."""

@@ -28,11 +28,13 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from vq_tasks.manifest import manifest_name
 from vq_tasks.storage.base import ObjectLocked, ObjectVersion, StorageError, StoredObject, chunk_reader
 from vq_tasks.storage.location import Credentials, Destination
 from vq_tasks.storage.upload import MIB, Part, PartedStorage, UploadSums
 from vq_tasks.streams.stages import CHUNK_SIZE
 
+MANIFEST_SUFFIX = manifest_name("")
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 BAD_CREDENTIALS = {
     "InvalidAccessKeyId": "the access key in {id} is not known to S3",
@@ -127,10 +129,20 @@ class S3Storage(PartedStorage):
 
     def _put_whole(self, name: str, data: bytes, sums: UploadSums, retain_until: datetime | None) -> None:
         key, lock = self.location.key(name), self._lock(retain_until)
-        with self._translated(name):  # Content-MD5: also the integrity header Object Lock requires
-            reply = self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentMD5=sums.md5_base64, **lock
-            )
+        if lock and name.endswith(MANIFEST_SUFFIX):  # a manifest planted before ours is never overwritten
+            lock["IfNoneMatch"] = "*"
+        try:
+            with self._translated(name):  # Content-MD5: also the integrity header Object Lock requires
+                reply = self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentMD5=sums.md5_base64, **lock
+                )
+        except StorageError as exc:
+            if isinstance(exc.__cause__, ClientError) and _code(exc.__cause__) == "PreconditionFailed":
+                raise StorageError(
+                    f"{self._where(name)} exists already, written by someone else before this backup "
+                    "committed it: not overwritten; look at who holds the storage credentials"
+                ) from exc
+            raise
         self._check_etag(name, reply, sums.md5.hex(), committed=True)
         if retain_until is not None:
             self._ensure_locked(name, reply.get("VersionId"), retain_until)
@@ -290,8 +302,8 @@ class S3Storage(PartedStorage):
             if _code(exc.__cause__) not in ACCESS_DENIED:
                 raise
             until = self.retention(version.name, version.version_id)
-            if until is None:
-                raise  # denied for another reason: the permission error says which
+            if until is None or until <= datetime.now(UTC):
+                raise  # denied for another reason (a lock that ended): the permission error says which
             raise ObjectLocked(
                 f"{self._where(version.name)} is locked until {until:%Y-%m-%d %H:%M} UTC", until
             ) from exc

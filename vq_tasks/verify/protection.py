@@ -13,8 +13,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from vq_tasks.manifest import Manifest, signature_name
-from vq_tasks.storage.base import Storage
-from vq_tasks.verify.scan import Check
+from vq_tasks.storage.base import Storage, StorageError
+from vq_tasks.verify.scan import Check, unchecked_check
 
 # check name -> the kind of integrity failure it reports (the metric's label)
 INTEGRITY_CHECKS = {
@@ -23,6 +23,8 @@ INTEGRITY_CHECKS = {
     "present while locked": "erased",
     "locked until": "underlocked",
 }
+# with BACKUP_IMMUTABILITY, a locked object that does not match its manifest was tampered with
+CHECKSUM_CHECKS = ("size", "md5", "sha256")
 INTEGRITY_KINDS = tuple(dict.fromkeys(INTEGRITY_CHECKS.values()))
 LOCK_SLACK = timedelta(seconds=1)  # stores keep retain-until dates to the second
 
@@ -49,7 +51,10 @@ def protection_checks(storage: Storage, manifest: Manifest, name: str, now: date
     if found.tampered:
         checks.append(_check("unchanged", "as its backup committed it", found.tampered, False))
     if locked_now and storage.can_lock:
-        until = storage.retention(name)
+        try:
+            until = storage.retention(name)
+        except StorageError as exc:  # e.g. no s3:GetObjectRetention: not told, not failed
+            return [*checks, unchecked_check("locked until", f"{_when(promised)} or later", str(exc))]
         ok = until is not None and promised is not None and until >= promised - LOCK_SLACK
         actual = "not locked" if until is None else f"locked until {_when(until)}"
         checks.append(_check("locked until", f"{_when(promised)} or later", actual, ok))

@@ -23,15 +23,19 @@ class Versions:
     provider = "AWS_S3"
     can_lock = True
 
-    def __init__(self, *versions: ObjectVersion):
+    def __init__(self, *versions: ObjectVersion, locked: frozenset[str] = frozenset(("b1", "m1"))):
         self.versions = sorted(versions, key=lambda v: (v.name, not v.latest, -v.modified.timestamp()))
+        self.locked = locked  # version ids still under a lock
+
+    def retention(self, name: str, version_id: str | None = None) -> datetime | None:
+        return datetime.now(UTC) + timedelta(days=1) if version_id in self.locked else None
 
     def list_versions(self, starting: str = "") -> list[ObjectVersion]:
         return [v for v in self.versions if v.name.startswith(starting)]
 
 
-def resolved(*versions: ObjectVersion) -> dict[str, tuple[str, str | None]]:
-    view = CommittedView(Versions(*versions), "vq")
+def resolved(*versions: ObjectVersion, locked=frozenset(("b1", "m1"))) -> dict[str, tuple[str, str | None]]:
+    view = CommittedView(Versions(*versions, locked=locked), "vq")
     return {o.name: (o.size, o.tampered) for o in view.list()}
 
 
@@ -47,6 +51,17 @@ def test_a_delete_marker_hides_nothing():
         version(MANIFEST, "m1", 2, latest=True),
     )
     assert found[BUNDLE] == (7, HIDDEN)
+
+
+def test_a_hidden_object_whose_lock_ended_counts_as_deleted():
+    pruned_before = resolved(
+        version(BUNDLE, "b1", 1),
+        version(BUNDLE, "d1", 9, latest=True, marker=True),
+        version(MANIFEST, "m1", 2),
+        version(MANIFEST, "d2", 9, latest=True, marker=True),
+        locked=frozenset(),
+    )
+    assert pruned_before == {}
 
 
 def test_an_overwrite_after_the_commit_is_not_read():
