@@ -175,3 +175,28 @@ def test_a_bucket_without_object_lock_is_refused_with_the_fix(base_env, s3):
     )
     assert worker.returncode != 0, worker.stdout + worker.stderr
     assert "has no Object Lock" in worker.stdout + worker.stderr
+
+
+def test_the_off_site_copy_is_locked_as_its_manifest_promises(base_env, s3, start_worker):
+    offsite = storage_env("AWS_S3", s3, locked_bucket(s3), "dr")
+    env = {
+        **base_env,
+        **{f"BACKUP_OFFSITE_{k.removeprefix('BACKUP_STORAGE_')}": v for k, v in offsite.items()},
+        "BACKUP_IMMUTABILITY": "true",
+    }
+    start_worker(env)
+    backup_id = backup_now(env)
+    primary, copy = storage_of(env), storage_of(env, "offsite")
+    assert all(not (primary.root / o.name).stat().st_mode & 0o222 for o in primary.list())  # Local: read-only
+    deadline = time.monotonic() + 60
+    while copy.stat(manifest_name(backup_id)) is None:
+        assert time.monotonic() < deadline, "no off-site copy"
+        time.sleep(0.2)
+    promised = json.loads(copy.read_bytes(manifest_name(backup_id)))["locks"]
+    for stored in copy.list():
+        until = promised["logs_until" if "_logs" in stored.name else "until"]
+        assert copy.retention(stored.name) >= datetime.fromisoformat(until) - timedelta(seconds=1), (
+            stored.name
+        )
+    verified = run_cli(env, "verify", backup_id, "--offsite")
+    assert verified.returncode == 0 and "all OK" in verified.stdout, verified.stdout + verified.stderr

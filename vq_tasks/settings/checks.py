@@ -3,11 +3,14 @@ per problem, naming its variables, so that start-up lists every problem at once.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from vq_tasks.crypto.encryption import load_identities, parse_recipients
-from vq_tasks.crypto.signing import load_signing_key, parse_public_keys
+from vq_tasks.crypto.signing import key_id, load_signing_key, parse_public_keys
 from vq_tasks.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -24,6 +27,7 @@ def problems(settings: Settings) -> list[str]:
         *encryption_problems(settings),
         *service_problems(settings),
         *signing_problems(settings),
+        *task_key_problems(settings),
         *compression_problems(settings),
     ]
 
@@ -104,6 +108,36 @@ def signing_problems(settings: Settings) -> list[str]:
     except ValueError as exc:
         found.append(f"BACKUP_SIGNING_PUBLIC_KEYS: {exc}")
     return found
+
+
+def task_key_problems(settings: Settings) -> list[str]:
+    """The key that signs destructive tasks, the keys workers accept, and that the one is among
+    the others when a process has both (its own tasks would be refused otherwise)."""
+    found, own = [], None
+    if settings.backup_task_key_file is not None:
+        try:
+            own = key_id(load_task_key(settings.backup_task_key_file).public_key())
+        except PermanentError as exc:
+            found.append(str(exc))
+    try:
+        trusted = parse_public_keys(settings.backup_task_public_keys)
+    except ValueError as exc:
+        return [*found, f"BACKUP_TASK_PUBLIC_KEYS: {exc}"]
+    if own is not None and trusted and own not in trusted:
+        found.append(
+            f"BACKUP_TASK_KEY_FILE holds key {own}, which is not in BACKUP_TASK_PUBLIC_KEYS: the prunes "
+            "and restores this process sends would be refused"
+        )
+    return found
+
+
+def load_task_key(path: Path) -> Ed25519PrivateKey:
+    """Return the Ed25519 private key of BACKUP_TASK_KEY_FILE ``path``, in the format of
+    BACKUP_SIGNING_KEY_FILE. Raise PermanentError naming the variable and file, never its content."""
+    try:
+        return load_signing_key(path)
+    except PermanentError as exc:
+        raise PermanentError(str(exc).replace("BACKUP_SIGNING_KEY_FILE", "BACKUP_TASK_KEY_FILE", 1)) from None
 
 
 def compression_problems(settings: Settings) -> list[str]:

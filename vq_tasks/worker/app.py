@@ -18,7 +18,7 @@ from kombu import Queue
 
 from vq_tasks.logs import redact_handlers
 from vq_tasks.settings import ConfigError, Settings, get_settings
-from vq_tasks.worker import broker
+from vq_tasks.worker import authorization, broker, startup
 from vq_tasks.worker.liveness import DeliveryRenewer
 from vq_tasks.worker.schedule import beat_schedule
 
@@ -109,6 +109,11 @@ def _load() -> Settings:
 
 settings = _load()
 app = create_app(settings)
+# every process that loads the app signs the destructive tasks it sends, when it has the key
+signals.before_task_publish.connect(authorization.sign_outgoing)
+signals.task_postrun.connect(authorization.mark_finished)
+# a worker whose destinations cannot lock as BACKUP_IMMUTABILITY promises does not start
+signals.worker_init.connect(startup.refuse_without_locks)
 
 
 @signals.after_setup_logger.connect
@@ -149,6 +154,13 @@ def _tell_about_consumer_timeout(consumer) -> None:
             version,
             limit_ms,
         )
+
+
+@signals.worker_ready.connect
+def _tell_who_may_destroy(**_kwargs) -> None:
+    """Say when anyone with broker access can prune or force a restore (authorization.py)."""
+    for warning in authorization.startup_warnings(settings):
+        logger.warning("%s", warning)
 
 
 @signals.worker_shutdown.connect

@@ -24,7 +24,7 @@ from vq_tasks.retention.policy import retention_start
 from vq_tasks.retention.prune import prune_all
 from vq_tasks.settings import Settings, get_settings
 from vq_tasks.storage import open_storage
-from vq_tasks.worker import leases, steps
+from vq_tasks.worker import authorization, leases, steps
 from vq_tasks.worker.app import app
 from vq_tasks.worker.schedule import SLOT_SEARCH, scheduled_slot
 
@@ -273,8 +273,11 @@ def backup_failed(self, task_id: str, backup_id: str) -> dict[str, Any]:
 def prune(self, dry_run: bool = False, origin: str = "celery") -> dict[str, Any]:
     """Apply the retention policy to the primary storage and the off-site copy; return, for each,
     what was (or would be) deleted and why. One destination failing does not spare the other; a
-    failure, or backups past their retention left after a real prune, is a retention incident."""
+    failure, or backups past their retention left after a real prune, is a retention incident.
+    A real prune needs an authorized message (vq_tasks.worker.authorization)."""
     settings = get_settings()
+    if dry_run is not True:
+        authorization.require(self, settings, _alert)
 
     def work() -> dict[str, Any]:
         who = origin_of(origin)
@@ -305,9 +308,11 @@ def copy_offsite(self, backup_id: str) -> dict[str, Any]:
         ):
             source, target = open_storage(settings), open_storage(settings, "offsite")
             keys = signing.trusted_keys(settings)
-            size = offsite.copy_backup(source, target, backup_id, logger.info, keys)
+            locks = policy(settings) if settings.backup_immutability else None  # the copies' locks
+            size = offsite.copy_backup(source, target, backup_id, logger.info, keys, locks)
             since = retention_start(datetime.now(UTC), policy(settings))
-            caught_up = offsite.sync(source, target, settings.backup_name_prefix, since, logger.info, keys)
+            prefix = settings.backup_name_prefix
+            caught_up = offsite.sync(source, target, prefix, since, logger.info, keys, locks)
     except leases.LeaseLost as lost:
         steps.give_back(lost)
     except Exception as exc:
@@ -358,6 +363,7 @@ def verify(
     """Read every stored file of ``backup_id`` (or ``latest``) in the primary or ``offsite``
     storage once and check it against the manifest; return the report. A mismatch is in the
     report (``ok`` false), not a task failure."""
+    from vq_tasks.monitoring import integrity
     from vq_tasks.verify.run import summary, verify_operation
 
     settings = get_settings()
@@ -365,6 +371,7 @@ def verify(
     def work() -> dict[str, Any]:
         storage = open_storage(settings, destination)
         report = verify_operation(storage, settings, backup_id, origin_of(origin), task_id=self.request.id)
+        integrity.observe_verify(settings, report, origin_of(origin), self.request.id)
         line, verified = summary(report)
         (logger.info if verified else logger.error)("verify: %s", line)
         return report.model_dump(mode="json")
@@ -392,10 +399,13 @@ def restore(
     """Verify ``backup_id`` (or ``latest``) and return the plan of restoring ``components``
     (default database, redis, config; logs only when named); with ``force``, restore them and
     return the results and the integrity report. ``destination`` "offsite" restores from the
-    off-site copy. Never retried: the operator decides."""
+    off-site copy. Never retried: the operator decides. ``force`` needs an authorized message
+    (vq_tasks.worker.authorization)."""
     from vq_tasks.restore.run import restore_backup
 
     settings = get_settings()
+    if force is not False:
+        authorization.require(self, settings, _alert)
     try:
         storage = open_storage(settings, destination)
         report = restore_backup(
