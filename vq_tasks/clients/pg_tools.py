@@ -3,6 +3,8 @@ the restore.
 
 The password reaches a tool through the environment (PGPASSWORD), never its argv. Messages are
 forced to English (LC_MESSAGES=C) so that errors can be classified as transient or permanent.
+TLS comes from DB_SSLMODE, DB_SSLROOTCERT, DB_SSLCERT and DB_SSLKEY only (tls_environment), for
+the tools and psycopg alike; a TLS failure is permanent and names the variable that fixes it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,60 @@ from vq_tasks.errors import PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 
 STDERR_KEPT = 64 << 10
-INHERITED_ENVIRONMENT = {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PGSSLMODE", "PGSSLROOTCERT"}
+INHERITED_ENVIRONMENT = {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"}  # HOME: ~/.postgresql
+TLS_PARAMETERS = {
+    "PGSSLMODE": "sslmode",
+    "PGSSLROOTCERT": "sslrootcert",
+    "PGSSLCERT": "sslcert",
+    "PGSSLKEY": "sslkey",
+}
 _VERSION_MISMATCH = re.compile(r"server version: ([\d.]+\S*); pg_dump version: ([\d.]+\S*)")
+# libpq's TLS failures (inside a "connection to server" line, which alone means transient), as regular
+# expressions of the lowered text, each with what fixes it; checked before any other pattern
+_TLS = (
+    (
+        "ssl error: certificate verify failed",
+        "the server's certificate is not signed by a CA of DB_SSLROOTCERT ({rootcert}): set DB_SSLROOTCERT "
+        "to the CA bundle of the server's provider",
+    ),
+    (
+        "does not match host name",
+        "the server's certificate does not name DB_HOST {host}: set DB_HOST to a name the certificate holds "
+        "(the endpoint the provider gives), or DB_SSLMODE=verify-ca to check the CA only",
+    ),
+    (
+        "server does not support ssl",
+        "the server does not offer TLS, which DB_SSLMODE={mode} requires: turn ssl on in the server, or "
+        "lower DB_SSLMODE",
+    ),
+    (
+        'root certificate file "',
+        "DB_SSLMODE={mode} checks the server's certificate against DB_SSLROOTCERT ({rootcert}), which "
+        "cannot be read: set DB_SSLROOTCERT to the CA bundle of the server's provider",
+    ),
+    (
+        "requires a valid client certificate",
+        "the server asks for a client certificate: set DB_SSLCERT and DB_SSLKEY",
+    ),
+    (
+        "certificate authentication failed",
+        "the client certificate DB_SSLCERT ({cert}) does not name DB_USER {user} (its CN must be the user)",
+    ),
+    (
+        r"ssl error: \w+ alert (?:unknown ca|bad certificate|certificate)",
+        "the server refused the client certificate DB_SSLCERT ({cert}): it is not signed by a CA the "
+        "server trusts (its ssl_ca_file), or has expired",
+    ),
+    (
+        r'(?:certificate|private key) file "|certificate present, but not private key',
+        "the client certificate DB_SSLCERT ({cert}) or its key DB_SSLKEY ({key}) cannot be used",
+    ),
+    (
+        "no pg_hba.conf entry .*no encryption",
+        "no pg_hba.conf line lets DB_USER {user} in without TLS (DB_SSLMODE={mode}): where the server "
+        "wants TLS, set DB_SSLMODE=verify-full and DB_SSLROOTCERT",
+    ),
+)
 _PERMANENT = (
     "password authentication failed",
     "no pg_hba.conf entry",
@@ -80,9 +134,47 @@ def pg_environment(settings: Settings) -> dict[str, str]:
         LC_MESSAGES="C",
         LANGUAGE="C",
     )
+    env.update(tls_environment(settings))
     if settings.db_password is not None:
         env["PGPASSWORD"] = settings.db_password.get_secret_value()
     return env
+
+
+def tls_environment(settings: Settings) -> dict[str, str]:
+    """Return libpq's TLS variables (PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY) of DB_SSLMODE and
+    the DB_SSL* files that are set: the one source of TLS for pg_dump, psql and psycopg, so that the
+    backup and the restore meet the server alike. Paths only: libpq reads the files."""
+    files = {
+        "PGSSLROOTCERT": settings.db_sslrootcert,
+        "PGSSLCERT": settings.db_sslcert,
+        "PGSSLKEY": settings.db_sslkey,
+    }
+    return {"PGSSLMODE": settings.db_sslmode} | {k: str(v) for k, v in files.items() if v is not None}
+
+
+def tls_parameters(settings: Settings) -> dict[str, str]:
+    """Return tls_environment as psycopg's connection parameters. An unset file is given as "", which
+    libpq reads as unset (its default file), so that the worker's own PGSSL* variables, which libpq
+    would read otherwise, count for nothing here either."""
+    env = tls_environment(settings)
+    return {parameter: env.get(name, "") for name, parameter in TLS_PARAMETERS.items()}
+
+
+def tls_fix(text: str, settings: Settings) -> str | None:
+    """Given libpq's error text, return what to fix when it is a TLS failure (naming DB_SSLMODE,
+    DB_SSLROOTCERT, DB_SSLCERT, DB_SSLKEY or DB_HOST), else None. Paths and names only, no secret."""
+    lowered = text.lower()
+    for pattern, fix in _TLS:
+        if re.search(pattern, lowered):
+            return fix.format(
+                mode=settings.db_sslmode,
+                rootcert=settings.db_sslrootcert or "unset: ~/.postgresql/root.crt",
+                cert=settings.db_sslcert or "unset",
+                key=settings.db_sslkey or "unset",
+                host=settings.db_host,
+                user=settings.db_user,
+            )
+    return None
 
 
 def classify_pg_error(stderr: str, settings: Settings) -> Exception:
@@ -98,6 +190,9 @@ def classify_pg_error(stderr: str, settings: Settings) -> Exception:
             f"pg_dump {client} is older than the PostgreSQL server {server} at {where}: install "
             f"pg_dump {server.split('.')[0]} or newer on the workers (or point PG_BIN_DIR at it)"
         )
+    fix = tls_fix(text, settings)
+    if fix is not None:
+        return PermanentError(f"{where}: TLS: {fix} ({last_lines(text)})")
     if any(p in lowered for p in _PERMANENT):
         return PermanentError(f"{where}: {last_lines(text)}")
     if any(p in lowered for p in _TRANSIENT):

@@ -5,13 +5,11 @@ password never in a message. Used by the dump (sources/redis.py) and by the rest
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator, Sequence
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from vq_tasks.clients.redis_connect import auth_args, open_socket, password_of, redis_client, tls_error
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 from vq_tasks.streams.stages import CHUNK_SIZE
@@ -27,14 +25,7 @@ def server_facts(settings: Settings) -> tuple[str, dict[str, int], dict[str, int
     """Given settings naming a Redis, return its version and its keys and expiring keys per
     database (keyed by the database number as a string). Raise as dump_redis does."""
     password = password_of(settings)
-    client = redis.Redis(
-        host=settings.redis_host,
-        port=settings.redis_port,
-        password=password,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        retry=Retry(NoBackoff(), 0),  # the task retries, with backoff
-    )
+    client = redis_client(settings)
     try:
         server = client.info("server")
         keyspace = client.info("keyspace")
@@ -54,29 +45,27 @@ def _where(settings: Settings) -> str:
     return f"Redis [{host}]:{settings.redis_port}" if ":" in host else f"Redis {host}:{settings.redis_port}"
 
 
-def password_of(settings: Settings) -> str | None:
-    secret = settings.redis_password
-    if secret is None:
-        return None
-    return secret.get_secret_value() or None
-
-
 def client_error(exc: redis.exceptions.RedisError, where: str, password: str | None) -> BackupError:
     """Given an error of redis-py, return the TransientError or PermanentError to raise."""
     errors = redis.exceptions
     text = redact(str(exc), [password] if password else [])
+    failed_tls = tls_error(exc, where)
+    if failed_tls is not None:
+        return failed_tls
     if isinstance(exc, errors.AuthenticationError):
         if password is None:
             return PermanentError(f"{where} requires a password: set REDIS_PASSWORD ({text})")
         if "without any password configured" in text or "no password is set" in text:
             return server_error(text, where)
-        return PermanentError(f"{where} refused the password (REDIS_PASSWORD): {text}")
+        return PermanentError(
+            f"{where} refused the password (REDIS_PASSWORD) or user (REDIS_USERNAME): {text}"
+        )
     if isinstance(exc, errors.BusyLoadingError | errors.MasterDownError):
         return TransientError(f"{where} cannot serve a copy yet: {text}")
     if isinstance(exc, errors.TimeoutError):
         return TransientError(f"{where} did not answer in time (REDIS_TIMEOUT): {text}")
     if isinstance(exc, errors.ConnectionError):
-        return TransientError(f"cannot reach {where} (check REDIS_HOST, REDIS_PORT): {text}")
+        return TransientError(f"cannot reach {where} (check REDIS_HOST, REDIS_PORT, REDIS_TLS): {text}")
     if isinstance(exc, errors.NoPermissionError):
         return server_error(f"NOPERM {text}", where)
     return server_error(text, where)
@@ -88,7 +77,9 @@ def server_error(reply: str, where: str, secrets: Sequence[str] = ()) -> BackupE
     text = redact(reply, secrets)
     code, lower = text.split(" ", 1)[0].upper(), text.lower()
     if code == "WRONGPASS" or "invalid password" in lower or "invalid username-password" in lower:
-        return PermanentError(f"{where} refused the password (REDIS_PASSWORD): {text}")
+        return PermanentError(
+            f"{where} refused the password (REDIS_PASSWORD) or user (REDIS_USERNAME): {text}"
+        )
     if code == "NOAUTH":
         return PermanentError(f"{where} requires a password: set REDIS_PASSWORD ({text})")
     if "without any password configured" in lower or "no password is set" in lower:
@@ -112,14 +103,15 @@ def command(*args: str | bytes | int) -> bytes:
 
 
 class Link:
-    """A socket to the Redis whose failures become TransientErrors naming the server."""
+    """A socket to the Redis (TLS when REDIS_TLS, as redis_connect.open_socket makes it) whose
+    failures become TransientErrors naming the server, or PermanentErrors for TLS failures a
+    retry cannot fix (the server's certificate, a client certificate wanted)."""
 
     def __init__(self, settings: Settings):
         self.where = _where(settings)
         self._timeout = settings.redis_timeout
         try:
-            address = (settings.redis_host, settings.redis_port)
-            self._sock = socket.create_connection(address, timeout=self._timeout)
+            self._sock = open_socket(settings)
         except OSError as exc:
             raise self._error(exc, "cannot connect to") from None
 
@@ -143,7 +135,10 @@ class Link:
     def close(self) -> None:
         self._sock.close()
 
-    def _error(self, exc: OSError, doing: str) -> TransientError:
+    def _error(self, exc: OSError, doing: str) -> BackupError:
+        failed_tls = tls_error(exc, self.where)
+        if failed_tls is not None:
+            return failed_tls
         if isinstance(exc, TimeoutError):
             return TransientError(f"{self.where} did not answer within {self._timeout:g} s (REDIS_TIMEOUT)")
         reason = exc.strerror or str(exc) or type(exc).__name__
@@ -161,8 +156,9 @@ class Connection:
         self.where = self.link.where = where or self.link.where
         self.reader = ReplyReader(self.link.recv_into, self.where, [password] if password else [])
         try:
-            if password:
-                self.call("AUTH", password)
+            login = auth_args(settings.redis_username, password)
+            if login:
+                self.call(*login)
         except BaseException:
             self.close()
             raise

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import redis
 from psycopg import sql
-from pydantic import BaseModel, SecretStr, computed_field
+from pydantic import BaseModel, computed_field
 
 from vq_tasks import coordination
 from vq_tasks.audit import audit
 from vq_tasks.catalog.latest import resolve_backup_id
+from vq_tasks.clients.redis_connect import plain_settings
 from vq_tasks.errors import BackupError, PermanentError, redact, redacted_message
 from vq_tasks.logs import Say
 from vq_tasks.manifest import Component, DatabaseFacts, FilesFacts, Manifest, RedisFacts
@@ -99,13 +100,13 @@ def scratch_database_name(db_name: str, stamp: str) -> str:
 
 def scratch_settings(settings: Settings, port: int, password: str) -> Settings:
     """Given the settings and the scratch redis-server's port and password, return settings whose
-    Redis is the scratch server. Raise PermanentError if that would be the live Redis."""
+    Redis is the scratch server (the default user, no TLS, as it is started; the live Redis's
+    REDIS_USERNAME and REDIS_TLS* are not its). Raise PermanentError if that would be the live
+    Redis."""
     live_local = settings.redis_host in LOOPBACK_NAMES or settings.redis_host == HOST
     if live_local and settings.redis_port == port:
         raise PermanentError(f"the drill's scratch Redis would be the live one ({HOST}:{port})")
-    return settings.model_copy(
-        update={"redis_host": HOST, "redis_port": port, "redis_password": SecretStr(password)}
-    )
+    return plain_settings(settings, HOST, port, password)
 
 
 class _Drill:

@@ -1,6 +1,6 @@
 """Connections and errors shared by every step of a PostgreSQL restore.
 
-What: connect as DB_USER (password as a parameter, never in argv), name a database in messages, read
+What: connect as DB_USER (password and TLS as parameters, never in argv), name a database in messages, read
 its pg_database row, and turn PostgreSQL's and psql's errors into ours. Why: an operator must read
 in each error what DB_USER lacks (with the GRANT or ALTER that fixes it) or whether a retry may
 help, and never a password.
@@ -13,8 +13,9 @@ import re
 from collections.abc import Iterator
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
-from vq_tasks.clients.pg_tools import classify_pg_error, last_lines
+from vq_tasks.clients.pg_tools import classify_pg_error, last_lines, tls_fix, tls_parameters
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
 
@@ -49,8 +50,8 @@ FROM pg_database d WHERE d.datname = %s"""
 
 @contextlib.contextmanager
 def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
-    """Connect as DB_USER (password as a parameter, never in argv), client_encoding UTF8; errors
-    become ours.
+    """Connect as DB_USER (password as a parameter, never in argv), with pg_dump's TLS
+    (tls_parameters: DB_SSL* only), client_encoding UTF8; errors become ours.
 
     Why UTF8, whatever the database's encoding (or PGCLIENTENCODING) says: these connections carry
     names, roles, settings and comments, never table data (pg_dump and psql move that, as bytes).
@@ -62,6 +63,7 @@ def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
     password = settings.db_password.get_secret_value() if settings.db_password else None
     try:
         conn = psycopg.connect(
+            make_conninfo(**tls_parameters(settings)),  # paths and sslmode only
             host=settings.db_host,
             port=settings.db_port,
             user=settings.db_user,
@@ -87,11 +89,15 @@ def connect(settings: Settings, dbname: str) -> Iterator[psycopg.Connection]:
 def failure(
     settings: Settings, dbname: str, text: str, sqlstate: str | None = None, summary: str | None = None
 ) -> BackupError:
-    """Given an error's text, return a PermanentError naming what DB_USER lacks when it is about
-    privileges, a TransientError when a retry may help, else a PermanentError."""
+    """Given an error's text, return a PermanentError naming the DB_SSL* variable to fix on a TLS
+    failure or what DB_USER lacks when it is about privileges, a TransientError when a retry may help,
+    else a PermanentError."""
     text = redact(text.strip(), settings.secret_values())
     summary = summary or last_lines(text)
     where, user = db_where(settings, dbname), settings.db_user
+    tls = tls_fix(text, settings) if sqlstate is None else None  # a server's SQL error is never TLS
+    if tls is not None:
+        return PermanentError(f"{where}: TLS: {tls} ({summary})")
     for pattern, hint in _HINTS:
         match = re.search(pattern, text)
         if match:

@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import cast
 
 import redis
-from pydantic import BaseModel, SecretStr
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from pydantic import BaseModel
 
+from vq_tasks.clients.redis_connect import plain_settings, redis_client
 from vq_tasks.clients.redis_wire import Connection, client_error, command, password_of, server_facts
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.restore.redis_server import (
@@ -112,16 +111,7 @@ class _Session:
 
     def target(self, db: str) -> redis.Redis:
         if ("target", db) not in self._clients:
-            s = self.settings
-            self._clients["target", db] = redis.Redis(
-                s.redis_host,
-                s.redis_port,
-                db=int(db),
-                password=self.password,
-                socket_timeout=s.redis_timeout,
-                socket_connect_timeout=s.redis_timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            self._clients["target", db] = redis_client(self.settings, int(db))
         return self._clients["target", db]
 
     def source(self, db: str) -> redis.Redis:
@@ -151,13 +141,7 @@ class _Session:
         """Return a connection of our own to database ``db`` of the throwaway (copy_database)."""
         if db not in self._raw:
             throwaway = self.throwaway
-            settings = self.settings.model_copy(
-                update={
-                    "redis_host": HOST,
-                    "redis_port": throwaway.port,
-                    "redis_password": SecretStr(throwaway.password),
-                }
-            )
+            settings = plain_settings(self.settings, HOST, throwaway.port, throwaway.password)
             self._raw[db] = Connection(settings, throwaway.where)
             self._raw[db].call("SELECT", db)
         return self._raw[db]

@@ -3,6 +3,9 @@ per problem, naming its variables, so that start-up lists every problem at once.
 
 from __future__ import annotations
 
+import os
+import ssl
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -29,6 +32,8 @@ def problems(settings: Settings) -> list[str]:
         *signing_problems(settings),
         *task_key_problems(settings),
         *compression_problems(settings),
+        *db_tls_problems(settings),
+        *redis_tls_problems(settings),
     ]
 
 
@@ -157,3 +162,103 @@ def is_backed_up_redis(settings: Settings, url: str) -> bool:
     host = parts.hostname or "localhost"
     same_host = host == settings.redis_host or {host, settings.redis_host} <= LOOPBACK_NAMES
     return same_host and (parts.port or 6379) == settings.redis_port
+
+
+def redis_tls_problems(settings: Settings) -> list[str]:
+    """REDIS_TLS's files: set only with REDIS_TLS, each one there, the certificate and its key
+    together and matching, the key readable by its owner only (it is a secret). Messages name
+    the variables and files, never a key's content."""
+    named = {
+        name: path
+        for name, path in (
+            ("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+            ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+            ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file),
+        )
+        if path is not None
+    }
+    found = []
+    if named and not settings.redis_tls:
+        found.append(f"{', '.join(named)} set but REDIS_TLS is false: set REDIS_TLS=true or unset them")
+    if ("REDIS_TLS_CERT_FILE" in named) != ("REDIS_TLS_KEY_FILE" in named):
+        found.append("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE go together: set both or none")
+    found += [f"{name}={str(path)!r}: no such file" for name, path in named.items() if not path.is_file()]
+    key = settings.redis_tls_key_file
+    if key is not None and key.is_file() and stat.S_IMODE(key.stat().st_mode) & 0o077:
+        found.append(
+            f"REDIS_TLS_KEY_FILE {key} has mode {stat.S_IMODE(key.stat().st_mode):04o}: other users could"
+            " read the private key; make it mode 600 (chmod 600) or stricter"
+        )
+    return found or _redis_tls_files_load(settings)
+
+
+def _redis_tls_files_load(settings: Settings) -> list[str]:
+    """REDIS_TLS_CA_FILE holds certificates, and REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE a
+    certificate and its private key (unencrypted): what the connection would load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca, cert, key = settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file
+    found = []
+    try:
+        if ca is not None:
+            context.load_verify_locations(ca)
+    except (OSError, ssl.SSLError) as exc:
+        found.append(f"REDIS_TLS_CA_FILE {ca} holds no PEM certificate ({_ssl_reason(exc)})")
+    try:
+        if cert is not None:
+            context.load_cert_chain(cert, key, password=lambda: b"")
+    except (OSError, ssl.SSLError) as exc:
+        found.append(
+            f"REDIS_TLS_CERT_FILE {cert} and REDIS_TLS_KEY_FILE {key} are not a PEM certificate and its"
+            f" unencrypted private key ({_ssl_reason(exc)})"
+        )
+    return found
+
+
+def _ssl_reason(exc: OSError) -> str:
+    """Given an error loading a TLS file, return its reason in a few words."""
+    return getattr(exc, "reason", None) or exc.strerror or str(exc)
+
+
+def db_tls_problems(settings: Settings) -> list[str]:
+    """PostgreSQL's DB_SSL* files, checked at start-up rather than at the first connection: each one
+    there, the client certificate and its key together, the key private as libpq demands (it refuses
+    the key otherwise), a CA for a verify-* DB_SSLMODE; and no PGSSL* variable in the environment
+    that differs (it is not read: pg_dump, psql and psycopg take DB_SSL* only, and ignoring it
+    quietly could weaken TLS). Messages name variables and files, never a key's content."""
+    tls = {"MODE": settings.db_sslmode, "ROOTCERT": settings.db_sslrootcert}
+    tls |= {"CERT": settings.db_sslcert, "KEY": settings.db_sslkey}
+    found = [
+        f"DB_SSL{name}={str(path)!r}: no such file"
+        for name, path in tls.items()
+        if isinstance(path, Path) and not path.is_file()
+    ]
+    if (settings.db_sslcert is None) != (settings.db_sslkey is None):
+        found.append("DB_SSLCERT and DB_SSLKEY go together: set both or none")
+    key, uid = settings.db_sslkey, os.geteuid()
+    if key is not None and key.is_file():
+        owner, mode = key.stat().st_uid, stat.S_IMODE(key.stat().st_mode)
+        if not os.access(key, os.R_OK):
+            found.append(f"DB_SSLKEY={str(key)!r}: this worker's user (uid {uid}) cannot read it")
+        elif owner not in (uid, 0) or mode & (0o077 if owner == uid else 0o037):
+            found.append(
+                f"DB_SSLKEY={str(key)!r} (mode {mode:04o}, owner uid {owner}) is not private to this "
+                f"worker's user, and libpq refuses a key others may read: chown it to uid {uid} and chmod 600"
+            )
+    default_ca = Path.home() / ".postgresql" / "root.crt"
+    if (
+        settings.db_sslmode.startswith("verify")
+        and settings.db_sslrootcert is None
+        and not default_ca.is_file()
+    ):
+        found.append(
+            f"DB_SSLMODE={settings.db_sslmode} checks the server's certificate, but DB_SSLROOTCERT is unset "
+            f"and libpq's default {default_ca} does not exist: set DB_SSLROOTCERT to the provider's CA bundle"
+        )
+    for name, value in tls.items():
+        wanted, inherited = None if value is None else str(value), os.environ.get(f"PGSSL{name}")
+        if inherited not in (None, wanted):
+            found.append(
+                f"PGSSL{name}={inherited!r} is in the environment but not read (pg_dump, psql and psycopg "
+                f"take DB_SSL{name}={wanted or 'unset'}): set DB_SSL{name} and unset PGSSL{name}"
+            )
+    return found

@@ -131,11 +131,24 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
     db_user: str = "postgres"
     db_password: SecretStr | None = None
     db_connect_timeout: int = Field(10, ge=1)
+    # TLS to PostgreSQL, given to pg_dump, psql and psycopg alike (libpq's sslmode and files)
+    db_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    db_sslrootcert: Path | None = None
+    db_sslcert: Path | None = None
+    db_sslkey: Path | None = None  # a secret file: mode 600
     pg_bin_dir: Path | None = None
     redis_host: str = "localhost"
     redis_port: int = Field(6379, ge=1, le=65535)
+    redis_username: str | None = None  # an ACL user; unset: the default user
     redis_password: SecretStr | None = None
     redis_timeout: float = Field(30.0, gt=0)
+    # TLS to the Redis that is backed up (and restored, and drilled against)
+    redis_tls: bool = False
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None  # a secret file: mode 600
+    # how the RDB is taken: SYNC (replication), DUMP (a logical snapshot), or auto (SYNC where allowed)
+    redis_backup_method: Literal["auto", "sync", "dump"] = "auto"
 
     # Restore
     redis_server_bin: Path | None = None

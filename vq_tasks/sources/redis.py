@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vq_tasks.clients.rdb import RdbCheck, RdbInfo
+from vq_tasks.clients.redis_connect import auth_args
 from vq_tasks.clients.redis_wire import (
     Link,
     ReplyReader,
@@ -38,7 +39,7 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
     link = Link(settings)
     try:
         reader = ReplyReader(link.recv_into, link.where, secrets=[password] if password else [])
-        request_rdb(link.send, reader, password)
+        request_rdb(link.send, reader, password, settings.redis_username)
         rdb = read_rdb(reader, out)
     finally:
         link.close()  # without rdb-only, the server would go on streaming its commands
@@ -51,13 +52,17 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
     )
 
 
-def request_rdb(send: Callable[[bytes], object], reader: ReplyReader, password: str | None) -> None:
-    """Given a way to send to a Redis and a reader of its replies, authenticate if ``password``,
-    then ask for a full resync: diskless if the server is set so, and the RDB only, with no
-    command stream after it (older servers refuse that option, which is harmless). Raise the
-    server's error as server_error classifies it."""
-    if password:
-        call(send, reader, "AUTH", password)
+def request_rdb(
+    send: Callable[[bytes], object], reader: ReplyReader, password: str | None, username: str | None = None
+) -> None:
+    """Given a way to send to a Redis and a reader of its replies, authenticate if ``password``
+    or ``username`` (an ACL user) is given, then ask for a full resync: diskless if the server is
+    set so, and the RDB only, with no command stream after it (older servers refuse that option,
+    which is harmless). Raise the server's error as server_error classifies it, never with the
+    password (the reader's secrets)."""
+    login = auth_args(username, password)
+    if login:
+        call(send, reader, *login)
     call(send, reader, "REPLCONF", "capa", "eof")
     call(send, reader, "REPLCONF", "rdb-only", "1", optional=True)
     send(command("SYNC"))
