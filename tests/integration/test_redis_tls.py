@@ -176,3 +176,25 @@ def test_tls_to_a_plain_port_and_plain_to_a_tls_port_name_redis_tls(tmp_path: Pa
             assert "REDIS_TLS" in fails_at_once(attempt, TransientError)
         plain_to_tls = redis_settings(tls.port, PASSWORD)
         assert "REDIS_TLS" in fails_at_once(lambda: dump_redis(plain_to_tls, Sink()), TransientError)
+
+
+def test_celerys_own_redis_over_rediss_carries_tasks_and_run_records(certs, tmp_path):
+    """The broker and result backend as a managed Redis serves them: TLS only, an ACL user."""
+    from kombu import Connection as Broker
+
+    from vq_tasks import coordination
+    from vq_tasks.settings import load_settings
+
+    users = [user_line("celery", "celery-pw")]
+    with start_tls_redis(tmp_path, certs, users=users) as server:
+        url = f"rediss://celery:celery-pw@localhost:{server.port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs.ca}"
+        settings = load_settings(celery_broker_url=url, redis_port=1)
+        r = coordination.client(settings)
+        r.set("vq:test", "1")
+        assert r.get("vq:test") == "1" and r.acl_whoami() == "celery"
+        with Broker(url) as broker, broker.SimpleQueue("vq.test") as queue:
+            queue.put({"task": "vq_tasks.backup"})
+            assert queue.get(timeout=5).payload == {"task": "vq_tasks.backup"}
+        wrong_ca = url.replace(str(certs.ca), str(certs.client_cert))  # not a CA that signed the server
+        with pytest.raises(Exception, match="certificate verify failed"):
+            coordination.client(load_settings(celery_broker_url=wrong_ca, redis_port=1)).ping()

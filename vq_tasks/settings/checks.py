@@ -8,7 +8,7 @@ import ssl
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -97,7 +97,23 @@ def service_problems(settings: Settings) -> list[str]:
                 f"{name} points at the Redis that is backed up ({settings.redis_host}:"
                 f"{settings.redis_port}); restoring it would wipe Celery's state: use another Redis"
             )
+        found += rediss_problems(name, url.get_secret_value())
     return found
+
+
+def rediss_problems(name: str, url: str) -> list[str]:
+    """A rediss:// URL must say how the server's certificate is checked, in the words both kombu
+    and redis-py read (redis-py refuses CERT_REQUIRED; Celery's result backend fails without it)."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return []
+    reqs = dict(parse_qsl(parts.query)).get("ssl_cert_reqs")
+    if reqs not in ("required", "optional", "none"):
+        return [
+            f"{name}: a rediss:// URL needs ssl_cert_reqs=required (lower case; or optional, none), "
+            f"not {reqs or 'nothing'}: e.g. ...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem"
+        ]
+    return []
 
 
 def signing_problems(settings: Settings) -> list[str]:
