@@ -73,8 +73,9 @@ lint: $(STAMP)  ## ruff (style, imports) and mypy (the type hints of vq_tasks)
 	$(BIN)/ruff format --check vq_tasks tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP)  ## VQ Backup against a hand-written backup and restore script, 1 GiB data set, 2 rounds (BENCH_ARGS="--reuse ...")
+bench: $(STAMP)  ## VQ Backup against a hand-written backup and restore script, 1 GiB data set, 2 rounds (BENCH_ARGS="--reuse ..."); then Redis SYNC against the logical snapshot at 1M keys
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/redis_methods.py
 
 bench-scaling: $(STAMP)  ## the same at 0.25, 1 and 4 GiB: time against size, worker memory flat (data sets kept)
 	$(BIN)/python bench/run.py --sizes 0.25,1,4 --reuse $(BENCH_ARGS)

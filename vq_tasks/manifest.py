@@ -72,6 +72,17 @@ class RedisFacts(BaseModel):
     keys: dict[str, Count] = Field(description="keys per logical database, from INFO before the sync")
     expires: dict[str, Count] = Field(default_factory=dict)
     crc64_checked: bool
+    method: Literal["sync", "dump"] = Field(
+        default="sync",
+        description="sync: the server's own RDB over the replication protocol, one point in time; dump: a "
+        "logical snapshot (SCAN, DUMP, PTTL) written as an RDB, where the server refuses SYNC",
+    )
+    snapshot_seconds: float | None = Field(
+        default=None,
+        description="dump only: how long the snapshot took; a key written meanwhile may be in it "
+        "before or after its change (it is not one point in time)",
+    )
+    keys_vanished: Count = Field(default=0, description="dump only: keys deleted between SCAN and DUMP")
 
 
 class FilesFacts(BaseModel):

@@ -142,13 +142,16 @@ def test_password_for_a_server_without_one_is_permanent(tmp_path: Path, binary: 
 
 
 def test_user_without_sync_permission_is_permanent(tmp_path: Path, binary: str):
+    """With REDIS_BACKUP_METHOD=sync; auto takes a logical snapshot instead (test_redis_logical.py)."""
     with start_redis(tmp_path, password=PASSWORD, binary=binary) as source:
         with source.client() as client:
             client.execute_command("ACL", "SETUSER", "default", "-sync", "-psync")
         sink = _Sink()
+        settings = redis_settings(source.port, PASSWORD).model_copy(update={"redis_backup_method": "sync"})
         with pytest.raises(PermanentError, match=r"NOPERM.*sync"):
-            dump_redis(redis_settings(source.port, PASSWORD), sink)
-    assert sink.size == 0
+            dump_redis(settings, sink)
+        assert sink.size == 0
+        assert dump_redis(redis_settings(source.port, PASSWORD), sink).method == "dump"
 
 
 def test_nothing_listening_is_transient_and_quick():

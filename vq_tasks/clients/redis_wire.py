@@ -18,6 +18,7 @@ RecvInto = Callable[[memoryview], int]
 MAX_LINE = 4096
 KEEPALIVE = 0x0A  # a bare "\n", sent while the server prepares the RDB
 TRANSIENT_CODES = ("LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN")
+REPLICATION = ("sync", "psync", "replconf")  # the commands a SYNC backup needs besides INFO
 TRANSIENT_TEXTS = ("background save", "bgsave", "not connected with my master")
 
 
@@ -71,6 +72,11 @@ def client_error(exc: redis.exceptions.RedisError, where: str, password: str | N
     return server_error(text, where)
 
 
+class ReplicationRefused(PermanentError):
+    """The server refuses SYNC or REPLCONF (renamed away on a managed service, or not granted to
+    the ACL user): the RDB cannot come over the replication protocol."""
+
+
 def server_error(reply: str, where: str, secrets: Sequence[str] = ()) -> BackupError:
     """Given an error reply of Redis (without its "-"), return the error to raise: TransientError
     for a server that is busy or starting, PermanentError for anything a retry cannot fix."""
@@ -85,6 +91,12 @@ def server_error(reply: str, where: str, secrets: Sequence[str] = ()) -> BackupE
     if "without any password configured" in lower or "no password is set" in lower:
         return PermanentError(
             f"{where} has no password but REDIS_PASSWORD is set: unset it or set requirepass ({text})"
+        )
+    named = any(f"{quote}{c}{quote}" in lower for c in REPLICATION for quote in "'`")  # 7.x: 'x', 6.x: `x`
+    if (code == "NOPERM" or "unknown command" in lower) and named:
+        return ReplicationRefused(
+            f"{where} will not replicate to us ({text}): REDIS_BACKUP_METHOD=auto or dump takes a logical "
+            "snapshot instead; or allow REPLCONF and SYNC"
         )
     if code == "NOPERM":
         return PermanentError(f"{where} denies this user a command: allow INFO, REPLCONF and SYNC ({text})")

@@ -1,17 +1,22 @@
 """Dump a Redis as ``redis-cli --rdb`` does: ask for a full resync over the replication protocol and
 stream the RDB the server sends, checking it as it passes (the ``REDIS`` header and version, and the
-CRC64 in its trailer) without ever holding it in memory. The protocol and the RDB checks are in
-clients/.
+CRC64 in its trailer) without ever holding it in memory. Where the server refuses replication (a
+managed service), write a logical snapshot as an RDB instead (sources/redis_logical.py). The
+protocol and the RDB checks are in clients/.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+import redis
+
 from vq_tasks.clients.rdb import RdbCheck, RdbInfo
-from vq_tasks.clients.redis_connect import auth_args
+from vq_tasks.clients.redis_connect import auth_args, redis_client
 from vq_tasks.clients.redis_wire import (
     Link,
+    ReplicationRefused,
     ReplyReader,
     call,
     command,
@@ -21,20 +26,41 @@ from vq_tasks.clients.redis_wire import (
 )
 from vq_tasks.manifest import RedisFacts
 from vq_tasks.settings import Settings
+from vq_tasks.sources.redis_logical import logical_snapshot
 from vq_tasks.streams.stages import Writer
 
 MARK_SIZE = 40
+ServerFacts = tuple[str, dict[str, int], dict[str, int]]  # server_facts: version, keys and expires per db
+logger = logging.getLogger(__name__)
 
 
 def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
-    """Stream the RDB of the Redis at settings.redis_host:redis_port into `out` and return its facts.
+    """Write the RDB of the Redis at REDIS_HOST:REDIS_PORT into ``out`` and return its facts, by
+    REDIS_BACKUP_METHOD: ``sync`` the server's own RDB over the replication protocol (one point in
+    time), ``dump`` a logical snapshot written as an RDB (sources/redis_logical.py), ``auto`` SYNC
+    where the server allows it, else the snapshot. One log line says which. Raise TransientError
+    when a retry may help (refused, timed out, loading, checksum mismatch), PermanentError when it
+    cannot (password, permissions, not an RDB)."""
+    server = server_facts(settings)
+    method = settings.redis_backup_method
+    if method != "dump":
+        try:
+            facts = sync_rdb(settings, out, server)
+        except ReplicationRefused as refused:
+            if method == "sync":
+                raise
+            logger.info("Redis backup: a logical snapshot (REDIS_BACKUP_METHOD=auto): %s", refused)
+        else:
+            logger.info("Redis backup: the server's RDB over SYNC (REDIS_BACKUP_METHOD=%s)", method)
+            return facts
+    else:
+        logger.info("Redis backup: a logical snapshot (REDIS_BACKUP_METHOD=dump)")
+    return logical_rdb(settings, out, server)
 
-    Given settings naming a Redis, take its version and keys per database from INFO, then stream
-    its RDB into ``out`` and return both. Raise TransientError when a retry may help (refused,
-    timed out, loading, checksum mismatch), PermanentError when it cannot (password, permissions,
-    not an RDB).
-    """
-    redis_version, keys, expires = server_facts(settings)
+
+def sync_rdb(settings: Settings, out: Writer, server: ServerFacts) -> RedisFacts:
+    """Stream the server's RDB over the replication protocol into ``out``, checking it on the way."""
+    redis_version, keys, expires = server
     password = password_of(settings)
     link = Link(settings)
     try:
@@ -49,6 +75,32 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
         keys=keys,
         expires=expires,
         crc64_checked=rdb.crc64_checked,
+    )
+
+
+def logical_rdb(settings: Settings, out: Writer, server: ServerFacts) -> RedisFacts:
+    """Write a logical snapshot of every database INFO lists into ``out`` as an RDB. It is not one
+    point in time: the manifest records how long it took and the keys that vanished meanwhile."""
+    clients: dict[int, redis.Redis] = {}
+
+    def client_for(db: int) -> redis.Redis:
+        return clients.setdefault(db, redis_client(settings, db))
+
+    try:
+        databases = sorted(int(db) for db in server[1]) or [0]
+        facts = logical_snapshot(client_for, databases, out, server=server)
+    finally:
+        for client in clients.values():
+            client.close()
+    return RedisFacts(
+        redis_version=facts.redis_version,
+        rdb_version=facts.rdb_version,
+        keys=facts.keys,
+        expires=facts.expires,
+        crc64_checked=True,  # written with its CRC64, each DUMP payload's own checked on the way
+        method="dump",
+        snapshot_seconds=round(facts.seconds, 3),
+        keys_vanished=facts.vanished,
     )
 
 
