@@ -69,13 +69,15 @@ class DatabaseFacts(BaseModel):
 class RedisFacts(BaseModel):
     redis_version: str
     rdb_version: int = Field(ge=0)
-    keys: dict[str, Count] = Field(description="keys per logical database, from INFO before the sync")
+    keys: dict[str, Count] = Field(
+        description="keys per logical database: from INFO before the sync; dump: the keys written"
+    )
     expires: dict[str, Count] = Field(default_factory=dict)
     crc64_checked: bool
     method: Literal["sync", "dump"] = Field(
         default="sync",
         description="sync: the server's own RDB over the replication protocol, one point in time; dump: a "
-        "logical snapshot (SCAN, DUMP, PTTL) written as an RDB, where the server refuses SYNC",
+        "logical snapshot (SCAN, DUMP, each key's expiry) written as an RDB, where the server refuses SYNC",
     )
     snapshot_seconds: float | None = Field(
         default=None,
@@ -83,6 +85,10 @@ class RedisFacts(BaseModel):
         "before or after its change (it is not one point in time)",
     )
     keys_vanished: Count = Field(default=0, description="dump only: keys deleted between SCAN and DUMP")
+    keys_repeated: Count = Field(default=0, description="dump only: keys SCAN returned again, written once")
+    functions: bool | None = Field(
+        default=None, description="dump only: whether the function libraries are in it (FUNCTION DUMP)"
+    )
 
 
 class FilesFacts(BaseModel):

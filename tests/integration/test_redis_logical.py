@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.servers import RedisServer, free_port, redis_server_binaries, redis_settings, start_redis
+from vq_tasks.clients import redis_pipeline
 from vq_tasks.clients.rdb import RdbCheck
 from vq_tasks.clients.redis_wire import ReplicationRefused
 from vq_tasks.errors import PermanentError, TransientError
@@ -301,7 +302,7 @@ def test_keys_deleted_meanwhile_are_skipped_and_counted(tmp_path: Path):
 def test_a_key_scan_returns_twice_is_written_once():
     facts = LogicalFacts("7.0.0", 0, 0)
     seen: set[int] = set()
-    keys = redis_logical._Keys
+    keys = redis_pipeline.Keys
     first = redis_logical._fresh(keys([b"a", b"b"], [b"$1", b"$1"], b"$1\r\na\r\n$1\r\nb\r\n"), seen, facts)
     again = redis_logical._fresh(keys([b"b", b"c", b"c"], [b"$1"] * 3, b"raw"), seen, facts)
     assert first.names == [b"a", b"b"] and first.raw is not None
@@ -336,7 +337,7 @@ def test_values_too_large_to_hold_are_streamed(tmp_path: Path, binary: str):
     with start_redis(tmp_path / "source", password=PASSWORD, binary=binary) as source:
         with source.client(3) as c:
             c.set("small-before", "a")
-            c.set("huge", os.urandom(redis_logical.HUGE * 3), ex=3600)
+            c.set("huge", os.urandom(redis_pipeline.HUGE * 3), ex=3600)
             c.hset("huge-hash", mapping={f"f{i}": os.urandom(1000) for i in range(12_000)})  # 12 MB
             c.set("small-after", "b")
         tracemalloc.start()
@@ -346,7 +347,7 @@ def test_values_too_large_to_hold_are_streamed(tmp_path: Path, binary: str):
         finally:
             tracemalloc.stop()
         expected = snapshot(source, 3)
-    assert peak < redis_logical.HUGE, f"peak {peak >> 20} MiB"
+    assert peak < redis_pipeline.HUGE, f"peak {peak >> 20} MiB"
     assert facts.keys == {"3": 4} and facts.expires == {"3": 1}
     check_rdb(tmp_path / "dump.rdb", facts)
     with start_redis(tmp_path / "restored", rdb_file=tmp_path / "dump.rdb", binary=binary) as restored:
@@ -383,3 +384,17 @@ class _Sink:
             self._on_first_write = None
         self.size += len(data)
         self.largest = max(self.largest, len(data))
+
+
+def test_auto_falls_back_only_when_replication_is_refused(tmp_path: Path):
+    """A wrong password or a user without INFO is the same error under auto: never a snapshot."""
+    with start_redis(tmp_path / "source", password=PASSWORD) as source:
+        with source.client() as c:
+            c.execute_command("ACL", "SETUSER", "blind", "on", ">pw", "~*", "+@all", "-info")
+        sink = _Sink()
+        with pytest.raises(PermanentError, match="REDIS_PASSWORD"):
+            dump_redis(redis_settings(source.port, "not-the-password"), sink)
+        blind = redis_settings(source.port, "pw").model_copy(update={"redis_username": "blind"})
+        with pytest.raises(PermanentError, match=r"(?i)noperm"):
+            dump_redis(blind, sink)
+    assert sink.size == 0

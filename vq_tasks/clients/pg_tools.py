@@ -36,7 +36,7 @@ _TLS = (
     (
         "does not match host name",
         "the server's certificate does not name DB_HOST {host}: set DB_HOST to a name the certificate holds "
-        "(the endpoint the provider gives), or DB_SSLMODE=verify-ca to check the CA only",
+        "(the endpoint the provider gives)",
     ),
     (
         "server does not support ssl",

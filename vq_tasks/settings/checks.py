@@ -102,16 +102,16 @@ def service_problems(settings: Settings) -> list[str]:
 
 
 def rediss_problems(name: str, url: str) -> list[str]:
-    """A rediss:// URL must say how the server's certificate is checked, in the words both kombu
-    and redis-py read (redis-py refuses CERT_REQUIRED; Celery's result backend fails without it)."""
+    """A rediss:// URL must have the server's certificate checked, in the word both kombu and
+    redis-py read (redis-py refuses CERT_REQUIRED; Celery's result backend fails without it)."""
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return []
     reqs = dict(parse_qsl(parts.query)).get("ssl_cert_reqs")
-    if reqs not in ("required", "optional", "none"):
+    if reqs != "required":  # optional and none would take any certificate: TLS without knowing who
         return [
-            f"{name}: a rediss:// URL needs ssl_cert_reqs=required (lower case; or optional, none), "
-            f"not {reqs or 'nothing'}: e.g. ...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem"
+            f"{name}: a rediss:// URL needs ssl_cert_reqs=required (in lower case), not {reqs or 'nothing'}: "
+            "e.g. ...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem"
         ]
     return []
 

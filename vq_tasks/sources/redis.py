@@ -27,7 +27,7 @@ from vq_tasks.clients.redis_wire import (
 from vq_tasks.manifest import RedisFacts
 from vq_tasks.settings import Settings
 from vq_tasks.sources.redis_logical import logical_snapshot
-from vq_tasks.streams.stages import Writer
+from vq_tasks.streams.stages import TapStage, Writer
 
 MARK_SIZE = 40
 ServerFacts = tuple[str, dict[str, int], dict[str, int]]  # server_facts: version, keys and expires per db
@@ -44,12 +44,13 @@ def dump_redis(settings: Settings, out: Writer) -> RedisFacts:
     server = server_facts(settings)
     method = settings.redis_backup_method
     if method != "dump":
+        written: set[bool] = set()  # {True} once a byte of the RDB went to ``out``
         try:
-            facts = sync_rdb(settings, out, server)
+            facts = sync_rdb(settings, TapStage(out, lambda _: written.add(True)), server)
         except ReplicationRefused as refused:
-            if method == "sync":
+            if method == "sync" or written:  # the snapshot must never follow part of an RDB in ``out``
                 raise
-            logger.info("Redis backup: a logical snapshot (REDIS_BACKUP_METHOD=auto): %s", refused)
+            logger.warning("Redis backup: a logical snapshot (REDIS_BACKUP_METHOD=auto): %s", refused)
         else:
             logger.info("Redis backup: the server's RDB over SYNC (REDIS_BACKUP_METHOD=%s)", method)
             return facts
@@ -97,10 +98,12 @@ def logical_rdb(settings: Settings, out: Writer, server: ServerFacts) -> RedisFa
         rdb_version=facts.rdb_version,
         keys=facts.keys,
         expires=facts.expires,
-        crc64_checked=True,  # written with its CRC64, each DUMP payload's own checked on the way
+        crc64_checked=True,  # written with its CRC64 (each batch's first payload's own checked)
         method="dump",
         snapshot_seconds=round(facts.seconds, 3),
         keys_vanished=facts.vanished,
+        keys_repeated=facts.duplicates,
+        functions=facts.functions,
     )
 
 

@@ -9,8 +9,9 @@ from vq_tasks.settings.checks import rediss_problems
 
 @pytest.mark.parametrize(
     ("query", "ok"),
-    [("ssl_cert_reqs=required&ssl_ca_certs=/ca.pem", True), ("ssl_cert_reqs=none", True),
-     ("ssl_cert_reqs=CERT_REQUIRED", False), ("", False), ("ssl_ca_certs=/ca.pem", False)],
+    [("ssl_cert_reqs=required&ssl_ca_certs=/ca.pem", True), ("ssl_cert_reqs=none", False),
+     ("ssl_cert_reqs=optional", False), ("ssl_cert_reqs=CERT_REQUIRED", False), ("", False),
+     ("ssl_ca_certs=/ca.pem", False)],
 )  # fmt: skip
 def test_rediss_needs_ssl_cert_reqs_in_lower_case(query, ok):
     problems = rediss_problems("CELERY_BROKER_URL", f"rediss://:secret@redis:6380/0?{query}")

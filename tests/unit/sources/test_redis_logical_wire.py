@@ -1,7 +1,7 @@
-"""The RESP parsing and command building of sources/redis_logical.py on a fake socket: replies read
-at C speed (split at CRLF, then checked) or one by one must come out the same whatever their
-content (CRLF, "$", nil, RESP3 nulls and push messages) and however the bytes arrive; errors
-become ours. Against real servers: tests/integration/test_redis_logical.py."""
+"""The RESP parsing (clients/redis_pipeline.py) and command building of the snapshot on a fake
+socket: replies read at C speed (split at CRLF, then checked) or one by one must come out the
+same whatever their content (CRLF, "$", nil, RESP3 nulls and push messages) and however the bytes
+arrive; errors become ours. Against real servers: tests/integration/test_redis_logical.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vq_tasks.clients import redis_pipeline
+from vq_tasks.clients.redis_pipeline import Keys, Wire
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.sources import redis_logical
-from vq_tasks.sources.redis_logical import _fetch, _Keys, _Wire
+from vq_tasks.sources.redis_logical import _fetch
 
 
 class FakeSocket:
@@ -39,8 +41,8 @@ class FakeSocket:
         self.sent += data
 
 
-def wire(data: bytes, sizes: list[int] | None = None) -> _Wire:
-    return _Wire(FakeSocket(data, sizes or []), "Redis test:1", ["s3cret"])  # type: ignore[arg-type]
+def wire(data: bytes, sizes: list[int] | None = None) -> Wire:
+    return Wire(FakeSocket(data, sizes or []), "Redis test:1", ["s3cret"])  # type: ignore[arg-type]
 
 
 def bulk(value: bytes | None) -> bytes:
@@ -103,8 +105,8 @@ def test_scan_replies_give_keys_and_the_commands_for_them(names: list[bytes], pi
 
 
 def test_bulks_stop_at_a_payload_too_large_to_hold_and_stream_it(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(redis_logical, "HUGE", 100)
-    monkeypatch.setattr(redis_logical, "RECV_SIZE", 40)  # a buffer that never holds a payload that large
+    monkeypatch.setattr(redis_pipeline, "HUGE", 100)
+    monkeypatch.setattr(redis_pipeline, "RECV_SIZE", 40)  # a buffer that never holds a payload that large
     large = bytes(range(256)) * 2
     w = wire(bulk(b"a") + bulk(large) + bulk(b"b"), [7, 50])
     assert w.bulks(3) == ([b"$1"], [b"a"])
@@ -148,7 +150,7 @@ def test_verbatim_strings_and_info_are_read():
 
 
 def test_keys_dropped_as_duplicates_lose_the_raw_bytes():
-    keys = _Keys([b"a", b"b"], [b"$1", b"$1"], bulk(b"a") + bulk(b"b"))
+    keys = Keys([b"a", b"b"], [b"$1", b"$1"], bulk(b"a") + bulk(b"b"))
     fresh = redis_logical._fresh(keys, {hash(b"a")}, redis_logical.LogicalFacts("7.0.0", 0, 0))
     assert fresh == ([b"b"], [b"$1"], None)
     assert (
