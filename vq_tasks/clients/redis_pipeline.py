@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import redis
 
-from vq_tasks.clients.redis_wire import client_error, command, server_error
+from vq_tasks.clients.redis_wire import ServerFacts, client_error, command, redis_address, server_error
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.streams.stages import CHUNK_SIZE
 
@@ -54,8 +54,7 @@ def where_of(options: Mapping[str, object]) -> str:
     """Given a redis-py pool's connection options, return how messages name the server."""
     if options.get("path"):
         return f"Redis {options['path']}"
-    host, port = options.get("host", "localhost"), options.get("port", 6379)
-    return f"Redis [{host}]:{port}" if ":" in str(host) else f"Redis {host}:{port}"
+    return redis_address(str(options.get("host", "localhost")), str(options.get("port", 6379)))
 
 
 @contextmanager
@@ -109,7 +108,7 @@ class Wire:
         except OSError as exc:
             raise self._lost(exc) from None
 
-    def server_facts(self) -> tuple[str, dict[str, int], dict[str, int]]:
+    def server_facts(self) -> ServerFacts:
         """Return the server's version and its keys and expiring keys per database, from INFO,
         as redis_wire.server_facts does."""
         self.send(command("INFO", "server") + command("INFO", "keyspace"))

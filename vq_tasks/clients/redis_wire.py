@@ -22,7 +22,11 @@ REPLICATION = ("sync", "psync", "replconf")  # the commands a SYNC backup needs 
 TRANSIENT_TEXTS = ("background save", "bgsave", "not connected with my master")
 
 
-def server_facts(settings: Settings) -> tuple[str, dict[str, int], dict[str, int]]:
+# a server's version, and its keys and expiring keys per database (numbers as strings), from INFO
+ServerFacts = tuple[str, dict[str, int], dict[str, int]]
+
+
+def server_facts(settings: Settings) -> ServerFacts:
     """Given settings naming a Redis, return its version and its keys and expiring keys per
     database (keyed by the database number as a string). Raise as dump_redis does."""
     password = password_of(settings)
@@ -42,8 +46,12 @@ def server_facts(settings: Settings) -> tuple[str, dict[str, int], dict[str, int
 
 def _where(settings: Settings) -> str:
     """Given settings, return how messages name the Redis: "Redis host:port"."""
-    host = settings.redis_host
-    return f"Redis [{host}]:{settings.redis_port}" if ":" in host else f"Redis {host}:{settings.redis_port}"
+    return redis_address(settings.redis_host, settings.redis_port)
+
+
+def redis_address(host: str, port: int | str) -> str:
+    """Return how messages name a Redis: "Redis host:port", an IPv6 host in brackets."""
+    return f"Redis [{host}]:{port}" if ":" in host else f"Redis {host}:{port}"
 
 
 def client_error(exc: redis.exceptions.RedisError, where: str, password: str | None) -> BackupError:

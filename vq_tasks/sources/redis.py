@@ -18,6 +18,7 @@ from vq_tasks.clients.redis_wire import (
     Link,
     ReplicationRefused,
     ReplyReader,
+    ServerFacts,
     call,
     command,
     password_of,
@@ -30,7 +31,6 @@ from vq_tasks.sources.redis_logical import logical_snapshot
 from vq_tasks.streams.stages import TapStage, Writer
 
 MARK_SIZE = 40
-ServerFacts = tuple[str, dict[str, int], dict[str, int]]  # server_facts: version, keys and expires per db
 logger = logging.getLogger(__name__)
 
 

@@ -27,7 +27,7 @@ import redis
 from vq_tasks.clients.rdb import RdbInfo
 from vq_tasks.clients.rdb_writer import RdbWriter, payload_version
 from vq_tasks.clients.redis_pipeline import CRLF, Keys, Wire, borrowed
-from vq_tasks.clients.redis_wire import command
+from vq_tasks.clients.redis_wire import ServerFacts, command
 from vq_tasks.errors import PermanentError
 from vq_tasks.streams.stages import Writer
 
@@ -69,7 +69,7 @@ def logical_snapshot(
     databases: list[int],
     out: Writer,
     *,
-    server: tuple[str, Mapping[str, int], Mapping[str, int]] | None = None,
+    server: ServerFacts | None = None,
     batch_size: int = BATCH_SIZE,
     batch_bytes: int = BATCH_BYTES,
 ) -> LogicalFacts:
@@ -101,7 +101,7 @@ def logical_snapshot(
 def _begin(
     wire: Wire,
     out: Writer,
-    server: tuple[str, Mapping[str, int], Mapping[str, int]] | None,
+    server: ServerFacts | None,
     facts: LogicalFacts,
 ) -> _Output:
     """Given the first connection, learn the server's version (and RESIZEDB hints) from INFO
