@@ -64,6 +64,11 @@ class DatabaseFacts(BaseModel):
     pg_dump_version: str
     tables: dict[str, Count] = Field(description="rows per table, counted in the dump itself")
     complete: bool = Field(description="pg_dump's closing line was seen")
+    skipped: list[str] = Field(
+        default_factory=list,
+        description="what pg_dump said it left out (its warnings), such as subscriptions for a user "
+        "that is not a superuser",
+    )
 
 
 class RedisFacts(BaseModel):

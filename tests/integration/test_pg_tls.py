@@ -19,9 +19,9 @@ from tests.pg_tls import (
     postgres_bin,
     running_cluster,
 )
+from vq_tasks.clients.pg_connect import connect
 from vq_tasks.errors import PermanentError
 from vq_tasks.restore.postgres import restore_database
-from vq_tasks.restore.postgres_connect import connect
 from vq_tasks.settings import Settings
 from vq_tasks.sources.postgres import dump_database
 

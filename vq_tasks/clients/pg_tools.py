@@ -5,6 +5,8 @@ The password reaches a tool through the environment (PGPASSWORD), never its argv
 forced to English (LC_MESSAGES=C) so that errors can be classified as transient or permanent.
 TLS comes from DB_SSLMODE, DB_SSLROOTCERT, DB_SSLCERT and DB_SSLKEY only (tls_environment), for
 the tools and psycopg alike; a TLS failure is permanent and names the variable that fixes it.
+When pg_dump stops at an object DB_USER may not read, access_error names every such object (listed
+by the caller) with the privilege that fixes it; its warnings on success say what it left out.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from vq_tasks.errors import PermanentError, TransientError, redact
 from vq_tasks.settings import Settings
@@ -24,7 +28,18 @@ TLS_PARAMETERS = {
     "PGSSLCERT": "sslcert",
     "PGSSLKEY": "sslkey",
 }
-_VERSION_MISMATCH = re.compile(r"server version: ([\d.]+\S*); pg_dump version: ([\d.]+\S*)")
+NAMES_SHOWN = 10
+WARNINGS_KEPT = 20
+WARNING_LENGTH = 300
+# pg_dump stops at the first object it may not read (LOCK, COPY, SELECT or lo_open failed)
+_ACCESS_DENIED = re.compile(
+    r"permission denied for (?:table|schema|sequence|view|materialized view|large object) [^\n]+"
+    r"|query would be affected by row-level security policy for table [^\n]+"
+)
+_WARNING = re.compile(r"^pg_dump: warning: (.*)$", re.I)
+_DETAIL = re.compile(r"^pg_dump: detail: (.*)$", re.I)
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+_VERSION_MISMATCH = re.compile(r"server version: ([\d.]+\S*); pg_dump(?:all)? version: ([\d.]+\S*)")
 # libpq's TLS failures (inside a "connection to server" line, which alone means transient), as regular
 # expressions of the lowered text, each with what fixes it; checked before any other pattern
 _TLS = (
@@ -203,3 +218,106 @@ def classify_pg_error(stderr: str, settings: Settings) -> Exception:
 def last_lines(text: str, count: int = 4) -> str:
     """Return the last ``count`` non-empty lines of a tool's output on one line, for a message."""
     return " | ".join(line.strip() for line in text.splitlines()[-count:] if line.strip())
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Objects of one kind DB_USER may not read although pg_dump must: ``total`` of them, the first
+    ``names`` (quoted as SQL names; large objects by OID). Kinds: schema, table, sequence,
+    row security (tables), large object."""
+
+    kind: str
+    total: int
+    names: tuple[str, ...]
+
+
+def access_denied(stderr: str) -> str | None:
+    """Return pg_dump's message when it stopped at an object DB_USER may not read, else None."""
+    found = _ACCESS_DENIED.search(stderr)
+    return found.group(0).strip() if found else None
+
+
+def access_error(settings: Settings, unreadable: Sequence[Unreadable], stopped_at: str) -> PermanentError:
+    """Given what DB_USER may not read (by kind) and pg_dump's own message, return a PermanentError
+    naming each object (the first NAMES_SHOWN of a kind) and the privilege that fixes each kind."""
+    by_kind = {u.kind: u for u in unreadable if u.total}
+    user = quote_ident(settings.db_user)
+    parts = [
+        _privileges_part(by_kind, user),
+        _row_security_part(by_kind.get("row security"), user),
+        _large_objects_part(by_kind.get("large object"), user),
+    ]
+    where = f"PostgreSQL {settings.db_host}:{settings.db_port}/{settings.db_name}"
+    text = f"{where}: DB_USER {settings.db_user} may not read all that pg_dump must. " + " ".join(
+        p for p in parts if p
+    )
+    return PermanentError(redact(f"{text} (pg_dump stopped at: {stopped_at})", settings.secret_values()))
+
+
+def _privileges_part(by_kind: dict[str, Unreadable], user: str) -> str:
+    """Return the sentences on tables and sequences without SELECT and schemas without USAGE."""
+    found = [
+        f"{label}: {shown(by_kind[kind])}"
+        for kind, label in (
+            ("table", "Tables without SELECT"),
+            ("sequence", "sequences without SELECT"),
+            ("schema", "schemas without USAGE"),
+        )
+        if kind in by_kind
+    ]
+    if not found:
+        return ""
+    found[0] = found[0][0].upper() + found[0][1:]
+    return (
+        f"{'; '.join(found)}. Fix: GRANT pg_read_all_data TO {user} (PostgreSQL 14+; on RDS, Azure or "
+        "Cloud SQL the admin user can grant it), or GRANT USAGE ON SCHEMA and SELECT ON those tables and "
+        f"sequences TO {user}."
+    )
+
+
+def _row_security_part(found: Unreadable | None, user: str) -> str:
+    """Return the sentences on tables whose row-level security applies to DB_USER."""
+    if found is None:
+        return ""
+    return (
+        f"Tables with row-level security (pg_dump reads every row): {shown(found)}. Fix: ALTER ROLE "
+        f"{user} BYPASSRLS, or back up as their owner (when they do not FORCE ROW LEVEL SECURITY)."
+    )
+
+
+def _large_objects_part(found: Unreadable | None, user: str) -> str:
+    """Return the sentences on large objects without SELECT."""
+    if found is None:
+        return ""
+    return (
+        f"Large objects without SELECT: {shown(found)}. Fix: GRANT SELECT ON LARGE OBJECT {found.names[0]} "
+        f"TO {user}, one per object (pg_read_all_data covers them only from PostgreSQL 19), or back up "
+        "as their owner."
+    )
+
+
+def shown(found: Unreadable) -> str:
+    """Return the names of ``found`` for a message: the first NAMES_SHOWN and how many more."""
+    names = ", ".join(found.names[:NAMES_SHOWN])
+    more = found.total - min(len(found.names), NAMES_SHOWN)
+    return f"{names} and {more} more" if more > 0 else names
+
+
+def quote_ident(name: str) -> str:
+    """Return ``name`` as PostgreSQL reads it in a statement: as is when plain, else double-quoted."""
+    return name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def dump_warnings(stderr: str, secrets: Iterable[str]) -> list[str]:
+    """Given pg_dump's stderr after a success, return its warnings (what it left out), each without
+    its "pg_dump: warning: " prefix, with its detail lines, redacted, deduplicated, at most
+    WARNINGS_KEPT of WARNING_LENGTH characters."""
+    found: list[str] = []
+    for line in redact(stderr, secrets).splitlines():
+        warning, detail = _WARNING.match(line), _DETAIL.match(line)
+        if warning:
+            found.append(warning.group(1).strip())
+        elif detail and found:
+            found[-1] += f" ({detail.group(1).strip()})"
+    kept = [w if len(w) <= WARNING_LENGTH else w[: WARNING_LENGTH - 1] + "…" for w in dict.fromkeys(found)]
+    return kept[:WARNINGS_KEPT]

@@ -33,6 +33,7 @@ from pydantic import BaseModel, computed_field
 from vq_tasks import coordination
 from vq_tasks.audit import audit
 from vq_tasks.catalog.latest import resolve_backup_id
+from vq_tasks.clients.pg_connect import connect
 from vq_tasks.clients.redis_connect import plain_settings
 from vq_tasks.errors import BackupError, PermanentError, redact, redacted_message
 from vq_tasks.logs import Say
@@ -52,7 +53,6 @@ from vq_tasks.restore.integrity import (
 )
 from vq_tasks.restore.leftovers import owned_folder
 from vq_tasks.restore.postgres import database_row_counts, restore_database
-from vq_tasks.restore.postgres_connect import connect
 from vq_tasks.restore.postgres_swap import derived_name, scratch_databases
 from vq_tasks.restore.redis import redis_key_counts, restore_redis
 from vq_tasks.restore.redis_server import HOST, Throwaway, server_binary_path, server_binary_version

@@ -39,11 +39,12 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, Field
 
+from vq_tasks.clients.pg_connect import connect, db_where
 from vq_tasks.clients.pg_tools import pg_tool
 from vq_tasks.clients.sql_dump import HEADER_LIMIT, dump_encoding
 from vq_tasks.errors import PermanentError
 from vq_tasks.restore.contents import check_sql_dump
-from vq_tasks.restore.postgres_connect import connect, database_row, db_where
+from vq_tasks.restore.postgres_connect import database_row
 from vq_tasks.restore.postgres_load import NO_RESTRICT, knows_restrict, run_psql
 from vq_tasks.restore.postgres_swap import (
     carry_over,

@@ -14,11 +14,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from vq_tasks.clients.pg_connect import db_where
 from vq_tasks.clients.pg_tools import STDERR_KEPT, pg_environment, pg_tool
 from vq_tasks.clients.sql_dump import HEADER_LIMIT, python_codec
 from vq_tasks.errors import PermanentError
 from vq_tasks.restore.leftovers import die_with_parent
-from vq_tasks.restore.postgres_connect import db_where, psql_failure
+from vq_tasks.restore.postgres_connect import psql_failure
 from vq_tasks.restore.postgres_roles import missing_roles_error
 from vq_tasks.settings import Settings
 from vq_tasks.streams.stages import CHUNK_SIZE

@@ -12,9 +12,9 @@ import contextlib
 import re
 from pathlib import Path
 
+from vq_tasks.clients.pg_connect import connect
 from vq_tasks.clients.sql_dump import HEADER_LIMIT, dump_encoding, python_codec
 from vq_tasks.errors import BackupError, PermanentError
-from vq_tasks.restore.postgres_connect import connect
 from vq_tasks.settings import Settings
 
 LINE_LIMIT = 64 << 10  # the role scan reads at most this much of a line at once

@@ -16,8 +16,9 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 
+from vq_tasks.clients.pg_connect import connect, db_where
 from vq_tasks.errors import BackupError, TransientError
-from vq_tasks.restore.postgres_connect import connect, database_row, db_where
+from vq_tasks.restore.postgres_connect import database_row
 from vq_tasks.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from vq_tasks.clients.pg_connect import failure
 from vq_tasks.clients.pg_tools import classify_pg_error, pg_environment, tls_environment, tls_parameters
 from vq_tasks.errors import PermanentError, TransientError
-from vq_tasks.restore.postgres_connect import failure, psql_failure
+from vq_tasks.restore.postgres_connect import psql_failure
 from vq_tasks.settings import ConfigError, Settings, load_settings
 from vq_tasks.settings.checks import db_tls_problems
 
