@@ -237,7 +237,7 @@ def test_the_broker_is_a_redis_of_its_own_and_never_the_application_redis(servic
     assert {s for s, _ in volume_entries(broker)}.isdisjoint(s for s, _ in volume_entries(app_redis))
     for name in APP_SERVICES:
         env = environment(services[name])
-        assert env.get("REDIS_HOST", "app-redis") == "app-redis"
+        assert interpolate(env.get("REDIS_HOST", "app-redis"), {}) == "app-redis"
         assert not any("app-redis" in v for k, v in env.items() if k.startswith("CELERY_"))
 
 
