@@ -25,6 +25,7 @@ MD5_HEX = r"^[0-9a-f]{32}$"
 SHA256_HEX = r"^[0-9a-f]{64}$"
 BACKUP_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]*_[0-9]{8}_[0-9]{6}$"
 Count = Annotated[int, Field(ge=0)]
+GLOBALS_MEMBER: Literal["globals.sql"] = "globals.sql"  # the roles, beside database.sql in the bundle
 ENCRYPTED_SUFFIX = ".age"  # after the plain name of an encrypted file: <id>.tar.gz.age
 Compression = Literal["gzip", "zstd", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")
@@ -58,12 +59,33 @@ def checked_digests(content: Checksums) -> Checksums:
     return content
 
 
+class GlobalsFacts(BaseModel):
+    """globals.sql, beside database.sql in the bundle: the server's roles (pg_dumpall --roles-only),
+    which a dump of one database does not hold and a restore onto a new server needs."""
+
+    member: Literal["globals.sql"] = GLOBALS_MEMBER
+    content: Checksums
+    roles: list[str] = Field(description="the roles it defines (CREATE ROLE)")
+    passwords: bool = Field(
+        description="whether it holds the roles' password hashes: false where pg_authid cannot be read "
+        "(a user that is not a superuser, as on managed services: --no-role-passwords)"
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _digests(cls, content: Checksums) -> Checksums:
+        return checked_digests(content)
+
+
 class DatabaseFacts(BaseModel):
     database: str
     server_version: str
     pg_dump_version: str
     tables: dict[str, Count] = Field(description="rows per table, counted in the dump itself")
     complete: bool = Field(description="pg_dump's closing line was seen")
+    globals: GlobalsFacts | None = Field(
+        default=None, description="the roles, in a member of their own (older backups have none)"
+    )
     skipped: list[str] = Field(
         default_factory=list,
         description="what pg_dump said it left out (its warnings), such as subscriptions for a user "
@@ -105,28 +127,42 @@ class FilesFacts(BaseModel):
 Facts = DatabaseFacts | RedisFacts | FilesFacts
 
 
-class StagedPart(BaseModel):
-    """What a dump task hands to finalize_backup: where its part is and what it contains."""
+class StagedMember(BaseModel):
+    """A file a dump task staged for the bundle: where it is, what it holds."""
 
-    component: Component
     member: str = Field(
         pattern=PLAIN_NAME, description="file name inside the bundle, or the stored logs archive"
     )
     path: str
-    worker: str
-    compression: Compression = Field(
-        description="gzip members, zstd frames or none (COMPRESSION_ENABLED and _ALGORITHM of the worker)"
-    )
     staged_size: int = Field(ge=0)
     staged_sha256: str = Field(pattern=SHA256_HEX)
     content: Checksums = Field(description="the uncompressed member")
-    facts: Facts
-    duration_seconds: float = Field(0.0, description="time taken to dump and stage it")
 
     @field_validator("content")
     @classmethod
     def _digests(cls, content: Checksums) -> Checksums:
         return checked_digests(content)
+
+    def describe(self) -> str:
+        return f"staged {self.member}"
+
+
+class StagedPart(StagedMember):
+    """What a dump task hands to finalize_backup: where its part is and what it contains."""
+
+    component: Component
+    worker: str
+    compression: Compression = Field(
+        description="gzip members, zstd frames or none (COMPRESSION_ENABLED and _ALGORITHM of the worker)"
+    )
+    facts: Facts
+    duration_seconds: float = Field(0.0, description="time taken to dump and stage it")
+    extras: list[StagedMember] = Field(
+        default_factory=list, description="more members of the component, after it (globals.sql)"
+    )
+
+    def describe(self) -> str:
+        return f"{self.component} part staged by worker {self.worker}"
 
 
 class StoredFile(BaseModel):

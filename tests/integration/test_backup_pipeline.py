@@ -70,7 +70,7 @@ def test_full_backup_is_complete_checked_and_restorable(
 
     # The bundle lists with tar -tzf (tar --zstd -tf, zstd -dc | tar -t), and every stored file's
     # checksums match md5sum/sha256sum.
-    members = ["database.sql", "redis.rdb", f"config{suffix}"]
+    members = ["database.sql", "globals.sql", "redis.rdb", f"config{suffix}"]
     flag = ["-z"] if compression == "gzip" else ["--zstd"]
     listing = subprocess.run(["tar", *flag, "-tf", str(bundle)], capture_output=True, text=True, check=True)
     assert listing.stdout.split() == members
@@ -261,7 +261,7 @@ def test_uncompressed_backup_stores_plain_tar(base_env, database, layout, start_
         text=True,
         check=True,
     )
-    assert listing.stdout.split() == ["database.sql", "redis.rdb", "config.tar"]
+    assert listing.stdout.split() == ["database.sql", "globals.sql", "redis.rdb", "config.tar"]
 
 
 def test_missing_database_is_permanent_and_not_retried(base_env, layout, start_worker, smtp):

@@ -84,8 +84,8 @@ def test_an_encrypted_backup_opens_with_age_verifies_and_restores_only_with_its_
     assert sorted(p.name for p in storage.iterdir()) == sorted(p.name for p in (bundle, logs, manifest_file))
 
     # the age CLI alone opens the bundle, with either recipient's key; sha256sum matches the manifest
-    assert age_list(operator_key, bundle) == ["database.sql", "redis.rdb", f"config{suffix}"]
-    assert age_list(escrow_key, bundle) == ["database.sql", "redis.rdb", f"config{suffix}"]
+    assert age_list(operator_key, bundle) == ["database.sql", "globals.sql", "redis.rdb", f"config{suffix}"]
+    assert age_list(escrow_key, bundle) == ["database.sql", "globals.sql", "redis.rdb", f"config{suffix}"]
     assert bundle.read_bytes().startswith(b"age-encryption.org/v1\n")
     manifest_text = manifest_file.read_text()
     manifest = json.loads(manifest_text)

@@ -592,18 +592,27 @@ def test_a_path_given_as_a_backup_id_never_becomes_a_staging_folder(tmp_path):
 def test_finalize_refuses_a_record_naming_a_file_outside_its_staging_folder(tmp_path):
     from vq_tasks.backup.pipeline import _check_staged_paths
     from vq_tasks.backup.staging import StagingArea
-    from vq_tasks.manifest import StagedPart
+    from vq_tasks.manifest import StagedMember, StagedPart
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
     area.ensure()
     area.part_path("redis", "e1").write_bytes(b"rdb")
     good = StagedPart.model_construct(
-        component="redis", path=str(area.part_path("redis", "e1")), staged_size=3, worker="w1"
+        component="redis",
+        member="redis.rdb",
+        path=str(area.part_path("redis", "e1")),
+        staged_size=3,
+        worker="w1",
     )
-    forged = StagedPart.model_construct(component="database", path="/etc/shadow", worker="w1")
+    forged = StagedPart.model_construct(
+        component="database", member="database.sql", path="/etc/shadow", worker="w1"
+    )
     _check_staged_paths({"redis": good}, area)
-    with pytest.raises(PermanentError, match="database are not in"):
+    with pytest.raises(PermanentError, match=r"database\.sql are not in"):
         _check_staged_paths({"redis": good, "database": forged}, area)
+    roles = StagedMember.model_construct(member="globals.sql", path="/etc/shadow")
+    with pytest.raises(PermanentError, match=r"globals\.sql are not in"):
+        _check_staged_paths({"redis": good.model_copy(update={"extras": [roles]})}, area)
 
 
 def test_finalize_on_a_worker_that_does_not_see_the_staged_parts_says_staging_must_be_shared(tmp_path):
@@ -617,10 +626,18 @@ def test_finalize_on_a_worker_that_does_not_see_the_staged_parts_says_staging_mu
     area.ensure()
     area.part_path("redis", "e1").write_bytes(b"rdb")
     seen = StagedPart.model_construct(
-        component="redis", path=str(area.part_path("redis", "e1")), staged_size=3, worker="w1"
+        component="redis",
+        member="redis.rdb",
+        path=str(area.part_path("redis", "e1")),
+        staged_size=3,
+        worker="w1",
     )
     elsewhere = StagedPart.model_construct(
-        component="database", path=str(area.part_path("database", "e1")), staged_size=9, worker="host-b"
+        component="database",
+        member="database.sql",
+        path=str(area.part_path("database", "e1")),
+        staged_size=9,
+        worker="host-b",
     )
-    with pytest.raises(PermanentError, match=r"database \(staged by host-b\).*every worker shares"):
+    with pytest.raises(PermanentError, match=r"database.sql \(staged by host-b\).*every worker shares"):
         _check_staged_paths({"redis": seen, "database": elsewhere}, area)

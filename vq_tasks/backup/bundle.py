@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import StagedPart
+from vq_tasks.manifest import StagedMember
 from vq_tasks.streams.compress import gzip_member, zstd_frame
 from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere, Writer
 
@@ -41,7 +41,7 @@ class BundleWriter:
             data = zstd_frame(data, SMALL_MEMBER_LEVEL)
         self._out.write(data)
 
-    def add(self, part: StagedPart) -> None:
+    def add(self, part: StagedMember) -> None:
         """Append ``part`` under its member name."""
         info = tarfile.TarInfo(part.member)
         info.size = part.content.size
@@ -57,7 +57,7 @@ class BundleWriter:
         self._emit_small(bytes(self._pending_padding) + END_OF_ARCHIVE)
 
 
-def copy_staged(part: StagedPart, out: Writer) -> None:
+def copy_staged(part: StagedMember, out: Writer) -> None:
     """Copy a staged part into ``out``, checking its size and SHA-256 against its record.
     Raise PermanentError if the part is missing or differs. The check's SHA-256 runs on a thread
     of its own, beside whatever ``out`` does with the bytes (hashing them again, writing them)."""
@@ -66,7 +66,7 @@ def copy_staged(part: StagedPart, out: Writer) -> None:
         stream = open(path, "rb")  # noqa: SIM115 - closed below, errors translated
     except FileNotFoundError:
         raise PermanentError(
-            f"the {part.component} part staged by worker {part.worker} at {path} is not visible on "
+            f"the {part.describe()} at {path} is not visible on "
             "this worker: BACKUP_STAGING_DIR must be one volume shared by every worker"
         ) from None
     check = HashStage(Nowhere(), md5=False, background=True)
@@ -81,6 +81,6 @@ def copy_staged(part: StagedPart, out: Writer) -> None:
     size = check.size
     if size != part.staged_size or check.sha256 != part.staged_sha256:
         raise PermanentError(
-            f"the staged {part.component} part at {path} changed after it was written "
+            f"the {part.describe()} at {path} changed after it was written "
             f"({size} bytes, expected {part.staged_size}): refusing to store it"
         )

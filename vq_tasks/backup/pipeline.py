@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from vq_tasks import coordination
 from vq_tasks.backup.bundle import BundleWriter, copy_staged
+from vq_tasks.backup.roles import stage_globals, with_globals
 from vq_tasks.backup.staging import Producer, StagingArea, stage_part
 from vq_tasks.catalog.listing import load_manifest, readable_manifests
 from vq_tasks.crypto import encryption, signing
@@ -34,6 +35,7 @@ from vq_tasks.manifest import (
     Kind,
     LockInfo,
     Manifest,
+    StagedMember,
     StagedPart,
     StoredFile,
     bundle_name,
@@ -155,6 +157,7 @@ def dump_component(
 
     with coordination.heartbeat(r, backup_id, settings.backup_lock_ttl):
         part = stage_part(settings, area, component, member, produce, progress, level, fence)
+        part = with_globals(part, *stage_globals(settings, area, fence)) if component == "database" else part
     fence()
     done = {f"state:{component}": "staged", f"part:{component}": part.model_dump(mode="json")}
     report(settings, backup_id, **done)
@@ -168,7 +171,7 @@ def _staged_before(run: dict, component: Component) -> StagedPart | None:
     if not recorded:
         return None
     part = StagedPart.model_validate(recorded)
-    return part if Path(part.path).is_file() else None
+    return part if all(Path(p.path).is_file() for p in [part, *part.extras]) else None
 
 
 def report(settings: Settings, backup_id: str, **fields: object) -> None:
@@ -326,10 +329,11 @@ def _check_staged_paths(parts: dict[Component, StagedPart], area: StagingArea) -
     """Refuse records whose staged path is not this backup's staging folder: finalize copies the
     file a record names into the backup, so a forged record must not name /etc/shadow."""
     folder = area.folder.resolve()
-    outside = [p.component for p in parts.values() if Path(p.path).resolve().parent != folder]
+    files = [(p, m) for p in parts.values() for m in [p, *p.extras]]
+    outside = [m.member for p, m in files if Path(m.path).resolve().parent != folder]
     if outside:
         raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
-    unseen = [f"{p.component} (staged by {p.worker})" for p in parts.values() if not _seen(p)]
+    unseen = [f"{m.member} (staged by {p.worker})" for p, m in files if not _seen(m)]
     if unseen:
         raise PermanentError(
             f"staged part(s) {', '.join(unseen)} are not in {area.folder} on {socket.gethostname()}: "
@@ -337,7 +341,7 @@ def _check_staged_paths(parts: dict[Component, StagedPart], area: StagingArea) -
         )
 
 
-def _seen(part: StagedPart) -> bool:
+def _seen(part: StagedMember) -> bool:
     """Whether this worker sees the staged file of ``part``, at the size it was staged with."""
     try:
         return os.stat(part.path).st_size == part.staged_size
@@ -350,7 +354,8 @@ def _write_bundle(
 ) -> None:
     bundle = BundleWriter(out, compression, started)
     for component in BUNDLED:
-        bundle.add(parts[component])
+        for member in [parts[component], *parts[component].extras]:
+            bundle.add(member)
     bundle.close()
 
 

@@ -18,15 +18,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedPart
+from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedMember, StagedPart
 from vq_tasks.settings import Settings
 from vq_tasks.streams.compress import BlockStage, compression_stage
 from vq_tasks.streams.stages import HashStage, ProgressStage, Stage, Writer
 
 Producer = Callable[[Writer], Facts]
+T = TypeVar("T")
 
 
 class StagingArea:
@@ -64,10 +65,33 @@ def stage_part(
     ``member_level`` overrides the level of the wrapping gzip members or zstd frames (0 for data
     that is already compressed, such as config.tar.gz: stored). ``fence`` is called before the
     part replaces what is in place, and raises if this execution may no longer put it there."""
-    execution = uuid.uuid4().hex[:8]
-    final = area.part_path(component, execution)
     began = time.monotonic()
-    temporary = area.folder / f".{component}.{execution}.tmp"
+    staged, facts = stage_member(settings, area, component, member, produce, progress, member_level, fence)
+    return StagedPart(
+        **staged.model_dump(),
+        component=component,
+        worker=socket.gethostname(),
+        compression=settings.compression,
+        facts=facts,
+        duration_seconds=round(time.monotonic() - began, 3),
+    )
+
+
+def stage_member(
+    settings: Settings,
+    area: StagingArea,
+    name: str,
+    member: str,
+    produce: Callable[[Writer], T],
+    progress: Callable[[int], object] | None = None,
+    member_level: int | None = None,
+    fence: Callable[[], None] = lambda: None,
+) -> tuple[StagedMember, T]:
+    """Stage what ``produce`` writes as the bundle member ``member`` (in a part file named after
+    ``name``); return its record and what ``produce`` returned. As stage_part."""
+    execution = uuid.uuid4().hex[:8]
+    final = area.part_path(name, execution)
+    temporary = area.folder / f".{name}.{execution}.tmp"
     try:
         with _staging_errors(settings):
             area.ensure()
@@ -78,7 +102,7 @@ def stage_part(
             content = HashStage(compressed, background=True)  # digests beside compression, not before
             head: Stage = ProgressStage(content, progress) if progress else content
             try:
-                facts = produce(head)
+                result = produce(head)
                 head.close()
             except BaseException:
                 content.abort()
@@ -97,18 +121,14 @@ def stage_part(
             os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
-    return StagedPart(
-        component=component,
+    record = StagedMember(
         member=member,
         path=str(final),
-        worker=socket.gethostname(),
-        compression=settings.compression,
         staged_size=staged.size,
         staged_sha256=staged.sha256,
         content=content.checksums(),
-        facts=facts,
-        duration_seconds=round(time.monotonic() - began, 3),
     )
+    return record, result
 
 
 class _StagingFile:

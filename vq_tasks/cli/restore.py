@@ -71,6 +71,10 @@ def plan_lines(plan) -> list[str]:
         for table in sorted(db.tables.keys() | db.expected_tables.keys()):
             now_rows, backup_rows = db.tables.get(table, "-"), db.expected_tables.get(table, "-")
             lines.append(f"  {table}: {now_rows} rows now, {backup_rows} in the backup")
+        if db.roles is not None:
+            lines.append(f"  roles to create (the server lacks them): {', '.join(db.roles.create) or 'none'}")
+            refused = db.roles.not_created.items()
+            lines += [f"  role {name} would NOT be created: {why}" for name, why in refused]
     if (rd := plan.redis) is not None:
         lines.append(f"redis {rd.target} ({rd.target_version}): keys now {per_db(rd.target_keys)}")
         lines.append(f"  the backup has {per_db(rd.backup_keys)}; replaced {per_db(rd.replaced)}")
@@ -89,6 +93,8 @@ def print_restore_outcome(report) -> None:
     """Print what a forced restore did and its integrity report (vq_tasks.restore.run.RestoreReport)."""
     results = report.results
     if results.database is not None:
+        if results.database.roles_created:
+            print(f"created roles (from globals.sql): {', '.join(results.database.roles_created)}")
         for warning in results.database.warnings:
             print(f"warning: {warning}")
         if results.database.previous_name:
@@ -104,6 +110,10 @@ def print_restore_outcome(report) -> None:
     print(f"\n{report.backup_id}: restored {', '.join(report.components)} in {took}; {verdict}")
 
 
+def say_now(line: str) -> None:
+    print(line, flush=True)
+
+
 def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
@@ -112,6 +122,7 @@ def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
     from vq_tasks.catalog.trust import check_manifest
     from vq_tasks.crypto import signing
     from vq_tasks.errors import PermanentError
+    from vq_tasks.manifest import GLOBALS_MEMBER
     from vq_tasks.restore.extract import component_named, extract_one
 
     storage = storage_of(args, settings)
@@ -120,12 +131,12 @@ def cmd_extract(args: argparse.Namespace, settings: Settings) -> int:
     signed = signing.check(manifest, signing.trusted_keys(settings))
     if not signed.ok:
         raise PermanentError(f"{backup_id}: manifest signature: {signed.actual} (expected {signed.expected})")
-    component = component_named(manifest, args.component)
+    roles = args.component == GLOBALS_MEMBER  # the database's second member
+    component = "database" if roles else component_named(manifest, args.component)
     path = Path(args.output)
-    extract_one(
-        storage, manifest, component, path, say=lambda line: print(line, flush=True), settings=settings
-    )
-    print(f"wrote {path}: {manifest.components[component].member} of {backup_id}, checksums OK")
+    extract_one(storage, manifest, component, path, say=say_now, settings=settings, roles=roles)
+    member = GLOBALS_MEMBER if roles else manifest.components[component].member
+    print(f"wrote {path}: {member} of {backup_id}, checksums OK")
     return 0
 
 
@@ -146,7 +157,9 @@ def add_restore_commands(commands: argparse._SubParsersAction) -> None:
     restore.set_defaults(handler=cmd_restore)
     extract = commands.add_parser("extract", help="write one component of a backup to a file")
     extract.add_argument("backup_id", help="a backup id, or 'latest'")
-    extract.add_argument("component", help="database.sql, redis.rdb, config.tar.gz (.tar.zst), logs, ...")
+    extract.add_argument(
+        "component", help="database.sql, globals.sql, redis.rdb, config.tar.gz (.tar.zst), logs, ..."
+    )
     extract.add_argument("-o", "--output", required=True, help="the file to write (must not exist)")
     add_destination_flag(extract)
     extract.set_defaults(handler=cmd_extract)

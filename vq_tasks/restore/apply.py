@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from vq_tasks.errors import BackupError, PermanentError, TransientError, is_transient
 from vq_tasks.logs import Say
 from vq_tasks.manifest import Component, DatabaseFacts, Facts, FilesFacts, Manifest, RedisFacts
+from vq_tasks.restore.extract import globals_file
 from vq_tasks.restore.files import (
     FilesRestoreResult,
     changed_files,
@@ -92,6 +93,13 @@ def facts_of(manifest: Manifest, component: Component, kind: type[F]) -> F:
     return facts
 
 
+def roles_file(manifest: Manifest, sql_path: Path) -> Path | None:
+    """Return the globals.sql extracted beside the database's ``sql_path``, or None when the backup
+    has none (older backups)."""
+    facts = facts_of(manifest, "database", DatabaseFacts)
+    return globals_file(sql_path) if facts.globals else None
+
+
 def _server_binary(settings: Settings) -> str | None:
     return str(settings.redis_server_bin) if settings.redis_server_bin else None
 
@@ -152,7 +160,12 @@ def plan_restore(
     if "database" in files:
         say("planning database")
         tables = facts_of(manifest, "database", DatabaseFacts).tables
-        plan.database = plan_database_restore(settings, tables, maintenance_db=settings.db_maintenance_db)
+        plan.database = plan_database_restore(
+            settings,
+            tables,
+            maintenance_db=settings.db_maintenance_db,
+            globals_path=roles_file(manifest, files["database"]),
+        )
     if "redis" in files:
         say("planning redis (loading the RDB into a throwaway redis-server)")
         plan.redis = plan_redis_restore(settings, files["redis"], server_binary=_server_binary(settings))
@@ -220,7 +233,13 @@ def _restore_one(
 ) -> DatabaseRestoreResult | RedisRestoreResult | FilesRestoreResult:
     if component == "database":
         tables = facts_of(manifest, "database", DatabaseFacts).tables
-        return restore_database(settings, path, tables, maintenance_db=settings.db_maintenance_db)
+        return restore_database(
+            settings,
+            path,
+            tables,
+            maintenance_db=settings.db_maintenance_db,
+            globals_path=roles_file(manifest, path),
+        )
     if component == "redis":
         return restore_redis(
             settings, path, server_binary=_server_binary(settings), progress=redis_progress(say)

@@ -14,7 +14,9 @@ a failed drill is reported, never raised, so that the caller can alert.
 
 The live database and Redis are never written: the scratch database has a name of its own (and a
 restore without swap refuses an existing database), and the Redis restore's target is the scratch
-server, whose address is checked not to be the live one's.
+server, whose address is checked not to be the live one's. Nor are the server's roles: a drill does
+not create the roles of the backup's globals.sql (a restore does), so on a server that lacks them
+its load fails, naming them.
 """
 
 from __future__ import annotations

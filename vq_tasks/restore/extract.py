@@ -19,7 +19,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -28,9 +28,12 @@ from vq_tasks.crypto.age import X25519Identity
 from vq_tasks.errors import PermanentError
 from vq_tasks.logs import Say
 from vq_tasks.manifest import (
+    GLOBALS_MEMBER,
     Checksums,
     Component,
     ComponentEntry,
+    DatabaseFacts,
+    GlobalsFacts,
     Manifest,
     StoredFile,
     is_encrypted,
@@ -51,6 +54,14 @@ from vq_tasks.streams.stages import CHUNK_SIZE, HashStage
 TAR_BUFSIZE = 64 * 1024
 PROGRESS_INTERVAL = 5.0
 READ_ERRORS = (DamagedStream, tarfile.TarError, zlib.error, zstandard.ZstdError, EOFError)
+
+
+class Wanted(NamedTuple):
+    """A bundle member to write: what it is (for messages), its checksums, the file it goes to."""
+
+    what: str
+    content: Checksums
+    path: Path
 
 
 def _quiet(line: str) -> None:
@@ -77,37 +88,63 @@ def component_named(manifest: Manifest, name: str) -> Component:
     raise PermanentError(f"backup {manifest.backup_id} has no component {name!r}; it has: {choices}")
 
 
+def globals_file(sql_path: Path) -> Path:
+    """Where a database component extracted to ``sql_path`` has its globals.sql: beside it."""
+    return sql_path.with_name(f"{sql_path.stem}.{GLOBALS_MEMBER}")
+
+
+def extra_files(manifest: Manifest, targets: dict[Component, Path]) -> list[Path]:
+    """Return the files extract_to writes beside ``targets``: the database's globals.sql, if it has one."""
+    database = manifest.components.get("database")
+    if "database" not in targets or database is None or not _globals(database):
+        return []
+    return [globals_file(targets["database"])]
+
+
+def _globals(entry: ComponentEntry) -> GlobalsFacts | None:
+    return entry.facts.globals if isinstance(entry.facts, DatabaseFacts) else None
+
+
+def _members(component: Component, entry: ComponentEntry, path: Path, roles: bool) -> dict[str, Wanted]:
+    """Return the bundle members of a component to write, by name: its own to ``path``, and with
+    ``roles`` the database's globals.sql beside it."""
+    members = {entry.member: Wanted(f"{component} ({entry.member})", entry.content, path)}
+    facts = _globals(entry) if roles else None
+    if facts is not None:
+        members[facts.member] = Wanted(f"{component} ({facts.member})", facts.content, globals_file(path))
+    return members
+
+
 def extract_to(
     storage: Storage,
     manifest: Manifest,
     targets: dict[Component, Path],
     say: Say = _quiet,
     settings: Settings | None = None,
+    roles: bool = True,
 ) -> None:
     """Given components and the new file each goes to, write each one's content there after
     checking it against the manifest, reading each stored file once (an encrypted one is
     decrypted on the way with the keys of ``settings``' BACKUP_ENCRYPTION_IDENTITY_FILE; None:
     the process's settings). Raise PermanentError (the files written removed) when a file is
     missing or unreadable, a checksum differs, or the key to decrypt is missing or wrong (then
-    before anything is written)."""
+    before anything is written). With ``roles``, the database's globals.sql, if it has one, goes
+    beside its file (globals_file)."""
     entries = {c: manifest.components[c] for c in targets}
-    stored_files = {f.name: f for f in manifest.files}
     try:
         opener = _Opener(manifest, settings)
         for stored_name in dict.fromkeys(e.stored_in for e in entries.values()):
-            stored = stored_files.get(stored_name)
-            if stored is None:
-                raise PermanentError(f"{stored_name} is not among the files of {manifest.backup_id}")
+            stored = _stored_file(manifest, stored_name)
             group = {c: (e, targets[c]) for c, e in entries.items() if e.stored_in == stored_name}
             compression = manifest.compression
             if any(e.member == plain_name(stored_name) for e, _ in group.values()):
                 entry, path = next(iter(group.values()))
                 _copy_whole(storage, stored, compression, entry, path, say, opener)
             else:
-                wanted = {e.member: (c, e, p) for c, (e, p) in group.items()}
+                wanted = {m: w for c, (e, p) in group.items() for m, w in _members(c, e, p, roles).items()}
                 _read_bundle(storage, stored, compression, wanted, say, opener)
     except BaseException as exc:
-        for path in targets.values():
+        for path in [*targets.values(), *(extra_files(manifest, targets) if roles else [])]:
             path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             where = f" ({exc.filename})" if exc.filename else ""
@@ -122,21 +159,51 @@ def extract_one(
     path: Path,
     say: Say = _quiet,
     settings: Settings | None = None,
+    roles: bool = False,
 ) -> None:
     """Write one component to ``path``, a new file, after checking its checksums (decrypting as
-    extract_to does); it appears only once checked. Raise PermanentError if ``path`` exists or a
-    check fails."""
+    extract_to does); it appears only once checked. With ``roles``, write the database's
+    globals.sql instead. Raise PermanentError if ``path`` exists or a check fails."""
     if path.exists() or path.is_symlink():
         raise PermanentError(f"{path} exists; refusing to overwrite it")
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
     try:
-        extract_to(storage, manifest, {component: partial}, say, settings)
+        if roles:
+            _extract_globals(storage, manifest, partial, say, settings)
+        else:
+            extract_to(storage, manifest, {component: partial}, say, settings, roles=False)
         try:
             os.link(partial, path)  # fails, rather than overwrite, if path appeared meanwhile
         except FileExistsError:
             raise PermanentError(f"{path} exists; refusing to overwrite it") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _extract_globals(
+    storage: Storage, manifest: Manifest, path: Path, say: Say, settings: Settings | None
+) -> None:
+    """Write the database's globals.sql alone to ``path``, checked. Raise PermanentError if the
+    backup has none (it was made before roles were backed up) or a check fails."""
+    entry = manifest.components.get("database")
+    facts = _globals(entry) if entry else None
+    if entry is None or facts is None:
+        raise PermanentError(f"backup {manifest.backup_id} has no {GLOBALS_MEMBER}: it holds no roles")
+    wanted: dict[str, Wanted] = {facts.member: Wanted(f"database ({facts.member})", facts.content, path)}
+    try:
+        stored = _stored_file(manifest, entry.stored_in)
+        _read_bundle(storage, stored, manifest.compression, wanted, say, _Opener(manifest, settings))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _stored_file(manifest: Manifest, name: str) -> StoredFile:
+    """Return the manifest's entry of the stored file ``name``. Raise PermanentError if it has none."""
+    stored = next((f for f in manifest.files if f.name == name), None)
+    if stored is None:
+        raise PermanentError(f"{name} is not among the files of {manifest.backup_id}")
+    return stored
 
 
 def _opened(storage: Storage, name: str) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -232,7 +299,7 @@ def _read_bundle(
     storage: Storage,
     stored: StoredFile,
     compression: str,
-    wanted: dict[str, tuple[Component, ComponentEntry, Path]],
+    wanted: dict[str, Wanted],
     say: Say,
     opener: _Opener,
 ) -> None:
@@ -266,14 +333,10 @@ def _read_bundle(
 
 
 def _write_member(
-    tar: tarfile.TarFile,
-    info: tarfile.TarInfo,
-    want: tuple[str, ComponentEntry, Path],
-    found: set[str],
-    say: Say,
+    tar: tarfile.TarFile, info: tarfile.TarInfo, want: Wanted, found: set[str], say: Say
 ) -> None:
     """Write one member of the bundle to its file, hashed on the way, and check it."""
-    component, entry, path = want
+    what, content, path = want
     if info.name in found or not info.isfile():
         problem = "appears twice" if info.name in found else "is not a regular file"
         raise PermanentError(f"the bundle's {info.name} {problem}; nothing was restored")
@@ -288,8 +351,8 @@ def _write_member(
             checks = hashed.checksums()
         finally:
             hashed.abort()
-    _compare(f"{component} ({entry.member})", entry.content, checks)
-    say(f"  {component}: {entry.member}, {_mib(checks.size)}, checksums OK")
+    _compare(what, content, checks)
+    say(f"  {what}: {_mib(checks.size)}, checksums OK")
 
 
 def _copy_whole(

@@ -45,6 +45,7 @@ from vq_tasks.clients.sql_dump import HEADER_LIMIT, dump_encoding
 from vq_tasks.errors import PermanentError
 from vq_tasks.restore.contents import check_sql_dump
 from vq_tasks.restore.postgres_connect import database_row
+from vq_tasks.restore.postgres_globals import RolesPlan, create_roles, plan_roles
 from vq_tasks.restore.postgres_load import NO_RESTRICT, knows_restrict, run_psql
 from vq_tasks.restore.postgres_swap import (
     carry_over,
@@ -79,6 +80,9 @@ class DatabaseRestoreResult(BaseModel):
     row_counts: dict[str, int]
     duration_seconds: float
     warnings: list[str] = Field(default_factory=list)
+    roles_created: list[str] = Field(
+        default_factory=list, description="roles created from globals.sql: the server lacked them"
+    )
 
 
 class DatabaseRestorePlan(BaseModel):
@@ -88,6 +92,7 @@ class DatabaseRestorePlan(BaseModel):
     expected_tables: dict[str, int] = Field(description="rows per table in the backup")
     only_in_database: list[str] = Field(description="tables the restore would remove")
     only_in_backup: list[str] = Field(description="tables the restore would add")
+    roles: RolesPlan | None = Field(None, description="the roles of globals.sql it would create")
 
 
 def restore_database(
@@ -99,13 +104,16 @@ def restore_database(
     keep_previous: bool = True,
     maintenance_db: str = MAINTENANCE_DB,
     now: datetime | None = None,
+    globals_path: Path | None = None,
 ) -> DatabaseRestoreResult:
     """Given a plain SQL dump and the backup's rows per table, load it into a new database, check it
     and put it in place of ``target_db`` (default DB_NAME), keeping the replaced one as
     ``<name>_before_<stamp>`` unless not ``keep_previous``; without ``swap``, load it straight into a
     new database ``target_db`` (a drill). Return what was restored. Raise PermanentError or
     TransientError, the new database dropped and the target as it was, if any step before the swap fails.
-    With ``swap``, call it under the restore lock: the new databases of killed restores go first."""
+    With ``swap``, call it under the restore lock: the new databases of killed restores go first.
+    Given the backup's ``globals_path``, the roles it defines that the server lacks are created
+    before the load (postgres_globals.py), and stay if the restore fails."""
     started = time.monotonic()
     path = _readable(Path(sql_path))
     check_sql_dump(path)  # before anything is created
@@ -119,8 +127,9 @@ def restore_database(
     left = drop_left_over(settings, maintenance_db, target, "restore") if swap else []
     live = _prepare(settings, maintenance_db, target, new, swap, encoding)
     try:
+        roles, warnings = create_roles(settings, maintenance_db, globals_path) if globals_path else ([], [])
         counts = _load_and_check(settings, path, new, expected_tables, maintenance_db, encoding)
-        warnings = carry_over(settings, maintenance_db, target, new) if live and swap else []
+        warnings += carry_over(settings, maintenance_db, target, new) if live and swap else []
         previous = swap_in(settings, maintenance_db, target, new, stamp) if swap else None
     except BaseException as exc:
         drop_quietly(settings, maintenance_db, new, exc)
@@ -139,6 +148,7 @@ def restore_database(
         row_counts=counts,
         duration_seconds=round(time.monotonic() - started, 3),
         warnings=warnings,
+        roles_created=roles,
     )
 
 
@@ -147,9 +157,11 @@ def plan_database_restore(
     expected_tables: Mapping[str, int],
     target_db: str | None = None,
     maintenance_db: str = MAINTENANCE_DB,
+    globals_path: Path | None = None,
 ) -> DatabaseRestorePlan:
     """Given the backup's rows per table, return what a restore would replace: whether the target
-    (default DB_NAME) exists and its tables and rows now. Change nothing (read-only). Raise
+    (default DB_NAME) exists and its tables and rows now, and the roles of ``globals_path`` it would
+    create. Change nothing (read-only). Raise
     TransientError or PermanentError when PostgreSQL cannot answer."""
     target = target_db or settings.db_name
     with connect(settings, maintenance_db) as admin:
@@ -163,6 +175,7 @@ def plan_database_restore(
         expected_tables=expected,
         only_in_database=sorted(current.keys() - expected.keys()),
         only_in_backup=sorted(expected.keys() - current.keys()),
+        roles=plan_roles(settings, maintenance_db, globals_path) if globals_path else None,
     )
 
 

@@ -41,12 +41,14 @@ from vq_tasks.verify.protection import protection_checks, signature_file_checks
 from vq_tasks.verify.scan import (
     Check,
     Decrypt,
+    MemberProbe,
     Scan,
     absent_check,
     checksum_checks,
     files_checks,
+    member_names,
+    member_probes,
     names_check,
-    probe_for,
     readable_check,
     scan_archive,
     unchecked_check,
@@ -181,7 +183,9 @@ def _verify_file(
         return FileReport(name=stored.name, checks=[bad]), unread
     compression = manifest.compression
     whole = {n: e for n, e in entries.items() if is_whole(e)}  # the logs: the tar stream itself
-    probes = {e.member: probe_for(n, e, compression) for n, e in entries.items() if n not in whole}
+    probes: dict[str, MemberProbe] = {}
+    for name, entry in entries.items():
+        probes.update({} if name in whole else member_probes(name, entry, compression))
     try:
         with storage.open_read(stored.name) as stream:
             scan = scan_archive(stream, compression, probes, content_checksums=bool(whole), decrypt=decrypt)
@@ -193,7 +197,9 @@ def _verify_file(
     if probes:
         checks.append(names_check("members", list(probes), scan.members))
     found = {
-        n: _component_report(n, e, probes[e.member].checks()) for n, e in entries.items() if n not in whole
+        n: _component_report(n, e, [c for m in member_names(e) for c in probes[m].checks()])
+        for n, e in entries.items()
+        if n not in whole
     }
     for name, entry in whole.items():
         if scan.content is None:  # not even the start of the plaintext could be read

@@ -25,6 +25,7 @@ from vq_tasks.manifest import (
     ComponentEntry,
     DatabaseFacts,
     FilesFacts,
+    GlobalsFacts,
     RedisFacts,
     StoredFile,
 )
@@ -346,6 +347,37 @@ def files_checks(entry: ComponentEntry, members: list[str]) -> list[Check]:
 def absent_check(entry: ComponentEntry, actual: str, ok: bool) -> Check:
     where = "storage" if entry.member == entry.stored_in else entry.stored_in
     return Check(check="present", expected=f"{entry.member} in {where}", actual=actual, ok=ok)
+
+
+class GlobalsProbe(MemberProbe):
+    """globals.sql, the database component's second member: its checksums are the manifest's."""
+
+    def __init__(self, entry: ComponentEntry, facts: GlobalsFacts):
+        super().__init__(entry)
+        self.facts = facts
+
+    def checks(self) -> list[Check]:
+        if not self.found:
+            return [absent_check(self.entry, f"{self.facts.member} missing", False)]
+        checks = checksum_checks(self.facts.content, self._hash.checksums())
+        return [c.model_copy(update={"check": f"{self.facts.member} {c.check}"}) for c in checks]
+
+
+def member_names(entry: ComponentEntry) -> list[str]:
+    """Return the bundle members of a component, in the bundle's order: its own, then globals.sql
+    for a database that has it."""
+    facts = entry.facts
+    extra = [facts.globals.member] if isinstance(facts, DatabaseFacts) and facts.globals else []
+    return [entry.member, *extra]
+
+
+def member_probes(component: str, entry: ComponentEntry, compression: str) -> dict[str, MemberProbe]:
+    """Return the probes of a component's bundle members, by member name, in the bundle's order."""
+    probes = {entry.member: probe_for(component, entry, compression)}
+    facts = entry.facts
+    if isinstance(facts, DatabaseFacts) and facts.globals:
+        probes[facts.globals.member] = GlobalsProbe(entry, facts.globals)
+    return probes
 
 
 def probe_for(component: str, entry: ComponentEntry, compression: str) -> MemberProbe:

@@ -138,7 +138,7 @@ def test_extract_writes_checked_members_under_names_of_its_own(tmp_path, compres
         assert files["logs"].read_bytes() == backup.logs.read_bytes()  # as stored
     assert not folder.exists()
     assert hash_threads() == []  # the digests were computed on threads of their own, now ended
-    assert any("database: database.sql" in line and "checksums OK" in line for line in lines)
+    assert any("database (database.sql)" in line and "checksums OK" in line for line in lines)
 
 
 def test_extract_refuses_a_member_that_differs_from_the_manifest_and_removes_what_it_wrote(backup, tmp_path):
