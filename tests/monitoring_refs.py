@@ -37,6 +37,8 @@ EXPORTED_METRICS = frozenset(
         "vq_backup_run_in_progress",
         "vq_backup_last_duration_seconds",
         "vq_backup_last_size_bytes",
+        "vq_backup_last_backup_suspicious",
+        "vq_backup_last_backup_anomalies",
         "vq_backup_component_duration_seconds",
         "vq_backup_component_size_bytes",
         "vq_backup_runs_total",

@@ -11,6 +11,15 @@ from vq_tasks.errors import redact
 Say = Callable[[str], object]
 
 
+def human_size(size: float) -> str:
+    """Return a size readable: 512 B, 1.5 KiB, 3.2 MiB, 1.1 GiB, 2.0 TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
 class RedactingFormatter(logging.Formatter):
     """Wrap another formatter and redact what it produces (messages and tracebacks alike)."""
 

@@ -31,9 +31,11 @@ Compression = Literal["gzip", "zstd", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")
 TAR_SUFFIX = {"gzip": ".tar.gz", "zstd": ".tar.zst", "none": ".tar"}  # an archive's, by compression
 SIGNATURE_SUFFIX = "_manifest.json.sig"  # the detached Ed25519 signature of the manifest's bytes
+ACCEPTANCE_SUFFIX = "_accepted.json"  # `vq-backup accept`: a suspicious backup marked as intended
 # every name a backup stores, by suffix and role; longest suffixes first so that they match first
 SUFFIX_ROLES = {
     SIGNATURE_SUFFIX: "signature",
+    ACCEPTANCE_SUFFIX: "acceptance",
     "_manifest.json": "manifest",
     **{f"_logs{TAR_SUFFIX[c]}{age}": "logs" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
     **{f"{TAR_SUFFIX[c]}{age}": "bundle" for c in COMPRESSIONS for age in (ENCRYPTED_SUFFIX, "")},
@@ -211,6 +213,21 @@ class LockInfo(BaseModel):
     logs_until: datetime = Field(description="the lock of the logs archive")
 
 
+AnomalyKind = Literal[
+    "table_gone", "table_rows", "total_rows", "redis_keys", "total_keys", "component_size", "config_gone"
+]
+
+
+class Anomaly(BaseModel):
+    """A drop from the backups before (never growth): what, from what to what, said plainly."""
+
+    kind: AnomalyKind
+    subject: str = Field(description="the table, Redis database (db0), component or config file")
+    before: int | None = Field(description="the window's value (its median; for a gone one, the last)")
+    after: int | None = Field(description="this backup's value; None: gone")
+    text: str = Field(description='e.g. "table public.queue_entries: 1,204,331 → 12 rows"')
+
+
 class Manifest(BaseModel):
     format_version: int = MANIFEST_VERSION
     backup_id: str = Field(pattern=BACKUP_ID)
@@ -227,6 +244,13 @@ class Manifest(BaseModel):
         default=None, description="the bundle and logs archive are age files (<name>.age) to these recipients"
     )
     locks: LockInfo | None = Field(default=None, description="written locked (BACKUP_IMMUTABILITY)")
+    anomalies: list[Anomaly] = Field(
+        default_factory=list,
+        description="drops beyond BACKUP_ANOMALY_* from the good backups before it: any makes it suspicious",
+    )
+    compared_with: list[Annotated[str, Field(pattern=BACKUP_ID)]] = Field(
+        default_factory=list, description="the backups its facts were compared with (BACKUP_ANOMALY_WINDOW)"
+    )
     signature: ManifestSignature | None = Field(
         default=None,
         description="the embedded Ed25519 signature of releases before the detached one "
@@ -315,6 +339,11 @@ def logs_name(backup_id: str, compression: Compression, encrypted: bool = False)
 
 def manifest_name(backup_id: str) -> str:
     return f"{backup_id}_manifest.json"
+
+
+def acceptance_name(backup_id: str) -> str:
+    """The record that a suspicious backup was marked as intended (`vq-backup accept`)."""
+    return f"{backup_id}{ACCEPTANCE_SUFFIX}"
 
 
 def signature_name(backup_id: str) -> str:

@@ -151,6 +151,7 @@ def test_a_drill_restores_into_scratch_copies_checks_them_and_leaves_nothing(
     assert isinstance(outcome, dict), outcome
     assert outcome["ok"] and outcome["failures"] == {}, outcome
     assert outcome["backup_id"] == backup_id and outcome["requested"] == "latest"
+    assert outcome["anomaly_verdict"] == "not compared (no good backup before it)"  # the first backup
     checks = {c["check"]: c for c in outcome["integrity"]["checks"]}
     assert set(checks) == {"database rows", "redis keys", "redis keys vs manifest", "config files"}
     assert all(c["ok"] for c in checks.values()), checks
@@ -181,6 +182,7 @@ def test_a_drill_restores_into_scratch_copies_checks_them_and_leaves_nothing(
     assert printed.returncode == 0, printed.stdout + printed.stderr
     for line in ("database rows", "tables: 4, rows: 503", "redis keys", "db0=8, db1=8", "config files"):
         assert line in printed.stdout
+    assert "\nanomalies: not compared (no good backup before it)\n" in printed.stdout
     assert f"{backup_id}: restore drill OK" in printed.stdout
     assert "cleanup: dropped the scratch database" in printed.stdout
     last = run_cli(env, "drill", "--last")

@@ -83,6 +83,8 @@ def test_every_alert_is_tested_firing_and_silent():
         ('{check!="last_backup"} == 0', " == 0"),  # a fresh install would page before any backup
         ("vq_backup_expired_backups > 0\n        for: 7h", "vq_backup_expired_backups > 0\n        for: 1h"),
         ("vq_backup_expired_backups > 0\n        for: 7h", "vq_backup_expired_backups > 0\n        for: 25h"),
+        ("suspicious == 1\n        for: 5m", "suspicious == 1\n        for: 1m"),  # it would page at once
+        ("suspicious == 1\n        for: 5m", "suspicious == 1\n        for: 9m"),
     ],
 )
 def test_the_rule_tests_fail_when_a_threshold_changes(promtool, tmp_path, original, changed):

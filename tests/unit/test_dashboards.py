@@ -270,6 +270,7 @@ def test_the_alert_rules_are_complete():
         "VQBackupPruneFailed",  # retention: prune failing
         "VQBackupExpiredBackupsRemain",  # retention: past-retention backups still present
         "VQBackupRestoreDrillFailed",
+        "VQBackupSuspicious",  # the newest backup much smaller than the good ones before it
         "VQBackupHealthCheckFailing",
         "VQBackupExporterDown",
         "VQBackupExporterAbsent",

@@ -3,10 +3,10 @@ destination (BACKUP_OFFSITE_PROVIDER and BACKUP_OFFSITE_PATH), for disaster reco
 
 Each stored file is streamed from one provider to the other and checked against the manifest
 (size, MD5, SHA-256) on the way; the target's own upload checks apply as to any backup. The
-manifest is copied last, so the copy looks complete only once it is. A copy that fails leaves no
-manifest, and the off-site prune removes its debris like that of any unfinished backup. Encrypted
-files (``.age``) are copied as they are, checked against the manifest's checksums of their
-encrypted bytes: the copy needs no key.
+manifest is copied last, so the copy looks complete only once it is (its acceptance, if it has
+one, after it). A copy that fails leaves no manifest, and the off-site prune removes its debris
+like that of any unfinished backup. Encrypted files (``.age``) are copied as they are, checked
+against the manifest's checksums of their encrypted bytes: the copy needs no key.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from vq_tasks.catalog.acceptance import MAX_BYTES as MAX_ACCEPTANCE_BYTES
 from vq_tasks.catalog.listing import backup_sets, parse_manifest, read_signature
 from vq_tasks.catalog.trust import check_manifest
 from vq_tasks.crypto.signing import PublicKeys, distrust
 from vq_tasks.errors import PermanentError, TransientError
 from vq_tasks.logs import Say
-from vq_tasks.manifest import Manifest, StoredFile, manifest_name, signature_name
+from vq_tasks.manifest import Manifest, StoredFile, acceptance_name, manifest_name, signature_name
 from vq_tasks.retention.policy import LockDates, Policy, lock_dates
 from vq_tasks.storage.base import Storage
 from vq_tasks.streams.stages import HashStage, pump
@@ -84,7 +85,20 @@ def copy_backup(
             out.write(signature.encode() + b"\n")
     with target.open_write(name, backup_lock) as out:
         out.write(document)
-    return copied + len(document)
+    return copied + len(document) + _copy_acceptance(source, target, backup_id)
+
+
+def _copy_acceptance(source: Storage, target: Storage, backup_id: str) -> int:
+    """Copy the backup's acceptance (`vq-backup accept`), if it has one, after its manifest: it
+    names the manifest by the SHA-256 of its bytes, which the copy keeps. Return its size."""
+    name = acceptance_name(backup_id)
+    try:
+        data = source.read_bytes(name, limit=MAX_ACCEPTANCE_BYTES)
+    except FileNotFoundError:
+        return 0
+    with target.open_write(name) as out:
+        out.write(data)
+    return len(data)
 
 
 def _lock_dates(manifest: Manifest, lock_policy: Policy | None) -> LockDates | None:

@@ -22,6 +22,7 @@ from vq_tasks import coordination
 from vq_tasks.backup.bundle import BundleWriter, copy_staged
 from vq_tasks.backup.roles import stage_globals, with_globals
 from vq_tasks.backup.staging import Producer, StagingArea, stage_part
+from vq_tasks.catalog.anomalies import Thresholds, find_anomalies, good_window
 from vq_tasks.catalog.listing import load_manifest, readable_manifests
 from vq_tasks.crypto import encryption, signing
 from vq_tasks.crypto.age import X25519Recipient
@@ -248,6 +249,8 @@ def finalize(
     recipients = encryption.recipients_of(settings)  # None: stored as is
     locks = lock_dates(started, kind, policy(settings)) if settings.backup_immutability else None
     backup_lock, logs_lock = (locks.until, locks.logs_until) if locks else (None, None)
+    # before the upload: a storage that cannot be read fails (and retries) finalize before it
+    window = good_window(storage, settings, started) if settings.backup_anomaly_window else []
     with coordination.heartbeat(coordination.client(settings), backup_id, settings.backup_lock_ttl):
         bundle = _store(
             storage,
@@ -266,6 +269,20 @@ def finalize(
             fence,
             logs_lock,
         )
+    components = {
+        c: ComponentEntry(
+            member=parts[c].member,
+            stored_in=bundle.name if c in BUNDLED else logs.name,
+            content=parts[c].content,
+            facts=parts[c].facts,
+            stored_size=parts[c].staged_size,
+            duration_seconds=parts[c].duration_seconds,
+        )
+        for c in COMPONENTS
+    }
+    anomalies = find_anomalies(components, window, Thresholds.of(settings))
+    if anomalies:
+        logger.warning("backup %s is suspicious: %s", backup_id, "; ".join(a.text for a in anomalies))
     finished = datetime.now(UTC)
     manifest = Manifest(
         backup_id=backup_id,
@@ -276,19 +293,11 @@ def finalize(
         tool_version=tool_version(),
         compression=compression,
         files=[bundle, logs],
-        components={
-            c: ComponentEntry(
-                member=parts[c].member,
-                stored_in=bundle.name if c in BUNDLED else logs.name,
-                content=parts[c].content,
-                facts=parts[c].facts,
-                stored_size=parts[c].staged_size,
-                duration_seconds=parts[c].duration_seconds,
-            )
-            for c in COMPONENTS
-        },
+        components=components,
         encryption=encryption.info_of(recipients),
         locks=None if locks is None else LockInfo(mode=settings.backup_immutability_mode, **asdict(locks)),
+        anomalies=anomalies,
+        compared_with=[m.backup_id for m in window],
     )
     document = manifest_document(manifest)
     signature = None

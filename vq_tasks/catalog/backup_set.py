@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-ROLE_ORDER = {"manifest": 0, "signature": 1, "bundle": 2, "logs": 3, "partial": 4}
+ROLE_ORDER = {"manifest": 0, "signature": 1, "acceptance": 2, "bundle": 3, "logs": 4, "partial": 5}
 CLOCK_SKEW = timedelta(days=1)  # a backup id later than now by more is forged or from a wrong clock
 
 
 @dataclass
 class BackupSet:
     """The stored objects of one backup id: ``roles`` maps a role (``manifest``, ``signature``,
-    ``bundle``, ``logs``, ``partial``) to object names; ``kind`` is the manifest's (None when the backup is
-    incomplete or its manifest could not be read)."""
+    ``acceptance``, ``bundle``, ``logs``, ``partial``) to object names; ``kind`` is the manifest's
+    (None when the backup is incomplete or its manifest could not be read)."""
 
     backup_id: str
     started: datetime

@@ -27,7 +27,7 @@ def manifest_problems(manifest: Manifest, backup_id: str, prefix: str) -> list[s
     roles: dict[str, str] = {}
     for stored in manifest.files:
         owner = split_object_name(stored.name, prefix)
-        if owner is None or owner[0] != backup_id or owner[1] in ("manifest", "signature"):
+        if owner is None or owner[0] != backup_id or owner[1] in ("manifest", "signature", "acceptance"):
             found.append(f"stored file {stored.name!r} is not a data file of {backup_id}")
         elif stored.name in roles:
             found.append(f"stored file {stored.name!r} is listed twice")

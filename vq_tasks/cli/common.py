@@ -13,14 +13,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def human_size(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def human_age(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f}m"

@@ -55,11 +55,14 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def print_drill_report(report: Any) -> None:
-    """Print a drill's integrity report, its cleanup and its verdict (a DrillReport)."""
+    """Print a drill's integrity report with the backup's anomaly verdict, its cleanup and its
+    outcome (a DrillReport)."""
     rows = [(c.check, c.expected, c.actual, "OK" if c.ok else "FAILED") for c in report.integrity.checks]
     if rows:
         print()
         print_table(("CHECK", "EXPECTED", "ACTUAL", "RESULT"), rows)
+    if report.anomaly_verdict is not None:  # beside the checks; it does not decide the drill
+        print(f"anomalies: {report.anomaly_verdict}")
     print()
     for line in report.cleanup:
         print(f"cleanup: {line}")

@@ -4,6 +4,7 @@ vq-backup run [--wait]     enqueue a backup; with --wait follow it and exit non-
 vq-backup list             the backups in storage, read from their manifests
 vq-backup show ID          one backup's manifest, readable (--json for the document itself)
 vq-backup prune [--dry-run]  apply the retention policy now
+vq-backup accept ID --reason TEXT  mark a suspicious backup as intended (cli/accept.py)
 vq-backup verify ID|latest  read every file of a backup once and check it against the manifest
 vq-backup restore ID|latest  print the plan of a restore; --force restores (in this process)
 vq-backup extract ID COMPONENT -o PATH  write one component of a backup to PATH, checked
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vq_tasks.cli.accept import add_accept_command
 from vq_tasks.cli.audit import add_audit_command
 from vq_tasks.cli.backups import add_backup_commands
 from vq_tasks.cli.common import (
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         add_run_command,
         add_backup_commands,
+        add_accept_command,
         add_restore_commands,
         add_drill_command,
         add_storage_check_command,

@@ -10,8 +10,8 @@ import time
 
 from vq_tasks.cli.common import (
     EXIT_FAILED,
-    human_size,
 )
+from vq_tasks.logs import human_size
 from vq_tasks.settings import Settings
 
 POLL_SECONDS = 0.25  # how often `run --wait` reads the run record: a few small reads a second

@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vq_tasks.cli.common import EXIT_FAILED, human_size, print_table
+from vq_tasks.cli.common import EXIT_FAILED, print_table
 from vq_tasks.errors import redact
+from vq_tasks.logs import human_size
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES
 

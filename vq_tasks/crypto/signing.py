@@ -142,7 +142,7 @@ def check(manifest: Manifest, public_keys: dict[str, Ed25519PublicKey]) -> Signa
     key = public_keys.get(embedded.key_id)
     if key is None:
         return SignatureCheck(False, expected, f"signed by unknown key {embedded.key_id}")
-    if not _verifies(key, embedded.value, embedded_signed_bytes(manifest)):
+    if not verifies(key, embedded.value, embedded_signed_bytes(manifest)):
         return SignatureCheck(False, expected, MISMATCH)
     return SignatureCheck(True, expected, f"valid, by {embedded.key_id}")
 
@@ -156,12 +156,13 @@ def _check_detached(manifest: Manifest, signature: str, keys: PublicKeys, expect
     if document is None:  # a manifest noted with a signature is noted with its bytes too
         return SignatureCheck(False, expected, "the manifest's stored bytes are unknown: not checkable")
     for kid, key in sorted(keys.items()):
-        if _verifies(key, signature, document):
+        if verifies(key, signature, document):
             return SignatureCheck(True, expected, f"valid, by {kid}")
     return SignatureCheck(False, expected, MISMATCH)
 
 
-def _verifies(key: Ed25519PublicKey, signature: str, data: bytes) -> bool:
+def verifies(key: Ed25519PublicKey, signature: str, data: bytes) -> bool:
+    """Whether ``signature`` (base64) is ``key``'s Ed25519 signature of ``data``."""
     try:
         key.verify(base64.b64decode(signature.strip(), validate=True), data)
     except (InvalidSignature, binascii.Error, ValueError):

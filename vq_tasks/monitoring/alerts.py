@@ -1,5 +1,7 @@
-"""Alert emails, one per incident: a mail when a problem opens, another only when it changes or is
-resolved. A success summary of each backup goes to NOTIFICATION_EMAIL.
+"""Alerts, one per incident: a notice when a problem opens, another only when it changes or is
+resolved, by mail to BACKUP_ALERT_EMAIL and to the chat and webhook URLs of BACKUP_ALERT_URLS
+(channels.py). A success summary of each backup goes to NOTIFICATION_EMAIL and NOTIFICATION_URLS.
+A notice is sent once it reached one channel at least; one that reached none stays owed.
 
 An event is one observation of a condition: ``failures`` (part -> what is wrong) when there is a
 problem, none when the condition is healthy. Its fingerprint is the failures with ids and numbers
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import smtplib
 import ssl
@@ -26,11 +29,23 @@ from pydantic import BaseModel, Field
 
 from vq_tasks import coordination
 from vq_tasks.audit import audit
-from vq_tasks.errors import PermanentError, TransientError, redact
+from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
+from vq_tasks.monitoring import channels
 from vq_tasks.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 Condition = Literal[
-    "backup", "offsite", "drill", "storage", "retention", "stale", "authorization", "integrity", "success"
+    "backup",
+    "offsite",
+    "drill",
+    "storage",
+    "retention",
+    "stale",
+    "authorization",
+    "integrity",
+    "suspicious",
+    "success",
 ]
 TITLES = {
     "backup": "FAILED",
@@ -41,6 +56,7 @@ TITLES = {
     "stale": "NO RECENT BACKUP",
     "authorization": "DESTRUCTIVE TASK REFUSED",
     "integrity": "BACKUP TAMPERED WITH",
+    "suspicious": "SUSPICIOUS BACKUP",
 }
 INTROS = {
     "backup": "Backup {backup} failed. No manifest was written; staging was cleaned.",
@@ -59,6 +75,9 @@ INTROS = {
     "objects hidden, overwritten or deleted after the backup was committed, or locked for less time than its "
     "manifest promises. Someone holding the workers' storage credentials may be at work: rotate them. "
     "What was committed is read where the store kept it; run `vq-backup verify` on the other backups.",
+    "suspicious": "Backup {backup} is complete, but much smaller than the good backups before it: data may "
+    "have been deleted (a bad migration, a DROP, a flushed Redis). Retention keeps the last good backups "
+    "while this lasts. If the change was intended, mark it so: vq-backup accept {backup} --reason '...'.",
 }
 RESOLVED = {
     "backup": "backups succeed again",
@@ -69,7 +88,9 @@ RESOLVED = {
     "stale": "a backup completed within BACKUP_STALE_AFTER_HOURS again",
     "authorization": "an authorized destructive task ran since",
     "integrity": "the backup verifies again",
+    "suspicious": "the latest backup is not suspicious, or was accepted as intended",
 }
+SUBJECT_PARTS = 5  # failed parts named in a subject (the body names them all)
 _CHANGING = [
     (re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_-]*_\d{8}_\d{6}\b"), "<backup>"),
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<id>"),
@@ -106,7 +127,7 @@ def _stable(text: str) -> str:
 
 
 def recipients(settings: Settings, event: AlertEvent) -> list[str]:
-    """Return who should get ``event`` (an empty list: nobody, by configuration)."""
+    """Return the mail addresses that should get ``event`` (its URLs: channels.urls_for)."""
     if event.condition == "success":
         target = settings.notification_email
     else:
@@ -115,19 +136,22 @@ def recipients(settings: Settings, event: AlertEvent) -> list[str]:
 
 
 def deliver(settings: Settings, event: AlertEvent, origin: str = "celery", task_id: str | None = None) -> str:
-    """Send the mail ``event`` calls for, if any: the opening, change or resolution of its
-    incident, or a success summary (once per backup). Return what happened. Raise TransientError
-    when the mail could not be sent now (PermanentError when the server refused our login) or
-    another sender is sending this incident's notice: the notice stays owed and a retry (the
-    alert task's, the exporter's next reading) sends it. ``task_id`` makes a redelivered task
-    the same sender as before."""
-    to = recipients(settings, event)
-    if not to:
+    """Send the notice ``event`` calls for, if any, to every channel (mail and URLs): the opening,
+    change or resolution of its incident, or a success summary (once per backup). Return what
+    happened. Raise TransientError when no channel took the notice now (the mail's PermanentError
+    when the SMTP server refused our login) or another sender is sending this incident's notice:
+    the notice stays owed and a retry (the alert task's, the exporter's next reading) sends it.
+    ``task_id`` makes a redelivered task the same sender as before."""
+    to, urls = recipients(settings, event), channels.urls_for(settings, event.condition)
+    if not to and not urls:
         if event.condition == "success":
-            return "no summary sent: NOTIFICATION_EMAIL is not set"
-        return "no alert sent: BACKUP_ALERT_EMAIL is not set or BACKUP_ALERT_ON_FAILURE is false"
+            return "no summary sent: NOTIFICATION_EMAIL is not set, nor NOTIFICATION_URLS"
+        return (
+            "no alert sent: BACKUP_ALERT_EMAIL is not set, nor BACKUP_ALERT_URLS, or BACKUP_ALERT_ON_FAILURE "
+            "is false"
+        )
     if event.condition == "success":
-        return _deliver_summary(settings, event, to, origin, task_id)
+        return _deliver_summary(settings, event, to, urls, origin, task_id)
     r = coordination.client(settings)
     holder, fingerprint = task_id or f"{origin}-{uuid.uuid4().hex}", event.fingerprint()
     payload = event.model_dump_json()
@@ -142,17 +166,17 @@ def deliver(settings: Settings, event: AlertEvent, origin: str = "celery", task_
         return "no alert sent: nothing new since the last mail about this incident"
     started = time.monotonic()
     try:
-        send(settings, compose(settings, event, notice, to))
+        reached = send_everywhere(settings, event, notice, to, urls, origin, task_id)
     except Exception:
         coordination.incident_sent(r, event.condition, fingerprint, holder, sent=False)
         raise
     coordination.incident_sent(r, event.condition, fingerprint, holder)
-    _audit_sent(settings, event, notice, to, origin, task_id, time.monotonic() - started)
-    return f"{notice} mail sent to {', '.join(to)}"
+    _audit_sent(settings, event, notice, reached, origin, task_id, time.monotonic() - started)
+    return _sent_line(notice, reached, to)
 
 
 def _deliver_summary(
-    settings: Settings, event: AlertEvent, to: list[str], origin: str, task_id: str | None
+    settings: Settings, event: AlertEvent, to: list[str], urls: list[str], origin: str, task_id: str | None
 ) -> str:
     r = coordination.client(settings)
     claim = f"alert:success:{event.backup_id}"
@@ -160,12 +184,74 @@ def _deliver_summary(
         return "no summary sent: sent already"
     started = time.monotonic()
     try:
-        send(settings, compose(settings, event, "summary", to))
+        reached = send_everywhere(settings, event, "summary", to, urls, origin, task_id)
     except Exception:
         coordination.release_claim(r, claim)
         raise
-    _audit_sent(settings, event, "summary", to, origin, task_id, time.monotonic() - started)
-    return f"summary mail sent to {', '.join(to)}"
+    _audit_sent(settings, event, "summary", reached, origin, task_id, time.monotonic() - started)
+    return _sent_line("summary", reached, to)
+
+
+def _sent_line(notice: str, reached: list[str], to: list[str]) -> str:
+    """Return what deliver says it did: "opened mail sent to ..." when only mail went out."""
+    kind = "mail" if set(reached) <= set(to) else "notice"
+    return f"{notice} {kind} sent to {', '.join(reached)}"
+
+
+def send_everywhere(
+    settings: Settings, event: AlertEvent, notice: str, to: list[str], urls: list[str], origin: str,
+    task_id: str | None,
+) -> list[str]:  # fmt: skip
+    """Send ``notice`` of ``event`` by mail to ``to`` and to every one of ``urls``, each URL tried a
+    few times; return the channels that took it (addresses, URL labels). Each channel that failed
+    gets a warning line and an audit entry. Raise when none took it: the mail's error, else
+    TransientError naming the URLs by label."""
+    title, text = render(settings, event, notice)
+    reached: list[str] = []
+    failed: list[channels.ChannelResult] = []
+    mail_error: BackupError | None = None
+    if to:
+        try:
+            send(settings, compose(settings, event, notice, to))
+            reached += to
+        except Exception as exc:  # a mail that cannot even be composed must not stop the URLs
+            mail_error = _mail_error(settings, exc)
+            failed.append(channels.ChannelResult(f"mail to {', '.join(to)}", False, 1, str(mail_error)))
+    for result in channels.notify(urls, title, text, notice, settings.secret_values()):
+        if result.delivered:
+            reached.append(result.label)
+        else:
+            failed.append(result)
+    for result in failed:
+        _report_failed(settings, event, notice, result, origin, task_id)
+    if reached:
+        return reached
+    if mail_error is not None:
+        raise mail_error
+    reasons = "; ".join(f"{result.label}: {result.reason}" for result in failed)
+    raise TransientError(f"the {event.condition} {notice} notice reached no channel ({reasons})")
+
+
+def _mail_error(settings: Settings, exc: Exception) -> BackupError:
+    """The error of a mail that failed: ours as raised, anything else (a header it could not
+    make) as a PermanentError, redacted."""
+    if isinstance(exc, BackupError):
+        return exc
+    return PermanentError(f"the mail could not be made: {redact(str(exc), settings.secret_values())}")
+
+
+def _report_failed(
+    settings: Settings, event: AlertEvent, notice: str, result: channels.ChannelResult, origin: str,
+    task_id: str | None,
+) -> None:  # fmt: skip
+    """Log one warning line and write one audit entry for a channel that did not take a notice."""
+    logger.warning(
+        "the %s %s notice did not reach %s after %d attempt(s): %s",
+        event.condition, notice, result.label, result.attempts, result.reason,
+    )  # fmt: skip
+    audit(settings, "alert", "failed", condition=event.condition, notice=notice, backup_id=event.backup_id,
+          channel=result.label, attempts=result.attempts, reason=result.reason, origin=origin,
+          task_id=task_id)  # fmt: skip
 
 
 def _audit_sent(
@@ -194,12 +280,20 @@ def send_owed(settings: Settings, origin: str) -> list[str]:
 def compose(settings: Settings, event: AlertEvent, notice: str, to: list[str]) -> EmailMessage:
     """Return the email for ``event``: a subject that says what happened, a body that says where
     and what to do; ``notice`` is opened, changed, resolved or summary."""
+    title, text = render(settings, event, notice)
     message = EmailMessage()
     message["From"] = settings.smtp_from
     message["To"] = ", ".join(to)
-    message["Subject"] = f"[VQ Backup] {subject(event, notice)}"
-    message.set_content(redact("\n".join(body(event, notice)), settings.secret_values()) + "\n")
+    message["Subject"] = title
+    message.set_content(text)
     return message
+
+
+def render(settings: Settings, event: AlertEvent, notice: str) -> tuple[str, str]:
+    """Return the title and text of the notice: the mail's subject and body, and what every URL
+    gets; secrets redacted."""
+    text = redact("\n".join(body(event, notice)), settings.secret_values()) + "\n"
+    return f"[VQ Backup] {subject(event, notice)}", text
 
 
 def subject(event: AlertEvent, notice: str) -> str:
@@ -209,7 +303,10 @@ def subject(event: AlertEvent, notice: str) -> str:
         return f"OK{about}"
     if notice == "resolved":
         return f"RESOLVED: {RESOLVED[event.condition]}{about}"
-    parts = ", ".join(sorted(event.failures))
+    names = [" ".join(name.split()) for name in sorted(event.failures)]  # one line, whatever a name holds
+    parts = ", ".join(names[:SUBJECT_PARTS]) + (
+        f" and {len(names) - SUBJECT_PARTS} more" if len(names) > SUBJECT_PARTS else ""
+    )
     prefix = "CHANGED: " if notice == "changed" else ""
     return f"{prefix}{TITLES[event.condition]}{about} ({parts})"
 

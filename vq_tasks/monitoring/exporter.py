@@ -42,6 +42,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "vq_backup_run_in_progress": ("gauge", (), "1 while a backup runs (its run lock is held), else 0."),
     "vq_backup_last_duration_seconds": ("gauge", (), "How long the newest complete backup took."),
     "vq_backup_last_size_bytes": ("gauge", (), "Bytes stored by the newest complete backup (all its files)."),
+    "vq_backup_last_backup_suspicious": (
+        "gauge", (), "1 if the newest complete backup is suspicious (much smaller than the good backups "
+        "before it) and not accepted, else 0: `vq-backup show ID` says why."),
+    "vq_backup_last_backup_anomalies": (
+        "gauge", (), "How many anomalies (drops from the good backups before it) the newest complete "
+        "backup has, accepted or not."),
     "vq_backup_component_duration_seconds": (
         "gauge", ("component",), "How long each component's dump took in the newest complete backup."),
     "vq_backup_component_size_bytes": (
@@ -129,6 +135,8 @@ def _add_last_backup(out: _Families, status: Status) -> None:
     out.add("vq_backup_last_success_timestamp_seconds", manifest.finished_at.timestamp())
     out.add("vq_backup_last_duration_seconds", manifest.duration_seconds)
     out.add("vq_backup_last_size_bytes", sum(f.size for f in manifest.files))
+    out.add("vq_backup_last_backup_suspicious", status.last_suspicious)
+    out.add("vq_backup_last_backup_anomalies", len(manifest.anomalies))
     for component, entry in manifest.components.items():
         out.add("vq_backup_component_duration_seconds", entry.duration_seconds, component=component)
         out.add("vq_backup_component_size_bytes", entry.stored_size, component=component)

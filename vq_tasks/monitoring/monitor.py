@@ -117,7 +117,7 @@ def alert_on(settings: Settings) -> Callable[[Status], None]:
                     "%s alert not sent (tried again after the next reading): %s", event.condition, exc
                 )
                 continue
-            if " mail sent to " in outcome:
+            if " sent to " in outcome:
                 logger.info("%s: %s", event.condition, outcome)
 
     return check

@@ -15,11 +15,13 @@ from typing import Any, cast, get_args
 import redis
 
 from vq_tasks import coordination
+from vq_tasks.catalog.acceptance import read_acceptance
 from vq_tasks.catalog.backup_set import BackupSet
 from vq_tasks.catalog.listing import backup_sets, load_manifest
+from vq_tasks.crypto.signing import trusted_keys
 from vq_tasks.errors import BackupError, redacted_message
 from vq_tasks.manifest import Kind, Manifest, parse_backup_id
-from vq_tasks.retention.plan import plan
+from vq_tasks.retention.plan import plan, suspicious_ids
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES, open_storage
 from vq_tasks.storage.base import Storage, StoredObject
@@ -73,7 +75,9 @@ LatestRuns = tuple[RunStatus | None, RunStatus | None]  # the most recent run, a
 class Status:
     """The state of the backups at ``taken_at``. ``last_run`` is the most recent run, any outcome;
     ``last_finished`` the most recent one that succeeded or failed. ``broker_error`` and
-    ``coordination_error`` (Celery's Redis, where run records live) are None when they answered."""
+    ``coordination_error`` (Celery's Redis, where run records live) are None when they answered.
+    ``last_accepted``: whether the newest complete backup's anomalies were accepted (None: its
+    acceptance could not be read)."""
 
     taken_at: datetime
     destinations: dict[str, DestinationStatus]
@@ -86,6 +90,15 @@ class Status:
     drill: dict
     broker_error: str | None
     coordination_error: str | None
+    last_accepted: bool | None = False  # its anomalies accepted as intended; None: unknown
+
+    @property
+    def last_suspicious(self) -> bool | None:
+        """Whether the newest complete backup is suspicious: it has anomalies and no acceptance
+        that counts. None when unknown (no complete backup, or its acceptance could not be read)."""
+        if self.last_manifest is None or self.last_accepted is None:
+            return None
+        return bool(self.last_manifest.anomalies) and not self.last_accepted
 
     def health(self, settings: Settings) -> dict[str, str | None]:
         """Return each check (broker, storage, offsite_storage when configured, last_backup) ->
@@ -135,6 +148,8 @@ class StatusReader:
         self._secrets = settings.secret_values()
         self._manifests: dict[str, dict[str, Manifest]] = {role: {} for role in ROLES}
         self._unreadable: set[tuple[str, str]] = set()
+        self._storages: dict[str, Storage] = {}
+        self._acceptances: dict[str, set[str]] = {}  # role -> the ids whose listing shows one
         self._redis = redis.Redis.from_url(
             settings.result_backend_url,
             decode_responses=True,
@@ -150,6 +165,7 @@ class StatusReader:
         primary = destinations["primary"]
         last_manifest = None if primary.error else self._newest_manifest("primary")
         records, coordination_error = self._records(roles, last_manifest)
+        accepted = self._accepted("primary", last_manifest) if last_manifest else False
         return Status(
             taken_at=now,
             destinations=destinations,
@@ -162,6 +178,7 @@ class StatusReader:
             drill=records.get("drill", {}),
             broker_error=self._broker_error(),
             coordination_error=coordination_error,
+            last_accepted=accepted,
         )
 
     def _destination(self, role: str, now: datetime) -> DestinationStatus:
@@ -173,9 +190,12 @@ class StatusReader:
             description = storage.describe()
             objects = storage.list()
             sets = backup_sets(objects, self.settings.backup_name_prefix)
+            self._storages[role] = storage
+            self._acceptances[role] = {entry.backup_id for entry in sets if "acceptance" in entry.roles}
             manifests = self._load_manifests(role, storage, sets)
             kinds = {backup_id: m.kind for backup_id, m in manifests.items()}
-            expired = plan(storage, self.settings, now, kinds).expired
+            suspicious = suspicious_ids(storage, sets, manifests, trusted_keys(self.settings))
+            expired = plan(storage, self.settings, now, kinds, suspicious=suspicious).expired
             space = storage_space(self.settings, role, storage, sum(o.size for o in objects))
         except Exception as exc:  # any failure of a provider or its SDK: reported, not raised
             return failed_destination(role, description, self._redact(exc))
@@ -201,6 +221,20 @@ class StatusReader:
     def _newest_manifest(self, role: str) -> Manifest | None:
         manifests = self._manifests[role].values()
         return max(manifests, key=lambda m: m.started_at, default=None)
+
+    def _accepted(self, role: str, manifest: Manifest) -> bool | None:
+        """Return whether ``manifest``'s anomalies were accepted: its acceptance is read only when
+        it has some and the listing shows one. None when it could not be read (logged)."""
+        if not manifest.anomalies or manifest.backup_id not in self._acceptances.get(role, set()):
+            return False
+        try:
+            keys = trusted_keys(self.settings)
+            return read_acceptance(self._storages[role], manifest, keys) is not None
+        except Exception as exc:  # a provider's or a key file's error: unknown, not suspicious
+            logger.warning(
+                "the acceptance of %s could not be read: %s", manifest.backup_id, self._redact(exc)
+            )
+            return None
 
     def _records(self, roles: list[str], last_manifest: Manifest | None) -> tuple[dict[str, Any], str | None]:
         """Return what Celery's Redis records (runs, counters, prunes, drill), or the error."""

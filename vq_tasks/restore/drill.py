@@ -34,13 +34,16 @@ from pydantic import BaseModel, computed_field
 
 from vq_tasks import coordination
 from vq_tasks.audit import audit
+from vq_tasks.catalog.acceptance import read_acceptance
 from vq_tasks.catalog.latest import resolve_backup_id
 from vq_tasks.clients.pg_connect import connect
 from vq_tasks.clients.redis_connect import plain_settings
+from vq_tasks.crypto.signing import trusted_keys
 from vq_tasks.errors import BackupError, PermanentError, redact, redacted_message
 from vq_tasks.logs import Say
 from vq_tasks.manifest import Component, DatabaseFacts, FilesFacts, Manifest, RedisFacts
 from vq_tasks.monitoring.alerts import AlertEvent, deliver
+from vq_tasks.monitoring.suspicious import verdict
 from vq_tasks.restore.apply import facts_of, redis_progress
 from vq_tasks.restore.contents import check_contents
 from vq_tasks.restore.extract import extract_to, local_name
@@ -84,6 +87,7 @@ class DrillReport(BaseModel):
     cleanup: list[str]  # what was removed afterwards
     warnings: list[str]
     duration_seconds: float
+    anomaly_verdict: str | None = None  # the backup's (monitoring.suspicious); None: not read
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -123,6 +127,7 @@ class _Drill:
         self.checks: list[IntegrityCheck] = []
         self.cleanup: list[str] = []
         self.warnings: list[str] = []
+        self.verdict: str | None = None
 
     def fail(self, what: str, exc: BaseException) -> str:
         """Note that ``what`` failed with ``exc``; return its message, redacted."""
@@ -137,6 +142,7 @@ class _Drill:
         """Verify the backup, take its components out and drill each; the folder is always removed."""
         self.stage = "verify"
         manifest = verified_manifest(storage, self.settings, backup_id, list(DRILL_COMPONENTS), self.say)
+        self.verdict = anomaly_verdict(storage, self.settings, manifest)
         self._drop_stale_databases()
         self.stage = "extract"
         folder: Path | None = None
@@ -271,7 +277,21 @@ class _Drill:
             cleanup=self.cleanup,
             warnings=self.warnings,
             duration_seconds=round(time.monotonic() - started, 3),
+            anomaly_verdict=self.verdict,
         )
+
+
+def anomaly_verdict(storage: Storage, settings: Settings, manifest: Manifest) -> str:
+    """Return the backup's anomaly verdict, its acceptance read when it has anomalies. It never
+    fails the drill: a suspicious backup is an incident of its own (the suspicious alert)."""
+    if not manifest.anomalies:
+        return verdict(manifest)
+    try:
+        accepted = read_acceptance(storage, manifest, trusted_keys(settings)) is not None
+    except (BackupError, OSError, ValueError) as exc:
+        why = redacted_message(exc, settings.secret_values())
+        return f"{verdict(manifest)} (its acceptance could not be read: {why})"
+    return verdict(manifest, accepted)
 
 
 def run_drill(

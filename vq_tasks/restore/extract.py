@@ -26,7 +26,7 @@ import zstandard
 from vq_tasks.crypto import encryption
 from vq_tasks.crypto.age import X25519Identity
 from vq_tasks.errors import PermanentError
-from vq_tasks.logs import Say
+from vq_tasks.logs import Say, human_size
 from vq_tasks.manifest import (
     GLOBALS_MEMBER,
     Checksums,
@@ -256,7 +256,8 @@ class _Source:
         self._read += len(data)
         if time.monotonic() >= self._next:
             self._next = time.monotonic() + PROGRESS_INTERVAL
-            self._say(f"  {self._stored.name}: {_mib(self._read)} of {_mib(self._stored.size)} read")
+            done, whole = human_size(self._read), human_size(self._stored.size)
+            self._say(f"  {self._stored.name}: {done} of {whole} read")
         return data
 
 
@@ -270,15 +271,6 @@ class _Tee:
         data = self._source.read(size)
         self._out.write(data)
         return data
-
-
-def _mib(size: float) -> str:
-    """Return a size readable: bytes, KiB, MiB or GiB."""
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def _drain(reader: HashingReader | GunzipReader | UnzstdReader) -> None:
@@ -304,7 +296,7 @@ def _read_bundle(
     opener: _Opener,
 ) -> None:
     """Read the bundle once; write each wanted member (by member name) to its file, checked."""
-    say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
+    say(f"reading {stored.name} ({human_size(stored.size)}) from {storage.describe()}")
     found: set[str] = set()
     with (
         _opened(storage, stored.name) as stream,
@@ -352,7 +344,7 @@ def _write_member(
         finally:
             hashed.abort()
     _compare(what, content, checks)
-    say(f"  {what}: {_mib(checks.size)}, checksums OK")
+    say(f"  {what}: {human_size(checks.size)}, checksums OK")
 
 
 def _copy_whole(
@@ -366,7 +358,7 @@ def _copy_whole(
 ) -> None:
     """Copy a stored file that is a component of its own (the logs archive) as stored, decrypted
     if it is encrypted; check its raw bytes and its tar stream."""
-    say(f"reading {stored.name} ({_mib(stored.size)}) from {storage.describe()}")
+    say(f"reading {stored.name} ({human_size(stored.size)}) from {storage.describe()}")
     with _opened(storage, stored.name) as stream:
         raw = HashingReader(_Source(stream, stored, say))
         plain = opener.plaintext(raw, stored)  # the key is checked before the file is created
@@ -382,4 +374,4 @@ def _copy_whole(
                 raise PermanentError(f"{stored.name} cannot be read to its end: {exc}") from None
     _compare(stored.name, stored, raw.checksums())
     _compare(f"{entry.member} (its tar stream)", entry.content, content.checksums())
-    say(f"  {entry.member}: {_mib(stored.size)}, checksums OK")
+    say(f"  {entry.member}: {human_size(stored.size)}, checksums OK")

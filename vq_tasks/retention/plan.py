@@ -1,5 +1,11 @@
 """The retention plan of one storage (``plan``) and its application (``prune``): what the policy
-deletes from the backups listed there, and the staging folders that runs of dead workers left."""
+deletes from the backups listed there, and the staging folders that runs of dead workers left.
+
+Each complete backup's manifest is read once for its kind and whether it is suspicious; its
+acceptance only when the manifest has anomalies and the listing shows an acceptance object. Each
+destination is judged from its own listing (`vq-backup accept` writes the acceptance to the
+off-site copy too, and copy_offsite takes it along).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,13 @@ from itertools import groupby
 from operator import attrgetter
 from pathlib import Path
 
+from vq_tasks.catalog.anomalies import is_good
 from vq_tasks.catalog.backup_set import ROLE_ORDER, BackupSet
 from vq_tasks.catalog.listing import backup_sets, load_manifest
 from vq_tasks.crypto import signing
 from vq_tasks.errors import BackupError
-from vq_tasks.manifest import parse_backup_id
-from vq_tasks.retention.policy import IN_PROGRESS_GRACE, Deletion, Policy, decide
+from vq_tasks.manifest import Manifest, parse_backup_id
+from vq_tasks.retention.policy import IN_PROGRESS_GRACE, Deletion, Kept, Policy, decide, kept
 from vq_tasks.settings import Settings
 from vq_tasks.storage.base import ObjectLocked, Storage
 
@@ -42,15 +49,19 @@ def policy(settings: Settings) -> Policy:
         weekly_weeks=settings.backup_weekly_retention_weeks,
         monthly_months=settings.backup_monthly_retention_months,
         in_progress_grace=in_progress_grace(settings),
+        keep_good=settings.backup_anomaly_keep_good,
     )
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The stored backups (with their kinds) and what the retention policy deletes of them."""
+    """The stored backups (with their kinds) and what the retention policy deletes of them; the
+    ones it keeps past their retention (``kept``), and the suspicious ones that make it so."""
 
     sets: list[BackupSet]
     deletions: list[Deletion]
+    kept: list[Kept] = field(default_factory=list)
+    suspicious: frozenset[str] = frozenset()
 
     @property
     def expired(self) -> list[str]:
@@ -59,39 +70,95 @@ class Plan:
         return [b.backup_id for b in self.sets if b.complete and b.backup_id in gone]
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The backups of one storage with their kinds, and the ids of the suspicious, unaccepted ones."""
+
+    sets: list[BackupSet]
+    suspicious: frozenset[str] = frozenset()
+
+
 def with_kinds(
     storage: Storage,
     sets: list[BackupSet],
     kinds: Mapping[str, str] | None = None,
     keys: signing.PublicKeys | None = None,
 ) -> list[BackupSet]:
+    """Given backup sets, return them with the kind of each complete one (see ``read_listing``)."""
+    return read_listing(storage, sets, kinds, keys).sets
+
+
+def read_listing(
+    storage: Storage,
+    sets: list[BackupSet],
+    kinds: Mapping[str, str] | None = None,
+    keys: signing.PublicKeys | None = None,
+) -> Listing:
     """Given backup sets, return them with the kind of each complete one: from ``kinds`` (id ->
-    kind, recorded by our own runs) when given, else from its manifest in ``storage``. A kind that
-    cannot be known stays None (retention then keeps the backup as if monthly); an unreadable
-    manifest is logged. One whose signature fails ``keys`` is kept as if monthly and marked
-    untrusted, so that it cannot count as the newest backup."""
-    found = []
+    kind, recorded by our own runs) when given, else from its manifest in ``storage``, which also
+    tells whether it is suspicious. A kind that cannot be known stays None (retention then keeps
+    the backup as if monthly); an unreadable manifest is logged. One whose signature fails
+    ``keys`` is kept as if monthly and marked untrusted, so that it cannot count as the newest
+    backup; its anomalies are not believed either."""
+    found, suspicious = [], set()
     for entry in sets:
-        kind, trusted = None, True
         if entry.complete and kinds is not None:
-            kind = kinds.get(entry.backup_id)
+            entry = replace(entry, kind=kinds.get(entry.backup_id), trusted=True)
         elif entry.complete:
-            try:
-                manifest = load_manifest(storage, entry.backup_id)
-            except BackupError as exc:
-                logger.warning("%s; kept as a monthly backup", exc)
-            else:
-                problem = signing.distrust(manifest, keys or {})
-                kind, trusted = (None, False) if problem else (manifest.kind, True)
-                if problem:
-                    logger.warning("%s: manifest signature %s; kept as monthly", entry.backup_id, problem)
-        found.append(replace(entry, kind=kind, trusted=trusted))
-    return found
+            entry, manifest = _read_one(storage, entry, keys or {})
+            if manifest is not None and _suspicious(storage, entry, manifest, keys or {}):
+                suspicious.add(entry.backup_id)
+        else:
+            entry = replace(entry, kind=None, trusted=True)
+        found.append(entry)
+    return Listing(found, frozenset(suspicious))
 
 
-def _kinded_sets(storage: Storage, settings: Settings, kinds: Mapping[str, str] | None) -> list[BackupSet]:
+def _read_one(
+    storage: Storage, entry: BackupSet, keys: signing.PublicKeys
+) -> tuple[BackupSet, Manifest | None]:
+    """Return ``entry`` with its manifest's kind, and the manifest if it is trusted."""
+    try:
+        manifest = load_manifest(storage, entry.backup_id)
+    except BackupError as exc:
+        logger.warning("%s; kept as a monthly backup", exc)
+        return replace(entry, kind=None, trusted=True), None
+    problem = signing.distrust(manifest, keys)
+    if problem:
+        logger.warning("%s: manifest signature %s; kept as monthly", entry.backup_id, problem)
+        return replace(entry, kind=None, trusted=False), None
+    return replace(entry, kind=manifest.kind, trusted=True), manifest
+
+
+def _suspicious(storage: Storage, entry: BackupSet, manifest: Manifest, keys: signing.PublicKeys) -> bool:
+    """Whether a trusted manifest has anomalies and no acceptance that counts. An acceptance that
+    cannot be read now counts as none: retention then keeps more, never less."""
+    try:
+        return not is_good(storage, manifest, keys, "acceptance" in entry.roles)
+    except BackupError as exc:
+        logger.warning("%s: its acceptance could not be read (%s); taken as suspicious", entry.backup_id, exc)
+        return True
+
+
+def suspicious_ids(
+    storage: Storage, sets: list[BackupSet], manifests: Mapping[str, Manifest], keys: signing.PublicKeys
+) -> frozenset[str]:
+    """Given backup sets and the manifests a caller read of them (by id), return the ids of the
+    suspicious, unaccepted ones, as ``read_listing`` finds them: for ``plan``'s ``suspicious``
+    when the caller passes ``kinds``. Only the acceptances of suspicious manifests are read."""
+    found = set()
+    for entry in sets:
+        manifest = manifests.get(entry.backup_id)
+        if manifest is None or not manifest.anomalies or signing.distrust(manifest, keys):
+            continue
+        if _suspicious(storage, entry, manifest, keys):
+            found.add(entry.backup_id)
+    return frozenset(found)
+
+
+def _listing(storage: Storage, settings: Settings, kinds: Mapping[str, str] | None) -> Listing:
     sets = backup_sets(storage.list(), settings.backup_name_prefix)
-    return with_kinds(storage, sets, kinds, signing.trusted_keys(settings))
+    return read_listing(storage, sets, kinds, signing.trusted_keys(settings))
 
 
 def plan(
@@ -100,12 +167,24 @@ def plan(
     now: datetime,
     kinds: Mapping[str, str] | None = None,
     ended: frozenset[str] = frozenset(),
+    suspicious: frozenset[str] = frozenset(),
 ) -> Plan:
     """Given a storage and settings, return what the retention policy deletes there at ``now``.
-    ``kinds`` (backup id -> kind) spares reading the manifests when the caller has them; ``ended``
-    holds the ids of runs known to have failed (their debris goes at once)."""
-    sets = _kinded_sets(storage, settings, kinds)
-    return Plan(sets, decide(sets, now, policy(settings), ended))
+    ``kinds`` (backup id -> kind) spares reading the manifests when the caller has them, then with
+    ``suspicious`` (the ids of the suspicious, unaccepted backups it knows of); ``ended`` holds
+    the ids of runs known to have failed (their debris goes at once)."""
+    listing = _listing(storage, settings, kinds)
+    found = listing.suspicious if kinds is None else suspicious
+    return _plan(listing.sets, now, policy(settings), ended, found)
+
+
+def _plan(
+    sets: list[BackupSet], now: datetime, rules: Policy, ended: frozenset[str], suspicious: frozenset[str]
+) -> Plan:
+    """Return what ``rules`` delete of ``sets`` and what they keep past retention, and why."""
+    return Plan(
+        sets, decide(sets, now, rules, ended, suspicious), kept(sets, now, rules, suspicious), suspicious
+    )
 
 
 def prune(
@@ -123,13 +202,16 @@ def prune(
     ``failed_runs`` (ids -> those whose run is known to have failed), the debris of a failed run
     goes at once instead of after the grace; ``kinds`` as for ``plan``. ``on_deleted`` is called
     with the deletions of each backup once done (also those done before a failure). Return what
-    was (or would be) deleted and why. Raise what a storage raises."""
-    sets = _kinded_sets(storage, settings, kinds)
+    was (or would be) deleted and why, and what was kept past its retention and why. Raise what a
+    storage raises."""
+    listing = _listing(storage, settings, kinds)
+    sets = listing.sets
     incomplete = [b.backup_id for b in sets if not b.complete]
     ended = frozenset(failed_runs(incomplete)) if failed_runs and incomplete else frozenset()
-    deletions = decide(sets, now, policy(settings), ended)
+    planned = _plan(sets, now, policy(settings), ended, listing.suspicious)
+    deletions = planned.deletions
     if dry_run:
-        return PruneResult(deletions, [], [], sets)
+        return PruneResult(deletions, [], [], sets, kept=planned.kept, suspicious=planned.suspicious)
     grace = in_progress_grace(settings)
     stale = (
         remove_stale(settings.backup_staging_dir, settings.backup_name_prefix, now, grace)
@@ -142,7 +224,7 @@ def prune(
     except BackupError as exc:  # e.g. no s3:ListBucketMultipartUploads: the rest of prune still counts
         logger.warning("could not abort stale uploads in %s: %s", storage.describe(), exc)
         aborted = []
-    return PruneResult(deletions, stale, aborted, sets, locked)
+    return PruneResult(deletions, stale, aborted, sets, locked, planned.kept, planned.suspicious)
 
 
 def apply(
@@ -189,6 +271,8 @@ class PruneResult:
     aborted_uploads: list[str] = field(default_factory=list)
     sets: list[BackupSet] = field(default_factory=list)  # as listed before the prune, with kinds
     locked: list[Locked] = field(default_factory=list)  # not yet deletable: retention locks
+    kept: list[Kept] = field(default_factory=list)  # past retention, kept: newer ones are suspicious
+    suspicious: frozenset[str] = frozenset()  # the suspicious, unaccepted backups listed
 
 
 def remove_stale(root: Path, prefix: str, now: datetime, older_than: timedelta) -> list[str]:

@@ -19,6 +19,13 @@ running) unless its run is known to have failed (``ended``), then go; so do the 
 a complete backup once older than the grace. A backup that goes whole loses its manifest first, so
 a half-deleted backup never looks complete.
 
+Suspicious backups (anomalies, catalog.anomalies) must not push the last good ones out: while any
+suspicious, unaccepted complete backup is newer than the newest good one, the newest
+``keep_good`` (BACKUP_ANOMALY_KEEP_GOOD) good complete backups are kept whatever their age
+(``kept`` says why); their logs and unfinished uploads still go as usual. Suspicious backups
+themselves follow the tiers. A good backup is trusted, of a known kind and not suspicious (or
+accepted); which ones are suspicious is the caller's to say (``retention.plan`` reads it).
+
 Ages come from the backup ids (UTC start times), never from file times, and kinds never change
 after the fact: so the decision depends neither on the order of the listing nor on how often
 prune runs (pruning at t1 then at t2 leaves what pruning once at t2 leaves).
@@ -35,6 +42,7 @@ from vq_tasks.catalog.backup_set import CLOCK_SKEW, ROLE_ORDER, BackupSet
 
 IN_PROGRESS_GRACE = timedelta(days=1)
 KINDS = ("daily", "weekly", "monthly", "manual")
+SHOWN_SUSPICIOUS = 3  # a reason names at most this many suspicious backups
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Policy:
     weekly_weeks: int = 0
     monthly_months: int = 0
     in_progress_grace: timedelta = IN_PROGRESS_GRACE
+    keep_good: int = 0  # BACKUP_ANOMALY_KEEP_GOOD; 0: suspicious backups change nothing
 
 
 @dataclass(frozen=True, order=True)
@@ -111,27 +120,101 @@ def expiry_reason(backup: BackupSet, policy: Policy) -> str:
     return f"backup of unknown kind (manifest unreadable, kept as monthly) older than {setting}"
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A complete backup past its retention that is kept anyway, and why."""
+
+    backup_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LastGood:
+    """While suspicious backups are newer than every good one: the good ones kept whatever their
+    age (``ids``), and the suspicious ones that make it so (``because``, oldest first)."""
+
+    ids: frozenset[str] = frozenset()
+    because: tuple[str, ...] = ()
+
+    def reason(self, keep_good: int) -> str:
+        shown = ", ".join(self.because[:SHOWN_SUSPICIOUS])
+        more = len(self.because) - SHOWN_SUSPICIOUS
+        shown += f" and {more} more" if more > 0 else ""
+        return f"one of the last {keep_good} good backups while newer ones are suspicious ({shown})"
+
+
+def _believable(backups: list[BackupSet], now: datetime) -> list[BackupSet]:
+    """The complete backups that may count as the newest: trusted and not dated after ``now`` +
+    CLOCK_SKEW (all complete ones when none is)."""
+    complete = [b for b in backups if b.complete]
+    return [b for b in complete if b.trusted and b.started <= now + CLOCK_SKEW] or complete
+
+
+def _newest(backups: list[BackupSet]) -> BackupSet | None:
+    return max(backups, key=lambda b: (b.started, b.backup_id), default=None)
+
+
+def last_good(
+    backups: Iterable[BackupSet], now: datetime, policy: Policy, suspicious: frozenset[str]
+) -> LastGood:
+    """Given the stored backups and the ids of the suspicious, unaccepted ones, return the newest
+    ``policy.keep_good`` good complete backups if a suspicious one is newer than all of them,
+    with those suspicious ones (nothing when none is, or ``keep_good`` is 0). Only trusted
+    backups not dated after ``now`` + CLOCK_SKEW count, suspicious or good."""
+    counted = sorted(
+        (b for b in backups if b.complete and b.trusted and b.started <= now + CLOCK_SKEW),
+        key=lambda b: (b.started, b.backup_id),
+    )
+    good = [b for b in counted if b.kind in KINDS and b.backup_id not in suspicious]
+    if policy.keep_good <= 0 or not good:
+        return LastGood()
+    newer = [b.backup_id for b in counted[counted.index(good[-1]) + 1 :] if b.backup_id in suspicious]
+    if not newer:
+        return LastGood()
+    return LastGood(frozenset(b.backup_id for b in good[-policy.keep_good :]), tuple(newer))
+
+
 def decide(
-    backups: Iterable[BackupSet], now: datetime, policy: Policy, ended: frozenset[str] = frozenset()
+    backups: Iterable[BackupSet],
+    now: datetime,
+    policy: Policy,
+    ended: frozenset[str] = frozenset(),
+    suspicious: frozenset[str] = frozenset(),
 ) -> list[Deletion]:
     """Given the stored backups, the time and the policy, return what to delete, sorted by backup
     and with each manifest before its other files. Never the newest complete backup, never a
     backup within its retention, never a backup without a manifest that is younger than the
-    policy's grace (it may be in progress) unless its id is in ``ended`` (its run failed). The
+    policy's grace (it may be in progress) unless its id is in ``ended`` (its run failed), never
+    one of the last good backups while newer ones are in ``suspicious`` (``last_good``). The
     newest is chosen among the trusted backups not dated after ``now`` + CLOCK_SKEW (when there are
     any): a forged or future-dated manifest must not leave the real last backup unprotected."""
     backups = list(backups)
-    complete = [b for b in backups if b.complete]
-    believable = [b for b in complete if b.trusted and b.started <= now + CLOCK_SKEW] or complete
-    newest = max(believable, key=lambda b: (b.started, b.backup_id)).backup_id if complete else None
+    newest = _newest(_believable(backups, now))
+    spared = last_good(backups, now, policy, suspicious).ids
     deletions: list[Deletion] = []
     for backup in backups:
-        if backup.backup_id != newest:
-            deletions += _decide_one(backup, now, policy, backup.backup_id in ended)
+        if newest is None or backup.backup_id != newest.backup_id:
+            deletions += _decide_one(
+                backup, now, policy, backup.backup_id in ended, backup.backup_id in spared
+            )
     return sorted(deletions)
 
 
-def _decide_one(backup: BackupSet, now: datetime, policy: Policy, ended: bool) -> list[Deletion]:
+def kept(
+    backups: Iterable[BackupSet], now: datetime, policy: Policy, suspicious: frozenset[str]
+) -> list[Kept]:
+    """Given what ``decide`` is given, return the complete backups past their retention that it
+    keeps all the same (the last good ones while newer ones are suspicious), oldest first, and why."""
+    backups = list(backups)
+    guard = last_good(backups, now, policy, suspicious)
+    reason = guard.reason(policy.keep_good)
+    spared = [b for b in backups if b.backup_id in guard.ids and now > keep_until(b, policy)]
+    return [Kept(b.backup_id, reason) for b in sorted(spared, key=lambda b: (b.started, b.backup_id))]
+
+
+def _decide_one(
+    backup: BackupSet, now: datetime, policy: Policy, ended: bool, spared: bool = False
+) -> list[Deletion]:
     age = now - backup.started
     if not backup.complete:
         if ended:
@@ -139,7 +222,7 @@ def _decide_one(backup: BackupSet, now: datetime, policy: Policy, ended: bool) -
         if age <= policy.in_progress_grace:
             return []
         return _delete(backup, ROLE_ORDER, "no manifest: debris of a failed or interrupted run")
-    if now > keep_until(backup, policy):
+    if now > keep_until(backup, policy) and not spared:
         return _delete(backup, ROLE_ORDER, expiry_reason(backup, policy))
     found = []
     if age > timedelta(days=policy.logs_retention_days):

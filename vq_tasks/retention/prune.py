@@ -7,7 +7,9 @@ files have no manifest yet and may be old. A real prune then lists the destinati
 reports as ``expired_left`` the backups it meant to delete whole that are still there; it audits
 each backup it touched (one JSON line, operation ``prune``, outcome ``deleted``, with the files
 deleted and how long deleting them took) and records its outcome in Celery's Redis
-(``coordination.record_prune``). A dry run writes nothing anywhere.
+(``coordination.record_prune``). A dry run writes nothing anywhere. Each destination also says
+which backups past their retention it keeps, and why (the last good ones while newer ones are
+suspicious, ``retention.policy.last_good``).
 One destination failing does not spare the other: its error, redacted, goes in its result.
 """
 
@@ -31,7 +33,7 @@ from vq_tasks.errors import redacted_message
 from vq_tasks.logs import Say
 from vq_tasks.manifest import parse_backup_id
 from vq_tasks.retention.plan import Locked, Plan, plan, prune
-from vq_tasks.retention.policy import Deletion
+from vq_tasks.retention.policy import Deletion, Kept
 from vq_tasks.settings import Settings
 from vq_tasks.storage import ROLES, open_storage
 from vq_tasks.storage.base import Storage, StoredObject, Usage
@@ -52,6 +54,7 @@ class DestinationPrune:
     aborted_uploads: list[str] = field(default_factory=list)
     expired_left: list[str] = field(default_factory=list)
     locked: list[Locked] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
     error: str | None = None
     skipped: str | None = None
 
@@ -78,6 +81,7 @@ class DestinationPrune:
                 }
                 for lock in self.locked
             ],
+            "kept": [{"backup_id": k.backup_id, "reason": k.reason} for k in self.kept],
             "error": self.error,
             "skipped": self.skipped,
         }
@@ -205,9 +209,9 @@ def _prune_storage(ctx: _Context, storage: Storage, outcome: DestinationPrune) -
     if ctx.dry_run:
         outcome.deletions = list(result.deletions)
     outcome.stale_staging, outcome.aborted_uploads = result.stale_staging, result.aborted_uploads
-    outcome.locked = result.locked
+    outcome.locked, outcome.kept = result.locked, result.kept
     _report_locks_once(ctx, outcome)
-    return Plan(result.sets, result.deletions)
+    return Plan(result.sets, result.deletions, result.kept, result.suspicious)
 
 
 def _report_locks_once(ctx: _Context, outcome: DestinationPrune) -> None:
@@ -242,10 +246,12 @@ def _check_left(ctx: _Context, storage: Storage, outcome: DestinationPrune, plan
     """List ``storage`` again; put in ``outcome`` the complete backups still past retention that
     the prune meant to delete (all of them when the prune failed before it knew)."""
     kinds: Mapping[str, str] | None = None
+    suspicious: frozenset[str] = frozenset()
     if planned is not None:
         kinds = {b.backup_id: b.kind for b in planned.sets if b.kind is not None}
+        suspicious = planned.suspicious
     try:
-        left = plan(storage, ctx.settings, ctx.now, kinds).expired
+        left = plan(storage, ctx.settings, ctx.now, kinds, suspicious=suspicious).expired
     except Exception as exc:
         outcome.error = outcome.error or f"could not list it again after the prune: {ctx.redacted(exc)}"
         return
@@ -340,6 +346,9 @@ def describe(outcome: DestinationPrune, dry_run: bool, prefix: str, now: datetim
     lines += [f"  aborted the unfinished upload of {name}" for name in outcome.aborted_uploads]
     for lock in outcome.locked:
         lines.append(f"  not yet deletable, locked until {_when(lock.until)}: {lock.deletion.name}")
+    for keep in outcome.kept:
+        days = (now - parse_backup_id(keep.backup_id, prefix)).total_seconds() / 86400
+        lines.append(f"  kept {keep.backup_id} ({days:.1f} days old, past its retention): {keep.reason}")
     if outcome.expired_left:
         lines.append(f"  still there, past retention: {', '.join(outcome.expired_left)}")
     if outcome.error:

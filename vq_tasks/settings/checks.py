@@ -3,9 +3,12 @@ per problem, naming its variables, so that start-up lists every problem at once.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import ssl
 import stat
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
@@ -15,12 +18,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vq_tasks.crypto.encryption import load_identities, parse_recipients
 from vq_tasks.crypto.signing import key_id, load_signing_key, parse_public_keys
 from vq_tasks.errors import PermanentError
+from vq_tasks.settings.secrets import APPRISE_URL_FIELDS, split_urls
 
 if TYPE_CHECKING:
     from vq_tasks.settings.model import Settings
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 19)}  # zstd's 20-22 need far more memory
+URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31})://")
+ANY_URL = re.compile(URL_SCHEME.pattern + r"\S*")
 
 
 def problems(settings: Settings) -> list[str]:
@@ -34,6 +40,7 @@ def problems(settings: Settings) -> list[str]:
         *compression_problems(settings),
         *db_tls_problems(settings),
         *redis_tls_problems(settings),
+        *alert_url_problems(settings),
     ]
 
 
@@ -278,3 +285,74 @@ def db_tls_problems(settings: Settings) -> list[str]:
                 f"take DB_SSL{name}={wanted or 'unset'}): set DB_SSL{name} and unset PGSSL{name}"
             )
     return found
+
+
+def alert_url_problems(settings: Settings) -> list[str]:
+    """Each URL of BACKUP_ALERT_URLS and NOTIFICATION_URLS is an Apprise URL Apprise can load: a
+    known scheme and the tokens it needs. Messages name the variable, the URL's position and its
+    scheme, never the URL (it holds tokens)."""
+    found = []
+    for name in APPRISE_URL_FIELDS:
+        value = getattr(settings, name)
+        urls = split_urls(value.get_secret_value()) if value is not None else []
+        found += [
+            f"{name.upper()}: URL {position} {problem}"
+            for position, url in enumerate(urls, start=1)
+            if (problem := apprise_url_problem(url))
+        ]
+    return found
+
+
+def apprise_url_problem(url: str) -> str | None:
+    """Return why Apprise cannot load ``url`` (naming its scheme only), or None when it can."""
+    quiet_apprise()  # before the import: Apprise logs as it loads
+    import apprise
+
+    scheme = URL_SCHEME.match(url)
+    if scheme is None:
+        return "is no URL (scheme://...): see https://github.com/caronc/apprise/wiki for the forms"
+    if apprise.Apprise.instantiate(url) is not None:
+        return None
+    if scheme[1].lower() not in apprise.NotificationManager():
+        return f"({scheme[1]}://): Apprise knows no such scheme (slack, workflows, tgram, json, ...)"
+    return f"({scheme[1]}://) is not one Apprise can use: a token or part of it is missing or malformed"
+
+
+class AppriseLogGuard(logging.Filter):
+    """Stop every record of Apprise's logger before any handler sees it: Apprise logs URLs whole
+    ("Unparseable URL ...") and tokens it finds invalid. The last warning of each thread is kept,
+    its URLs cut to their scheme, for whoever called Apprise to report as the reason (take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            try:
+                self._local.text = without_urls(record.getMessage())
+            except Exception:  # a malformed record of Apprise's: its template says enough
+                self._local.text = without_urls(str(record.msg))
+        return False
+
+    def take(self) -> str:
+        """Return the last warning of this thread since the previous take ("" if none)."""
+        text, self._local.text = getattr(self._local, "text", ""), ""
+        return text
+
+
+def quiet_apprise() -> AppriseLogGuard:
+    """Return the guard on Apprise's logger, put there (and the logger set to WARNING) the first time."""
+    logger = logging.getLogger("apprise")
+    for guard in logger.filters:
+        if isinstance(guard, AppriseLogGuard):
+            return guard
+    guard = AppriseLogGuard()
+    logger.addFilter(guard)
+    logger.setLevel(logging.WARNING)
+    return guard
+
+
+def without_urls(text: str) -> str:
+    """Return ``text`` with every URL in it cut to its scheme (``json://...``)."""
+    return ANY_URL.sub(r"\1://...", text)

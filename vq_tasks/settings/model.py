@@ -89,6 +89,19 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
     backup_logs_window_days: int = Field(7, ge=1)
     backup_name_prefix: str = Field("virtualqueue_backup", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
+    # Anomaly checks: each backup compared with the good complete backups before it
+    backup_anomaly_window: int = Field(7, ge=0, le=100)  # 0: no comparison
+    backup_anomaly_table_drop_percent: int = Field(50, ge=1, le=100)
+    backup_anomaly_rows_drop_percent: int = Field(50, ge=1, le=100)
+    backup_anomaly_keys_drop_percent: int = Field(50, ge=1, le=100)
+    backup_anomaly_size_drop_percent: int = Field(50, ge=1, le=100)
+    backup_anomaly_table_gone: bool = True
+    backup_anomaly_config_gone: bool = True
+    backup_anomaly_min_rows: int = Field(1000, ge=0)  # smaller tables (and totals) are not compared
+    backup_anomaly_min_keys: int = Field(1000, ge=0)
+    backup_anomaly_min_bytes: int = Field(1 << 20, ge=0)
+    backup_anomaly_keep_good: int = Field(3, ge=0)
+
     # Storage and staging
     backup_storage_provider: str = "Local"
     backup_storage_path: str = "/var/backups/virtualqueue"
@@ -169,8 +182,10 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
 
     # Alerts
     notification_email: str | None = None
+    notification_urls: SecretStr | None = None  # Apprise URLs, comma- or space-separated
     backup_alert_on_failure: bool = True
     backup_alert_email: str | None = None
+    backup_alert_urls: SecretStr | None = None
     smtp_host: str = "localhost"
     smtp_port: int = Field(25, ge=1, le=65535)
     smtp_user: str | None = None

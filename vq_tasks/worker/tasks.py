@@ -19,6 +19,7 @@ from vq_tasks.crypto import signing
 from vq_tasks.errors import PermanentError, TransientError, is_transient, redact, redacted_message
 from vq_tasks.manifest import Component, Kind, parse_backup_id
 from vq_tasks.monitoring.alerts import AlertEvent, deliver, retention_event
+from vq_tasks.monitoring.suspicious import suspicious_event, verdict
 from vq_tasks.retention.plan import policy
 from vq_tasks.retention.policy import retention_start
 from vq_tasks.retention.prune import prune_all
@@ -218,6 +219,7 @@ def _after_manifest(settings, backup_id: str, manifest) -> None:
         "kind": manifest.kind,
         "size_bytes": str(size),
         "duration_seconds": str(manifest.duration_seconds),
+        "anomalies": verdict(manifest),
     }
     try:
         _audit_run(settings, backup_id, "succeeded", kind=manifest.kind, size_bytes=size)
@@ -227,6 +229,7 @@ def _after_manifest(settings, backup_id: str, manifest) -> None:
         else:
             prune.delay()
         _alert(AlertEvent(condition="backup", backup_id=backup_id, observed_at=manifest.finished_at))
+        _alert(suspicious_event(manifest))
         _alert(AlertEvent(condition="success", backup_id=backup_id, summary=summary))
     except Exception as exc:
         logger.error("backup %s is complete, but cleaning up after it failed: %s", backup_id, exc)

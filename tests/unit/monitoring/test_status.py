@@ -16,12 +16,16 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from vq_tasks.catalog.acceptance import Acceptance, manifest_digest
+from vq_tasks.catalog.listing import load_manifest
 from vq_tasks.manifest import (
+    Anomaly,
     Checksums,
     ComponentEntry,
     FilesFacts,
     Manifest,
     StoredFile,
+    acceptance_name,
     manifest_name,
     new_backup_id,
 )
@@ -38,6 +42,7 @@ from vq_tasks.monitoring.status import (
 )
 from vq_tasks.settings import load_settings
 from vq_tasks.storage.base import StorageError
+from vq_tasks.storage.local import LocalStorage
 
 NOW = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)
 PREFIX = "virtualqueue_backup"
@@ -208,6 +213,8 @@ def test_the_metrics_of_a_snapshot():
     assert values[("vq_backup_last_run_success", ())] == 0
     assert values[("vq_backup_run_in_progress", ())] == 1
     assert values[("vq_backup_last_size_bytes", ())] == 1200
+    assert values[("vq_backup_last_backup_suspicious", ())] == 0
+    assert values[("vq_backup_last_backup_anomalies", ())] == 0
     assert values[("vq_backup_component_size_bytes", (("component", "database"),))] == 700
     assert values[("vq_backup_component_duration_seconds", (("component", "database"),))] == 30.5
     assert ("vq_backup_component_size_bytes", (("component", "logs"),)) not in values
@@ -220,6 +227,34 @@ def test_the_metrics_of_a_snapshot():
     assert values[("vq_backup_last_drill_duration_seconds", ())] == 42.5
     assert values[("vq_backup_health_check", (("check", "last_backup"),))] == 1
     assert values[("vq_backup_status_timestamp_seconds", ())] == NOW.timestamp()
+
+
+DROP = Anomaly(
+    kind="total_rows", subject="all tables", before=1_000_000, after=12, text="rows: 1,000,000 → 12"
+)
+
+
+def suspicion(status: Status) -> dict[str, float]:
+    values = samples(render(status, settings()).decode())
+    names = ("vq_backup_last_backup_suspicious", "vq_backup_last_backup_anomalies")
+    return {name: values[(name, ())] for name in names if (name, ()) in values}
+
+
+def test_a_suspicious_newest_backup_is_1_until_accepted_and_unknown_has_no_sample():
+    flagged = manifest(NOW - timedelta(hours=2)).model_copy(update={"anomalies": [DROP, DROP]})
+    assert snapshot(last_manifest=flagged).last_suspicious is True
+    assert suspicion(snapshot(last_manifest=flagged)) == {
+        "vq_backup_last_backup_suspicious": 1,
+        "vq_backup_last_backup_anomalies": 2,
+    }
+    assert suspicion(snapshot(last_manifest=flagged, last_accepted=True)) == {
+        "vq_backup_last_backup_suspicious": 0,
+        "vq_backup_last_backup_anomalies": 2,
+    }
+    unknown = snapshot(last_manifest=flagged, last_accepted=None)  # the acceptance could not be read
+    assert unknown.last_suspicious is None
+    assert suspicion(unknown) == {"vq_backup_last_backup_anomalies": 2}
+    assert suspicion(snapshot(last_manifest=None)) == {}
 
 
 def failure_samples(status: Status) -> dict[tuple[str, str], float]:
@@ -330,6 +365,41 @@ def test_reading_local_storage_with_redis_down(tmp_path, monkeypatch):
     assert len(loads) == 2  # manifests are read once
     (root / manifest_name(old.backup_id)).unlink()
     assert reader.read(NOW).destinations["primary"].backups["manual"] == 0
+
+
+def test_the_acceptance_of_a_suspicious_newest_backup_is_read_when_listed(tmp_path):
+    root = tmp_path / "backups"
+    flagged = manifest(NOW - timedelta(hours=3)).model_copy(update={"anomalies": [DROP]})
+    store(root, flagged)
+    reader = StatusReader(settings(backup_storage_path=str(root)))
+    found = reader.read(NOW)
+    assert (found.last_manifest, found.last_accepted, found.last_suspicious) == (flagged, False, True)
+    stored = load_manifest(LocalStorage(root), flagged.backup_id)
+    record = Acceptance(
+        backup_id=flagged.backup_id, accepted_at=NOW, by="cli:ops", reason="planned",
+        manifest_sha256=manifest_digest(stored),
+    )  # fmt: skip
+    (root / acceptance_name(flagged.backup_id)).write_text(record.model_dump_json())
+    assert reader.read(NOW).last_suspicious is False
+    other = record.model_copy(update={"manifest_sha256": "f" * 64})  # another manifest's
+    (root / acceptance_name(flagged.backup_id)).write_text(other.model_dump_json())
+    found = reader.read(NOW)
+    assert (found.last_accepted, found.last_suspicious) == (False, True)
+
+
+def test_good_backups_kept_while_newer_ones_are_suspicious_are_not_counted_expired(tmp_path):
+    """Retention keeps the last good backups past their age while newer ones are suspicious: the
+    exporter must not count them expired (VQBackupExpiredBackupsRemain would fire for nothing)."""
+    root = tmp_path / "backups"
+    old = manifest(NOW - timedelta(days=40))
+    store(root, old)
+    store(root, manifest(NOW - timedelta(hours=3)).model_copy(update={"anomalies": [DROP]}))
+    reader = StatusReader(settings(backup_storage_path=str(root), backup_retention_days=30))
+    assert reader.read(NOW).destinations["primary"].expired == 0
+    off = StatusReader(
+        settings(backup_storage_path=str(root), backup_retention_days=30, backup_anomaly_keep_good=0)
+    )
+    assert off.read(NOW).destinations["primary"].expired == 1
 
 
 def test_a_storage_that_fails_is_reported_redacted(tmp_path, monkeypatch):

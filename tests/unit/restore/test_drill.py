@@ -8,13 +8,18 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.unit.verify.test_verify import BACKUP_ID, BROKER, make_backup
+from tests.unit.verify.test_verify import BACKUP_ID, BROKER, make_backup, write_manifest
+from vq_tasks.catalog.acceptance import Acceptance, manifest_digest
+from vq_tasks.catalog.listing import load_manifest
+from vq_tasks.cli.drill import print_drill_report
 from vq_tasks.cli.main import main
 from vq_tasks.errors import PermanentError
+from vq_tasks.manifest import Anomaly, acceptance_name
 from vq_tasks.monitoring.alerts import AlertEvent, compose, recipients
 from vq_tasks.restore.drill import (
     DrillReport,
     alert_event,
+    anomaly_verdict,
     run_drill,
     scratch_database_name,
     scratch_settings,
@@ -138,3 +143,35 @@ def test_a_drill_without_a_complete_backup_fails_in_the_cli_with_exit_1(tmp_path
     assert "restore drill FAILED" in out and "no alert sent" in out
     assert main(["drill", "../x"]) == 1
     assert "not a backup id" in capsys.readouterr().err
+
+
+def test_the_report_carries_the_backups_anomaly_verdict_beside_the_checks(tmp_path, capsys):
+    """Suspicious, accepted or good: the verdict is reported, and decides nothing of the drill."""
+    backup = make_backup(tmp_path)
+    good = backup.manifest
+    assert anomaly_verdict(backup.storage, backup.settings, good) == "not compared (no good backup before it)"
+    drop = Anomaly(kind="total_rows", subject="all tables", before=200_000, after=3, text="rows: 200,000 → 3")
+    window = ["virtualqueue_backup_20240114_020000"]
+    flagged = good.model_copy(update={"anomalies": [drop], "compared_with": window})
+    write_manifest(backup.storage, flagged)
+    stored = load_manifest(backup.storage, BACKUP_ID)
+    assert anomaly_verdict(backup.storage, backup.settings, stored) == "SUSPICIOUS: rows: 200,000 → 3"
+    record = Acceptance(
+        backup_id=BACKUP_ID, accepted_at=AT, by="cli:ops", reason="planned",
+        manifest_sha256=manifest_digest(stored),
+    )  # fmt: skip
+    with backup.storage.open_write(acceptance_name(BACKUP_ID)) as out:
+        out.write(record.model_dump_json().encode())
+    verdict = anomaly_verdict(backup.storage, backup.settings, stored)
+    assert verdict == "accepted as intended: rows: 200,000 → 3"
+
+    passed = failed_report({}).model_copy(update={"anomaly_verdict": "SUSPICIOUS: rows: 200,000 → 3"})
+    passed.integrity.checks[0].ok = True
+    assert passed.ok  # a suspicious backup that restores is a drill that passes
+    print_drill_report(passed)
+    out = capsys.readouterr().out
+    table, rest = out.split("\nanomalies: SUSPICIOUS: rows: 200,000 → 3\n")
+    assert "database rows" in table and "restore drill OK" in rest
+    assert DrillReport.model_validate_json(passed.model_dump_json()).anomaly_verdict == passed.anomaly_verdict
+    print_drill_report(failed_report({"lock": "refused"}))  # never read: no line
+    assert "anomalies:" not in capsys.readouterr().out
