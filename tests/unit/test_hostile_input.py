@@ -590,8 +590,7 @@ def test_a_path_given_as_a_backup_id_never_becomes_a_staging_folder(tmp_path):
 
 
 def test_finalize_refuses_a_record_naming_a_file_outside_its_staging_folder(tmp_path):
-    from vq_tasks.backup.pipeline import _check_staged_paths
-    from vq_tasks.backup.staging import StagingArea
+    from vq_tasks.backup.staging import StagingArea, check_staged_paths
     from vq_tasks.manifest import StagedMember, StagedPart
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
@@ -607,19 +606,18 @@ def test_finalize_refuses_a_record_naming_a_file_outside_its_staging_folder(tmp_
     forged = StagedPart.model_construct(
         component="database", member="database.sql", path="/etc/shadow", worker="w1"
     )
-    _check_staged_paths({"redis": good}, area)
+    check_staged_paths({"redis": good}, area)
     with pytest.raises(PermanentError, match=r"database\.sql are not in"):
-        _check_staged_paths({"redis": good, "database": forged}, area)
+        check_staged_paths({"redis": good, "database": forged}, area)
     roles = StagedMember.model_construct(member="globals.sql", path="/etc/shadow")
     with pytest.raises(PermanentError, match=r"globals\.sql are not in"):
-        _check_staged_paths({"redis": good.model_copy(update={"extras": [roles]})}, area)
+        check_staged_paths({"redis": good.model_copy(update={"extras": [roles]})}, area)
 
 
 def test_finalize_on_a_worker_that_does_not_see_the_staged_parts_says_staging_must_be_shared(tmp_path):
     """A worker whose BACKUP_STAGING_DIR is not the folder the dumps wrote to (no shared volume)
     fails clearly, naming the part and the worker that staged it, instead of storing less."""
-    from vq_tasks.backup.pipeline import _check_staged_paths
-    from vq_tasks.backup.staging import StagingArea
+    from vq_tasks.backup.staging import StagingArea, check_staged_paths
     from vq_tasks.manifest import StagedPart
 
     area = StagingArea(tmp_path / "staging", "virtualqueue_backup_20240115_020000")
@@ -640,4 +638,4 @@ def test_finalize_on_a_worker_that_does_not_see_the_staged_parts_says_staging_mu
         worker="host-b",
     )
     with pytest.raises(PermanentError, match=r"database.sql \(staged by host-b\).*every worker shares"):
-        _check_staged_paths({"redis": seen, "database": elsewhere}, area)
+        check_staged_paths({"redis": seen, "database": elsewhere}, area)

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import StagedMember
+from vq_tasks.manifest import BUNDLED, Component, StagedMember, StagedPart
 from vq_tasks.streams.compress import gzip_member, zstd_frame
 from vq_tasks.streams.stages import CHUNK_SIZE, HashStage, Nowhere, Writer
 
@@ -84,3 +84,14 @@ def copy_staged(part: StagedMember, out: Writer) -> None:
             f"the {part.describe()} at {path} changed after it was written "
             f"({size} bytes, expected {part.staged_size}): refusing to store it"
         )
+
+
+def write_bundle(
+    out: Writer, parts: dict[Component, StagedPart], compression: str, started: datetime
+) -> None:
+    """Write the bundle of ``parts``: each bundled component's members in order, then the end."""
+    bundle = BundleWriter(out, compression, started)
+    for component in BUNDLED:
+        for member in [parts[component], *parts[component].extras]:
+            bundle.add(member)
+    bundle.close()

@@ -8,8 +8,6 @@ Every step can run again after a redelivery without producing a second backup.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -19,15 +17,15 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from vq_tasks import coordination
-from vq_tasks.backup.bundle import BundleWriter, copy_staged
+from vq_tasks.backup.bundle import copy_staged, write_bundle
+from vq_tasks.backup.objects import commit_object, store_object
 from vq_tasks.backup.roles import stage_globals, with_globals
-from vq_tasks.backup.staging import Producer, StagingArea, stage_part
+from vq_tasks.backup.staging import Producer, StagingArea, check_staged_paths, parts_by_component, stage_part
 from vq_tasks.catalog.anomalies import Thresholds, find_anomalies, good_window
 from vq_tasks.catalog.listing import load_manifest, readable_manifests
 from vq_tasks.crypto import encryption, signing
-from vq_tasks.crypto.age import X25519Recipient
 from vq_tasks.crypto.signing import detached_signature, load_signing_key, manifest_document
-from vq_tasks.errors import PermanentError, is_transient, redacted_message
+from vq_tasks.errors import is_transient, redacted_message
 from vq_tasks.manifest import (
     BUNDLED,
     COMPONENTS,
@@ -36,9 +34,7 @@ from vq_tasks.manifest import (
     Kind,
     LockInfo,
     Manifest,
-    StagedMember,
     StagedPart,
-    StoredFile,
     bundle_name,
     data_names,
     kind_for,
@@ -56,9 +52,9 @@ from vq_tasks.sources.files import archive_config, archive_logs
 from vq_tasks.sources.postgres import dump_database
 from vq_tasks.sources.redis import dump_redis
 from vq_tasks.storage import open_storage
-from vq_tasks.storage.base import Storage, StorageError
+from vq_tasks.storage.base import Storage
 from vq_tasks.streams.compress import BlockStage, compression_stage
-from vq_tasks.streams.stages import HashStage, Writer
+from vq_tasks.streams.stages import Writer
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +238,8 @@ def finalize(
     storage = open_storage(settings)
     if storage.stat(manifest_name(backup_id)) is not None:
         return load_manifest(storage, backup_id)
-    parts = _parts_by_component(records, settings.compression)
-    _check_staged_paths(parts, StagingArea(settings.backup_staging_dir, backup_id))
+    parts = parts_by_component(records, settings.compression)
+    check_staged_paths(parts, StagingArea(settings.backup_staging_dir, backup_id))
     started = datetime.fromisoformat(started_at)
     compression = settings.compression
     recipients = encryption.recipients_of(settings)  # None: stored as is
@@ -252,16 +248,16 @@ def finalize(
     # before the upload: a storage that cannot be read fails (and retries) finalize before it
     window = good_window(storage, settings, started) if settings.backup_anomaly_window else []
     with coordination.heartbeat(coordination.client(settings), backup_id, settings.backup_lock_ttl):
-        bundle = _store(
+        bundle = store_object(
             storage,
             bundle_name(backup_id, compression, encrypted=bool(recipients)),
-            lambda out: _write_bundle(out, parts, compression, started),
+            lambda out: write_bundle(out, parts, compression, started),
             recipients,
             fence,
             backup_lock,
         )
         logs_stored_as = stored_name(parts["logs"].member, encrypted=bool(recipients))
-        logs = _store(
+        logs = store_object(
             storage,
             logs_stored_as,
             lambda out: copy_staged(parts["logs"], out),
@@ -303,98 +299,9 @@ def finalize(
     signature = None
     if settings.backup_signing_key_file is not None:  # detached, over these bytes; written first
         signature = detached_signature(document, load_signing_key(settings.backup_signing_key_file))
-        _commit(storage, signature_name(backup_id), signature, fence, backup_lock)
-    _commit(storage, manifest_name(backup_id), document, fence, backup_lock)
+        commit_object(storage, signature_name(backup_id), signature, fence, backup_lock)
+    commit_object(storage, manifest_name(backup_id), document, fence, backup_lock)
     return manifest.as_stored(document, None if signature is None else signature.decode().strip())
-
-
-def _commit(
-    storage: Storage, name: str, data: bytes, fence: Callable[[], None], retain_until: datetime | None = None
-) -> None:
-    """Store the small object ``name`` (locked until ``retain_until`` if given); ``fence`` is
-    called before it is committed."""
-    with storage.open_write(name, retain_until) as out:
-        out.write(data)
-        fence()
-
-
-def _parts_by_component(records: list[dict], compression: str) -> dict[Component, StagedPart]:
-    """Return the staged parts by component. Raise PermanentError if one is missing or was
-    staged with another compression than this worker's (workers must agree)."""
-    parts = {p.component: p for p in (StagedPart.model_validate(r) for r in records)}
-    missing = [c for c in COMPONENTS if c not in parts]
-    if missing:
-        raise PermanentError(f"finalize got no record for {', '.join(missing)}")
-    mixed = [f"{p.component} ({p.compression})" for p in parts.values() if p.compression != compression]
-    if mixed:
-        raise PermanentError(
-            f"{', '.join(mixed)} staged with another compression than this worker's ({compression}): "
-            "every worker must have the same COMPRESSION_ENABLED and COMPRESSION_ALGORITHM"
-        )
-    return parts
-
-
-def _check_staged_paths(parts: dict[Component, StagedPart], area: StagingArea) -> None:
-    """Refuse records whose staged path is not this backup's staging folder: finalize copies the
-    file a record names into the backup, so a forged record must not name /etc/shadow."""
-    folder = area.folder.resolve()
-    files = [(p, m) for p in parts.values() for m in [p, *p.extras]]
-    outside = [m.member for p, m in files if Path(m.path).resolve().parent != folder]
-    if outside:
-        raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
-    unseen = [f"{m.member} (staged by {p.worker})" for p, m in files if not _seen(m)]
-    if unseen:
-        raise PermanentError(
-            f"staged part(s) {', '.join(unseen)} are not in {area.folder} on {socket.gethostname()}: "
-            "BACKUP_STAGING_DIR must be one folder that every worker shares (a shared volume or NFS)"
-        )
-
-
-def _seen(part: StagedMember) -> bool:
-    """Whether this worker sees the staged file of ``part``, at the size it was staged with."""
-    try:
-        return os.stat(part.path).st_size == part.staged_size
-    except OSError:
-        return False
-
-
-def _write_bundle(
-    out: Writer, parts: dict[Component, StagedPart], compression: str, started: datetime
-) -> None:
-    bundle = BundleWriter(out, compression, started)
-    for component in BUNDLED:
-        for member in [parts[component], *parts[component].extras]:
-            bundle.add(member)
-    bundle.close()
-
-
-def _store(
-    storage: Storage,
-    name: str,
-    write: Callable[[Writer], object],
-    recipients: list[X25519Recipient] | None = None,
-    fence: Callable[[], None] = lambda: None,
-    retain_until: datetime | None = None,
-) -> StoredFile:
-    """Write one object through a hash stage, encrypted to ``recipients`` on the way if any (the
-    checksums are then those of the encrypted bytes, as stored), and check that storage holds
-    exactly that size. ``fence`` is called before the object is committed; it is locked until
-    ``retain_until`` if given."""
-    with storage.open_write(name, retain_until) as out:
-        hashed = HashStage(out)  # in this thread: a background one would hold its chunks in flight
-        if recipients:
-            sealed = encryption.encrypting(hashed, recipients)
-            write(sealed)
-            sealed.close()
-        else:
-            write(hashed)
-        fence()
-    checks = hashed.checksums()
-    stored = storage.stat(name)
-    if stored is None or stored.size != checks.size:
-        found = "nothing" if stored is None else f"{stored.size} bytes"
-        raise StorageError(f"{storage.describe()}/{name}: wrote {checks.size} bytes, storage has {found}")
-    return StoredFile(name=name, size=checks.size, md5=checks.md5, sha256=checks.sha256)
 
 
 def after_success(settings: Settings, backup_id: str) -> None:

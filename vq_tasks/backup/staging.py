@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from vq_tasks.errors import PermanentError
-from vq_tasks.manifest import BACKUP_ID, Component, Facts, StagedMember, StagedPart
+from vq_tasks.manifest import BACKUP_ID, COMPONENTS, Component, Facts, StagedMember, StagedPart
 from vq_tasks.settings import Settings
 from vq_tasks.streams.compress import BlockStage, compression_stage
 from vq_tasks.streams.stages import HashStage, ProgressStage, Stage, Writer
@@ -155,3 +155,43 @@ def _staging_errors(settings: Settings) -> Iterator[None]:
 def _compression(settings: Settings, downstream: Writer, level: int | None) -> Writer:
     chosen = settings.effective_compression_level if level is None else level
     return compression_stage(downstream, settings.compression, chosen, settings.compression_threads)
+
+
+def parts_by_component(records: list[dict], compression: str) -> dict[Component, StagedPart]:
+    """Return the staged parts by component. Raise PermanentError if one is missing or was
+    staged with another compression than this worker's (workers must agree)."""
+    parts = {p.component: p for p in (StagedPart.model_validate(r) for r in records)}
+    missing = [c for c in COMPONENTS if c not in parts]
+    if missing:
+        raise PermanentError(f"finalize got no record for {', '.join(missing)}")
+    mixed = [f"{p.component} ({p.compression})" for p in parts.values() if p.compression != compression]
+    if mixed:
+        raise PermanentError(
+            f"{', '.join(mixed)} staged with another compression than this worker's ({compression}): "
+            "every worker must have the same COMPRESSION_ENABLED and COMPRESSION_ALGORITHM"
+        )
+    return parts
+
+
+def check_staged_paths(parts: dict[Component, StagedPart], area: StagingArea) -> None:
+    """Refuse records whose staged path is not this backup's staging folder: finalize copies the
+    file a record names into the backup, so a forged record must not name /etc/shadow."""
+    folder = area.folder.resolve()
+    files = [(p, m) for p in parts.values() for m in [p, *p.extras]]
+    outside = [m.member for p, m in files if Path(m.path).resolve().parent != folder]
+    if outside:
+        raise PermanentError(f"staged part(s) {', '.join(outside)} are not in {area.folder}: refused")
+    unseen = [f"{m.member} (staged by {p.worker})" for p, m in files if not _seen(m)]
+    if unseen:
+        raise PermanentError(
+            f"staged part(s) {', '.join(unseen)} are not in {area.folder} on {socket.gethostname()}: "
+            "BACKUP_STAGING_DIR must be one folder that every worker shares (a shared volume or NFS)"
+        )
+
+
+def _seen(part: StagedMember) -> bool:
+    """Whether this worker sees the staged file of ``part``, at the size it was staged with."""
+    try:
+        return os.stat(part.path).st_size == part.staged_size
+    except OSError:
+        return False

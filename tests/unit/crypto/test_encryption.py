@@ -30,7 +30,8 @@ from tests.unit.verify.test_verify import (
     stage_redis,
 )
 from vq_tasks.backup import pipeline
-from vq_tasks.backup.bundle import copy_staged
+from vq_tasks.backup.bundle import copy_staged, write_bundle
+from vq_tasks.backup.objects import store_object
 from vq_tasks.backup.offsite import copy_backup
 from vq_tasks.catalog.listing import backup_sets
 from vq_tasks.crypto import encryption
@@ -115,13 +116,13 @@ def make_encrypted(tmp_path: Path, compression: Compression = "gzip") -> Encrypt
     }
     storage = open_storage(settings)
     recipients = encryption.recipients_of(settings)
-    bundle = pipeline._store(
+    bundle = store_object(
         storage,
         bundle_name(BACKUP_ID, compression, encrypted=True),
-        lambda out: pipeline._write_bundle(out, parts, compression, STARTED),
+        lambda out: write_bundle(out, parts, compression, STARTED),
         recipients,
     )
-    logs_file = pipeline._store(
+    logs_file = store_object(
         storage,
         stored_name(parts["logs"].member, True),
         lambda out: copy_staged(parts["logs"], out),
