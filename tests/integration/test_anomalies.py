@@ -11,14 +11,7 @@ import time
 import pytest
 
 from tests.integration.conftest import fill_database, fill_redis, pg_connect, run_cli, settings_env
-from tests.integration.test_restore import make_backup as make_one
-
-
-def make_backup(env: dict[str, str], storage) -> tuple[str, dict]:
-    """A backup, in a second of its own (an id is the second it started)."""
-    time.sleep(1.1)
-    return make_one(env, storage)
-
+from tests.integration.test_restore import make_backup
 
 pytestmark = pytest.mark.integration
 REFILL = "INSERT INTO events (ticket_id, kind) SELECT ticket_id, kind FROM events, generate_series(1, 130)"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.emulators import CountingProxy, Emulator, azurite_connection_string, create_bucket, storage_env
-from tests.integration.conftest import fill_database, run_cli
+from tests.integration.conftest import fill_database, run_backup, run_cli
 from tests.integration.test_restore import call_restore, change_everything, snapshot
 from tests.servers import redis_server_binary
 from vq_tasks.manifest import manifest_name
@@ -61,9 +61,7 @@ def names_in(storage: Storage) -> list[str]:
 
 
 def backup_now(env: dict[str, str]) -> str:
-    made = run_cli(env, "run", "--wait")
-    assert made.returncode == 0, made.stdout + made.stderr
-    return made.stdout.strip().splitlines()[-1]
+    return run_backup(env)
 
 
 def test_backup_list_verify_restore_prune_and_offsite(

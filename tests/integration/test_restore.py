@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import fill_database, pg_connect, redis_value, run_cli
+from tests.integration.conftest import fill_database, pg_connect, redis_value, run_backup, run_cli
 from tests.servers import RedisServer, redis_server_binary
 from vq_tasks.cli.run import unsubscribe
 
@@ -31,9 +31,7 @@ def env(base_env) -> dict[str, str]:
 
 
 def make_backup(env: dict[str, str], storage: Path) -> tuple[str, dict[str, Any]]:
-    made = run_cli(env, "run", "--wait")
-    assert made.returncode == 0, made.stdout + made.stderr
-    backup_id = made.stdout.strip().splitlines()[-1]
+    backup_id = run_backup(env)
     return backup_id, json.loads((storage / f"{backup_id}_manifest.json").read_text())
 
 
