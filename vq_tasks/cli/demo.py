@@ -68,15 +68,37 @@ class DemoError(Exception):
     """A step of the demo failed; the message says which and why."""
 
 
+class _Interrupt:
+    """Ctrl-C and SIGTERM: noted, then raised as KeyboardInterrupt. Noted because Python drops a
+    KeyboardInterrupt raised while a finalizer runs (a redis-py pool's __del__, say): the next
+    step, or the end, raises it again, so an interrupted demo never carries on to its end."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+_INTERRUPT = _Interrupt()
+
+
 def run_demo(keep: bool = False, folder: Path | None = None) -> int:
     """Run the quick start in ``folder`` (default ``./.demo``) and return the exit code. Stop all it
     started before returning, also on Ctrl-C and SIGTERM; remove the folder unless ``keep``."""
     root = (folder or Path.cwd() / DEMO_FOLDER).resolve()
-    previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _INTERRUPT.seen = False
+    previous = signal.signal(signal.SIGINT, _INTERRUPT), signal.signal(signal.SIGTERM, _INTERRUPT)
     stack = contextlib.ExitStack()
     try:
         _prepare_folder(root, stack, keep)
         _run(root, stack)
+        _INTERRUPT.check()
         print(f"\ndemo complete: a real worker backed up PostgreSQL, Redis, config and logs in {root},")
         print("and a restore drill brought the backup back into scratch copies, checked and removed them")
         return 0
@@ -130,6 +152,7 @@ def _run(root: Path, stack: contextlib.ExitStack) -> None:
 
 
 def _step(number: int, text: str) -> None:
+    _INTERRUPT.check()
     print(f"\n{number}/{STEPS} {text}", flush=True)
 
 

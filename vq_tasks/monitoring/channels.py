@@ -62,7 +62,10 @@ def notify(
 ) -> list[ChannelResult]:
     """Send ``title`` and ``body`` to every URL of ``urls``; return what became of each. ``notice``
     (opened, changed, resolved, summary) sets the kind Apprise shows (failure, warning, success);
-    ``secrets`` are redacted from labels and reasons."""
+    ``secrets`` are redacted from labels and reasons. Without URLs Apprise is not even imported
+    (its import costs a worker tens of MiB)."""
+    if not urls:
+        return []
     guard = quiet_apprise()  # before the import: Apprise logs as it loads
     import apprise
 
