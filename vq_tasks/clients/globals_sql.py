@@ -18,10 +18,11 @@ import codecs
 import re
 from dataclasses import dataclass, field
 
-from vq_tasks.clients.sql_dump import HEADER_LIMIT, dump_encoding, python_codec
+from vq_tasks.clients.sql_dump import HEADER_LIMIT, TAIL_LIMIT, dump_encoding, python_codec
 from vq_tasks.errors import PermanentError
 
 STATEMENT_LIMIT = 1 << 20
+CLOSING_LINE = b"-- PostgreSQL database cluster dump complete"
 SHOWN_WORDS = 4  # of a statement of another shape, in a warning (never a literal: no password)
 _BARE = r"[a-z_][a-z0-9_$]*"  # pg_dumpall quotes every other name
 IDENT = rf'(?:"(?:[^"]|"")+"|{_BARE})'
@@ -113,15 +114,22 @@ def unliteral(literal: str) -> str:
 
 
 class GlobalsReader:
-    """Read globals.sql as it comes (``feed`` its bytes, then ``close``) into a Globals."""
+    """Read globals.sql as it comes (``feed`` its bytes, then ``close``) into a Globals; ``complete``
+    says whether pg_dumpall's closing line ended it."""
 
     def __init__(self) -> None:
         self.globals = Globals()
         self._header = bytearray()
         self._decoder: codecs.IncrementalDecoder | None = None
         self._splitter = _Splitter()
+        self._tail = b""
+
+    @property
+    def complete(self) -> bool:
+        return CLOSING_LINE in self._tail
 
     def feed(self, data: bytes) -> None:
+        self._tail = (self._tail + data[-TAIL_LIMIT:])[-TAIL_LIMIT:]
         if self._decoder is None:
             self._header += data
             if len(self._header) < HEADER_LIMIT:

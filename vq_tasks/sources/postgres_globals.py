@@ -5,7 +5,7 @@ The password hashes come along where DB_USER may read pg_authid (a superuser); e
 service's admin user, any user that is not a superuser) pg_dumpall runs with
 ``--no-role-passwords``, and the facts say so. Which one is asked of the server first, not read
 from an error: the server's messages may be in any language. The output streams through to the
-staged member, read on the way for the names of the roles it creates.
+staged member, read on the way (one tap) for the names of the roles it creates and its closing line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from vq_tasks.settings import Settings
 from vq_tasks.sources.postgres import pg_dump_process
 from vq_tasks.streams.stages import TapStage, Writer, pump
 
-CLOSING_LINE = b"-- PostgreSQL database cluster dump complete"
 PASSWORDS_READABLE = "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT')"
 
 
@@ -38,24 +37,14 @@ def dump_globals(settings: Settings, out: Writer) -> RolesDump:
     passwords = bool(row and row[0])
     argv = [pg_tool(settings, "pg_dumpall"), "--roles-only", "--no-password", "-l", settings.db_name]
     argv += [] if passwords else ["--no-role-passwords"]
-    reader, tail = GlobalsReader(), _Tail(len(CLOSING_LINE) * 4)
+    reader = GlobalsReader()
     with pg_dump_process(argv, pg_environment(settings)) as (process, stderr):
         assert process.stdout is not None
-        pump(process.stdout, TapStage(TapStage(out, tail.feed), reader.feed))
+        pump(process.stdout, TapStage(out, reader.feed))
         returncode = process.wait()
     if returncode != 0:
         error = classify_pg_error(stderr.decode("utf-8", "replace"), settings)
         raise type(error)(f"pg_dumpall --roles-only: {error}")
-    if CLOSING_LINE not in tail.data:
+    if not reader.complete:
         raise TransientError("pg_dumpall --roles-only exited without its closing line: roles incomplete")
     return RolesDump(list(reader.close().roles), passwords)
-
-
-class _Tail:
-    """The last ``size`` bytes of a stream."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.data = size, b""
-
-    def feed(self, chunk: bytes) -> None:
-        self.data = (self.data + chunk[-self.size :])[-self.size :]
