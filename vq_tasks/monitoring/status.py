@@ -15,7 +15,7 @@ from typing import Any, cast, get_args
 import redis
 
 from vq_tasks import coordination
-from vq_tasks.catalog.acceptance import read_acceptance
+from vq_tasks.catalog.anomalies import is_good
 from vq_tasks.catalog.backup_set import BackupSet
 from vq_tasks.catalog.listing import backup_sets, load_manifest
 from vq_tasks.crypto.signing import trusted_keys
@@ -225,11 +225,11 @@ class StatusReader:
     def _accepted(self, role: str, manifest: Manifest) -> bool | None:
         """Return whether ``manifest``'s anomalies were accepted: its acceptance is read only when
         it has some and the listing shows one. None when it could not be read (logged)."""
-        if not manifest.anomalies or manifest.backup_id not in self._acceptances.get(role, set()):
+        if not manifest.anomalies:
             return False
+        listed = manifest.backup_id in self._acceptances.get(role, set())
         try:
-            keys = trusted_keys(self.settings)
-            return read_acceptance(self._storages[role], manifest, keys) is not None
+            return is_good(self._storages[role], manifest, trusted_keys(self.settings), listed)
         except Exception as exc:  # a provider's or a key file's error: unknown, not suspicious
             logger.warning(
                 "the acceptance of %s could not be read: %s", manifest.backup_id, self._redact(exc)
