@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
@@ -166,6 +167,7 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
     # Restore
     redis_server_bin: Path | None = None
     db_maintenance_db: str = "postgres"
+    backup_restore_jobs: int | None = Field(None, ge=1, le=64)  # unset: the CPUs, at most 8
     backup_restore_config_dir: Path | None = None
     backup_restore_logs_dir: Path = Path("/var/tmp/vq-backup/restored-logs")
     app_healthcheck_url: str | None = None
@@ -313,6 +315,12 @@ class Settings(BaseSettings, CredentialFields, OffsiteCredentialFields):
     def effective_compression_level(self) -> int:
         """COMPRESSION_LEVEL, or when unset the algorithm's default: 6 for gzip, 3 for zstd."""
         return self.compression_level or DEFAULT_COMPRESSION_LEVEL[self.compression_algorithm]
+
+    @property
+    def restore_jobs(self) -> int:
+        """Connections a database restore loads over: BACKUP_RESTORE_JOBS, or the CPUs, at most 8
+        (more than the CPUs only helps a server elsewhere with more of them)."""
+        return self.backup_restore_jobs or min(os.cpu_count() or 1, 8)
 
     @property
     def result_backend_url(self) -> str:
