@@ -1,5 +1,5 @@
 """A restore interrupted part way, against real processes: `vq-backup restore ID --force --yes`
-SIGKILLed while psql loads the database, while the keys are copied into the live Redis, and in the
+SIGKILLed while the dump loads into the database, while the keys are copied into the live Redis, and in the
 middle of the database swap; then a following restore. The live database and Redis must be as they
 were, or fully restored, never half; and a following restore must work.
 
@@ -29,6 +29,7 @@ import pytest
 from tests.integration.conftest import pg_connect, redis_value, run_cli
 from tests.integration.test_faults import Services, own_services, wait_until
 from tests.servers import RedisServer, redis_server_binary
+from vq_tasks.restore.postgres_parallel import LOAD_APPLICATION_NAME
 
 pytestmark = pytest.mark.integration
 KEYS = 50_000
@@ -149,14 +150,15 @@ def derived_databases(database: str) -> list[str]:
     return [name for (name,) in rows]
 
 
-def psql_loading(database: str) -> bool:
-    """Whether psql is loading into a ``<database>_restore_<stamp>`` database right now."""
+def dump_loading(database: str) -> bool:
+    """Whether the restore's load sessions (or psql's) are loading into a ``<database>_restore_<stamp>``
+    database right now."""
     with pg_connect() as conn:
         return bool(
             conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'psql'"
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('psql', %s)"
                 " AND starts_with(datname, %s) AND state = 'active'",
-                (f"{database}_restore_",),
+                (LOAD_APPLICATION_NAME, f"{database}_restore_"),
             ).fetchone()[0]
         )
 
@@ -215,11 +217,11 @@ def restore_faults(tmp_path_factory) -> Iterator[RestoreFaults]:
         s.source.client().set("extra:0", "not in the backup")
         before = (database_state(s.database), redis_state(s.source))
 
-        during_load = restore_killed_when(s, backup_id, ["database"], lambda: psql_loading(s.database))
+        during_load = restore_killed_when(s, backup_id, ["database"], lambda: dump_loading(s.database))
         during_load.database = database_state(s.database)
         during_load.database_accepts = accepts_connections(s.database)
         during_load.redis = redis_state(s.source)
-        wait_until(lambda: not psql_loading(s.database), "the orphaned psql never ended", 60)
+        wait_until(lambda: not dump_loading(s.database), "the orphaned load never ended", 60)
         wait_for_the_lock_to_expire(s)
 
         queued = [-1]  # the last count seen before the kill
@@ -302,8 +304,8 @@ def _cleanup(s: Services) -> Iterator[list[psutil.Process]]:
             conn.execute(f'ALTER DATABASE "{s.database}" WITH ALLOW_CONNECTIONS true')
 
 
-def test_killed_while_psql_loads_the_live_database_and_redis_are_as_they_were(restore_faults):
-    """Fault: the restore is SIGKILLed while psql loads the dump. Expected: psql loads into a
+def test_killed_while_the_dump_loads_the_live_database_and_redis_are_as_they_were(restore_faults):
+    """Fault: the restore is SIGKILLed while it loads the dump. Expected: it loads into a
     new database ``<DB_NAME>_restore_<stamp>``, never the live one: the live database holds exactly
     the rows it had (every table's md5), takes connections, and Redis is untouched."""
     r = restore_faults
@@ -357,7 +359,8 @@ def test_killed_during_the_swap_the_live_database_is_as_it_was_and_takes_connect
 
 def test_a_killed_restore_leaves_no_process_folder_or_database_behind(restore_faults):
     """Fault: restores SIGKILLed part way, then one that succeeds. Expected: the throwaway
-    redis-server and psql die with the killed restore (Linux's parent-death signal); the following
+    redis-server dies with the killed restore (Linux's parent-death signal), its load sessions end
+    with its connections; the following
     restore removes their work folders (their lock is free) and scratch databases (under the
     restore lock): no process, no copy of the data, no half-loaded database remains."""
     r = restore_faults

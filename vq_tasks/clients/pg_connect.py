@@ -53,7 +53,8 @@ def connect(
     (tls_parameters: DB_SSL* only), client_encoding UTF8; errors become ours.
 
     Why UTF8, whatever the database's encoding (or PGCLIENTENCODING) says: these connections carry
-    names, roles, settings and comments, never table data (pg_dump and psql move that, as bytes).
+    names, roles, settings and comments; table data only after the dump's own ``SET
+    client_encoding`` line (restore/postgres_parallel.py), as bytes.
     Left to the database's encoding, a SQL_ASCII database gives psycopg bytes for every text column
     (and psycopg encodes queries as ASCII), which breaks every str comparison and every quoting of a
     name. Every server encoding converts to UTF8 without loss; SQL_ASCII is not converted

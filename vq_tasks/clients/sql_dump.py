@@ -26,6 +26,7 @@ TAIL_LIMIT = 512
 STATEMENT_LIMIT = 4 << 20  # a COPY statement with 1600 long column names is far shorter
 DUMPED_FROM = re.compile(rb"^-- Dumped from database version (\S+)", re.M)
 DUMPED_BY = re.compile(rb"^-- Dumped by pg_dump version (\S+)", re.M)
+DUMP_KEY = re.compile(rb"^\\restrict ([A-Za-z0-9]+)$", re.M)  # pg_dump's own psql key, in its header
 _COPY_END = re.compile(re.escape(COPY_END))  # re's literal search runs faster than bytes.find here
 CLIENT_ENCODING = re.compile(rb"^SET client_encoding = '([A-Za-z0-9_]+)';$", re.M)
 # PostgreSQL's name of an encoding (pg_encoding_to_char) -> Python's codec; MULE_INTERNAL and EUC_TW

@@ -1,6 +1,7 @@
 """Restore a plain SQL dump into PostgreSQL without ever leaving the live database half restored.
 
-The dump is loaded by ``psql --single-transaction`` into a new database
+The dump is loaded (postgres_parallel.py: over BACKUP_RESTORE_JOBS connections, split by its TOC;
+one psql session if its TOC cannot be read with certainty) into a new database
 ``<DB_NAME>_restore_<YYYYMMDDHHMMSS>`` (template0, the live database's encoding and locale; with no
 live database, the dump's encoding) and its rows per table are checked against the backup's. Only
 then, connected to the maintenance database, are the names swapped: both databases stop taking
@@ -15,14 +16,16 @@ carry-over are in postgres_swap.py, the role scan of a dump in postgres_roles.py
 errors in postgres_connect.py.
 
 The dump's bytes are the database's own, in its encoding (pg_dump's ``SET client_encoding`` line):
-psql loads them unconverted into a database in that encoding, so a SQL_ASCII or LATIN1 database comes
-back byte for byte. The connections of the restore itself carry only names (postgres_connect.connect).
+each loading session runs that line first and sends them unconverted into a database in that
+encoding, so a SQL_ASCII or LATIN1 database comes back byte for byte. The connections that check
+and swap carry only names (clients/pg_connect.connect).
 
 The dump may not be what the manifest says: before anything is created it must be a complete plain
-dump by pg_dump (its header and closing line), and psql runs it in restricted mode under a key of
-our own (``\\restrict``, psql 13.22, 14.19, 15.14, 16.10, 17.6 or newer): no backslash command in it
-runs, so a forged dump cannot reach the worker's shell (``\\!``) or files (``\\o``, ``\\copy``). The
-dump's own ``\\restrict``/``\\unrestrict`` lines (pg_dump's, with its key) become comments on the way.
+dump by pg_dump (its header and closing line). No backslash command in it runs, so a forged dump
+cannot reach the worker's shell (``\\!``) or files (``\\o``, ``\\copy``): the parallel load sends
+SQL to the server, which rejects one; psql runs it in restricted mode under a key of our own
+(``\\restrict``, psql 13.22, 14.19, 15.14, 16.10, 17.6 or newer, required before anything is
+created), the dump's own ``\\restrict``/``\\unrestrict`` lines (pg_dump's, with its key) made comments.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from vq_tasks.errors import PermanentError
 from vq_tasks.restore.contents import check_sql_dump
 from vq_tasks.restore.postgres_connect import database_row
 from vq_tasks.restore.postgres_globals import RolesPlan, create_roles, plan_roles
-from vq_tasks.restore.postgres_load import NO_RESTRICT, knows_restrict, run_psql
+from vq_tasks.restore.postgres_load import NO_RESTRICT, knows_restrict
+from vq_tasks.restore.postgres_parallel import LoadReport, load_dump
 from vq_tasks.restore.postgres_swap import (
     carry_over,
     derived_name,
@@ -83,6 +87,11 @@ class DatabaseRestoreResult(BaseModel):
     roles_created: list[str] = Field(
         default_factory=list, description="roles created from globals.sql: the server lacked them"
     )
+    jobs: int = Field(1, description="connections the dump was loaded over")
+    split_by_toc: bool = Field(
+        True, description="loaded by TOC entries in parallel; false: one psql session (the log says why)"
+    )
+    phases: dict[str, float] = Field(default_factory=dict, description="seconds spent in each phase")
 
 
 class DatabaseRestorePlan(BaseModel):
@@ -128,7 +137,7 @@ def restore_database(
     live = _prepare(settings, maintenance_db, target, new, swap, encoding)
     try:
         roles, warnings = create_roles(settings, maintenance_db, globals_path) if globals_path else ([], [])
-        counts = _load_and_check(settings, path, new, expected_tables, maintenance_db, encoding)
+        counts, load = _load_and_check(settings, path, new, expected_tables, maintenance_db, encoding)
         warnings += carry_over(settings, maintenance_db, target, new) if live and swap else []
         previous = swap_in(settings, maintenance_db, target, new, stamp) if swap else None
     except BaseException as exc:
@@ -149,6 +158,9 @@ def restore_database(
         duration_seconds=round(time.monotonic() - started, 3),
         warnings=warnings,
         roles_created=roles,
+        jobs=load.jobs,
+        split_by_toc=load.split_by_toc,
+        phases=load.phases,
     )
 
 
@@ -288,11 +300,14 @@ def _load_and_check(
     expected: Mapping[str, int],
     maintenance_db: str,
     encoding: str | None = None,
-) -> dict[str, int]:
-    """Load the dump (in ``encoding``) into ``dbname`` in one transaction, then compare rows per table."""
-    run_psql(settings, path, dbname, maintenance_db, encoding)
+) -> tuple[dict[str, int], LoadReport]:
+    """Load the dump (in ``encoding``) into ``dbname`` (postgres_parallel.py), then compare rows
+    per table; return them and how the dump was loaded."""
+    load = load_dump(settings, path, dbname, maintenance_db, encoding)
+    started = time.monotonic()
     with connect(settings, dbname) as conn:
         tables = _count_tables(conn)
+    load.phases["check"] = round(time.monotonic() - started, 3)
     counts = {name: rows for name, rows, member in tables if not member}
     members = {name for name, _, member in tables if member}
     wrong = [
@@ -304,7 +319,7 @@ def _load_and_check(
     if wrong:
         shown = "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else "")
         raise PermanentError(f"restored {db_where(settings, dbname)} does not match the backup: {shown}")
-    return counts
+    return counts, load
 
 
 def _count_tables(conn: psycopg.Connection) -> list[tuple[str, int, bool]]:

@@ -38,6 +38,19 @@ def psql_failure(settings: Settings, stderr: str, dbname: str, source: str) -> t
     return failure(settings, dbname, line if found else text, summary=line), missing
 
 
+def statement_failure(
+    settings: Settings, exc: psycopg.Error, dbname: str, where: str
+) -> tuple[BackupError, list[str]]:
+    """Given the server's error on a statement of a dump and ``where`` it stands (file, line,
+    entry), return the error to raise, worded as psql_failure's, and the roles it says are missing."""
+    diag = exc.diag
+    line = f"{where}: {diag.message_primary or str(exc).strip()}"
+    for label, text in (("DETAIL", diag.message_detail), ("HINT", diag.message_hint)):
+        line += f" | {label}: {text}" if text else ""
+    missing = [name.replace('""', '"') for name in _MISSING_ROLE.findall(line)]
+    return failure(settings, dbname, line, sqlstate=exc.sqlstate, summary=line), missing
+
+
 def database_row(admin: psycopg.Connection, name: str) -> dict | None:
     """Return a database's pg_database row as a dict (with its encoding's name), None when there is
     no such database."""

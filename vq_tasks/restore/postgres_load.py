@@ -8,7 +8,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import secrets
 import subprocess
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from vq_tasks.clients.pg_connect import db_where
 from vq_tasks.clients.pg_tools import STDERR_KEPT, pg_environment, pg_tool
-from vq_tasks.clients.sql_dump import HEADER_LIMIT, python_codec
+from vq_tasks.clients.sql_dump import DUMP_KEY, HEADER_LIMIT, python_codec
 from vq_tasks.errors import PermanentError
 from vq_tasks.restore.leftovers import die_with_parent
 from vq_tasks.restore.postgres_connect import psql_failure
@@ -25,7 +24,6 @@ from vq_tasks.settings import Settings
 from vq_tasks.streams.stages import CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
-_DUMP_KEY = re.compile(rb"^\\restrict ([A-Za-z0-9]+)$", re.M)  # pg_dump's own, in its header
 NO_RESTRICT = (
     "{psql} cannot run a dump in restricted mode (\\restrict: psql 13.22, 14.19, 15.14, 16.10, 17.6 or"
     " newer), without which a dump could run shell commands on this worker: set PG_BIN_DIR to a newer"
@@ -92,7 +90,7 @@ def feed_dump(path: Path, stdin) -> None:
     (line numbers stay). Stop quietly if psql has exited (its error is what counts)."""
     with open(path, "rb") as dump:
         head = dump.read(HEADER_LIMIT)
-        found = _DUMP_KEY.search(head)
+        found = DUMP_KEY.search(head)
         key = found.group(1) if found else None
         needles = [b"\n\\restrict " + key, b"\n\\unrestrict " + key] if key else []
         keep = max((len(n) for n in needles), default=1) - 1

@@ -8,8 +8,8 @@ problem at once and never echoes a secret.
 from __future__ import annotations
 
 import difflib
-import re
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
