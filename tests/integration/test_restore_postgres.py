@@ -4,6 +4,7 @@ swapped in; any failure before the swap leaves the live database exactly as it w
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import threading
@@ -727,3 +728,49 @@ def test_a_name_that_is_not_utf8_in_a_sql_ascii_database_fails_clearly_and_chang
 def raw_contents_of_cafe(name: str) -> list[tuple]:
     with pg_connect(name) as conn:
         return conn.execute(b'SELECT v FROM "caf\xe9"').fetchall()
+
+
+# The parallel load where it meets an operator's limits: a role that may open fewer connections
+# than BACKUP_RESTORE_JOBS, a failing step that stops the others.
+
+TABLES = "".join(
+    f"CREATE TABLE t{n} (id int PRIMARY KEY, v text); INSERT INTO t{n} SELECT g, md5(g::text) "
+    f"FROM generate_series(1, 2000) g;"
+    for n in range(6)
+)
+
+
+def test_a_role_allowed_fewer_connections_loads_over_those_it_may_open(backup_of, caplog):
+    backup = backup_of(TABLES)
+    role = f"vq_limited_{uuid.uuid4().hex[:8]}"
+    with pg_connect() as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN CREATEDB CONNECTION LIMIT 2')  # not a superuser: enforced
+        conn.execute(f'GRANT postgres TO "{role}"')  # the dump's objects are postgres's
+    try:
+        settings = backup.settings.model_copy(update={"db_user": role, "backup_restore_jobs": 4})
+        target = f"{backup.settings.db_name}_limited"
+        with caplog.at_level(logging.WARNING, logger="vq_tasks.restore.postgres_parallel"):
+            result = restore_database(settings, backup.path, backup.tables, target_db=target, swap=False)
+        assert result.split_by_toc and result.jobs == 2
+        assert result.row_counts == backup.tables
+        assert "loading over 2 connection(s), not 4" in caplog.text
+        assert "too many connections" in caplog.text
+    finally:
+        with pg_connect() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{backup.settings.db_name}_limited" WITH (FORCE)')
+            conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_a_failing_step_stops_the_load_names_its_line_and_leaves_no_database(backup_of, tmp_path, live):
+    backup = backup_of(TABLES)
+    text = backup.path.read_text()
+    bad_row = "1500\t" + next(line for line in text.splitlines() if line.startswith("1500\t")).split("\t")[1]
+    broken = text.replace(bad_row, "not-a-number\tx", 1)
+    path = tmp_path / "broken.sql"
+    path.write_text(broken)
+    line = broken.splitlines().index("not-a-number\tx") + 1
+    settings = backup.settings.model_copy(update={"backup_restore_jobs": 3})
+    expected = rf"broken.sql line {line} \(TABLE DATA t\d\): invalid input syntax"
+    with pytest.raises(PermanentError, match=expected):
+        restore_database(settings, path, backup.tables)
+    assert databases(live) == [live]

@@ -326,7 +326,7 @@ def _count_tables(conn: psycopg.Connection) -> list[tuple[str, int, bool]]:
     conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
     with conn.transaction():
         tables = conn.execute(TABLES_QUERY).fetchall()
-        count = sql.SQL("SELECT count(*) FROM {}.{}")
+        count = sql.SQL("SELECT count(*) FROM ONLY {}.{}")  # an inheritance parent's own rows, as dumped
         return [
             (
                 name,

@@ -30,6 +30,7 @@ import psycopg
 
 from vq_tasks.clients.pg_connect import connect, db_where
 from vq_tasks.clients.sql_toc import CHUNK, DumpToc, TocEntry, TocError, line_number, read_toc
+from vq_tasks.errors import BackupError
 from vq_tasks.restore.postgres_connect import statement_failure
 from vq_tasks.restore.postgres_load import run_psql
 from vq_tasks.restore.postgres_plan import LoadPlan, Step, plan_load
@@ -71,8 +72,8 @@ def load_dump(
         "loading %s into %s over %d connection(s): %d TOC entries, %d steps after the pre-data",
         path.name, db_where(settings, dbname), jobs, len(toc.entries), len(plan.steps),
     )  # fmt: skip
-    _Load(settings, path, dbname, maintenance_db, toc, plan, jobs, phases).run()
-    return LoadReport(jobs, True, phases)
+    used = _Load(settings, path, dbname, maintenance_db, toc, plan, jobs, phases).run()
+    return LoadReport(used, True, phases)
 
 
 @dataclass
@@ -105,23 +106,37 @@ class _Load:
         self.scheduler = _Scheduler(plan.steps)
         self.stop = threading.Event()
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Load; return over how many connections."""
         with contextlib.ExitStack() as stack:
             started = time.monotonic()
             first = self._session(stack)
             self._run_pre_data(first)
             self.phases["pre-data"] = round(time.monotonic() - started, 3)
-            sessions = [first] + [self._session(stack) for _ in range(self.jobs - 1)]
+            sessions = [first, *self._more_sessions(stack)]
             started = time.monotonic()
             self._run_steps(sessions)
-            self.phases["data"] = round(self.scheduler.data_done_at - started, 3)
-            self.phases["post-data"] = round(time.monotonic() - self.scheduler.data_done_at, 3)
+            data_done = max(started, self.scheduler.data_done_at)
+            self.phases["data"] = round(data_done - started, 3)
+            self.phases["post-data"] = round(time.monotonic() - data_done, 3)
+            return len(sessions)
 
     def _session(self, stack: contextlib.ExitStack) -> _Session:
         session = _Session(stack.enter_context(connect(self.settings, self.dbname, LOAD_APPLICATION_NAME)))
         self._execute(session, self.toc.preamble, None)
         session.conn.execute("SET synchronous_commit = off")  # a scratch database: the swap is durable
         return session
+
+    def _more_sessions(self, stack: contextlib.ExitStack) -> list[_Session]:
+        """Up to jobs - 1 more sessions; fewer, with a warning, if the server refuses more (a
+        managed service's connection limit, say): the load goes on over those it has."""
+        sessions: list[_Session] = []
+        try:
+            while len(sessions) < self.jobs - 1:
+                sessions.append(self._session(stack))
+        except BackupError as exc:
+            logger.warning("loading over %d connection(s), not %d: %s", len(sessions) + 1, self.jobs, exc)
+        return sessions
 
     def _run_pre_data(self, session: _Session) -> None:
         self._execute(session, b"BEGIN", None)
@@ -163,7 +178,7 @@ class _Load:
             try:
                 self._run_step(session, step)
             except BaseException as exc:
-                self.scheduler.fail(exc)
+                self.scheduler.fail(exc, index)
                 return
             finally:
                 session.busy = False
@@ -287,8 +302,11 @@ class _Scheduler:
                     self.data_done_at = time.monotonic()
             self.lock.notify_all()
 
-    def fail(self, error: BaseException | None) -> None:
+    def fail(self, error: BaseException | None, index: int | None = None) -> None:
+        """Stop handing out steps; keep the first real error; ``index`` is the step that failed."""
         with self.lock:
+            if index is not None:
+                self.running.discard(index)
             if self.error is None and error is not None and not isinstance(error, _Stopped):
                 self.error = error
             self.failed = True
