@@ -61,7 +61,9 @@ def where_of(options: Mapping[str, object]) -> str:
 def borrowed(client: redis.Redis) -> Iterator[Wire]:
     """Borrow a connection of ``client`` from its pool as a Wire (authenticated, its database
     selected, TLS-wrapped with TLS, as redis-py connects), and give it back after: disconnected
-    first if replies may be left unread."""
+    first if replies may be left unread. Whichever parser redis-py uses (hiredis' when installed,
+    as it is: a dependency), it holds no byte of the socket here: the pool hands out a connection
+    only once can_read() finds nothing buffered (ConnectionPool.ensure_connection)."""
     options = client.connection_pool.connection_kwargs
     where, password = where_of(options), options.get("password")
     pool = client.connection_pool

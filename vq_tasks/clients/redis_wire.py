@@ -328,6 +328,13 @@ class ReplyReader:
             raise self.unexpected(line)
         return line
 
+    def take_unread(self) -> bytes:
+        """Return the bytes received and not read yet, and forget them: another reader goes on
+        with the connection (redis_replies.Replies)."""
+        data = bytes(self._view[self._start : self._end])
+        self._start = self._end = 0
+        return data
+
     def unexpected(self, reply: bytes) -> PermanentError:
         """Given a reply that is not Redis's, return the error to raise."""
         shown = repr(redact(reply.decode(errors="backslashreplace"), self.secrets)[:80])  # redact, then cut

@@ -21,8 +21,9 @@ Versions: before queueing, the target is checked to take a payload the throwaway
 payload carries the same RDB version, a refusal could only come at EXEC otherwise.
 
 Memory: the throwaway holds the whole data set in the worker's memory while it runs; this process
-holds one payload being read, the transaction's unsent commands (redis_transaction.BATCH_BYTES,
-16 MiB, or one larger command) and one batch of key names.
+holds one payload being read (twice: hiredis keeps a buffer of its size until the next SCAN), the
+transaction's unsent commands (redis_transaction.BATCH_BYTES, 16 MiB, or one larger command) and
+one batch of key names.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import redis
 from pydantic import BaseModel
 
 from vq_tasks.clients.redis_connect import plain_settings, redis_client
+from vq_tasks.clients.redis_replies import Replies
 from vq_tasks.clients.redis_wire import Connection, client_error, command, password_of, server_facts
 from vq_tasks.errors import BackupError, PermanentError, TransientError, redact
 from vq_tasks.restore.redis_server import (
@@ -108,6 +110,7 @@ class _Session:
         self.password = password_of(settings)
         self._clients: dict[tuple[str, str], redis.Redis] = {}
         self._raw: dict[str, Connection] = {}
+        self._replies: dict[str, Replies] = {}
 
     def target(self, db: str) -> redis.Redis:
         if ("target", db) not in self._clients:
@@ -137,14 +140,16 @@ class _Session:
             lost = isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
             raise (TransientError if lost else PermanentError)(text) from None
 
-    def dump_connection(self, db: str) -> Connection:
-        """Return a connection of our own to database ``db`` of the throwaway (copy_database)."""
-        if db not in self._raw:
+    def dump_connection(self, db: str) -> tuple[Connection, Replies]:
+        """Return a connection of our own to database ``db`` of the throwaway (copy_database),
+        and its replies from now on, read by hiredis."""
+        if db not in self._replies:
             throwaway = self.throwaway
             settings = plain_settings(self.settings, HOST, throwaway.port, throwaway.password)
-            self._raw[db] = Connection(settings, throwaway.where)
-            self._raw[db].call("SELECT", db)
-        return self._raw[db]
+            connection = self._raw[db] = Connection(settings, throwaway.where)  # closed by close()
+            connection.call("SELECT", db)
+            self._replies[db] = Replies.taking_over(connection)
+        return self._raw[db], self._replies[db]
 
     def close(self) -> None:
         for client in self._clients.values():
@@ -236,20 +241,18 @@ def copy_database(
     had expired first. Raise TransientError or PermanentError naming the server.
 
     How: over a connection of our own, SCAN a batch of keys, send DUMP and PTTL of all of them at
-    once, and turn each pair of replies into a RESTORE as it arrives: whatever the batch, one
-    payload is read at a time, and the transaction holds what it has not sent yet (BATCH_BYTES, or
-    one larger command). Not redis-py's pipeline: its Python work per command is the cost, and
-    it needs MEMORY USAGE of every key first to bound a batch's memory."""
-    connection = session.dump_connection(db)
-    reader = connection.reader
+    once, and turn each pair of replies (parsed by hiredis: redis_replies.py) into a RESTORE as it
+    arrives: whatever the batch, one payload is read at a time, and the transaction holds what it
+    has not sent yet (BATCH_BYTES, or one larger command). Not redis-py's pipeline: its Python work
+    per command is the cost, and it needs MEMORY USAGE of every key first to bound a batch's memory."""
+    connection, replies = session.dump_connection(db)
     transaction.use(db)
     queued = expired = 0
     cursor = None
     while cursor != 0:
-        cursor, keys = _scan(connection, cursor or 0, batch)
+        cursor, keys = _scan(connection, replies, cursor or 0, batch)
         connection.send(b"".join([DUMP_AND_PTTL % (len(key), key, len(key), key) for key in keys]))
-        for key in keys:
-            payload, ttl = reader.bulk(), reader.integer()
+        for key, (payload, ttl) in zip(keys, replies.pairs(len(keys)), strict=True):
             if payload is None or ttl in (-2, 0):  # gone, or expiring this very millisecond
                 expired += 1
                 continue
@@ -261,16 +264,13 @@ def copy_database(
     return queued, expired
 
 
-def _scan(connection: Connection, cursor: int, count: int) -> tuple[int, list[bytes]]:
+def _scan(connection: Connection, replies: Replies, cursor: int, count: int) -> tuple[int, list[bytes]]:
     """SCAN the connection's database from ``cursor``: return the next cursor and the keys."""
     connection.send(command("SCAN", cursor, "COUNT", count))
-    reader = connection.reader
-    parts = reader.array_length()
-    following = reader.bulk() if parts == 2 else None
-    if following is None or not following.isdigit():
-        raise PermanentError(f"{connection.where} answered SCAN with no cursor: not a Redis server?")
-    keys = [reader.bulk() for _ in range(reader.array_length())]
-    return int(following), [key for key in keys if key is not None]
+    match replies.next():
+        case [bytes() as following, list() as keys] if following.isdigit():
+            return int(following), [key for key in keys if isinstance(key, bytes)]
+    raise PermanentError(f"{connection.where} answered SCAN with no cursor: not a Redis server?")
 
 
 def sweep_database(
