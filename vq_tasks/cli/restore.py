@@ -93,6 +93,10 @@ def print_restore_outcome(report) -> None:
     """Print what a forced restore did and its integrity report (vq_tasks.restore.run.RestoreReport)."""
     results = report.results
     if results.database is not None:
+        database = results.database
+        how = f"over {database.jobs} connection(s)" if database.split_by_toc else "with one psql session"
+        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in database.phases.items())
+        print(f"database: loaded {how} in {database.duration_seconds:.1f} s ({phases})")
         if results.database.roles_created:
             print(f"created roles (from globals.sql): {', '.join(results.database.roles_created)}")
         for warning in results.database.warnings:
