@@ -36,6 +36,8 @@ CUT_SIZE = 1 << 20  # long entries of CUT_KINDS are sent in pieces of about this
 CUT_KINDS = frozenset({"BLOBS", "TABLE DATA"})  # lists of simple statements: safe to cut at ";\n"
 STATE_SETTINGS = (b"default_tablespace", b"default_table_access_method")
 
+_AUTHORIZATION = re.compile(rb"^(?:RE)?SET SESSION AUTHORIZATION", re.M)
+_COMMENT_MARK = re.compile(rb"/\*|\*/")
 _SPECIAL = re.compile(rb"['\"$]|--|/\*")
 _SPECIAL_OR_END = re.compile(rb"['\"$]|--|/\*|;\n")
 _DOLLAR_TAG = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
@@ -261,13 +263,11 @@ class _TocReader:
     def _block_comment(self, at: int) -> int:
         depth, position = 1, at + 2  # PostgreSQL's block comments nest
         while depth:
-            opening, closing = self.window.find(b"/*", position), self.window.find(b"*/", position)
-            if closing < 0:
+            found = self.window.search(_COMMENT_MARK, position)
+            if found is None:
                 raise TocError(f"a block comment opened at byte {at} does not end")
-            if 0 <= opening < closing:
-                depth, position = depth + 1, opening + 2
-            else:
-                depth, position = depth - 1, closing + 2
+            depth += 1 if found.group() == b"/*" else -1
+            position = self.window.base + found.end()
         return position
 
     def _string(self, at: int) -> int:
@@ -278,7 +278,7 @@ class _TocReader:
             end = self.window.find(b"'", position)
             if end < 0:
                 raise TocError(f"a string opened at byte {at} does not end")
-            if escapes and _escaped(self.window.slice(max(position, end - 4096), end)):
+            if escapes and _escaped(self.window.slice(max(position, end - LOOKBEHIND), end), end - position):
                 position = end + 1
             elif self.window.byte(end + 1) == 0x27:  # a doubled quote
                 position = end + 2
@@ -317,10 +317,12 @@ class _TocReader:
         return start
 
     def _copy(self, start: int) -> int:
-        statement_end = self.window.find(_COPY_STATEMENT_END, start)
-        if statement_end < 0 or statement_end - start > STATEMENT_LIMIT:
-            raise TocError(f"the COPY statement at byte {start} does not end")
-        statement = self.window.slice(start, statement_end + len(_COPY_STATEMENT_END) - 2)  # no ";\n"
+        statement_end, statement = start, b'"'
+        while statement.count(b'"') % 2:  # the end found is inside a quoted name: look further
+            statement_end = self.window.find(_COPY_STATEMENT_END, statement_end + 1)
+            if statement_end < 0 or statement_end - start > STATEMENT_LIMIT or start < self.window.base:
+                raise TocError(f"the COPY statement at byte {start} does not end")
+            statement = self.window.slice(start, statement_end + len(_COPY_STATEMENT_END) - 2)  # no ";\n"
         rows = statement_end + len(_COPY_STATEMENT_END)
         terminator = self.window.find(_COPY_END, rows - 1)
         if terminator < 0:
@@ -335,6 +337,10 @@ class _TocReader:
             self._preamble(end)
             return
         entry, tail = self.open, self.window.slice(max(self.open.start, end - LOOKBEHIND), end)
+        if _AUTHORIZATION.search(tail):
+            raise TocError(
+                "it sets the session's authorization between entries (--use-set-session-authorization)"
+            )
         state_tail = _STATE_TAIL.search(tail)
         if state_tail:
             self.state.update((m.group(1), m.group(2)) for m in _STATE_LINE.finditer(state_tail.group()))
@@ -403,7 +409,10 @@ def _header(block: bytes) -> tuple[str, str, str, int] | None:
     return (*parsed, line_end + 5)
 
 
-def _escaped(before: bytes) -> bool:
-    """Whether a quote preceded by ``before`` is escaped: an odd run of backslashes before it."""
+def _escaped(before: bytes, since_opening: int) -> bool:
+    """Whether a quote preceded by ``before`` is escaped: an odd run of backslashes before it. A run
+    longer than ``before`` (and shorter than the string) cannot be counted: TocError."""
     run = len(before) - len(before.rstrip(b"\\"))
+    if run == len(before) < since_opening:
+        raise TocError("a string holds a run of backslashes too long to read")
     return run % 2 == 1

@@ -38,6 +38,10 @@ from vq_tasks.restore.postgres_roles import missing_roles_error
 from vq_tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
+# Sent before each piece of an entry: a query of two statements or more runs in a transaction block
+# (an implicit one), as under psql --single-transaction, so what may not run in one (DROP or CREATE
+# DATABASE, ALTER SYSTEM, a TABLESPACE) is refused there too, not run with the restore's rights.
+_IN_A_BLOCK = b"SELECT 1;\n"
 LOAD_APPLICATION_NAME = "vq-backup-load"  # how pg_stat_activity names the load's sessions
 PROGRESS_EVERY = 30.0  # seconds between progress lines of a long load
 DEADLOCK_RETRIES = 3
@@ -123,6 +127,7 @@ class _Load:
 
     def _session(self, stack: contextlib.ExitStack) -> _Session:
         session = _Session(stack.enter_context(connect(self.settings, self.dbname, LOAD_APPLICATION_NAME)))
+        session.conn.prepare_threshold = None  # the dump's statements are run once: never prepared
         self._execute(session, self.toc.preamble, None)
         session.conn.execute("SET synchronous_commit = off")  # a scratch database: the swap is durable
         return session
@@ -154,7 +159,9 @@ class _Load:
         try:
             last = time.monotonic()
             while not self.scheduler.wait_finished(timeout=1.0):
-                if time.monotonic() - last >= PROGRESS_EVERY:
+                if self.scheduler.failed:  # the other steps stop now, not when they would end
+                    self._cancel(sessions)
+                elif time.monotonic() - last >= PROGRESS_EVERY:
                     last = time.monotonic()
                     logger.info("loading %s: %s", self.path.name, self.scheduler.progress())
         except BaseException:
@@ -162,15 +169,19 @@ class _Load:
             raise
         finally:
             if self.scheduler.failed:
-                self.stop.set()
-                for session in sessions:
-                    if session.busy:
-                        with contextlib.suppress(Exception):
-                            session.conn.cancel_safe(timeout=5.0)
+                self._cancel(sessions)
             for thread in threads:
                 thread.join()
         if self.scheduler.error is not None:
             raise self.scheduler.error
+
+    def _cancel(self, sessions: list[_Session]) -> None:
+        """Stop every step: COPYs at their next chunk, statements by a cancel request."""
+        self.stop.set()
+        for session in sessions:
+            if session.busy:
+                with contextlib.suppress(Exception):
+                    session.conn.cancel_safe(timeout=5.0)
 
     def _work(self, session: _Session) -> None:
         while (index := self.scheduler.next()) is not None:
@@ -186,14 +197,16 @@ class _Load:
             self.scheduler.done(index)
 
     def _run_step(self, session: _Session, step: Step) -> None:
+        """Run a step's entries; one rolled back whole by a deadlock (a step of one piece) runs again."""
+        whole = len(step.entries) == 1 and len(step.entries[0].pieces()) == 1
         for attempt in range(1, DEADLOCK_RETRIES + 1):
             try:
                 for entry in step.entries:
                     self._run_entry(session, entry)
                 return
-            except _Deadlock:
-                if attempt == DEADLOCK_RETRIES:
-                    raise
+            except _Deadlock as deadlock:
+                if not whole or attempt == DEADLOCK_RETRIES:
+                    raise self._failure(deadlock.error, deadlock.entry) from None
                 logger.info("%s %s: deadlock, run again", step.kind, step.entries[0].name)
 
     def _run_entry(self, session: _Session, entry: TocEntry) -> None:
@@ -227,9 +240,9 @@ class _Load:
         if self.stop.is_set():
             raise _Stopped
         try:
-            session.conn.execute(query)
-        except psycopg.errors.DeadlockDetected:
-            raise _Deadlock from None
+            session.conn.execute(_IN_A_BLOCK + query if entry is not None else query)
+        except psycopg.errors.DeadlockDetected as exc:
+            raise _Deadlock(exc, entry) from None
         except psycopg.Error as exc:
             raise self._failure(exc, entry) from None
 
@@ -251,6 +264,10 @@ class _Load:
 
 class _Deadlock(Exception):
     """PostgreSQL chose this step to end a deadlock: it was rolled back and may run again."""
+
+    def __init__(self, error: psycopg.Error, entry: TocEntry | None) -> None:
+        super().__init__(str(error))
+        self.error, self.entry = error, entry
 
 
 class _Scheduler:

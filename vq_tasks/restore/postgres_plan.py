@@ -30,7 +30,9 @@ from pathlib import Path
 from vq_tasks.clients.sql_toc import TocEntry
 
 DATA_KINDS = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS"})
-TABLE_KINDS = frozenset({"INDEX", "CONSTRAINT", "CHECK CONSTRAINT"})
+# A CHECK CONSTRAINT entry (NOT VALID, no scan) runs in order: pg_dump adds it without ONLY, to the
+# inheritance children too, whose data must be in first.
+TABLE_KINDS = frozenset({"INDEX", "CONSTRAINT"})
 FOREIGN_KEY = "FK CONSTRAINT"
 FOLLOWERS = frozenset({"COMMENT", "SECURITY LABEL"})
 HEAD_LIMIT = 1 << 16  # enough of an entry's SQL to read the tables it names
@@ -41,6 +43,7 @@ _QUALIFIED = rb"(" + _NAME + rb"\." + _NAME + rb")"
 _COPY_TABLE = re.compile(rb"COPY " + _QUALIFIED + rb"[ (]")
 _INDEX_TABLE = re.compile(rb"CREATE (?:UNIQUE )?INDEX " + _NAME + rb" ON (?:ONLY )?" + _QUALIFIED + rb" ")
 _ALTER_TABLE = re.compile(rb"ALTER TABLE (?:ONLY )?" + _QUALIFIED + rb"\n    ADD CONSTRAINT " + _NAME + rb" ")
+_ALTER_ONLY = re.compile(rb"ALTER TABLE ONLY " + _QUALIFIED + rb"\n    ADD CONSTRAINT " + _NAME + rb" ")
 _COLUMNS = rb"\((?:" + _NAME + rb"(?:, " + _NAME + rb")*)\)"
 _REFERENCES = re.compile(rb"FOREIGN KEY " + _COLUMNS + rb" REFERENCES " + _QUALIFIED + rb"\(")
 _ATTACH = re.compile(rb"ALTER TABLE ONLY " + _QUALIFIED + rb" ATTACH PARTITION " + _QUALIFIED + rb" ")
@@ -115,7 +118,7 @@ class _Planner:
             return Step([entry], barrier=self.barrier, weight=entry.size)
         head = self._head(entry) if entry.kind in TABLE_KINDS | {FOREIGN_KEY} else b""
         if entry.kind in TABLE_KINDS:
-            found = (_INDEX_TABLE if entry.kind == "INDEX" else _ALTER_TABLE).match(head)
+            found = (_INDEX_TABLE if entry.kind == "INDEX" else _ALTER_ONLY).match(head)
             return self._table_step(entry, found.group(1)) if found else None
         if entry.kind == FOREIGN_KEY:
             table, referenced = _ALTER_TABLE.match(head), _REFERENCES.search(head)

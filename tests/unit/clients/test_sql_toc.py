@@ -172,3 +172,37 @@ def test_a_real_dump_is_read_with_a_small_window(tmp_path, monkeypatch):
     assert read_toc(path) == whole
     data = whole.entries[1].copy
     assert data is not None and path.read_bytes()[data.start : data.end] == rows.encode()
+
+
+def test_a_quoted_name_holding_the_copy_statements_end_is_read_whole(tmp_path):
+    statement = 'COPY public.t ("a FROM stdin;\nb", "c""d") FROM stdin'
+    path = write(tmp_path, entry("TABLE DATA", "t", f"{statement};\n1\t2\n\\.", data=True), INDEX)
+    data, index = read_toc(path).entries
+    assert data.copy is not None and data.copy.statement == statement.encode() and index.kind == "INDEX"
+
+
+def test_a_block_comment_ends_where_it_ends_after_a_long_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(sql_toc, "CHUNK", 256)
+    monkeypatch.setattr(sql_toc, "LOOKBEHIND", 64)
+    rows = "".join(f"{n}\tx\n" for n in range(5000))
+    table = entry("TABLE", "t", "/* a comment */ CREATE TABLE public.t (id int, note text);")
+    data = entry("TABLE DATA", "t", f"COPY public.t (id, note) FROM stdin;\n{rows}\\.", data=True)
+    comment = entry("COMMENT", "TABLE t", "COMMENT ON TABLE public.t IS 'not the end: */';")
+    assert kinds(write(tmp_path, table, data, comment)) == [
+        ("TABLE", "t"),
+        ("TABLE DATA", "t"),
+        ("COMMENT", "TABLE t"),
+    ]
+
+
+def test_a_run_of_backslashes_longer_than_the_window_is_refused(tmp_path):
+    literal = "E'" + "\\" * (sql_toc.LOOKBEHIND + 1) + "'"
+    path = write(tmp_path, entry("VIEW", "v", f"CREATE VIEW public.v AS SELECT {literal}{FAKE}';"), INDEX)
+    with pytest.raises(TocError, match="backslashes"):
+        read_toc(path)
+
+
+def test_session_authorization_between_entries_is_left_to_psql(tmp_path):
+    path = write(tmp_path, TABLE.rstrip("\n") + "\n\nSET SESSION AUTHORIZATION 'app';\n\n", INDEX)
+    with pytest.raises(TocError, match="use-set-session-authorization"):
+        read_toc(path)
