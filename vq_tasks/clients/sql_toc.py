@@ -18,9 +18,11 @@ Memory is bounded: the file is read in CHUNK pieces and only a window around the
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -105,7 +107,9 @@ def read_toc(path: Path) -> DumpToc:
     """Given a plain dump by pg_dump, return its TOC. Raise TocError if it cannot be read with
     certainty, OSError if the file cannot be read."""
     with open(path, "rb") as stream:
-        return _TocReader(stream).read()
+        reader = TocReader(stream)
+        entries = list(reader)
+        return DumpToc(reader.preamble, entries)
 
 
 def line_number(path: Path, offset: int) -> int:
@@ -205,15 +209,20 @@ class _Open:
     last_cut: int = 0
 
 
-class _TocReader:
+class TocReader:
+    """The entries of a dump, in its order, each as soon as the scan has passed it: a load can start
+    on the first while the rest is read. ``preamble`` is known before the first entry comes. The
+    iteration raises TocError at what cannot be read with certainty, wherever that is."""
+
     def __init__(self, stream: BinaryIO) -> None:
         self.window = _Window(stream)
-        self.toc = DumpToc(preamble=b"")
+        self.preamble = b""
         self.open: _Open | None = None
         self.state: dict[bytes, bytes] = {}
         self.closed = False
+        self.finished: collections.deque[TocEntry] = collections.deque()
 
-    def read(self) -> DumpToc:
+    def __iter__(self) -> Iterator[TocEntry]:
         position = 0
         while not self.closed:
             cutting = self.open is not None and self.open.kind in CUT_KINDS and self.open.copy is None
@@ -239,7 +248,8 @@ class _TocReader:
                 self.open.cuts.append(position)
                 self.open.last_cut = position
             self.window.trim(position)
-        return self.toc
+            while self.finished:
+                yield self.finished.popleft()
 
     def _last_cut(self) -> int:
         assert self.open is not None
@@ -349,7 +359,7 @@ class _TocReader:
         if entry.copy is None and longest > ENTRY_LIMIT:
             what = f"{entry.kind} {entry.name} (at byte {entry.header})"
             raise TocError(f"{what} has {longest >> 20} MiB of SQL in one piece")
-        self.toc.entries.append(
+        self.finished.append(
             TocEntry(
                 entry.kind,
                 entry.name,
@@ -373,7 +383,7 @@ class _TocReader:
             raise TocError("its preamble holds a backslash command other than pg_dump's \\restrict")
         if re.search(rb"^SET standard_conforming_strings = off;", text, re.M):
             raise TocError("it was written with standard_conforming_strings off")
-        self.toc.preamble = text
+        self.preamble = text
 
     def _close(self, at: int, after: int) -> None:
         self._finish(at)
