@@ -774,19 +774,3 @@ def test_a_failing_step_stops_the_load_names_its_line_and_leaves_no_database(bac
     with pytest.raises(PermanentError, match=expected):
         restore_database(settings, path, backup.tables)
     assert databases(live) == [live]
-
-
-def test_a_toc_found_unreadable_after_the_load_began_is_loaded_again_by_psql(backup_of, live, caplog):
-    """The TOC is read as the load goes: an ambiguous header in the post-data is found once table
-    data is in; the scratch database is made anew and psql loads the whole dump into it."""
-    backup = backup_of(TABLES + 'CREATE INDEX "i; Type: TABLE; Schema: x" ON t0 (v);')
-    settings = backup.settings.model_copy(update={"backup_restore_jobs": 2})
-    with caplog.at_level(logging.WARNING, logger="vq_tasks.restore.postgres_parallel"):
-        result = restore_database(settings, backup.path, backup.tables)
-    assert not result.split_by_toc and result.row_counts == backup.tables
-    assert "ambiguous TOC header" in caplog.text and "one psql session" in caplog.text
-    with pg_connect(live) as conn:
-        assert (
-            conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'i; Type%'").fetchone()[0] == 1
-        )
-    assert databases(live) == [live, *[n for n in databases(live) if "_before_" in n]]

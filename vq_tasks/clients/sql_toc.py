@@ -18,11 +18,9 @@ Memory is bounded: the file is read in CHUNK pieces and only a window around the
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -107,9 +105,7 @@ def read_toc(path: Path) -> DumpToc:
     """Given a plain dump by pg_dump, return its TOC. Raise TocError if it cannot be read with
     certainty, OSError if the file cannot be read."""
     with open(path, "rb") as stream:
-        reader = TocReader(stream)
-        entries = list(reader)
-        return DumpToc(reader.preamble, entries)
+        return _TocReader(stream).read()
 
 
 def line_number(path: Path, offset: int) -> int:
@@ -209,20 +205,15 @@ class _Open:
     last_cut: int = 0
 
 
-class TocReader:
-    """The entries of a dump, in its order, each as soon as the scan has passed it: a load can start
-    on the first while the rest is read. ``preamble`` is known before the first entry comes. The
-    iteration raises TocError at what cannot be read with certainty, wherever that is."""
-
+class _TocReader:
     def __init__(self, stream: BinaryIO) -> None:
         self.window = _Window(stream)
-        self.preamble = b""
+        self.toc = DumpToc(preamble=b"")
         self.open: _Open | None = None
         self.state: dict[bytes, bytes] = {}
         self.closed = False
-        self.finished: collections.deque[TocEntry] = collections.deque()
 
-    def __iter__(self) -> Iterator[TocEntry]:
+    def read(self) -> DumpToc:
         position = 0
         while not self.closed:
             cutting = self.open is not None and self.open.kind in CUT_KINDS and self.open.copy is None
@@ -248,8 +239,7 @@ class TocReader:
                 self.open.cuts.append(position)
                 self.open.last_cut = position
             self.window.trim(position)
-            while self.finished:
-                yield self.finished.popleft()
+        return self.toc
 
     def _last_cut(self) -> int:
         assert self.open is not None
@@ -359,7 +349,7 @@ class TocReader:
         if entry.copy is None and longest > ENTRY_LIMIT:
             what = f"{entry.kind} {entry.name} (at byte {entry.header})"
             raise TocError(f"{what} has {longest >> 20} MiB of SQL in one piece")
-        self.finished.append(
+        self.toc.entries.append(
             TocEntry(
                 entry.kind,
                 entry.name,
@@ -383,7 +373,7 @@ class TocReader:
             raise TocError("its preamble holds a backslash command other than pg_dump's \\restrict")
         if re.search(rb"^SET standard_conforming_strings = off;", text, re.M):
             raise TocError("it was written with standard_conforming_strings off")
-        self.preamble = text
+        self.toc.preamble = text
 
     def _close(self, at: int, after: int) -> None:
         self._finish(at)

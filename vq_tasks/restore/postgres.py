@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -137,12 +137,7 @@ def restore_database(
     live = _prepare(settings, maintenance_db, target, new, swap, encoding)
     try:
         roles, warnings = create_roles(settings, maintenance_db, globals_path) if globals_path else ([], [])
-
-        def reset() -> None:  # the TOC proved unreadable part way: psql loads into a new database
-            _drop(settings, maintenance_db, new)
-            _prepare(settings, maintenance_db, target, new, swap, encoding)
-
-        counts, load = _load_and_check(settings, path, new, expected_tables, maintenance_db, encoding, reset)
+        counts, load = _load_and_check(settings, path, new, expected_tables, maintenance_db, encoding)
         warnings += carry_over(settings, maintenance_db, target, new) if live and swap else []
         previous = swap_in(settings, maintenance_db, target, new, stamp) if swap else None
     except BaseException as exc:
@@ -274,11 +269,6 @@ def _prepare(
     return live
 
 
-def _drop(settings: Settings, maintenance_db: str, name: str) -> None:
-    with connect(settings, maintenance_db) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def _check_privileges(
     admin: psycopg.Connection, settings: Settings, live: str | None, maintenance_db: str
 ) -> None:
@@ -310,11 +300,10 @@ def _load_and_check(
     expected: Mapping[str, int],
     maintenance_db: str,
     encoding: str | None = None,
-    reset: Callable[[], None] | None = None,
 ) -> tuple[dict[str, int], LoadReport]:
     """Load the dump (in ``encoding``) into ``dbname`` (postgres_parallel.py), then compare rows
     per table; return them and how the dump was loaded."""
-    load = load_dump(settings, path, dbname, maintenance_db, encoding, reset)
+    load = load_dump(settings, path, dbname, maintenance_db, encoding)
     started = time.monotonic()
     with connect(settings, dbname) as conn:
         tables = _count_tables(conn)

@@ -1,9 +1,8 @@
 """Load a plain SQL dump over several connections, split by its TOC entries, as pg_restore -j does.
 
-What: read the dump's TOC (clients/sql_toc.py) and plan the order (postgres_plan.py) as the load
-goes: the pre-data in one transaction on one connection, then the steps over BACKUP_RESTORE_JOBS
-connections, each as soon as what it needs is done and no running step holds its tables, while
-this thread reads the rest of the TOC (about 1 s a GiB, the load about 10). Each connection first
+What: read the dump's TOC (clients/sql_toc.py), plan the order (postgres_plan.py), run the pre-data
+in one transaction on one connection, then the steps over BACKUP_RESTORE_JOBS connections, each
+step as soon as what it needs is done and no running step holds its tables. Each connection first
 runs the dump's preamble (its SET lines: encoding, standard_conforming_strings, search_path, ...)
 and keeps the session settings pg_dump changes between entries (default_tablespace,
 default_table_access_method) as each entry expects them. Table data goes to PostgreSQL by COPY,
@@ -19,25 +18,22 @@ A dump whose TOC cannot be read with certainty is loaded by one psql session, an
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import itertools
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
 from vq_tasks.clients.pg_connect import connect, db_where
-from vq_tasks.clients.sql_toc import CHUNK, TocEntry, TocError, TocReader, line_number
-from vq_tasks.errors import BackupError, PermanentError
+from vq_tasks.clients.sql_toc import CHUNK, DumpToc, TocEntry, TocError, line_number, read_toc
+from vq_tasks.errors import BackupError
 from vq_tasks.restore.postgres_connect import statement_failure
 from vq_tasks.restore.postgres_load import run_psql
-from vq_tasks.restore.postgres_plan import Planner, Step, ends_pre_data
+from vq_tasks.restore.postgres_plan import LoadPlan, Step, plan_load
 from vq_tasks.restore.postgres_roles import missing_roles_error
 from vq_tasks.settings import Settings
 
@@ -60,32 +56,28 @@ class LoadReport:
 
 
 def load_dump(
-    settings: Settings,
-    path: Path,
-    dbname: str,
-    maintenance_db: str,
-    encoding: str | None = None,
-    reset: Callable[[], None] | None = None,
+    settings: Settings, path: Path, dbname: str, maintenance_db: str, encoding: str | None = None
 ) -> LoadReport:
     """Load the plain dump at ``path`` into the (new, empty) database ``dbname`` over
     settings.restore_jobs connections, or with one psql session if its TOC cannot be read with
-    certainty; the TOC is read as the load goes, and should that find it unreadable after some of
-    it was loaded, ``reset`` makes ``dbname`` new and empty again first. Return how, and the
-    seconds of each phase. Raise PermanentError or TransientError on the first failing entry (the
-    database is then half loaded: drop it)."""
+    certainty. Return how, and the seconds of each phase. Raise PermanentError or TransientError
+    on the first failing entry (the database is then half loaded: drop it)."""
     started = time.monotonic()
     try:
-        return _Load(settings, path, dbname, maintenance_db).run()
-    except _Unreadable as exc:
+        toc = read_toc(path)
+    except TocError as exc:
         logger.warning("%s cannot be split by its TOC (%s): loading it with one psql session", path.name, exc)
-        if exc.loaded:
-            if reset is None:
-                raise PermanentError(
-                    f"{path.name} cannot be split by its TOC ({exc}) and was half loaded"
-                ) from None
-            reset()
         run_psql(settings, path, dbname, maintenance_db, encoding)
         return LoadReport(1, False, {"psql": round(time.monotonic() - started, 3)})
+    plan = plan_load(toc.entries, path)
+    phases = {"index": round(time.monotonic() - started, 3)}
+    jobs = max(1, min(settings.restore_jobs, len(plan.steps) or 1))
+    logger.info(
+        "loading %s into %s over %d connection(s): %d TOC entries, %d steps after the pre-data",
+        path.name, db_where(settings, dbname), jobs, len(toc.entries), len(plan.steps),
+    )  # fmt: skip
+    used = _Load(settings, path, dbname, maintenance_db, toc, plan, jobs, phases).run()
+    return LoadReport(used, True, phases)
 
 
 @dataclass
@@ -101,68 +93,42 @@ class _Stopped(Exception):
     """Another step failed: this one stops where it is."""
 
 
-class _Unreadable(Exception):
-    """The TOC cannot be read with certainty (TocError's message); ``loaded``: SQL ran before it was found."""
-
-    def __init__(self, reason: TocError, loaded: bool) -> None:
-        super().__init__(str(reason))
-        self.loaded = loaded
-
-
 class _Load:
-    def __init__(self, settings: Settings, path: Path, dbname: str, maintenance_db: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        path: Path,
+        dbname: str,
+        maintenance_db: str,
+        toc: DumpToc,
+        plan: LoadPlan,
+        jobs: int,
+        phases: dict[str, float],
+    ) -> None:
         self.settings, self.path, self.dbname, self.maintenance_db = settings, path, dbname, maintenance_db
-        self.jobs = settings.restore_jobs
-        self.phases: dict[str, float] = {}
-        self.scheduler = _Scheduler()
+        self.toc, self.plan, self.jobs, self.phases = toc, plan, jobs, phases
+        self.scheduler = _Scheduler(plan.steps)
         self.stop = threading.Event()
-        self.preamble = b""
-        self.entries = 0
 
-    def run(self) -> LoadReport:
-        """Load while the TOC is read; return over how many connections, and the phases' seconds."""
-        started = time.monotonic()
-        with open(self.path, "rb") as stream, contextlib.ExitStack() as stack:
-            reader = TocReader(stream)
-            entries = iter(reader)
-            pre_data, first = self._read_pre_data(entries)
-            self.preamble = reader.preamble
-            session = self._session(stack)
-            self._run_pre_data(session, pre_data)
+    def run(self) -> int:
+        """Load; return over how many connections."""
+        with contextlib.ExitStack() as stack:
+            started = time.monotonic()
+            first = self._session(stack)
+            self._run_pre_data(first)
             self.phases["pre-data"] = round(time.monotonic() - started, 3)
-            planner = Planner(self.path, pre_data)
-            sessions = [session, *self._more_sessions(stack)]
-            logger.info(
-                "loading %s into %s over %d connection(s), its TOC read as it goes",
-                self.path.name, db_where(self.settings, self.dbname), len(sessions),
-            )  # fmt: skip
-            steps_started = time.monotonic()
-            self._run_steps(sessions, itertools.chain([first] if first else [], entries), planner)
-            data_done = max(steps_started, self.scheduler.data_done_at)
-            self.phases["data"] = round(data_done - steps_started, 3)
+            sessions = [first, *self._more_sessions(stack)]
+            started = time.monotonic()
+            self._run_steps(sessions)
+            data_done = max(started, self.scheduler.data_done_at)
+            self.phases["data"] = round(data_done - started, 3)
             self.phases["post-data"] = round(time.monotonic() - data_done, 3)
-            self.phases["toc"] = round(self.scheduler.toc_done_at - started, 3)
-            logger.info("%s: %d TOC entries, %d steps after the pre-data", self.path.name, self.entries,
-                        len(self.scheduler.steps))  # fmt: skip
-            return LoadReport(len(sessions), True, self.phases)
-
-    def _read_pre_data(self, entries: Iterator[TocEntry]) -> tuple[list[TocEntry], TocEntry | None]:
-        """The pre-data's entries, and the first entry after it (None: the dump has no more)."""
-        pre_data: list[TocEntry] = []
-        try:
-            for entry in entries:
-                self.entries += 1
-                if ends_pre_data(entry):
-                    return pre_data, entry
-                pre_data.append(entry)
-        except TocError as exc:
-            raise _Unreadable(exc, loaded=False) from None
-        return pre_data, None
+            return len(sessions)
 
     def _session(self, stack: contextlib.ExitStack) -> _Session:
         session = _Session(stack.enter_context(connect(self.settings, self.dbname, LOAD_APPLICATION_NAME)))
         session.conn.prepare_threshold = None  # the dump's statements are run once: never prepared
-        self._execute(session, self.preamble, None)
+        self._execute(session, self.toc.preamble, None)
         session.conn.execute("SET synchronous_commit = off")  # a scratch database: the swap is durable
         return session
 
@@ -177,33 +143,20 @@ class _Load:
             logger.warning("loading over %d connection(s), not %d: %s", len(sessions) + 1, self.jobs, exc)
         return sessions
 
-    def _run_pre_data(self, session: _Session, pre_data: list[TocEntry]) -> None:
+    def _run_pre_data(self, session: _Session) -> None:
         self._execute(session, b"BEGIN", None)
-        for entry in pre_data:
+        for entry in self.plan.pre_data:
             self._run_entry(session, entry)
         self._execute(session, b"COMMIT", None)
 
-    def _run_steps(self, sessions: list[_Session], entries: Iterator[TocEntry], planner: Planner) -> None:
-        """Run the steps over the sessions' threads while this one reads the rest of the TOC."""
+    def _run_steps(self, sessions: list[_Session]) -> None:
         threads = [
             threading.Thread(target=self._work, args=(s,), name=f"restore-{n}")
             for n, s in enumerate(sessions)
         ]
         for thread in threads:
             thread.start()
-        unreadable: TocError | None = None
         try:
-            try:
-                for entry in entries:
-                    self.entries += 1
-                    if (step := planner.add(entry)) is not None:
-                        self.scheduler.add(step)
-                    if self.scheduler.failed:
-                        break
-                self.scheduler.complete()
-            except TocError as exc:
-                unreadable = exc
-                self.scheduler.fail(None)
             last = time.monotonic()
             while not self.scheduler.wait_finished(timeout=1.0):
                 if self.scheduler.failed:  # the other steps stop now, not when they would end
@@ -219,8 +172,6 @@ class _Load:
                 self._cancel(sessions)
             for thread in threads:
                 thread.join()
-        if unreadable is not None:
-            raise _Unreadable(unreadable, loaded=True)
         if self.scheduler.error is not None:
             raise self.scheduler.error
 
@@ -234,7 +185,7 @@ class _Load:
 
     def _work(self, session: _Session) -> None:
         while (index := self.scheduler.next()) is not None:
-            session.busy, started, step = True, time.monotonic(), self.scheduler.steps[index]
+            session.busy, started, step = True, time.monotonic(), self.plan.steps[index]
             try:
                 self._run_step(session, step)
             except BaseException as exc:
@@ -320,49 +271,26 @@ class _Deadlock(Exception):
 
 
 class _Scheduler:
-    """Hands out the steps whose prerequisites are done and whose tables are free, heaviest first.
-    Steps come as the TOC is read (add); the last one is held back until another comes or the TOC
-    ends (complete), since the entry after it may still join it."""
+    """Hands out the steps whose prerequisites are done and whose tables are free, heaviest first."""
 
-    def __init__(self, steps: list[Step] | None = None) -> None:
-        self.steps: list[Step] = []
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
         self.lock = threading.Condition(threading.RLock())
-        self.pending: set[int] = set()
+        self.pending = set(range(len(steps)))
         self.running: set[int] = set()
         self.finished: set[int] = set()
         self.done_prefix = 0  # steps[:done_prefix] are all done
-        self.complete_ = False
         self.failed = False
         self.error: BaseException | None = None
-        self.data_left = 0
-        self.data_done_at = self.toc_done_at = time.monotonic()
-        self._order: list[tuple[int, int]] = []  # (-weight, index) of the pending steps, sorted
-        for step in steps or []:
-            self.add(step)
-        if steps is not None:
-            self.complete()
-
-    def add(self, step: Step) -> None:
-        with self.lock:
-            index = len(self.steps)
-            self.steps.append(step)
-            self.pending.add(index)
-            bisect.insort(self._order, (-step.weight, index))
-            self.data_left += step.is_data
-            self.lock.notify_all()
-
-    def complete(self) -> None:
-        """No more steps will come."""
-        with self.lock:
-            self.complete_ = True
-            self.toc_done_at = time.monotonic()
-            self.lock.notify_all()
+        self.data_left = sum(1 for s in steps if s.is_data)
+        self.data_done_at = time.monotonic()
+        self._order = sorted(range(len(steps)), key=lambda n: -steps[n].weight)
 
     def next(self) -> int | None:
         """Block until a step may run; return it, or None when all are done or one failed."""
         with self.lock:
             while True:
-                if self.failed or (self.complete_ and not self.pending):
+                if self.failed or not self.pending:
                     self.lock.notify_all()
                     return None
                 index = self.take()
@@ -373,12 +301,10 @@ class _Scheduler:
     def take(self) -> int | None:
         """The heaviest step that may run now, marked running; None if none may."""
         with self.lock:
-            found = next((n for n, item in enumerate(self._order) if self._may_run(item[1])), None)
-            if found is None:
-                return None
-            index = self._order.pop(found)[1]
-            self.pending.discard(index)
-            self.running.add(index)
+            index = next((n for n in self._order if n in self.pending and self._may_run(n)), None)
+            if index is not None:
+                self.pending.discard(index)
+                self.running.add(index)
             return index
 
     def done(self, index: int) -> None:
@@ -412,20 +338,16 @@ class _Scheduler:
 
     def progress(self) -> str:
         with self.lock:
+            done = len(self.finished)
             data = sum(1 for s in self.steps if s.is_data)
             loaded = f"{data - self.data_left} of {data} data"
-            done = f"{len(self.finished)} of {len(self.steps)} steps done"
-            return f"{done} ({loaded}), {len(self.running)} running"
+            return f"{done} of {len(self.steps)} steps done ({loaded}), {len(self.running)} running"
 
     def _finished(self) -> bool:
-        return (self.failed and not self.running) or (
-            self.complete_ and len(self.finished) == len(self.steps)
-        )
+        return (self.failed and not self.running) or len(self.finished) == len(self.steps)
 
     def _may_run(self, index: int) -> bool:
         step = self.steps[index]
-        if index == len(self.steps) - 1 and not self.complete_:
-            return False  # the next entry may still join it
         if self.done_prefix < step.barrier or not step.after <= self.finished:
             return False
         for other in self.running:

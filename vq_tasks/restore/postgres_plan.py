@@ -75,26 +75,16 @@ class LoadPlan:
     steps: list[Step]
 
 
-def ends_pre_data(entry: TocEntry) -> bool:
-    """Whether this entry is the first after the pre-data."""
-    return entry.kind in DATA_KINDS | TABLE_KINDS
-
-
 def plan_load(entries: list[TocEntry], path: Path) -> LoadPlan:
     """Given a dump's TOC entries and the dump (to read the tables an entry names), return the plan."""
-    first = next((n for n, e in enumerate(entries) if ends_pre_data(e)), len(entries))
-    planner = Planner(path, entries[:first])
+    first = next((n for n, e in enumerate(entries) if e.kind in DATA_KINDS | TABLE_KINDS), len(entries))
+    planner = _Planner(path, entries[:first])
     for entry in entries[first:]:
         planner.add(entry)
     return LoadPlan(entries[:first], planner.steps)
 
 
-class Planner:
-    """The steps after the pre-data, made one entry at a time in the dump's order: each step needs
-    only steps made before it, so a load may run them while the rest of the dump is read. The
-    last step may still take the entry that follows it (a comment): run it only once another
-    step is made, or the dump has ended."""
-
+class _Planner:
     def __init__(self, path: Path, pre_data: list[TocEntry]) -> None:
         self.path = path
         self.steps: list[Step] = []
@@ -107,12 +97,11 @@ class Planner:
             if entry.kind == "TABLE ATTACH" and (found := _ATTACH.match(self._head(entry))):
                 self.partitions.setdefault(found.group(1), set()).add(found.group(2))
 
-    def add(self, entry: TocEntry) -> Step | None:
-        """Plan the next entry; return its new step, or None when it joined the last one."""
+    def add(self, entry: TocEntry) -> None:
         previous = self.steps[-1] if self.steps else None
         if entry.kind in FOLLOWERS and previous and previous.kind in TABLE_KINDS | {FOREIGN_KEY}:
             previous.entries.append(entry)
-            return None
+            return
         if entry.kind != FOREIGN_KEY:
             self.foreign_keys_from = None
         step = self._step(entry)
@@ -120,7 +109,6 @@ class Planner:
             step = Step([entry], barrier=len(self.steps), weight=ORDERED)
             self.barrier = len(self.steps) + 1
         self.steps.append(step)
-        return step
 
     def _step(self, entry: TocEntry) -> Step | None:
         if entry.kind == "TABLE DATA" and entry.copy and (found := _COPY_TABLE.match(entry.copy.statement)):
@@ -131,7 +119,7 @@ class Planner:
         head = self._head(entry) if entry.kind in TABLE_KINDS | {FOREIGN_KEY} else b""
         if entry.kind in TABLE_KINDS:
             found = (_INDEX_TABLE if entry.kind == "INDEX" else _ALTER_ONLY).match(head)
-            return self._table_step(entry, found.group(1), head) if found else None
+            return self._table_step(entry, found.group(1)) if found else None
         if entry.kind == FOREIGN_KEY:
             table, referenced = _ALTER_TABLE.match(head), _REFERENCES.search(head)
             return (
@@ -141,10 +129,10 @@ class Planner:
             )
         return None
 
-    def _table_step(self, entry: TocEntry, table: bytes, head: bytes) -> Step:
+    def _table_step(self, entry: TocEntry, table: bytes) -> Step:
         after = {self.data_step[table]} if table in self.data_step else set()
         weight = self.data_size.get(table, 0) + 1
-        if entry.kind == "INDEX" and b"\nALTER " not in head:  # not CLUSTER ON, REPLICA IDENTITY
+        if entry.kind == "INDEX":
             return Step([entry], barrier=self.barrier, after=after, shared=frozenset({table}), weight=weight)
         return Step([entry], barrier=self.barrier, after=after, exclusive=frozenset({table}), weight=weight)
 

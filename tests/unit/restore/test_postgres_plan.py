@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.unit.clients.test_sql_toc import entry, write
 from vq_tasks.clients.sql_toc import read_toc
 from vq_tasks.restore.postgres_parallel import _Scheduler
-from vq_tasks.restore.postgres_plan import ORDERED, Planner, ends_pre_data, plan_load
+from vq_tasks.restore.postgres_plan import ORDERED, plan_load
 
 
 def copy(table: str, rows: int) -> str:
@@ -113,24 +113,3 @@ def test_the_scheduler_never_runs_conflicting_steps_together(tmp_path):
             assert scheduler.done_prefix >= step.barrier and step.after <= scheduler.finished
         scheduler.done(running.pop(0))
     assert len(order) == len(steps) and order[0] == 1  # the biggest table's data first
-
-
-def test_steps_come_as_the_toc_is_read_and_the_last_waits_for_its_followers(tmp_path):
-    path = write(tmp_path, *DUMP)
-    entries = read_toc(path).entries
-    first = next(n for n, e in enumerate(entries) if ends_pre_data(e))
-    planner, scheduler = Planner(path, entries[:first]), _Scheduler()
-    for found in entries[first:]:
-        if (step := planner.add(found)) is not None:
-            scheduler.add(step)
-            last = len(scheduler.steps) - 1
-            while (index := scheduler.take()) is not None:
-                assert index != last  # a COMMENT may still join it
-                scheduler.done(index)
-    key = next(s for s in scheduler.steps if s.kind == "CONSTRAINT")
-    assert names(key) == ["CONSTRAINT a a_pkey", "COMMENT CONSTRAINT a_pkey ON public.a"]
-    scheduler.complete()
-    while (index := scheduler.take()) is not None:
-        scheduler.done(index)
-    assert len(scheduler.finished) == len(scheduler.steps) == len(plan_load(entries, path).steps)
-    assert scheduler.wait_finished(timeout=0)
