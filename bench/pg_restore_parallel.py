@@ -64,7 +64,6 @@ from services import code_state, machine_facts  # noqa: E402
 MIB = 1 << 20
 PG_RESTORE_REFERENCE = 2  # the target compares with pg_restore -j 2
 OURS_VS_PG_RESTORE = 1.0
-PHASES = ("index", "pre-data", "data", "post-data", "check")
 LOG_PHASES = (  # before the build reports phases: from its log lines (start, end; None: the end)
     ("before create", None, "creating database"),
     ("create", "creating database", "loading "),

@@ -119,7 +119,7 @@ class _Planner:
         head = self._head(entry) if entry.kind in TABLE_KINDS | {FOREIGN_KEY} else b""
         if entry.kind in TABLE_KINDS:
             found = (_INDEX_TABLE if entry.kind == "INDEX" else _ALTER_ONLY).match(head)
-            return self._table_step(entry, found.group(1)) if found else None
+            return self._table_step(entry, found.group(1), head) if found else None
         if entry.kind == FOREIGN_KEY:
             table, referenced = _ALTER_TABLE.match(head), _REFERENCES.search(head)
             return (
@@ -129,10 +129,10 @@ class _Planner:
             )
         return None
 
-    def _table_step(self, entry: TocEntry, table: bytes) -> Step:
+    def _table_step(self, entry: TocEntry, table: bytes, head: bytes) -> Step:
         after = {self.data_step[table]} if table in self.data_step else set()
         weight = self.data_size.get(table, 0) + 1
-        if entry.kind == "INDEX":
+        if entry.kind == "INDEX" and b"\nALTER " not in head:  # not CLUSTER ON, REPLICA IDENTITY
             return Step([entry], barrier=self.barrier, after=after, shared=frozenset({table}), weight=weight)
         return Step([entry], barrier=self.barrier, after=after, exclusive=frozenset({table}), weight=weight)
 

@@ -113,3 +113,21 @@ def test_the_scheduler_never_runs_conflicting_steps_together(tmp_path):
             assert scheduler.done_prefix >= step.barrier and step.after <= scheduler.finished
         scheduler.done(running.pop(0))
     assert len(order) == len(steps) and order[0] == 1  # the biggest table's data first
+
+
+def test_an_index_entry_that_alters_its_table_holds_the_table_alone(tmp_path):
+    clustered = entry(
+        "INDEX",
+        "a_id",
+        "CREATE INDEX a_id ON public.a USING btree (id);\n\nALTER TABLE public.a CLUSTER ON a_id;",
+    )
+    path = write(
+        tmp_path,
+        DUMP[0],
+        copy("a", 3),
+        clustered,
+        entry("INDEX", "a_b", "CREATE INDEX a_b ON public.a USING btree (b_id);"),
+    )
+    _, alters, plain = plan_load(read_toc(path).entries, path).steps
+    assert alters.exclusive == {b"public.a"} and not alters.shared
+    assert plain.shared == {b"public.a"} and not plain.exclusive
