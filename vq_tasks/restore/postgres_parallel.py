@@ -145,8 +145,11 @@ class _Load:
 
     def _run_pre_data(self, session: _Session) -> None:
         self._execute(session, b"BEGIN", None)
-        for entry in self.plan.pre_data:
-            self._run_entry(session, entry)
+        try:
+            for entry in self.plan.pre_data:
+                self._run_entry(session, entry)
+        except _Deadlock as deadlock:  # one session: not expected, but an error like any other
+            raise self._failure(deadlock.error, deadlock.entry) from None
         self._execute(session, b"COMMIT", None)
 
     def _run_steps(self, sessions: list[_Session]) -> None:
@@ -234,7 +237,6 @@ class _Load:
                     copy.write(dump.read(min(CHUNK, entry.copy.end - offset)))
         except psycopg.Error as exc:
             raise self._failure(exc, entry, copy_line=True) from None
-        session.state = dict(entry.state)
 
     def _execute(self, session: _Session, query: bytes, entry: TocEntry | None) -> None:
         if self.stop.is_set():
