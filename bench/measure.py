@@ -337,8 +337,9 @@ def check_restored(bench: Bench, database: str, redis_port: int) -> dict:
     return {"rows_checked": sum(rows.values()), "keys_checked": keys}
 
 
-def _run(side: str, round_number: int, waited: Waited, totals: Totals, sampler: Sampler) -> Run:
-    processes = [
+def processes_of(sampler: Sampler) -> list[dict]:
+    """What a run's report keeps of each process the sampler followed."""
+    return [
         {
             "role": t.role,
             "pid": t.pid,
@@ -351,6 +352,10 @@ def _run(side: str, round_number: int, waited: Waited, totals: Totals, sampler: 
         }
         for t in sampler.tracks.values()
     ]
+
+
+def _run(side: str, round_number: int, waited: Waited, totals: Totals, sampler: Sampler) -> Run:
+    processes = processes_of(sampler)
     return Run(
         side=side,
         round=round_number,

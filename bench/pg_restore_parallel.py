@@ -57,7 +57,7 @@ sys.path[:0] = [str(REPO), str(BENCH)]
 
 import dataset  # noqa: E402
 from bench_data import PgServer, drop_database  # noqa: E402
-from measure import Run, settle  # noqa: E402
+from measure import Run, processes_of, settle  # noqa: E402
 from procs import Sampler, files_size, run_waited, stamped_lines  # noqa: E402
 from services import code_state, machine_facts  # noqa: E402
 
@@ -292,16 +292,7 @@ def _timed(bench: Bench, number: int, side: str, command: list[str], env: dict, 
     if waited.returncode != 0:
         text = output.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"{side} failed with exit code {waited.returncode}:\n{text}")
-    processes = [
-        {
-            "role": t.role,
-            "pid": t.pid,
-            "command": t.command,
-            "peak_bytes": t.peak,
-            "peak_source": t.peak_source,
-        }
-        for t in sampler.tracks.values()
-    ]
+    processes = processes_of(sampler)
     return Run(
         side=side,
         round=number,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from vq_tasks.clients.sql_dump import CLOSING_LINE, DUMP_KEY, STATEMENT_LIMIT
+from vq_tasks.clients.sql_dump import CLOSING_LINE, COPY_END, COPY_STATEMENT_END, DUMP_KEY, STATEMENT_LIMIT
 
 CHUNK = 1 << 20
 LOOKBEHIND = 4096  # kept before the scan: the SET lines ending an entry, the byte before a token
@@ -50,8 +50,6 @@ _CLOSING_BLOCK = b"--\n" + CLOSING_LINE + b"\n--\n"
 _STATE_TAIL = re.compile(rb"(?:^SET (?:" + b"|".join(STATE_SETTINGS) + rb") = [^\n;]*;\n+)+\Z", re.M)
 _STATE_LINE = re.compile(rb"^SET (" + b"|".join(STATE_SETTINGS) + rb") = ([^\n;]*);$", re.M)
 _COPY_OPENING = b"COPY "
-_COPY_STATEMENT_END = b" FROM stdin;\n"
-_COPY_END = b"\n\\.\n"
 _TRAILER = re.compile(rb"\s*(?:\\unrestrict [A-Za-z0-9]+\s*)?\Z")
 
 
@@ -319,17 +317,17 @@ class _TocReader:
     def _copy(self, start: int) -> int:
         statement_end, statement = start, b'"'
         while statement.count(b'"') % 2:  # the end found is inside a quoted name: look further
-            statement_end = self.window.find(_COPY_STATEMENT_END, statement_end + 1)
+            statement_end = self.window.find(COPY_STATEMENT_END, statement_end + 1)
             if statement_end < 0 or statement_end - start > STATEMENT_LIMIT or start < self.window.base:
                 raise TocError(f"the COPY statement at byte {start} does not end")
-            statement = self.window.slice(start, statement_end + len(_COPY_STATEMENT_END) - 2)  # no ";\n"
-        rows = statement_end + len(_COPY_STATEMENT_END)
-        terminator = self.window.find(_COPY_END, rows - 1)
+            statement = self.window.slice(start, statement_end + len(COPY_STATEMENT_END) - 2)  # no ";\n"
+        rows = statement_end + len(COPY_STATEMENT_END)
+        terminator = self.window.find(COPY_END, rows - 1)
         if terminator < 0:
             raise TocError(f"the COPY data at byte {rows} has no terminator line")
         assert self.open is not None
         self.open.copy = CopyData(statement, rows, terminator + 1)
-        return terminator + len(_COPY_END)
+        return terminator + len(COPY_END)
 
     def _finish(self, end: int) -> None:
         """End the open entry (or the preamble) at ``end``; take the session settings it leaves."""

@@ -34,8 +34,7 @@ def psql_failure(settings: Settings, stderr: str, dbname: str, source: str) -> t
         line = f"{source} line {found.group(1)}: {found.group(2)}" + (f" | {details}" if details else "")
     else:
         line = last_lines(text)
-    missing = [name.replace('""', '"') for name in _MISSING_ROLE.findall(line)]
-    return failure(settings, dbname, line if found else text, summary=line), missing
+    return failure(settings, dbname, line if found else text, summary=line), _missing_roles(line)
 
 
 def statement_failure(
@@ -47,8 +46,7 @@ def statement_failure(
     line = f"{where}: {diag.message_primary or str(exc).strip()}"
     for label, text in (("DETAIL", diag.message_detail), ("HINT", diag.message_hint)):
         line += f" | {label}: {text}" if text else ""
-    missing = [name.replace('""', '"') for name in _MISSING_ROLE.findall(line)]
-    return failure(settings, dbname, line, sqlstate=exc.sqlstate, summary=line), missing
+    return failure(settings, dbname, line, sqlstate=exc.sqlstate, summary=line), _missing_roles(line)
 
 
 def database_row(admin: psycopg.Connection, name: str) -> dict | None:
@@ -56,3 +54,8 @@ def database_row(admin: psycopg.Connection, name: str) -> dict | None:
     no such database."""
     row = admin.execute(DATABASE_QUERY, [name]).fetchone()
     return row[0] if row else None
+
+
+def _missing_roles(message: str) -> list[str]:
+    """The roles a PostgreSQL error message says do not exist, unquoted."""
+    return [name.replace('""', '"') for name in _MISSING_ROLE.findall(message)]

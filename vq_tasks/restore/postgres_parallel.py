@@ -284,7 +284,7 @@ class _Scheduler:
         self.done_prefix = 0  # steps[:done_prefix] are all done
         self.failed = False
         self.error: BaseException | None = None
-        self.data_left = sum(1 for s in steps if s.is_data)
+        self.data_total = self.data_left = sum(1 for s in steps if s.is_data)
         self.data_done_at = time.monotonic()
         self._order = sorted(range(len(steps)), key=lambda n: -steps[n].weight)
 
@@ -341,8 +341,7 @@ class _Scheduler:
     def progress(self) -> str:
         with self.lock:
             done = len(self.finished)
-            data = sum(1 for s in self.steps if s.is_data)
-            loaded = f"{data - self.data_left} of {data} data"
+            loaded = f"{self.data_total - self.data_left} of {self.data_total} data"
             return f"{done} of {len(self.steps)} steps done ({loaded}), {len(self.running)} running"
 
     def _finished(self) -> bool:

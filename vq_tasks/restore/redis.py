@@ -109,8 +109,7 @@ class _Session:
         self.where = target_where(settings)
         self.password = password_of(settings)
         self._clients: dict[tuple[str, str], redis.Redis] = {}
-        self._raw: dict[str, Connection] = {}
-        self._replies: dict[str, Replies] = {}
+        self._raw: dict[str, tuple[Connection, Replies]] = {}  # per database of the throwaway
 
     def target(self, db: str) -> redis.Redis:
         if ("target", db) not in self._clients:
@@ -143,18 +142,22 @@ class _Session:
     def dump_connection(self, db: str) -> tuple[Connection, Replies]:
         """Return a connection of our own to database ``db`` of the throwaway (copy_database),
         and its replies from now on, read by hiredis."""
-        if db not in self._replies:
+        if db not in self._raw:
             throwaway = self.throwaway
             settings = plain_settings(self.settings, HOST, throwaway.port, throwaway.password)
-            connection = self._raw[db] = Connection(settings, throwaway.where)  # closed by close()
-            connection.call("SELECT", db)
-            self._replies[db] = Replies.taking_over(connection)
-        return self._raw[db], self._replies[db]
+            connection = Connection(settings, throwaway.where)
+            try:
+                connection.call("SELECT", db)
+            except BaseException:
+                connection.close()
+                raise
+            self._raw[db] = connection, Replies.taking_over(connection)  # closed by close()
+        return self._raw[db]
 
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
-        for connection in self._raw.values():
+        for connection, _ in self._raw.values():
             connection.close()
 
 

@@ -3,39 +3,19 @@ byte, the server's errors raised as ours, other replies refused, and no more rec
 
 from __future__ import annotations
 
-import collections
 import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.sources.test_sources_redis import Feed
 from vq_tasks.clients.redis_replies import FEED_SIZE, Replies
 from vq_tasks.clients.redis_wire import ReplyReader
 from vq_tasks.errors import PermanentError, TransientError
 
 WHERE = "Redis 127.0.0.1:41234"
 SECRET = "throwaway-Pa$$"
-
-
-class Feed:
-    """A ``recv_into`` that hands out ``pieces`` one per call (cut to the buffer it gets), then 0;
-    ``received`` counts the bytes handed out."""
-
-    def __init__(self, pieces: list[bytes]):
-        self.pieces = collections.deque(p for p in pieces if p)
-        self.received = 0
-
-    def __call__(self, view: memoryview) -> int:
-        if not self.pieces:
-            return 0
-        piece = self.pieces.popleft()
-        size = min(len(view), len(piece))
-        view[:size] = piece[:size]
-        if size < len(piece):
-            self.pieces.appendleft(piece[size:])
-        self.received += size
-        return size
 
 
 def bulk(value: bytes | None) -> bytes:

@@ -38,10 +38,12 @@ def marked_reply(rdb: bytes, keepalives: int = 0) -> bytes:
 
 
 class Feed:
-    """A ``recv_into`` that hands out ``pieces`` one per call (cut to the buffer it gets), then 0."""
+    """A ``recv_into`` that hands out ``pieces`` one per call (cut to the buffer it gets), then 0;
+    ``received`` counts the bytes handed out."""
 
     def __init__(self, pieces: list[bytes]):
         self.pieces = collections.deque(p for p in pieces if p)
+        self.received = 0
 
     def __call__(self, view: memoryview) -> int:
         if not self.pieces:
@@ -51,6 +53,7 @@ class Feed:
         view[:size] = piece[:size]
         if size < len(piece):
             self.pieces.appendleft(piece[size:])
+        self.received += size
         return size
 
 
